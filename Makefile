@@ -1,0 +1,36 @@
+# Two commands do all the set-up: `make demo` and `make test` (each runs `make venv` first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CSRC   := $(wildcard swamp_kernels/csrc/*.cpp swamp_kernels/csrc/*.cu swamp_kernels/csrc/*.cuh swamp_kernels/csrc/*.h)
+# The CUDA extension is compiled wherever a toolkit is found, also without a GPU.
+export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+
+.PHONY: venv test demo bench bench-render gpu-test clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml setup.py $(CSRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q -m "not gpu" tests
+
+demo: venv
+	$(PY) -m swamp.demo
+
+gpu-test: venv
+	$(PY) -m pytest -q -m gpu tests
+
+bench: venv
+	$(PY) -m benchmarks.run
+
+bench-render: venv
+	$(PY) -m benchmarks.render
+
+clean:
+	rm -rf build $(VENV) swamp_kernels/_C*.so *.egg-info

@@ -1,0 +1,152 @@
+"""swamp_kernels: the public ops of swamp, each with torch, Triton and CUDA backends.
+
+Every op checks its input (errors name the offending tensor index), then runs the
+backend chosen by ``backend=`` (``"auto" | "torch" | "triton" | "cuda"``, see
+:mod:`swamp_kernels._dispatch`). Contracts: DESIGN.md section 3.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from swamp_kernels import _validate as check
+from swamp_kernels._dispatch import BACKENDS, BackendError, available_backends, implementation
+
+__all__ = [
+    "BACKENDS", "BackendError", "available_backends",
+    "global_magnitude_prune", "layerwise_magnitude_prune", "random_scores",
+    "particle_average", "swa_update_", "apply_masks_", "masked_sgd_step_",
+    "masked_linear", "masked_conv2d",
+]
+
+
+def _run(op: str, backend: str, device: torch.device, *args, **kwargs):
+    return implementation(op, backend, device)(*args, **kwargs)
+
+
+def _prune_inputs(weights, masks, amount, scores):
+    weights = check.float_tensors("weights", weights)
+    masks = check.bool_masks(masks, "weights", weights)
+    if scores is not None:
+        scores = check.companions("scores", scores, "weights", weights, dtypes=check.FLOAT_DTYPES)
+    check.check_amount(amount)
+    return weights, masks, scores
+
+
+def global_magnitude_prune(weights, masks=None, amount=0.2, *, scores=None,
+                           backend: str = "auto") -> list[torch.Tensor]:
+    """New bool masks keeping the globally largest ``|w|`` (or ``scores``) among the candidates.
+
+    Candidates are the entries whose mask is True (all when ``masks`` is None); of their
+    count n, ``round(amount * n)`` (float ``amount``) or exactly ``amount`` (int) are pruned.
+    Ties at the threshold keep the lowest global index (tensors in list order, each in
+    logical row-major order). The result is a subset of ``masks``.
+    """
+    weights, masks, scores = _prune_inputs(weights, masks, amount, scores)
+    return _run("global_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
+
+
+def layerwise_magnitude_prune(weights, masks=None, amount=0.2, *, scores=None,
+                              backend: str = "auto") -> list[torch.Tensor]:
+    """:func:`global_magnitude_prune` applied to each tensor on its own."""
+    weights, masks, scores = _prune_inputs(weights, masks, amount, scores)
+    return _run("layerwise_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
+
+
+def random_scores(weights, seed: int) -> list[torch.Tensor]:
+    """Seeded uniform random scores shaped like ``weights``: pass as ``scores=`` for random pruning.
+
+    The same seed gives the same scores on every device (drawn on the CPU, then moved).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
+
+
+def particle_average(params, masks=None, *, backend: str = "auto") -> list[torch.Tensor]:
+    """Mean over the particle dimension of each ``[P, *shape]`` tensor, zero where masked."""
+    params = check.particle_params("params", params)
+    masks = check.bool_masks(masks, "params", [p[0] for p in params])
+    return _run("particle_average", backend, params[0].device, params, masks)
+
+
+def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -> None:
+    """In place: ``swa += (mean_p(params) - swa) / (n_averaged + 1)``; masked entries end at 0.
+
+    ``n_averaged == 0`` copies the particle mean.
+    """
+    params = check.particle_params("params", params)
+    shapes = [p[0] for p in params]
+    swa = check.companions("swa", swa, "params[:, ...]", shapes, dtypes=check.FLOAT_DTYPES)
+    masks = check.bool_masks(masks, "params[:, ...]", shapes)
+    n_averaged = check.non_negative_int("n_averaged", n_averaged)
+    _run("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
+
+
+def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
+    """In place: zero every entry of ``tensors[i]`` whose mask is False, all tensors in one launch.
+
+    ``masks[i]`` has the shape of ``tensors[i]`` or of ``tensors[i][0]`` (broadcast over particles).
+    """
+    tensors = check.float_tensors("tensors", tensors)
+    masks = check.bool_masks(masks, "tensors", tensors, particle_dim=True)
+    _run("apply_masks_", backend, tensors[0].device, tensors, masks)
+
+
+def _real(name: str, value, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < low:
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+    return float(value)
+
+
+def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dampening=0.0,
+                     weight_decay=0.0, nesterov=False, maximize=False, backend: str = "auto") -> None:
+    """One ``torch.optim.SGD`` step on ``grad * mask``, then ``param *= mask``, in place.
+
+    ``momentum_buffers`` is a list with one entry per param (None before the first step);
+    new buffers are stored into it. ``masks`` may be None, or hold None for unmasked params;
+    a mask has the param's shape or, for stacked particles ``[P, *shape]``, ``shape``.
+    Gradients may be float16/bfloat16 for float32 params; buffers have the param dtype.
+    """
+    params = check.float_tensors("params", params)
+    grads = check.companions("grads", grads, "params", params, dtypes=check.FLOAT_DTYPES)
+    if not isinstance(momentum_buffers, list) or len(momentum_buffers) != len(params):
+        raise ValueError("momentum_buffers must be a list with one entry (tensor or None) per param")
+    check.companions("momentum_buffers", momentum_buffers, "params", params, optional=True)
+    for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
+        if g.dtype != p.dtype and p.dtype != torch.float32:
+            raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
+                            "mixed dtypes need float32 params")
+        if b is not None and b.dtype != p.dtype:
+            raise TypeError(f"momentum_buffers[{i}] has dtype {b.dtype}, expected {p.dtype} like params[{i}]")
+    masks = check.bool_masks(masks, "params", params, particle_dim=True, optional=True)
+    lr = _real("lr", lr)
+    momentum, dampening, weight_decay = (_real(k, v) for k, v in
+                                         (("momentum", momentum), ("dampening", dampening),
+                                          ("weight_decay", weight_decay)))
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
+    _run("masked_sgd_step_", backend, params[0].device, params, grads, momentum_buffers, masks,
+         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+         nesterov=bool(nesterov), maximize=bool(maximize))
+
+
+def _layer_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    check.float_tensors("weight", [weight])
+    check.bool_masks([mask], "weight", [weight])
+
+
+def masked_linear(x, weight, mask, bias=None, *, backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight * mask, bias)`` with autograd; the weight gradient is 0 where masked."""
+    _layer_mask(weight, mask)
+    return _run("masked_linear", backend, x.device, x, weight, mask, bias)
+
+
+def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                  backend: str = "auto") -> torch.Tensor:
+    """``F.conv2d(x, weight * mask, ...)`` with autograd; the weight gradient is 0 where masked."""
+    _layer_mask(weight, mask)
+    return _run("masked_conv2d", backend, x.device, x, weight, mask, bias, stride, padding,
+                dilation, groups)

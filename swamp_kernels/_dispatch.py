@@ -1,0 +1,110 @@
+"""Backend selection: which implementation of a public op runs on given tensors.
+
+Each backend module exposes ``OPS``, a dict from op name to implementation:
+``swamp_kernels.reference`` (torch, every op), ``swamp_kernels.triton`` and
+``swamp_kernels.cuda`` (the compiled extension ``swamp_kernels._C``).
+
+``backend="auto"`` (or the value of ``SWAMP_KERNELS_BACKEND``) walks the chain
+cuda -> triton -> torch for CUDA tensors and picks the first backend that is
+available and implements the op; CPU tensors use torch. An explicit backend
+that is unavailable, lacks the op or cannot run on the tensors' device raises
+:class:`BackendError`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "SWAMP_KERNELS_BACKEND"
+_MODULES = {
+    "torch": "swamp_kernels.reference",
+    "triton": "swamp_kernels.triton",
+    "cuda": "swamp_kernels.cuda",
+}
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot run the requested op here."""
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _runs_on(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    return device.type == "cuda"
+
+
+def _is_available(backend: str) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        gpu_or_interpreter = torch.cuda.is_available() or triton_interpreting()
+        return gpu_or_interpreter and _importable("triton")
+    return torch.cuda.is_available() and _importable("swamp_kernels._C")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, in the order of :data:`BACKENDS`."""
+    return [b for b in BACKENDS if _is_available(b)]
+
+
+def _ops(backend: str) -> dict[str, Callable]:
+    return importlib.import_module(_MODULES[backend]).OPS
+
+
+def _explicit(op: str, backend: str, device: torch.device) -> Callable:
+    if not _is_available(backend):
+        raise BackendError(
+            f"backend {backend!r} is not available here; available backends: "
+            f"{', '.join(available_backends())}")
+    if not _runs_on(backend, device):
+        hint = " (set TRITON_INTERPRET=1 to run Triton on CPU)" if backend == "triton" else ""
+        raise BackendError(f"backend {backend!r} cannot run on {device} tensors{hint}")
+    ops = _ops(backend)
+    if op not in ops:
+        having = [b for b in available_backends() if op in _ops(b)]
+        raise BackendError(
+            f"backend {backend!r} does not implement {op}; backends that do: {', '.join(having)}")
+    return ops[op]
+
+
+def _auto(op: str, device: torch.device) -> Callable:
+    chain = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+    for backend in chain:
+        if _is_available(backend) and op in _ops(backend):
+            return _ops(backend)[op]
+    raise AssertionError("the torch reference implements every op")  # pragma: no cover
+
+
+def implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` for tensors on ``device`` under ``backend``."""
+    if backend not in ("auto", *BACKENDS):
+        raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return _explicit(op, backend, device)
+    preferred = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if preferred not in ("auto", *BACKENDS):
+        raise BackendError(f"{ENV_VAR}={preferred!r} is not one of auto, {', '.join(BACKENDS)}")
+    if preferred != "auto" and (not _is_available(preferred) or op in _ops(preferred)):
+        return _explicit(op, preferred, device)
+    return _auto(op, device)

@@ -1,0 +1,135 @@
+"""Input checks shared by every backend: bad input fails before any kernel runs.
+
+Each error names the offending argument and tensor index, e.g.
+``ValueError: masks[3] has shape (64, 3), expected (64, 3, 3, 3) like weights[3]``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = "float32, float16 or bfloat16"
+
+
+def tensor_list(name: str, xs) -> list[torch.Tensor]:
+    """``xs`` as a non-empty list of tensors on one device."""
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+    if len(xs) == 0:
+        raise ValueError(f"{name} is empty; pass at least one tensor")
+    for i, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
+        if x.device != xs[0].device:
+            raise ValueError(f"{name}[{i}] is on {x.device} but {name}[0] is on {xs[0].device}")
+    return list(xs)
+
+
+def float_tensors(name: str, xs) -> list[torch.Tensor]:
+    """:func:`tensor_list` whose tensors are float32, float16 or bfloat16."""
+    xs = tensor_list(name, xs)
+    for i, x in enumerate(xs):
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}[{i}] has dtype {x.dtype}; expected {_DTYPE_NAMES}")
+    return xs
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+
+
+def companions(name: str, xs, like_name: str, like: Sequence[torch.Tensor],
+               *, dtypes: Sequence[torch.dtype] | None = None,
+               particle_dim: bool = False, optional: bool = False) -> list:
+    """Check ``xs`` pairs one-to-one with ``like``: same length, device and shape.
+
+    With ``particle_dim`` an entry may also have ``like[i].shape[1:]`` (a mask that
+    broadcasts over the leading particle dimension); with ``optional`` entries may be None.
+    """
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+    if len(xs) != len(like):
+        raise ValueError(f"{name} has {len(xs)} tensors but {like_name} has {len(like)}")
+    for i, (x, ref) in enumerate(zip(xs, like)):
+        if x is None and optional:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
+        if x.device != ref.device:
+            raise ValueError(f"{name}[{i}] is on {x.device} but {like_name}[{i}] is on {ref.device}")
+        if dtypes is not None and x.dtype not in dtypes:
+            expected = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name}[{i}] has dtype {x.dtype}; expected {expected}")
+        shapes = [_shape(ref)] + ([_shape(ref)[1:]] if particle_dim and ref.dim() > 0 else [])
+        if _shape(x) not in shapes:
+            wanted = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"{name}[{i}] has shape {_shape(x)}, expected {wanted} "
+                             f"like {like_name}[{i}]")
+    return list(xs)
+
+
+def bool_masks(masks, like_name: str, like: Sequence[torch.Tensor], *,
+               particle_dim: bool = False, optional: bool = False) -> list | None:
+    """``masks`` (None allowed): bool tensors matching ``like`` one-to-one.
+
+    With ``optional`` single entries may be None (that tensor is not masked).
+    """
+    if masks is None:
+        return None
+    return companions("masks", masks, like_name, like, dtypes=(torch.bool,),
+                      particle_dim=particle_dim, optional=optional)
+
+
+def check_amount(amount) -> None:
+    """Type and range checks on ``amount`` that need no candidate count."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(f"amount must be a float in [0, 1] or an int in [0, n], got {amount!r}")
+    if isinstance(amount, numbers.Integral):
+        if amount < 0:
+            raise ValueError(f"amount={amount} must be >= 0")
+    elif not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount={amount} must lie in [0, 1] as a float")
+
+
+def prune_count(amount, n: int, where: str = "") -> int:
+    """How many of ``n`` candidates to prune: ``round(amount * n)`` or the int itself."""
+    check_amount(amount)
+    if isinstance(amount, numbers.Integral):
+        if amount > n:
+            raise ValueError(f"amount={amount} exceeds the {n} candidates{where}")
+        return int(amount)
+    return round(float(amount) * n)
+
+
+def finite_candidates(name: str, values: Sequence[torch.Tensor],
+                      masks: Sequence[torch.Tensor] | None) -> None:
+    """Raise if any candidate (masked-in entry) of ``values`` is NaN or infinite."""
+    bad = [~torch.isfinite(v) if masks is None else ~torch.isfinite(v) & m
+           for v, m in zip(values, masks or [None] * len(values))]
+    flags = torch.stack([b.any() for b in bad]).tolist()  # one host sync
+    for i, flag in enumerate(flags):
+        if flag:
+            raise ValueError(f"{name}[{i}] has NaN or Inf among its candidate entries")
+
+
+def particle_params(name: str, params) -> list[torch.Tensor]:
+    """Stacked particle tensors ``[P, *shape]`` with one P for all."""
+    params = float_tensors(name, params)
+    for i, p in enumerate(params):
+        if p.dim() == 0 or p.shape[0] == 0:
+            raise ValueError(f"{name}[{i}] has shape {tuple(p.shape)}; expected [P, *shape] with P >= 1")
+        if p.shape[0] != params[0].shape[0]:
+            raise ValueError(f"{name}[{i}] has {p.shape[0]} particles but {name}[0] has "
+                             f"{params[0].shape[0]} (P mismatch)")
+    return params
+
+
+def non_negative_int(name: str, value) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)

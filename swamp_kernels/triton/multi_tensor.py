@@ -1,0 +1,83 @@
+"""Multi-tensor launch plumbing for Triton kernels: one launch walks many tensors.
+
+A kernel receives, per operand, a device table of raw addresses (``int64``, one per
+tensor; cast in the kernel with ``tl.load(table + t).to(tl.pointer_type(dtype))``),
+the tensors' lengths and a chunk map: program ``c`` handles elements
+``[chunk_start[c], chunk_start[c] + chunk)`` of tensor ``chunk_tensor[c]``.
+Tensors are never concatenated; the tables are small host arrays copied once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class ChunkMap:
+    """Work split of a tensor list into fixed-size chunks, as device tensors."""
+    numels: torch.Tensor        # int64 [T]: elements of each tensor
+    chunk_tensor: torch.Tensor  # int32 [C]: tensor index of each chunk
+    chunk_start: torch.Tensor   # int64 [C]: first element of each chunk within its tensor
+    chunk: int                  # elements per chunk
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunk_tensor.numel()
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    host = torch.from_numpy(array)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def chunk_map(numels: Sequence[int], chunk: int, device: torch.device) -> ChunkMap:
+    """Split tensors of the given lengths into chunks of ``chunk`` elements (last ones short)."""
+    sizes = np.asarray(numels, dtype=np.int64)
+    per_tensor = (sizes + chunk - 1) // chunk
+    tensor_of_chunk = np.repeat(np.arange(len(sizes), dtype=np.int32), per_tensor)
+    first = np.repeat(np.cumsum(per_tensor) - per_tensor, per_tensor)
+    start = (np.arange(len(tensor_of_chunk), dtype=np.int64) - first) * chunk
+    return ChunkMap(_to_device(sizes, device), _to_device(tensor_of_chunk, device),
+                    _to_device(start, device), chunk)
+
+
+def int64_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Host integers as an int64 device tensor (pinned, asynchronous copy on CUDA)."""
+    return _to_device(np.asarray(values, dtype=np.int64), device)
+
+
+def address_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 device tensor of the tensors' data addresses (all must be contiguous)."""
+    return int64_table([t.data_ptr() for t in tensors], device)
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton element type of a torch dtype (bool masks are read as int8)."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.bool: tl.int8, torch.int32: tl.int32, torch.int64: tl.int64}[dtype]
+
+
+def group_by(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+    """Indices grouped by key, in first-seen order (e.g. one launch per dtype group)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def dense_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous, else a contiguous copy (copy back with :func:`write_back`)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def write_back(originals: Sequence[torch.Tensor], views: Sequence[torch.Tensor]) -> None:
+    """Copy results computed in contiguous copies back into non-contiguous originals."""
+    for original, view in zip(originals, views):
+        if view.data_ptr() != original.data_ptr():
+            original.copy_(view)
