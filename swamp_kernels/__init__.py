@@ -65,9 +65,12 @@ def random_scores(weights, seed: int) -> list[torch.Tensor]:
 
 
 def particle_average(params, masks=None, *, backend: str = "auto") -> list[torch.Tensor]:
-    """Mean over the particle dimension of each ``[P, *shape]`` tensor, zero where masked."""
+    """Mean over the particle dimension of each ``[P, *shape]`` tensor, zero where masked.
+
+    ``masks`` may be None, or hold None for unmasked params (as in every op taking masks).
+    """
     params = check.particle_params("params", params)
-    masks = check.bool_masks(masks, "params", [p[0] for p in params])
+    masks = check.bool_masks(masks, "params", [p[0] for p in params], optional=True)
     return _run("particle_average", backend, params[0].device, params, masks)
 
 
@@ -79,7 +82,7 @@ def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -
     params = check.particle_params("params", params)
     shapes = [p[0] for p in params]
     swa = check.companions("swa", swa, "params[:, ...]", shapes, dtypes=check.FLOAT_DTYPES)
-    masks = check.bool_masks(masks, "params[:, ...]", shapes)
+    masks = check.bool_masks(masks, "params[:, ...]", shapes, optional=True)
     n_averaged = check.non_negative_int("n_averaged", n_averaged)
     _run("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
 
