@@ -1,0 +1,206 @@
+"""The results file: its schema, validation, merging, atomic writing and markdown rendering.
+
+One schema for every benchmark (DESIGN.md section 5)::
+
+    {"gpu": str, "torch": str, "triton": str, "commit": str, "date": str,
+     "copy_bandwidth_gbs": float,
+     "results": [{"op": str, "case": str, "backend": str, "time_ms": float,
+                  "floor_ms": float | None, "baselines": {name: time_ms}, "extra": {...}}]}
+
+A GPU's file is ``<out>/<gpu-slug>.json`` next to its rendered table ``<gpu-slug>.md``.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+HEADER_FIELDS = {"gpu": str, "torch": str, "triton": str, "commit": str, "date": str,
+                 "copy_bandwidth_gbs": float}
+RESULT_FIELDS = {"op": str, "case": str, "backend": str, "time_ms": float,
+                 "floor_ms": (float, type(None)), "baselines": dict, "extra": dict}
+
+
+# ----------------------------------------------------------------------------- schema
+def _is(value, kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return False
+    if float in kinds and isinstance(value, int):
+        return True
+    return isinstance(value, kinds)
+
+
+def _fields(where: str, obj, fields: dict) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be an object, got {type(obj).__name__}")
+    if set(obj) != set(fields):
+        missing, unknown = sorted(set(fields) - set(obj)), sorted(set(obj) - set(fields))
+        raise ValueError(f"{where} has missing keys {missing} and unknown keys {unknown}")
+    for key, kind in fields.items():
+        if not _is(obj[key], kind):
+            raise ValueError(f"{where}.{key} has type {type(obj[key]).__name__}, expected {kind}")
+
+
+def _positive(where: str, value) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where} must be finite and > 0, got {value!r}")
+
+
+def validate(doc) -> None:
+    """Raise ValueError naming the first field of ``doc`` that breaks the schema."""
+    _fields("document", doc, {**HEADER_FIELDS, "results": list})
+    _positive("document.copy_bandwidth_gbs", doc["copy_bandwidth_gbs"])
+    seen = set()
+    for i, row in enumerate(doc["results"]):
+        where = f"results[{i}]"
+        _fields(where, row, RESULT_FIELDS)
+        _positive(f"{where}.time_ms", row["time_ms"])
+        if row["floor_ms"] is not None:
+            _positive(f"{where}.floor_ms", row["floor_ms"])
+        for name, ms in row["baselines"].items():
+            if not isinstance(name, str) or not _is(ms, float):
+                raise ValueError(f"{where}.baselines[{name!r}] must map a name to a time in ms")
+            _positive(f"{where}.baselines[{name!r}]", ms)
+        key = result_key(row)
+        if key in seen:
+            raise ValueError(f"{where} repeats (op, case, backend) = {key}")
+        seen.add(key)
+
+
+def result_key(row: dict) -> tuple[str, str, str]:
+    """What identifies a result: a new run replaces the old result with the same key."""
+    return row["op"], row["case"], row["backend"]
+
+
+# ------------------------------------------------------------------------- documents
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def new_document(gpu: str, copy_bandwidth_gbs: float) -> dict:
+    """An empty results document stamped with this run's software, commit and UTC date."""
+    return {"gpu": gpu, "torch": torch.__version__, "triton": _version("triton"),
+            "commit": _commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "copy_bandwidth_gbs": float(copy_bandwidth_gbs), "results": []}
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """``new``'s header and results, plus the results of ``old`` whose key ``new`` lacks.
+
+    Results keep the order of ``old``; a replaced result stays in its place.
+    """
+    fresh = {result_key(r): r for r in new["results"]}
+    rows = [fresh.pop(result_key(r), r) for r in (old["results"] if old else [])]
+    return {**new, "results": rows + list(fresh.values())}
+
+
+def gpu_slug(gpu: str) -> str:
+    """File-name form of a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "unknown-device"
+
+
+# ------------------------------------------------------------------------------- files
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path: Path) -> dict | None:
+    """The validated document at ``path``, or None if there is no such file."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        validate(doc)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return doc
+
+
+def save(doc: dict, out_dir: Path) -> Path:
+    """Merge ``doc`` into ``out_dir/<gpu-slug>.json``, rewrite it and its ``.md``; return the json path."""
+    validate(doc)
+    path = Path(out_dir) / f"{gpu_slug(doc['gpu'])}.json"
+    merged = merge(load(path), doc)
+    validate(merged)
+    atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
+    atomic_write_text(path.with_suffix(".md"), markdown(merged))
+    return path
+
+
+# ---------------------------------------------------------------------------- markdown
+def _ms(t: float) -> str:
+    digits = 0 if t >= 100 else 1 if t >= 10 else 2 if t >= 1 else 3
+    return f"{t:.{digits}f} ms"
+
+
+def _ratio(r: float) -> str:
+    return f"{r:.2f}×"
+
+
+def _table(rows: list[dict]) -> list[str]:
+    names = list(dict.fromkeys(name for r in rows for name in r["baselines"]))
+    head = ["op", "case", "backend", "time", "time/floor", *(f"vs {n}" for n in names)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        floor = "–" if r["floor_ms"] is None else _ratio(r["time_ms"] / r["floor_ms"])
+        speedups = [_ratio(r["baselines"][n] / r["time_ms"]) if n in r["baselines"] else "–"
+                    for n in names]
+        cells = [r["op"], r["case"], r["backend"], _ms(r["time_ms"]), floor, *speedups]
+        lines.append("| " + " | ".join(f"`{c}`" if i < 3 else c for i, c in enumerate(cells)) + " |")
+    return lines
+
+
+def markdown(doc: dict, heading: str = "##") -> str:
+    """Tables of ``doc``, one per op: time, time/floor, and speed-up (baseline time / time)."""
+    lines = [f"{heading} {doc['gpu']}", "",
+             f"Copy bandwidth {doc['copy_bandwidth_gbs']:.0f} GB/s (read + write); torch "
+             f"{doc['torch']}, triton {doc['triton']}; commit `{doc['commit']}`, {doc['date']}. "
+             "`time/floor`: time over the bandwidth floor (1.00× is the floor); "
+             "`vs X`: speed-up over baseline X (X's time / time).", ""]
+    ops = dict.fromkeys(r["op"] for r in doc["results"])
+    for op in ops:
+        lines += _table([r for r in doc["results"] if r["op"] == op]) + [""]
+    if not ops:
+        lines += ["No results.", ""]
+    return "\n".join(lines)
