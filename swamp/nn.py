@@ -1,0 +1,201 @@
+"""Drop-in masked layers: :class:`MaskedLinear` and :class:`MaskedConv2d`.
+
+Contract. A masked layer is an ``nn.Linear`` / ``nn.Conv2d`` (``isinstance`` holds; the
+parameter is still ``weight``, so state_dict keys do not change) with a bool buffer
+``weight_mask`` that is saved in the state_dict. Pruned weights (mask False) never affect the
+output, get exactly zero gradient, and are exactly 0 after every step of any
+``torch.optim.Optimizer`` (SGD, Adam, AdamW, ..., weight decay and momentum included).
+
+Design: weights are stored masked.
+
+* Invariant: ``weight == weight * weight_mask`` at all times. Everything that writes the
+  weight restores it: :func:`swamp.set_masks`, ``load_state_dict``, ``reset_parameters`` and
+  every optimizer step (below).
+* Forward is the plain dense ``F.linear`` / ``F.conv2d`` on ``weight``: no masking work,
+  dense cuBLAS/cuDNN speed.
+* Backward: the weight passes through :func:`mask_grad`, an identity whose backward is one
+  ``torch.where(mask, grad, 0)`` per layer. So ``.grad`` is exactly 0 at pruned entries before
+  any hook, gradient clipping, DDP all-reduce or optimizer sees it, also for
+  ``torch.autograd.grad``, double backward and ``torch.func`` transforms. The alternative, one
+  multi-tensor ``swamp_kernels.apply_masks_`` over all grads in an optimizer pre-step hook,
+  saves a launch per layer but lets clipping, DDP and ``autograd.grad`` see unmasked
+  gradients; the GPU benchmark decides whether that saving is worth the difference.
+* Optimizer steps: importing this module registers one global ``torch.optim`` step post-hook
+  that re-zeroes the pruned weights of every live masked layer whose weight the stepped
+  optimizer holds, in one :func:`swamp_kernels.apply_masks_` call per device. It covers what a
+  zero gradient cannot: weight decay, momentum or Adam state from before pruning, and
+  optimizers that do not act entry-wise. No user call is needed, and optimizers holding no
+  masked weight are untouched. Optimizers that do not subclass ``torch.optim.Optimizer`` are
+  not seen by the hook: call :func:`zero_pruned_` after their step. A compiled
+  ``optimizer.step`` is not covered either.
+
+State dicts. Loading masks the loaded weight with the loaded mask. A plain ``nn.Linear`` /
+``nn.Conv2d`` state_dict lacks ``weight_mask``: strict loading reports it as a missing key,
+as PyTorch does for any missing key; with ``strict=False`` the layer keeps its current mask
+and zeroes the loaded weight outside it, which is how a pruned model rewinds to a dense
+checkpoint. A checkpoint saved from a masked model carries its masks: loading it restores
+them too.
+
+``torch.func.functional_call``: the layer computes with the weight it is given, as any layer
+does, and masks its gradient with the ``weight_mask`` in effect (the one passed, else its
+own). Pass weights that are zero where the mask is False to compute the pruned network.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import swamp_kernels
+from swamp_kernels._validate import FLOAT_DTYPES
+
+__all__ = ["MaskedLayer", "MaskedLinear", "MaskedConv2d", "mask_grad", "to_masked_", "to_dense_",
+           "zero_pruned_"]
+
+
+class _MaskGrad(torch.autograd.Function):
+    """Identity on ``weight``; the gradient is zeroed where ``mask`` is False."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight, mask):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0), None
+
+
+def mask_grad(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight`` itself in forward; in backward its gradient is 0 where the bool ``mask`` is False."""
+    return _MaskGrad.apply(weight, mask)
+
+
+_LIVE: weakref.WeakSet[MaskedLayer] = weakref.WeakSet()  # layers the optimizer step hook re-masks
+
+
+class MaskedLayer(nn.Module):
+    """What :class:`MaskedLinear` and :class:`MaskedConv2d` share: the mask and its invariant."""
+
+    weight: torch.Tensor
+    weight_mask: torch.Tensor
+
+    def _add_mask(self) -> None:
+        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
+        _LIVE.add(self)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise ``weight`` and ``bias`` as the dense layer does, keeping the mask."""
+        super().reset_parameters()
+        if "weight_mask" in self._buffers:  # absent while the dense __init__ runs
+            _zero_pruned([self])
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        _zero_pruned([self])
+
+    def __setstate__(self, state) -> None:  # deepcopy and unpickling
+        super().__setstate__(state)
+        _LIVE.add(self)
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    """``nn.Linear`` whose pruned weights (``weight_mask`` False) stay 0. Same arguments as ``nn.Linear``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_mask()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, mask_grad(self.weight, self.weight_mask), self.bias)
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    """``nn.Conv2d`` whose pruned weights (``weight_mask`` False) stay 0. Same arguments as ``nn.Conv2d``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_mask()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, mask_grad(self.weight, self.weight_mask), self.bias)
+
+
+_MASKED_CLASS = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
+_DENSE_CLASS = {masked: dense for dense, masked in _MASKED_CLASS.items()}
+
+
+def to_masked_(layer: nn.Module) -> MaskedLayer:
+    """In place: make an ``nn.Linear`` / ``nn.Conv2d`` (exactly these types) masked, all True.
+
+    The object, its parameters, hooks, device, dtype and memory format stay; the mask buffer
+    is created like ``weight``. Masked layers are returned unchanged.
+    """
+    if isinstance(layer, MaskedLayer):
+        return layer
+    if type(layer) not in _MASKED_CLASS:
+        raise TypeError(f"cannot mask a {type(layer).__name__}: only nn.Linear and nn.Conv2d "
+                        "(exactly these types; subclasses may use their weight outside forward)")
+    layer.__class__ = _MASKED_CLASS[type(layer)]
+    layer._add_mask()
+    return layer
+
+
+def to_dense_(layer: MaskedLayer) -> nn.Module:
+    """In place: the plain ``nn.Linear`` / ``nn.Conv2d`` again, without ``weight_mask``.
+
+    The weight keeps its zeros; the optimizer step hook no longer re-masks it.
+    """
+    if type(layer) not in _DENSE_CLASS:
+        raise TypeError(f"expected a MaskedLinear or MaskedConv2d, got {type(layer).__name__}")
+    del layer.weight_mask
+    _LIVE.discard(layer)
+    layer.__class__ = _DENSE_CLASS[type(layer)]
+    return layer
+
+
+def _zero_pruned(layers: Iterable[MaskedLayer]) -> None:
+    """Zero the pruned weights of ``layers``: one ``apply_masks_`` call per device."""
+    by_device: dict[torch.device, list[MaskedLayer]] = {}
+    for layer in layers:
+        by_device.setdefault(layer.weight.device, []).append(layer)
+    with torch.no_grad():
+        for group in by_device.values():
+            kernel = [layer for layer in group if layer.weight.dtype in FLOAT_DTYPES]
+            if kernel:
+                swamp_kernels.apply_masks_([layer.weight for layer in kernel],
+                                           [layer.weight_mask for layer in kernel])
+            for layer in group:
+                if layer.weight.dtype not in FLOAT_DTYPES:  # float64: no kernel, plain torch
+                    layer.weight.masked_fill_(~layer.weight_mask, 0)
+
+
+def zero_pruned_(model: nn.Module) -> None:
+    """Zero the pruned weights of every masked layer in ``model`` (itself included).
+
+    Steps of ``torch.optim`` optimizers do this automatically; call it after the step of an
+    optimizer that is not a ``torch.optim.Optimizer`` or after writing weights directly.
+    """
+    _zero_pruned(m for m in model.modules() if isinstance(m, MaskedLayer))
+
+
+def _zero_pruned_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _LIVE:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    layers = [layer for layer in list(_LIVE) if id(layer.weight) in stepped]
+    if layers:
+        _zero_pruned(layers)
+
+
+register_optimizer_step_post_hook(_zero_pruned_after_step)

@@ -1,0 +1,215 @@
+"""Whole-model masking: convert layers, read and write masks, report density, export dense.
+
+Masks are keyed by parameter name, e.g. ``"layer1.0.conv1.weight"``, the keys of
+``model.state_dict()``. A typical IMP level::
+
+    swamp.sparsify(model, exclude=["conv1", "fc"])       # keep the stem and classifier dense
+    ...train...
+    names, masks = zip(*swamp.masks(model).items())
+    weights = [model.get_parameter(n) for n in names]
+    new = swamp_kernels.global_magnitude_prune(weights, list(masks), amount=0.2)
+    swamp.set_masks(model, dict(zip(names, new)))        # zeroes the newly pruned weights
+    print(swamp.sparsity_report(model))
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Callable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from swamp.nn import MaskedLayer, to_dense_, to_masked_, zero_pruned_
+
+__all__ = ["sparsify", "masks", "set_masks", "sparsity_report", "export_dense",
+           "SparsityReport", "LayerDensity"]
+
+Selector = Union[None, Callable[[str, nn.Module], bool], str, type, Sequence[Union[str, type]]]
+_CONVERTIBLE = (nn.Linear, nn.Conv2d)
+
+
+def _is_candidate(module: nn.Module) -> bool:
+    return type(module) in _CONVERTIBLE or isinstance(module, MaskedLayer)
+
+
+def _describe(modules: Mapping[str, nn.Module], limit: int = 6) -> str:
+    shown = [f"{name or '<root>'} ({type(m).__name__})" for name, m in list(modules.items())[:limit]]
+    return ", ".join(shown) + (", ..." if len(modules) > limit else "")
+
+
+def _item_matches(item, name: str, module: nn.Module) -> bool:
+    return isinstance(module, item) if isinstance(item, type) else fnmatchcase(name, item)
+
+
+def _predicate(arg: str, selector: Selector, modules: dict[str, nn.Module],
+               candidates: dict[str, nn.Module]) -> Callable[[str, nn.Module], bool]:
+    """``selector`` as a predicate on (name, module); each name/pattern/type must match a layer."""
+    if callable(selector) and not isinstance(selector, type):
+        return selector
+    items = [selector] if isinstance(selector, (str, type)) else list(selector)
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise TypeError(f"{arg} must be a callable (name, module) -> bool or a list of module "
+                            f"names, glob patterns or module types; got an item {item!r}")
+        if any(_item_matches(item, n, m) for n, m in candidates.items()):
+            continue
+        others = {n: m for n, m in modules.items() if _item_matches(item, n, m)}
+        if others:
+            raise ValueError(f"{arg} item {item!r} matches only modules sparsify does not convert: "
+                             f"{_describe(others)}; it converts exactly nn.Conv2d and nn.Linear")
+        raise ValueError(f"{arg} item {item!r} matches no module; Conv2d/Linear layers are: "
+                         f"{_describe(candidates)}")
+    return lambda name, module: any(_item_matches(item, name, module) for item in items)
+
+
+def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = None) -> nn.Module:
+    """In place: turn ``model``'s ``nn.Conv2d`` / ``nn.Linear`` layers into masked ones (all True).
+
+    ``include`` (default: all) and ``exclude`` (default: none) select layers by a callable
+    ``(name, module) -> bool``, or a module name, glob pattern (``"layer4.*"``) or module type,
+    or a list of these; a name, pattern or type that matches no such layer raises ValueError.
+    Layers keep their identity, parameters, device, dtype and memory format, so optimizers
+    built before still hold the right tensors. Subclasses of Conv2d/Linear are left alone
+    (they may use their weight outside forward); masked layers stay masked. Returns ``model``.
+    """
+    modules = dict(model.named_modules())
+    candidates = {n: m for n, m in modules.items() if _is_candidate(m)}
+    included = (lambda name, module: True) if include is None else \
+        _predicate("include", include, modules, candidates)
+    excluded = (lambda name, module: False) if exclude is None else \
+        _predicate("exclude", exclude, modules, candidates)
+    for name, module in candidates.items():
+        if included(name, module) and not excluded(name, module):
+            to_masked_(module)
+    return model
+
+
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def _masked_layers(model: nn.Module) -> dict[str, MaskedLayer]:
+    """Masked layers of ``model`` keyed by their weight's parameter name."""
+    return {_weight_name(n): m for n, m in model.named_modules() if isinstance(m, MaskedLayer)}
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the masks of ``model``'s masked layers, keyed by weight name (``"fc.weight"``)."""
+    return {name: layer.weight_mask.detach().clone() for name, layer in _masked_layers(model).items()}
+
+
+def _unknown_key(model: nn.Module, key, layers: Mapping[str, MaskedLayer]) -> ValueError:
+    modules = dict(model.named_modules())
+    if isinstance(key, str) and (key == "weight" or key.endswith(".weight")):
+        owner = modules.get(key.removesuffix("weight").removesuffix("."))
+        if isinstance(owner, _CONVERTIBLE) and not isinstance(owner, MaskedLayer):
+            return ValueError(f"masks[{key!r}]: that layer is a {type(owner).__name__} without a "
+                              "mask; swamp.sparsify converts nn.Conv2d and nn.Linear layers")
+    if key in modules and _weight_name(key) in layers:
+        return ValueError(f"masks has key {key!r}, a module name; did you mean {_weight_name(key)!r}?")
+    names = list(layers)
+    return ValueError(f"masks has key {key!r}, which is no masked weight of the model; masked weights "
+                      f"are: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
+
+
+def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``masks`` (weight name -> bool tensor of the weight's shape) into ``model``'s layers.
+
+    Layers not named keep their masks; masks may live on any device. Everything is checked
+    before anything changes. Newly pruned weights become 0 (one ``apply_masks_`` call).
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict weight name -> bool tensor, got {type(masks).__name__}")
+    layers = _masked_layers(model)
+    for key, mask in masks.items():
+        if key not in layers:
+            raise _unknown_key(model, key, layers)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"masks[{key!r}] is a {type(mask).__name__}, not a tensor")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"masks[{key!r}] has dtype {mask.dtype}; expected torch.bool")
+        expected = tuple(layers[key].weight.shape)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"masks[{key!r}] has shape {tuple(mask.shape)}, expected {expected} "
+                             "like the layer's weight")
+    with torch.no_grad():
+        for key, mask in masks.items():
+            layers[key].weight_mask.copy_(mask)
+    zero_pruned_(model)
+
+
+@dataclass(frozen=True)
+class LayerDensity:
+    """Kept entries of one masked weight."""
+
+    name: str
+    layer_type: str
+    shape: tuple[int, ...]
+    kept: int
+    total: int
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer and global density of a model's masked weights; ``str()`` is a table."""
+
+    layers: tuple[LayerDensity, ...]
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def total(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def density(self) -> float:
+        """Kept fraction over all masked weights (1.0 when there are none)."""
+        return self.kept / self.total if self.total else 1.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    def __str__(self) -> str:
+        if not self.layers:
+            return "no masked layers"
+        rows = [(l.name, l.layer_type, "x".join(map(str, l.shape)), f"{l.kept}/{l.total}",
+                 f"{100 * l.density:.2f}%") for l in self.layers]
+        rows.append(("global", "", "", f"{self.kept}/{self.total}", f"{100 * self.density:.2f}%"))
+        header = ("weight", "layer", "shape", "kept/total", "density")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        line = "  ".join
+        out = [line(h.ljust(w) for h, w in zip(header, widths))]
+        out += [line(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                for r in rows]
+        return "\n".join(s.rstrip() for s in out)
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Density of every masked weight of ``model`` and over all of them."""
+    layers = _masked_layers(model)
+    kept = [int(layer.weight_mask.sum()) for layer in layers.values()]
+    return SparsityReport(tuple(
+        LayerDensity(name, type(layer).__name__, tuple(layer.weight.shape), k, layer.weight_mask.numel())
+        for (name, layer), k in zip(layers.items(), kept)))
+
+
+def export_dense(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with plain ``nn.Linear`` / ``nn.Conv2d`` layers holding the zeros.
+
+    Its state_dict has no ``weight_mask`` keys and loads strictly into the unsparsified
+    architecture; ``model`` is not changed.
+    """
+    dense = copy.deepcopy(model)
+    for module in dense.modules():
+        if isinstance(module, MaskedLayer):
+            to_dense_(module)
+    return dense
