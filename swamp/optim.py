@@ -1,0 +1,107 @@
+"""``MaskedSGD``: ``torch.optim.SGD`` whose updates keep pruned weights at exactly zero."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+import swamp_kernels
+from swamp_kernels import _validate as check
+
+
+class MaskedSGD(torch.optim.Optimizer):
+    """``torch.optim.SGD`` applied to ``grad * mask``, then ``param *= mask``: one fused call per group.
+
+    Arguments are those of ``torch.optim.SGD`` plus:
+
+    - ``masks``: None, a dict ``{param: bool mask}``, or a sequence aligned with the
+      params (all groups, in order; None entries are unmasked). A mask has the param's
+      shape or, for stacked particles ``[P, *shape]``, ``shape``. Masks are kept by
+      reference, so pruning them in place takes effect at the next step.
+    - ``backend``: the :mod:`swamp_kernels` backend of :func:`swamp_kernels.masked_sgd_step_`.
+
+    The state has torch's layout (``state[param]["momentum_buffer"]``), so state dicts move
+    between ``torch.optim.SGD`` and ``MaskedSGD`` both ways. Masks are not in the state dict:
+    give them again (constructor or :meth:`set_masks`) after loading.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 masks=None, backend: str = "auto"):
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if value < 0.0:
+                raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if backend not in ("auto", *swamp_kernels.BACKENDS):
+            raise ValueError(f"unknown backend {backend!r}; choose one of auto, "
+                             f"{', '.join(swamp_kernels.BACKENDS)}")
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize}
+        super().__init__(params, defaults)
+        self.backend = backend
+        self._masks: dict[torch.Tensor, torch.Tensor] = {}
+        self.set_masks(masks)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "backend": self.backend, "_masks": self._masks}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def set_masks(self, masks) -> None:
+        """Replace all masks: None, ``{param: mask}`` or a sequence aligned with the params."""
+        params = self._params()
+        if masks is None:
+            aligned = [None] * len(params)
+        elif isinstance(masks, Mapping):
+            known = {id(p) for p in params}
+            for key in masks:
+                if id(key) not in known:
+                    raise ValueError(f"masks has a key of type {type(key).__name__} "
+                                     f"(shape {tuple(getattr(key, 'shape', ()))}) that is not a "
+                                     "parameter of this optimizer")
+            aligned = [masks.get(p) for p in params]
+        else:
+            aligned = masks
+        aligned = check.bool_masks(aligned, "params", params, particle_dim=True, optional=True)
+        self._masks = {p: m for p, m in zip(params, aligned) if m is not None}
+
+    @property
+    def masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The masked params and their masks (a new dict)."""
+        return dict(self._masks)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One SGD step on the masked gradients; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedSGD does not support sparse gradients")
+            momentum = group["momentum"]
+            buffers = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
+            masks = [self._masks.get(p) for p in params]
+            swamp_kernels.masked_sgd_step_(
+                params, [p.grad for p in params], buffers,
+                masks if any(m is not None for m in masks) else None,
+                lr=group["lr"], momentum=momentum, dampening=group["dampening"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                maximize=group["maximize"], backend=self.backend)
+            if momentum != 0:
+                for p, buffer in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buffer
+        return loss

@@ -1,0 +1,103 @@
+"""``masked_sgd_step_`` in Triton: ``torch.optim.SGD`` on ``grad * mask``, then ``param *= mask``.
+
+One launch per group of tensors sharing (param dtype, grad dtype, first momentum step).
+Each tensor is seen as ``rows`` rows of ``numel / rows`` entries, where the mask (if any)
+covers one row: a full-shape mask gives one row, a mask broadcast over the P particles
+of a ``[P, *shape]`` param gives P rows. The chunk map runs over one row; a program
+reads its mask chunk once and updates that chunk in every row, in float32 registers.
+Per launch, one int64 table holds six columns of T entries: param, grad and momentum
+buffer addresses, mask addresses, mask lengths (0: no mask), row counts.
+On the first momentum step the host allocates the buffers and the kernel writes them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from swamp_kernels._tensors import dense_view, group_by, write_back
+from swamp_kernels.triton.multi_tensor import chunk_map, int64_table, tl_dtype
+from swamp_kernels.triton.optional_masks import load_keep, mask_columns
+
+CHUNK = 2048
+
+
+@triton.jit
+def _masked_sgd_kernel(table, num_tensors, row_numels, chunk_tensor, chunk_start,
+                       neg_lr, momentum, one_minus_dampening, weight_decay,
+                       PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+                       MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+                       MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    row_numel = tl.load(row_numels + t)
+    offsets = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
+    inside = offsets < row_numel
+    param_ptr = tl.load(table + t).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(GRAD_DTYPE))
+    buffer_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(PARAM_DTYPE))
+    keep = load_keep(tl.load(table + 3 * num_tensors + t), tl.load(table + 4 * num_tensors + t),
+                     offsets, inside)
+    rows = tl.load(table + 5 * num_tensors + t)
+    for r in range(rows):
+        at = r * row_numel + offsets
+        param = tl.load(param_ptr + at, mask=inside).to(tl.float32)
+        step = tl.load(grad_ptr + at, mask=inside & keep, other=0).to(tl.float32)
+        if MAXIMIZE:
+            step = -step
+        if WEIGHT_DECAY:
+            step = step + weight_decay * param
+        if MOMENTUM:
+            if FIRST_STEP:
+                buffer = step
+            else:
+                buffer = tl.load(buffer_ptr + at, mask=inside).to(tl.float32)
+                buffer = buffer * momentum + one_minus_dampening * step
+            tl.store(buffer_ptr + at, buffer.to(PARAM_DTYPE), mask=inside)
+            if NESTEROV:
+                step = step + momentum * buffer
+            else:
+                step = buffer
+        param = param + neg_lr * step
+        tl.store(param_ptr + at, tl.where(keep, param, 0.0).to(PARAM_DTYPE), mask=inside)
+
+
+def _row_split(param: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int]:
+    """(rows, entries per row): P rows when the mask broadcasts over the particle dim, else 1."""
+    if mask is not None and mask.dim() == param.dim() - 1:
+        return param.shape[0], mask.numel()
+    return 1, param.numel()
+
+
+def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, dampening,
+                     weight_decay, nesterov, maximize) -> None:
+    """Inputs validated by :func:`swamp_kernels.masked_sgd_step_`; new buffers go into ``momentum_buffers``."""
+    device = params[0].device
+    masks = [None] * len(params) if masks is None else [None if m is None else dense_view(m) for m in masks]
+    first_step = [momentum != 0 and b is None for b in momentum_buffers]
+    for i in (i for i, first in enumerate(first_step) if first):
+        momentum_buffers[i] = torch.empty(params[i].shape, dtype=params[i].dtype, device=device)
+    ps = [dense_view(p) for p in params]
+    gs = [dense_view(g) for g in grads]
+    with_buffer = [i for i, b in enumerate(momentum_buffers) if b is not None and momentum != 0]
+    buffers = list(ps)  # a param's own address stands in for a buffer the kernel never touches
+    for i in with_buffer:
+        buffers[i] = dense_view(momentum_buffers[i])
+    keys = [(p.dtype, g.dtype, first) for p, g, first in zip(ps, gs, first_step)]
+    for (param_dtype, grad_dtype, first), idx in group_by(keys).items():
+        rows, row_numels = zip(*(_row_split(ps[i], masks[i]) for i in idx))
+        chunks = chunk_map(row_numels, CHUNK, device)
+        if chunks.num_chunks == 0:
+            continue
+        mask_addresses, mask_lengths = mask_columns([masks[i] for i in idx], [ps[i] for i in idx])
+        table = int64_table([*(ps[i].data_ptr() for i in idx), *(gs[i].data_ptr() for i in idx),
+                             *(buffers[i].data_ptr() for i in idx), *mask_addresses, *mask_lengths,
+                             *rows], device)
+        _masked_sgd_kernel[(chunks.num_chunks,)](
+            table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
+            -lr, momentum, 1.0 - dampening, weight_decay,
+            PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
+            MOMENTUM=momentum != 0, FIRST_STEP=first, NESTEROV=nesterov, MAXIMIZE=maximize,
+            WEIGHT_DECAY=weight_decay != 0, CHUNK=CHUNK)
+    write_back(params, ps)
+    write_back([momentum_buffers[i] for i in with_buffer], [buffers[i] for i in with_buffer])

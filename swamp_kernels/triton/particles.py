@@ -1,0 +1,76 @@
+"""``particle_average`` and ``swa_update_`` in Triton: one pass over memory, one launch per dtype group.
+
+A parameter of P particles is one ``[P, *shape]`` tensor; the chunk map runs over the
+``shape`` entries and each program sums its entries over the P particles in float32.
+``particle_average`` is ``swa_update_`` with ``n_averaged == 0`` into fresh tensors.
+Per launch, one int64 table holds four columns of T entries: particle tensor
+addresses, output addresses, mask addresses, mask lengths (0: no mask).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from swamp_kernels._tensors import dense_view, group_by, write_back
+from swamp_kernels.triton.multi_tensor import chunk_map, int64_table, tl_dtype
+from swamp_kernels.triton.optional_masks import load_keep, mask_columns
+
+CHUNK = 4096
+
+
+@triton.jit
+def _average_kernel(table, num_tensors, numels, chunk_tensor, chunk_start, num_particles, divisor,
+                    PARAM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, COPY: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """out = mean_p(params) if COPY else out + (mean_p(params) - out) / divisor; 0 where masked."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    numel = tl.load(numels + t)
+    offsets = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
+    inside = offsets < numel
+    param_ptr = tl.load(table + t).to(tl.pointer_type(PARAM_DTYPE))
+    out_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(OUT_DTYPE))
+    keep = load_keep(tl.load(table + 2 * num_tensors + t), tl.load(table + 3 * num_tensors + t),
+                     offsets, inside)
+    live = inside & keep  # masked entries read as 0, so they come out 0
+    total = tl.zeros([CHUNK], dtype=tl.float32)
+    for k in range(num_particles):
+        total += tl.load(param_ptr + k * numel + offsets, mask=live, other=0).to(tl.float32)
+    average = total / num_particles
+    if not COPY:
+        current = tl.load(out_ptr + offsets, mask=live, other=0).to(tl.float32)
+        average = current + (average - current) / divisor
+    tl.store(out_ptr + offsets, average.to(OUT_DTYPE), mask=inside)
+
+
+def _average_into(outs, params, n_averaged: int, masks) -> None:
+    """Launch :func:`_average_kernel` on contiguous ``outs``/``params``, one launch per dtype pair."""
+    masks = [None] * len(params) if masks is None else [dense_view(m) for m in masks]
+    device = params[0].device
+    for idx in group_by([(p.dtype, o.dtype) for p, o in zip(params, outs)]).values():
+        chunks = chunk_map([outs[i].numel() for i in idx], CHUNK, device)
+        if chunks.num_chunks == 0:
+            continue
+        mask_addresses, mask_lengths = mask_columns([masks[i] for i in idx], [outs[i] for i in idx])
+        table = int64_table([*(params[i].data_ptr() for i in idx), *(outs[i].data_ptr() for i in idx),
+                             *mask_addresses, *mask_lengths], device)
+        _average_kernel[(chunks.num_chunks,)](
+            table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
+            params[0].shape[0], float(n_averaged + 1),
+            PARAM_DTYPE=tl_dtype(params[idx[0]].dtype), OUT_DTYPE=tl_dtype(outs[idx[0]].dtype),
+            COPY=n_averaged == 0, CHUNK=CHUNK)
+
+
+def particle_average(params, masks=None) -> list[torch.Tensor]:
+    """New contiguous tensors: the masked particle mean, in each param's dtype."""
+    outs = [torch.empty(p.shape[1:], dtype=p.dtype, device=p.device) for p in params]
+    _average_into(outs, [dense_view(p) for p in params], 0, masks)
+    return outs
+
+
+def swa_update_(swa, params, n_averaged: int, masks=None) -> None:
+    """``swa += (mean_p(params) - swa) / (n_averaged + 1)`` in place; ``swa`` is not read at 0."""
+    outs = [dense_view(s) for s in swa]
+    _average_into(outs, [dense_view(p) for p in params], n_averaged, masks)
+    write_back(swa, outs)
