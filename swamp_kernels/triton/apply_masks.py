@@ -4,8 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from swamp_kernels.triton.multi_tensor import (address_table, chunk_map, dense_view, group_by,
-                                               int64_table, tl_dtype, write_back)
+from swamp_kernels._tensors import dense_view, group_by, write_back
+from swamp_kernels.triton.multi_tensor import address_table, chunk_map, int64_table, tl_dtype
 
 CHUNK = 4096
 

@@ -9,7 +9,7 @@ Tensors are never concatenated; the tables are small host arrays copied once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -61,23 +61,3 @@ def tl_dtype(dtype: torch.dtype):
     """The Triton element type of a torch dtype (bool masks are read as int8)."""
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.bool: tl.int8, torch.int32: tl.int32, torch.int64: tl.int64}[dtype]
-
-
-def group_by(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
-    """Indices grouped by key, in first-seen order (e.g. one launch per dtype group)."""
-    groups: dict[Hashable, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    return groups
-
-
-def dense_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when contiguous, else a contiguous copy (copy back with :func:`write_back`)."""
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def write_back(originals: Sequence[torch.Tensor], views: Sequence[torch.Tensor]) -> None:
-    """Copy results computed in contiguous copies back into non-contiguous originals."""
-    for original, view in zip(originals, views):
-        if view.data_ptr() != original.data_ptr():
-            original.copy_(view)

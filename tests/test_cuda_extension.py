@@ -1,0 +1,207 @@
+"""The compiled extension swamp_kernels._C: it builds wherever a CUDA toolkit is, and its
+apply_masks_ kernel equals the torch reference bitwise on a GPU (also under compute-sanitizer).
+
+Without a GPU (CI) only the build and import are checked; the kernel tests are marked ``gpu``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import swamp_kernels as sk
+from swamp_kernels import reference
+from test_apply_masks import bits, make_case, special_values
+
+TESTS = Path(__file__).resolve().parent
+CHUNK = 16384  # elements per chunk of the kernel (kChunk in csrc/apply_masks.cu)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _toolkit_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return home if os.path.isfile(os.path.join(home, "bin", "nvcc")) else None
+
+
+def test_extension_is_built_and_registers_every_cuda_op():
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is not a CUDA build")
+    if _toolkit_home() is None:
+        pytest.skip("no CUDA toolkit: no nvcc under CUDA_HOME or /usr/local/cuda")
+    if os.environ.get("SWAMP_NO_CUDA_EXT") == "1":
+        pytest.skip("SWAMP_NO_CUDA_EXT=1 turns the extension build off")
+    importlib.import_module("swamp_kernels._C")  # fails here when the build did not happen
+    from swamp_kernels.cuda import OPS
+    for name in OPS:
+        assert hasattr(torch.ops.swamp_kernels, name), f"torch.ops.swamp_kernels.{name} is not registered"
+    schema = str(torch.ops.swamp_kernels.apply_masks_.default._schema)
+    assert schema == "swamp_kernels::apply_masks_(Tensor(a!)[] tensors, Tensor[] masks) -> ()"
+
+
+def test_cuda_backend_imports_without_the_extension(monkeypatch):
+    monkeypatch.setitem(sys.modules, "swamp_kernels._C", None)  # `import swamp_kernels._C` now fails
+    cuda = importlib.reload(importlib.import_module("swamp_kernels.cuda"))
+    assert "apply_masks_" in cuda.OPS
+    with pytest.raises(ImportError):
+        cuda.OPS["apply_masks_"]([torch.ones(3)], [torch.ones(3, dtype=torch.bool)])
+
+
+# ----------------------------------------------------------------------------- GPU
+def _flat_slice(numel: int, offset: int, make) -> torch.Tensor:
+    """``numel`` entries starting ``offset`` elements into a fresh buffer: contiguous, but
+    not 16-byte aligned when offset > 0."""
+    return make(numel + offset)[offset:]
+
+
+def kernel_case(seed: int, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Inputs aimed at the kernel's paths, all dtypes mixed in one list: sizes around the vector
+    widths (4 and 8) and the chunk, particle masks whose length is or is not a multiple of the
+    vector width, misaligned tensors and masks (scalar path), empty and 0-dim tensors, plus
+    the channels_last / transposed / strided / NaN cases of test_apply_masks."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 1000, 4097,
+             CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3, 100_003]
+    # (shape, mask is per particle, tensor offset, mask offset)
+    cases = [((n,), False, 0, 0) for n in sizes]
+    cases += [(s, True, 0, 0) for s in [(3, 5), (4, 8), (2, 7, 3), (5, 64, 3, 3), (3, 1), (2, CHUNK + 5),
+                                         (3, 4, 4), (1, 4099), (6, 2, 2)]]
+    cases += [((1001,), False, 1, 0), ((1001,), False, 0, 1), ((4, 16), True, 1, 1),
+              ((CHUNK + 9,), False, 3, 0), ((3, 40), True, 0, 2)]
+    cases += [((0,), False, 0, 0), ((3, 0), True, 0, 0), ((), False, 0, 0)]
+    tensors, masks = make_case(seed, device)
+    for i, (shape, per_particle, t_off, m_off) in enumerate(cases):
+        dtype = DTYPES[i % len(DTYPES)]
+        mask_shape = shape[1:] if per_particle else shape
+        t = _flat_slice(math.prod(shape), t_off, lambda n: special_values((n,), dtype, gen, device))
+        m = _flat_slice(math.prod(mask_shape), m_off, lambda n: (torch.rand(n, generator=gen) < 0.5).to(device))
+        tensors.append(t.view(shape))
+        masks.append(m.view(mask_shape))
+    return tensors, masks
+
+
+def many_tensors(count: int, seed: int, device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``count`` small tensors of random odd sizes and mixed dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 300, (count,), generator=gen).tolist()
+    tensors = [special_values((n,), DTYPES[i % 3], gen, device) for i, n in enumerate(sizes)]
+    masks = [(torch.rand(n, generator=gen) < 0.5).to(device) for n in sizes]
+    return tensors, masks
+
+
+def assert_cuda_matches_reference(tensors, masks) -> None:
+    """The public op on the CUDA backend leaves every tensor bitwise equal to the reference,
+    keeps its strides and leaves the masks alone."""
+    wanted = [t.clone() for t in tensors]
+    reference.apply_masks_(wanted, masks)
+    strides = [t.stride() for t in tensors]
+    mask_copies = [m.clone() for m in masks]
+    sk.apply_masks_(tensors, masks, backend="cuda")
+    for i, (t, w) in enumerate(zip(tensors, wanted)):
+        assert t.stride() == strides[i], f"tensors[{i}] changed its strides"
+        assert torch.equal(bits(t), bits(w)), f"tensors[{i}] (shape {tuple(t.shape)}, {t.dtype}) differs"
+    assert all(torch.equal(m, c) for m, c in zip(masks, mask_copies)), "a mask was modified"
+
+
+@pytest.fixture
+def extension():
+    try:
+        importlib.import_module("swamp_kernels._C")
+    except ImportError as error:
+        pytest.skip(f"swamp_kernels._C is not built here: {error}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernel_matches_reference(extension, seed):
+    assert_cuda_matches_reference(*kernel_case(seed, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("count", [1, 83, 84, 85, 86, 300])
+def test_table_inline_and_in_device_memory(extension, count):
+    # 84 MaskEntry rows fit in the kernel arguments; more go through a device buffer.
+    assert_cuda_matches_reference(*many_tensors(count, count, "cuda"))
+
+
+@pytest.mark.gpu
+def test_nan_and_inf_at_masked_entries_end_at_plus_zero(extension):
+    tensors = [torch.full((n,), value, dtype=dtype, device="cuda")
+               for n, value, dtype in [(37, float("nan"), torch.float32), (4096, float("-inf"), torch.float16),
+                                       (9, -0.0, torch.bfloat16), (CHUNK + 1, float("nan"), torch.bfloat16)]]
+    masks = [torch.arange(t.numel(), device="cuda") % 3 == 0 for t in tensors]
+    sk.apply_masks_(tensors, masks, backend="cuda")
+    for t, m in zip(tensors, masks):
+        assert torch.equal(bits(t[~m]), torch.zeros_like(bits(t[~m])))
+        assert not torch.equal(bits(t[m]), torch.zeros_like(bits(t[m])))
+
+
+@pytest.mark.gpu
+def test_one_launch_for_all_dtypes(extension):
+    tensors, masks = many_tensors(120, 7, "cuda")  # three dtypes, past the inline table
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sk.apply_masks_(tensors, masks, backend="cuda")
+        torch.cuda.synchronize()
+    launches = [e for e in prof.events() if "apply_masks_kernel" in e.name]
+    assert len(launches) == 1, [e.name for e in prof.events()]
+
+
+BINDING_ERRORS = {
+    "count": (lambda t, m: ([t, t], [m]), r"apply_masks_: 2 tensors but 1 masks"),
+    "non-contiguous": (lambda t, m: ([t, t.view(4, 4).t()], [m, m.view(4, 4)]),
+                       r"apply_masks_: tensors\[1\] must be contiguous"),
+    "dtype": (lambda t, m: ([t.double()], [m]), r"apply_masks_: tensors\[0\] has dtype Double"),
+    "mask dtype": (lambda t, m: ([t], [m.float()]), r"apply_masks_: masks\[0\] has dtype Float; expected bool"),
+    "mask shape": (lambda t, m: ([t], [m[:8]]), r"apply_masks_: masks\[0\] has shape \[8\]"),
+    "mask device": (lambda t, m: ([t], [m.cpu()]), r"apply_masks_: masks\[0\] is on cpu, expected cuda"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", BINDING_ERRORS, ids=list(BINDING_ERRORS))
+def test_compiled_op_checks_its_input(extension, case):
+    make_args, message = BINDING_ERRORS[case]
+    t = torch.ones(16, device="cuda")
+    m = torch.ones(16, dtype=torch.bool, device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.swamp_kernels.apply_masks_(*make_args(t, m))
+
+
+SANITIZED_SCRIPT = """
+import torch
+from test_cuda_extension import assert_cuda_matches_reference, kernel_case, many_tensors
+assert_cuda_matches_reference(*kernel_case(0, "cuda"))
+assert_cuda_matches_reference(*many_tensors(300, 1, "cuda"))
+torch.cuda.synchronize()
+print("apply_masks_ checked")
+"""
+
+
+def _compute_sanitizer() -> str | None:
+    on_path = shutil.which("compute-sanitizer")
+    home = _toolkit_home()
+    in_toolkit = os.path.join(home, "bin", "compute-sanitizer") if home else None
+    return on_path or (in_toolkit if in_toolkit and os.path.isfile(in_toolkit) else None)
+
+
+@pytest.mark.gpu
+def test_kernel_is_clean_under_compute_sanitizer_memcheck(extension):
+    sanitizer = _compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH or in the CUDA toolkit")
+    # Without the caching allocator every tensor is its own allocation, so memcheck sees
+    # accesses past a tensor's end instead of inside a larger cached block.
+    path = os.pathsep.join(p for p in (str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONPATH=path)
+    result = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "97", sys.executable, "-c",
+                             SANITIZED_SCRIPT], capture_output=True, text=True, timeout=900, env=env)
+    report = result.stdout[-6000:] + result.stderr[-6000:]
+    assert result.returncode == 0, report
+    assert "apply_masks_ checked" in result.stdout, report
+    assert "ERROR SUMMARY: 0 errors" in result.stdout, report
