@@ -93,7 +93,7 @@ def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
     ``masks[i]`` has the shape of ``tensors[i]`` or of ``tensors[i][0]`` (broadcast over particles).
     """
     tensors = check.float_tensors("tensors", tensors)
-    masks = check.bool_masks(masks, "tensors", tensors, particle_dim=True)
+    masks = check.companions("masks", masks, "tensors", tensors, dtypes=(torch.bool,), particle_dim=True)
     _run("apply_masks_", backend, tensors[0].device, tensors, masks)
 
 

@@ -4,9 +4,10 @@ Each backend module exposes ``OPS``, a dict from op name to implementation:
 ``swamp_kernels.reference`` (torch, every op), ``swamp_kernels.triton`` and
 ``swamp_kernels.cuda`` (the compiled extension ``swamp_kernels._C``).
 
-``backend="auto"`` (or the value of ``SWAMP_KERNELS_BACKEND``) walks the chain
-cuda -> triton -> torch for CUDA tensors and picks the first backend that is
-available and implements the op; CPU tensors use torch. An explicit backend
+``backend="auto"`` walks the chain cuda -> triton -> torch for CUDA tensors and
+picks the first backend that is available and implements the op; CPU tensors use
+torch. ``SWAMP_KERNELS_BACKEND`` makes ``auto`` prefer one backend wherever it
+implements the op and can run on the tensors' device (it must be available). An explicit backend
 that is unavailable, lacks the op or cannot run on the tensors' device raises
 :class:`BackendError`.
 """
@@ -105,6 +106,9 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     preferred = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if preferred not in ("auto", *BACKENDS):
         raise BackendError(f"{ENV_VAR}={preferred!r} is not one of auto, {', '.join(BACKENDS)}")
-    if preferred != "auto" and (not _is_available(preferred) or op in _ops(preferred)):
-        return _explicit(op, preferred, device)
+    if preferred != "auto":
+        if not _is_available(preferred):
+            return _explicit(op, preferred, device)  # raises: the variable names a missing backend
+        if op in _ops(preferred) and _runs_on(preferred, device):
+            return _ops(preferred)[op]
     return _auto(op, device)

@@ -10,7 +10,7 @@ One GEMM kernel serves all three products, each reading its operands through str
 - ``grad_b = g.sum(0)`` in torch.
 
 Tiles accumulate in float32 and are stored in the input dtype. float32 inputs use TF32
-tensor cores on the GPU. The Triton interpreter (``TRITON_INTERPRET=1``) multiplies
+tensor cores on the GPU when ``torch.get_float32_matmul_precision()`` allows it. The Triton interpreter (``TRITON_INTERPRET=1``) multiplies
 bfloat16 tiles as raw bits, so there tiles are upcast to float32 and multiplied exactly;
 it also gets a single small tile config, so autotuning costs nothing on the CPU.
 """
@@ -109,6 +109,12 @@ def _masked_matmul_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, c_ptr, M, N, K,
              acc.to(c_ptr.dtype.element_ty), mask=inside)
 
 
+def _fp32_precision() -> str:
+    """TF32 for float32 inputs exactly when torch's matmuls may use it (as ``F.linear`` does)."""
+    allow_tf32 = torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allow_tf32 and not _INTERPRETING else "ieee"
+
+
 def _masked_matmul(a: torch.Tensor, b: torch.Tensor, *, b_mask: torch.Tensor | None = None,
                    c_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ where(b_mask, b, 0)`` or ``where(c_mask, a @ b, 0)``, plus ``bias``: a new contiguous [M, N].
@@ -129,7 +135,7 @@ def _masked_matmul(a: torch.Tensor, b: torch.Tensor, *, b_mask: torch.Tensor | N
     _masked_matmul_kernel[grid](
         a, b, mask, bias, c, m, n, k, *a.stride(), *b.stride(), *mask.stride(), *c.stride(),
         MASK_B=b_mask is not None, MASK_C=c_mask is not None, HAS_BIAS=bias is not None,
-        UPCAST=_INTERPRETING, PRECISION="ieee" if _INTERPRETING else "tf32")
+        UPCAST=_INTERPRETING, PRECISION=_fp32_precision())
     return c
 
 

@@ -1,0 +1,133 @@
+"""apply_masks_: masked entries become +0.0, all others keep their bits (NaN, Inf, -0.0 included)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swamp_kernels as sk
+from backend_params import every_backend, skip_unless_runs
+
+OP = "apply_masks_"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns, so NaN and the sign of zero compare exactly."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def expected(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def special_values(shape, dtype, gen, device) -> torch.Tensor:
+    """Random values salted with NaN, +-Inf and -0.0."""
+    t = torch.randn(shape, generator=gen)
+    salt = torch.rand(shape, generator=gen)
+    t = torch.where(salt < 0.05, float("nan"), t)
+    t = torch.where((salt >= 0.05) & (salt < 0.1), float("inf") * t.sign(), t)
+    t = torch.where((salt >= 0.1) & (salt < 0.15), -0.0, t)
+    return t.to(dtype).to(device)
+
+
+# (shape, dtype, layout, mask has the particle-free shape); sizes straddle the 4096-element chunk.
+CASES = [((1,), torch.float32, "contiguous", False),
+         ((4095,), torch.float16, "contiguous", False),
+         ((4096,), torch.bfloat16, "contiguous", False),
+         ((3, 4097), torch.float32, "contiguous", True),
+         ((0, 5), torch.float32, "contiguous", False),
+         ((8, 3, 5, 5), torch.float16, "channels_last", False),
+         ((2, 16, 3, 3), torch.float32, "channels_last", True),
+         ((33, 12), torch.bfloat16, "transposed", False),
+         ((4, 9, 10), torch.float32, "strided", True),
+         ((1, 1, 1, 1), torch.bfloat16, "contiguous", True)]
+
+
+def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return t.t()
+    if layout == "strided":
+        return t[..., ::3]
+    return t
+
+
+def make_case(seed: int, device, cases=CASES):
+    gen = torch.Generator().manual_seed(seed)
+    tensors, masks = [], []
+    for shape, dtype, layout, per_particle in cases:
+        t = _laid_out(special_values(shape, dtype, gen, device), layout)
+        mask_shape = t.shape[1:] if per_particle else t.shape
+        masks.append((torch.rand(mask_shape, generator=gen) < 0.6).to(device))
+        tensors.append(t)
+    return tensors, masks
+
+
+@every_backend
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_where(backend, device, seed):
+    skip_unless_runs(OP, backend, device)
+    tensors, masks = make_case(seed, device)
+    wanted = [expected(t, m) for t, m in zip(tensors, masks)]
+    strides = [t.stride() for t in tensors]
+
+    sk.apply_masks_(tensors, masks, backend=backend)
+
+    for i, (t, w) in enumerate(zip(tensors, wanted)):
+        assert t.stride() == strides[i], i
+        assert torch.equal(bits(t), bits(w)), f"tensors[{i}] differs"
+
+
+@every_backend
+def test_all_true_and_all_false_masks(backend, device):
+    skip_unless_runs(OP, backend, device)
+    tensors, _ = make_case(2, device, CASES[:4])
+    before = [t.clone() for t in tensors]
+    sk.apply_masks_(tensors, [torch.ones_like(t, dtype=torch.bool) for t in tensors], backend=backend)
+    assert all(torch.equal(bits(t), bits(b)) for t, b in zip(tensors, before))
+    sk.apply_masks_(tensors, [torch.zeros_like(t, dtype=torch.bool) for t in tensors], backend=backend)
+    assert all(torch.equal(bits(t), bits(torch.zeros_like(t))) for t in tensors)
+
+
+@every_backend
+def test_masks_are_not_modified(backend, device):
+    skip_unless_runs(OP, backend, device)
+    tensors, masks = make_case(3, device)
+    before = [m.clone() for m in masks]
+    sk.apply_masks_(tensors, masks, backend=backend)
+    assert all(torch.equal(m, b) for m, b in zip(masks, before))
+
+
+def _ones(*shape, dtype=torch.float32, device="cpu"):
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+BAD_INPUTS = {
+    "empty list": (lambda d: ([], []), ValueError, r"tensors is empty"),
+    "masks None": (lambda d: ([_ones(3, device=d)], None), TypeError,
+                   r"masks must be a list or tuple of tensors, got NoneType"),
+    "int tensor": (lambda d: ([_ones(3, device=d), _ones(3, dtype=torch.int32, device=d)],
+                              [_ones(3, dtype=torch.bool, device=d)] * 2),
+                   TypeError, r"tensors\[1\] has dtype torch.int32"),
+    "mask count": (lambda d: ([_ones(3, device=d)] * 2, [_ones(3, dtype=torch.bool, device=d)]),
+                   ValueError, r"masks has 1 tensors but tensors has 2"),
+    "mask dtype": (lambda d: ([_ones(3, device=d)], [_ones(3, dtype=torch.uint8, device=d)]),
+                   TypeError, r"masks\[0\] has dtype torch.uint8; expected bool"),
+    "mask shape": (lambda d: ([_ones(3, device=d), _ones(2, 4, device=d)],
+                              [_ones(3, dtype=torch.bool, device=d), _ones(2, dtype=torch.bool, device=d)]),
+                   ValueError, r"masks\[1\] has shape \(2,\), expected \(2, 4\) or \(4,\) like tensors\[1\]"),
+    "mask device": (lambda d: ([_ones(3, device=d)], [_ones(3, dtype=torch.bool, device="meta")]),
+                    ValueError, r"masks\[0\] is on meta but tensors\[0\] is on"),
+    "tensor device": (lambda d: ([_ones(3, device=d), _ones(3, device="meta")],
+                                 [_ones(3, dtype=torch.bool, device=d)] * 2),
+                      ValueError, r"tensors\[1\] is on meta but tensors\[0\] is on"),
+}
+
+
+@every_backend
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_named(backend, device, case):
+    skip_unless_runs(OP, backend, device)
+    make_args, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        sk.apply_masks_(*make_args(device), backend=backend)
