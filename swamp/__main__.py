@@ -1,0 +1,6 @@
+"""``python -m swamp`` is the ``swamp`` command."""
+import sys
+
+from swamp.cli import main
+
+sys.exit(main())

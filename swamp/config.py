@@ -1,0 +1,206 @@
+"""Experiment configuration: typed dataclasses with defaults, YAML loading, ``a.b=value`` overrides.
+
+Every key has a default, so an empty YAML file is a valid config (digits + MLP). Loading checks
+each key's name and type against the dataclasses; :func:`validate` checks values and dataset
+paths. Both raise :class:`ConfigError` naming the key, before any training starts.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", "RewindConfig",
+           "SWAConfig", "TrainConfig", "METHODS", "from_dict", "to_dict", "load", "apply_overrides",
+           "validate", "dump"]
+
+METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
+DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
+PATH_DATASETS = ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet")
+
+
+class ConfigError(ValueError):
+    """A bad config; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str = ""                       # file (npz) or directory (the others); unused by digits/synthetic
+    augment: bool = True                 # the dataset's standard augmentation (crop+flip for CIFAR)
+    shape: list[int] = field(default_factory=lambda: [3, 32, 32])   # synthetic only
+    classes: int = 10                    # synthetic only
+    train_size: int = 1024               # synthetic only
+    test_size: int = 256                 # synthetic only
+    image_size: int = 224                # imagenet only: crop size
+    workers: int = 4                     # imagenet only: loader processes per particle
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [300, 100])   # mlp only
+
+
+@dataclass
+class PruneConfig:
+    exclude: list[str] = field(default_factory=list)   # module names (or globs) kept dense
+
+
+@dataclass
+class RewindConfig:
+    iterations: int = 500                # 0 = rewind to initialisation
+
+
+@dataclass
+class SWAConfig:
+    start: float = 0.75                  # SWA over the last (1 - start) of each level's epochs
+    lr: float = 0.05                     # constant learning rate during SWA
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 160
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    nesterov: bool = False
+    schedule: str = "step"               # step | cosine
+    milestones: list[int] = field(default_factory=lambda: [80, 120])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    precision: str = "fp32"              # fp32 | bf16 (autocast)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "swamp"
+    levels: int = 10
+    prune_fraction: float = 0.2
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    rewind: RewindConfig = field(default_factory=RewindConfig)
+    particles: int = 4                   # used by swamp; the other methods train one network
+    swa: SWAConfig = field(default_factory=SWAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    device: str = "auto"
+
+
+def _check_type(key: str, hint, value):
+    """``value`` converted to ``hint`` (int -> float allowed), else ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return _build(hint, value, key + ".")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in hints:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; known keys here: "
+                              f"{', '.join(prefix + n for n in names)}")
+    return cls(**{k: _check_type(prefix + k, hints[k], v) for k, v in values.items()})
+
+
+def from_dict(values: Mapping[str, Any] | None) -> Config:
+    """A :class:`Config` from nested dicts; unknown keys and wrong types raise ConfigError."""
+    return _build(Config, values or {})
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b=value`` strings (value parsed as YAML) to nested dicts; returns a new dict."""
+    values = copy.deepcopy(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        node = values
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key {'.'.join(parents[:i + 1])!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``overrides``, check names, types and values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    config = from_dict(apply_overrides(values, overrides))
+    validate(config)
+    return config
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {message}")
+
+
+def validate(config: Config) -> None:
+    """Check values (ranges, choices, dataset paths); raise ConfigError naming the key."""
+    _require(config.method in METHODS, "method", f"{config.method!r} is not one of {', '.join(METHODS)}")
+    _require(config.data.name in DATASETS, "data.name",
+             f"{config.data.name!r} is not one of {', '.join(DATASETS)}")
+    if config.data.name in PATH_DATASETS:
+        _require(bool(config.data.path), "data.path", f"dataset {config.data.name} needs a path")
+        _require(Path(config.data.path).exists(), "data.path",
+                 f"{config.data.path!r} does not exist (dataset {config.data.name})")
+    _require(config.particles >= 1, "particles", f"must be >= 1, got {config.particles}")
+    _require(0.0 < config.prune_fraction < 1.0, "prune_fraction",
+             f"must lie in (0, 1), got {config.prune_fraction}")
+    _require(config.levels >= 0, "levels", f"must be >= 0, got {config.levels}")
+    _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
+    _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")
+    _require(config.swa.lr > 0, "swa.lr", "must be > 0")
+    train = config.train
+    _require(train.epochs >= 1, "train.epochs", "must be >= 1")
+    _require(train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _require(train.lr > 0, "train.lr", "must be > 0")
+    _require(train.momentum >= 0, "train.momentum", "must be >= 0")
+    _require(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(train.schedule in ("step", "cosine"), "train.schedule", "must be step or cosine")
+    _require(train.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16")
+    _require(0 <= train.warmup_epochs < train.epochs, "train.warmup_epochs", "must lie in [0, epochs)")
+    _require(not train.nesterov or train.momentum > 0, "train.nesterov", "needs train.momentum > 0")
+    _require(config.device == "auto" or config.device.split(":")[0] in ("cpu", "cuda"), "device",
+             f"must be auto, cpu or cuda[:N], got {config.device!r}")
+    _require(bool(config.model.hidden) or config.model.name != "mlp", "model.hidden",
+             "mlp needs at least one hidden layer")
+
+
+def dump(config: Config) -> str:
+    """The resolved config as YAML text (loads back to an equal Config)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

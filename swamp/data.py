@@ -1,0 +1,286 @@
+"""Datasets: loaded from disk (never downloaded) into tensors, batched per particle.
+
+:class:`TensorData` keeps a small dataset on the training device; shuffling and augmentation
+(random crop with zero padding, horizontal flip) happen there. :class:`FolderData` streams an
+ImageFolder (ImageNet) through DataLoaders. Both yield batches stacked over particles,
+``x [P, B, ...]``, ``y [P, B]``, each particle drawing its order from its own generator.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from swamp.config import ConfigError, DataConfig
+
+__all__ = ["TensorData", "FolderData", "load_data", "derive_seed", "epoch_generator"]
+
+
+def derive_seed(*keys: int) -> int:
+    """A seed in [0, 2**31) determined by the integer ``keys`` (seed, stage, particle, epoch)."""
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + int(key) + 7919) % (2 ** 31 - 1)
+    return seed
+
+
+def epoch_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by :func:`derive_seed` of ``keys``."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+class TensorData:
+    """A dataset held as tensors; ``x`` float ``[N, C, H, W]`` or ``[N, F]``, normalised."""
+
+    def __init__(self, x_train, y_train, x_test, y_test, num_classes: int, *,
+                 crop_padding: int = 0, flip: bool = False):
+        self.x_train, self.y_train = x_train, y_train.long()
+        self.x_test, self.y_test = x_test, y_test.long()
+        self.num_classes = num_classes
+        self.crop_padding, self.flip = crop_padding, flip
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def to(self, device) -> "TensorData":
+        return TensorData(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                          self.y_test.to(device), self.num_classes,
+                          crop_padding=self.crop_padding, flip=self.flip)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Full batches per epoch (the last partial batch is dropped; at least one batch)."""
+        return max(1, self.num_train // batch_size)
+
+    def _epoch_plan(self, generator: torch.Generator, augment: bool):
+        """One particle's epoch: a permutation, crop offsets and flips, all drawn up front."""
+        n = self.num_train
+        order = torch.randperm(n, generator=generator)
+        offsets = flips = None
+        if augment and self.crop_padding:
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=generator)
+        if augment and self.flip:
+            flips = torch.rand(n, generator=generator) < 0.5
+        return order, offsets, flips
+
+    def _augment(self, x, offsets, flips):
+        if offsets is not None:
+            pad = self.crop_padding
+            b, _, h, w = x.shape
+            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            offsets = offsets.to(x.device)
+            rows = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            batch = torch.arange(b, device=x.device)[:, None, None, None]
+            channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+            x = padded[batch, channel, rows, cols]
+        if flips is not None:
+            x = torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def train_batches(self, generators: Sequence[torch.Generator], batch_size: int,
+                      augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x [P, B, ...], y [P, B])``; particle p's order comes from ``generators[p]``."""
+        batch_size = min(batch_size, self.num_train)
+        plans = [self._epoch_plan(g, augment) for g in generators]
+        for step in range(self.steps_per_epoch(batch_size)):
+            xs, ys = [], []
+            for order, offsets, flips in plans:
+                take = slice(step * batch_size, (step + 1) * batch_size)
+                index = order[take].to(self.device)
+                xs.append(self._augment(self.x_train[index],
+                                        None if offsets is None else offsets[take],
+                                        None if flips is None else flips[take]))
+                ys.append(self.y_train[index])
+            yield torch.stack(xs), torch.stack(ys)
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Un-augmented batches of ``split`` ("train" or "test") in order."""
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        for start in range(0, len(y), batch_size):
+            yield x[start:start + batch_size], y[start:start + batch_size]
+
+
+class FolderData:
+    """ImageFolder ``train/`` and ``val/`` under a directory, streamed through DataLoaders."""
+
+    def __init__(self, root: Path, image_size: int, workers: int):
+        from torchvision import datasets, transforms
+        normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        self.train = datasets.ImageFolder(str(root / "train"), transforms.Compose([
+            transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), normalize]))
+        self.train_plain = datasets.ImageFolder(str(root / "train"), transforms.Compose([
+            transforms.Resize(image_size * 8 // 7), transforms.CenterCrop(image_size),
+            transforms.ToTensor(), normalize]))
+        self.test = datasets.ImageFolder(str(root / "val"), self.train_plain.transform)
+        self.num_classes = len(self.train.classes)
+        self.input_shape = (3, image_size, image_size)
+        self.workers = workers
+        self.device = torch.device("cpu")
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    def to(self, device) -> "FolderData":
+        self.device = torch.device(device)
+        return self
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, self.num_train // batch_size)
+
+    def _loader(self, dataset, batch_size, sampler=None, generator=None):
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, generator=generator, drop_last=sampler is not None,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+
+    def train_batches(self, generators, batch_size: int, augment: bool = True):
+        batch_size = min(batch_size, self.num_train)
+        dataset = self.train if augment else self.train_plain
+        loaders = [self._loader(dataset, batch_size, torch.randperm(self.num_train, generator=g).tolist(),
+                                torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g))))
+                   for g in generators]
+        for batches in zip(*loaders):
+            yield (torch.stack([x for x, _ in batches]).to(self.device, non_blocking=True),
+                   torch.stack([y for _, y in batches]).to(self.device, non_blocking=True))
+
+    def eval_batches(self, split: str, batch_size: int):
+        dataset = self.train_plain if split == "train" else self.test
+        for x, y in self._loader(dataset, batch_size):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _normalised(x_train: np.ndarray, x_test: np.ndarray):
+    """Float tensors scaled by 1/255 if uint8, then normalised per channel (dim 1) with train stats."""
+    def as_float(x):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    x_train, x_test = as_float(x_train), as_float(x_test)
+    dims = [0] + list(range(2, x_train.dim()))
+    if x_train.dim() == 2:
+        mean, std = x_train.mean(), x_train.std()
+    else:
+        mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def _digits() -> TensorData:
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = x.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    order = np.random.RandomState(0).permutation(len(y))   # fixed split, independent of the run seed
+    test, train = order[:360], order[360:]
+    x_train, x_test = _normalised(x[train], x[test])
+    return TensorData(x_train, torch.from_numpy(y[train]), x_test, torch.from_numpy(y[test]), 10)
+
+
+def _npz(path: Path) -> TensorData:
+    with np.load(path) as arrays:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+        if missing:
+            raise ConfigError(f"data.path {str(path)!r}: the npz lacks arrays {', '.join(missing)} "
+                              "(it needs x_train, y_train, x_test, y_test)")
+        x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    x_train, x_test = _normalised(x_train, x_test)
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    return TensorData(x_train, torch.from_numpy(y_train.astype(np.int64)), x_test,
+                      torch.from_numpy(y_test.astype(np.int64)), classes)
+
+
+_IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+        "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    ndim = raw[3]
+    shape = np.frombuffer(raw, ">i4", ndim, 4)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def _mnist(root: Path, folder: str, augment: bool) -> TensorData:
+    candidates = [root, root / folder / "raw", root / "raw"]
+    for directory in candidates:
+        files = {k: next((p for p in (directory / n, directory / f"{n}.gz") if p.is_file()), None)
+                 for k, n in _IDX.items()}
+        if all(files.values()):
+            break
+    else:
+        raise ConfigError(f"data.path {str(root)!r}: no {folder} idx files found; put "
+                          f"{', '.join(n + '[.gz]' for n in _IDX.values())} either directly in it "
+                          f"or in {root / folder / 'raw'} (torchvision's layout)")
+    arrays = {k: _read_idx(p) for k, p in files.items()}
+    x_train, x_test = _normalised(arrays["train_x"][:, None], arrays["test_x"][:, None])
+    return TensorData(x_train, torch.from_numpy(arrays["train_y"].astype(np.int64)), x_test,
+                      torch.from_numpy(arrays["test_y"].astype(np.int64)), 10,
+                      crop_padding=2 if augment else 0)
+
+
+def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
+    folder, train_files, label_key = (
+        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], b"labels") if classes == 10
+        else ("cifar-100-python", ["train"], b"fine_labels"))
+    test_file = "test_batch" if classes == 10 else "test"
+    directory = root / folder if (root / folder).is_dir() else root
+    needed = [*train_files, test_file]
+    if not all((directory / f).is_file() for f in needed):
+        raise ConfigError(f"data.path {str(root)!r}: expected torchvision's CIFAR-{classes} files "
+                          f"{', '.join(needed)} in {root / folder} (extract the python-version "
+                          "archive there)")
+
+    def read(names):
+        parts = [pickle.load(open(directory / n, "rb"), encoding="bytes") for n in names]
+        x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
+        return x, np.concatenate([np.asarray(p[label_key]) for p in parts]).astype(np.int64)
+    (x_train, y_train), (x_test, y_test) = read(train_files), read([test_file])
+    x_train, x_test = _normalised(x_train, x_test)
+    return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes,
+                      crop_padding=4 if augment else 0, flip=augment)
+
+
+def _synthetic(config: DataConfig) -> TensorData:
+    g = torch.Generator().manual_seed(0)
+    n = config.train_size + config.test_size
+    x = torch.randn(n, *config.shape, generator=g)
+    y = torch.randint(0, config.classes, (n,), generator=g)
+    cut = config.train_size
+    return TensorData(x[:cut], y[:cut], x[cut:], y[cut:], config.classes)
+
+
+def load_data(config: DataConfig):
+    """The dataset ``config`` names, on the CPU. Nothing is downloaded."""
+    name, root = config.name, Path(config.path)
+    if name in ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet") and not root.exists():
+        raise ConfigError(f"data.path {config.path!r} does not exist; see swamp/data.py for the "
+                          f"layout dataset {name} expects")
+    if name == "digits":
+        return _digits()
+    if name == "synthetic":
+        return _synthetic(config)
+    if name == "npz":
+        return _npz(root)
+    if name in ("mnist", "fashion_mnist"):
+        return _mnist(root, "MNIST" if name == "mnist" else "FashionMNIST", config.augment)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(root, 10 if name == "cifar10" else 100, config.augment)
+    if name == "imagenet":
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise ConfigError(f"data.path {config.path!r}: put ImageNet as ImageFolder directories "
+                              f"{root / 'train'}/<class>/*.JPEG and {root / 'val'}/<class>/*.JPEG")
+        return FolderData(root, config.image_size, config.workers)
+    raise ConfigError(f"data.name {name!r} is unknown")

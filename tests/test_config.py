@@ -1,0 +1,75 @@
+"""swamp.config: defaults, YAML, --set overrides, and bad configs failing before training, naming the key."""
+from pathlib import Path
+
+import pytest
+
+from swamp import cli
+from swamp import config as C
+
+PRESETS = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    config = C.load(write(tmp_path, ""))
+    assert config == C.Config()
+    assert config.model.hidden == [300, 100] and config.swa.start == 0.75 and config.train.schedule == "step"
+
+
+def test_overrides_set_nested_keys_with_types(tmp_path):
+    config = C.load(write(tmp_path, "method: imp\ntrain: {epochs: 3}\n"),
+                    ["train.lr=0.5", "model.hidden=[8, 4]", "train.weight_decay=0", "particles=2"])
+    assert config.method == "imp" and config.train.epochs == 3 and config.train.lr == 0.5
+    assert config.model.hidden == [8, 4] and config.particles == 2
+    assert isinstance(config.train.weight_decay, float)
+
+
+def test_dump_round_trips(tmp_path):
+    config = C.load(write(tmp_path, "seed: 3\nprune: {exclude: [fc]}\n"))
+    assert C.load(write(tmp_path, C.dump(config))) == config
+
+
+@pytest.mark.parametrize("text, overrides, key", [
+    ("trian: {epochs: 3}\n", [], "trian"),
+    ("train: {epoch: 3}\n", [], "train.epoch"),
+    ("", ["swa.begin=0.5"], "swa.begin"),
+    ("train: {epochs: three}\n", [], "train.epochs"),
+    ("train: {epochs: 2.5}\n", [], "train.epochs"),
+    ("", ["train.nesterov=3"], "train.nesterov"),
+    ("", ["model.hidden=[8, x]"], "model.hidden[1]"),
+    ("", ["levels=true"], "levels"),
+    ("train: 5\n", [], "train"),
+    ("particles: 0\n", [], "particles"),
+    ("particles: -2\n", [], "particles"),
+    ("prune_fraction: 0\n", [], "prune_fraction"),
+    ("prune_fraction: 1.0\n", [], "prune_fraction"),
+    ("prune_fraction: 1.5\n", [], "prune_fraction"),
+    ("method: lottery\n", [], "method"),
+    ("data: {name: cifar10, path: /no/such/dir}\n", [], "data.path"),
+    ("data: {name: npz}\n", [], "data.path"),
+    ("train: {schedule: linear}\n", [], "train.schedule"),
+    ("swa: {start: 1.0}\n", [], "swa.start"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, overrides, key):
+    with pytest.raises(C.ConfigError, match=f"'{key.replace('[', '.').replace(']', '.')}'"):
+        C.load(write(tmp_path, text), overrides)
+
+
+def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", str(write(tmp_path, "particles: 0\n")), "--out", str(out)]) == 2
+    assert "'particles'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_are_valid(tmp_path, preset):
+    config = C.load(preset, [f"data.path={tmp_path}"])
+    assert config.method in ("imp", "swamp")
+    if config.method == "swamp":
+        assert config.particles == 4 and config.swa == C.SWAConfig(start=0.75, lr=config.swa.lr)

@@ -1,0 +1,144 @@
+"""swamp.data: loaders for every on-disk format (written by the tests), device batching, augmentation."""
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from swamp.config import ConfigError, DataConfig
+from swamp.data import TensorData, epoch_generator, load_data
+
+
+def test_digits_is_embedded_and_normalised():
+    data = load_data(DataConfig(name="digits"))
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 10
+    assert data.num_train == 1797 - 360 and len(data.y_test) == 360
+    assert abs(data.x_train.mean().item()) < 1e-4
+
+
+def test_npz_any_shape_uint8(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (40, 2, 5, 5), dtype=np.uint8), y_train=rng.integers(0, 3, 40),
+             x_test=rng.integers(0, 256, (10, 2, 5, 5), dtype=np.uint8), y_test=np.array([4] + [0] * 9))
+    data = load_data(DataConfig(name="npz", path=str(path)))
+    assert data.input_shape == (2, 5, 5) and data.num_classes == 5 and data.x_train.dtype == torch.float32
+    assert torch.allclose(data.x_train.mean((0, 2, 3)), torch.zeros(2), atol=1e-5)
+    np.savez(path, x_train=np.zeros((4, 3)), y_train=np.zeros(4))
+    with pytest.raises(ConfigError, match="x_test, y_test"):
+        load_data(DataConfig(name="npz", path=str(path)))
+
+
+def write_cifar10(root, n_per_batch=6):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, n_per_batch))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_torchvision_layout(tmp_path):
+    write_cifar10(tmp_path)
+    data = load_data(DataConfig(name="cifar10", path=str(tmp_path)))
+    assert data.x_train.shape == (30, 3, 32, 32) and data.x_test.shape == (6, 3, 32, 32)
+    assert data.num_classes == 10 and data.crop_padding == 4 and data.flip
+    plain = load_data(DataConfig(name="cifar10", path=str(tmp_path), augment=False))
+    assert plain.crop_padding == 0 and not plain.flip
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_fashion_mnist_idx_files(tmp_path, layout):
+    folder = tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    write_idx(folder / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28)))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(12) % 10)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28)))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(5))
+    data = load_data(DataConfig(name="fashion_mnist", path=str(tmp_path)))
+    assert data.x_train.shape == (12, 1, 28, 28) and data.y_train.tolist() == [i % 10 for i in range(12)]
+    assert data.y_test.tolist() == list(range(5))
+
+
+def test_missing_files_say_what_goes_where(tmp_path):
+    with pytest.raises(ConfigError, match="train-images-idx3-ubyte.*FashionMNIST"):
+        load_data(DataConfig(name="fashion_mnist", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="data_batch_1.*cifar-10-batches-py"):
+        load_data(DataConfig(name="cifar10", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="train.*val"):
+        load_data(DataConfig(name="imagenet", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_data(DataConfig(name="cifar100", path=str(tmp_path / "nowhere")))
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for label in ("ant", "bee"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / split / label / f"{i}.png")
+    data = load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=16, workers=0))
+    assert data.num_classes == 2 and data.input_shape == (3, 16, 16) and data.num_train == 6
+    batches = list(data.train_batches([epoch_generator(0, 0, p, 0) for p in range(2)], 3))
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 3, 16, 16) and batches[0][1].shape == (2, 3)
+    x, y = next(data.eval_batches("test", 4))
+    assert x.shape == (4, 3, 16, 16) and y.tolist() == [0, 0, 0, 1]
+
+
+def indexed_data(n=50, **kwargs):
+    """Each sample's single pixel value is its index, so batches reveal the order."""
+    x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1)
+    return TensorData(x, torch.zeros(n), x[:5], torch.zeros(5), 2, **kwargs)
+
+
+def orders(data, seeds, batch=10):
+    return [torch.cat([xb[p].flatten() for xb, _ in data.train_batches(
+        [epoch_generator(*s) for s in seeds], batch)]) for p in range(len(seeds))]
+
+
+def test_particles_draw_their_own_reproducible_orders():
+    data = indexed_data()
+    first, second = orders(data, [(0, 1, 0, 0), (0, 1, 1, 0)])
+    assert sorted(first.tolist()) == list(range(50)) and sorted(second.tolist()) == list(range(50))
+    assert not torch.equal(first, second)
+    again = orders(data, [(0, 1, 0, 0), (0, 1, 1, 0)])
+    assert torch.equal(first, again[0]) and torch.equal(second, again[1])
+    next_epoch = orders(data, [(0, 1, 0, 1)])[0]
+    assert not torch.equal(first, next_epoch)
+
+
+def test_last_partial_batch_is_dropped():
+    data = indexed_data(n=25)
+    assert data.steps_per_epoch(10) == 2 and len(orders(data, [(0, 0, 0, 0)])[0]) == 20
+    assert data.steps_per_epoch(100) == 1 and len(orders(data, [(0, 0, 0, 0)], batch=100)[0]) == 25
+
+
+def test_crop_and_flip_are_windows_of_the_padded_image():
+    torch.manual_seed(0)
+    x = torch.randn(40, 2, 4, 5)
+    data = TensorData(x, torch.arange(40), x[:2], torch.zeros(2), 40, crop_padding=1, flip=True)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    flipped_any = shifted_any = False
+    for xb, yb in data.train_batches([epoch_generator(5, 0, 0, 0)], 8):
+        for image, label in zip(xb[0], yb[0]):
+            windows = [(padded[label, :, r:r + 4, c:c + 5], flip) for r in range(3) for c in range(3)
+                       for flip in (False, True)]
+            hits = [(r, flip) for r, (w, flip) in enumerate(windows)
+                    if torch.equal(w.flip(-1) if flip else w, image)]
+            assert hits, "augmented image is no window of the padded original"
+            flipped_any |= any(f for _, f in hits) and not any(not f for _, f in hits)
+            shifted_any |= all(r // 2 != 4 for r, _ in hits)
+    assert flipped_any and shifted_any

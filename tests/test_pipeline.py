@@ -1,0 +1,191 @@
+"""swamp.pipeline end to end on digits: every method, run layout, densities, averaging, BN, resume after kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from swamp import cli, evaluate, pipeline, report
+from swamp import config as C
+from swamp.data import load_data
+from swamp.models import build_model
+from swamp.sparsify import sparsify
+from swamp.train import stack_state, train_particles
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS, FRACTION = 2, 0.3
+
+
+def tiny(method: str, **changes) -> C.Config:
+    values = {"method": method, "levels": LEVELS, "prune_fraction": FRACTION, "particles": 2,
+              "rewind": {"iterations": 3}, "model": {"hidden": [24]}, "swa": {"start": 0.5, "lr": 0.02},
+              "train": {"epochs": 2, "batch_size": 128, "lr": 0.05, "milestones": [1]}, "device": "cpu"}
+    values.update(changes)
+    return C.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    return {m: (root / m, pipeline.run(tiny(m), root / m, quiet=True)) for m in C.METHODS}
+
+
+@pytest.mark.parametrize("method", C.METHODS)
+def test_every_method_writes_the_run_layout(runs, method):
+    out, summary = runs[method]
+    levels = 0 if method == "dense" else LEVELS
+    assert json.loads((out / "summary.json").read_text()) == summary and summary["method"] == method
+    assert [m["level"] for m in summary["levels"]] == list(range(levels + 1))
+    assert C.load(out / "config.yaml") == tiny(method)
+    assert (out / "rewind.pt").is_file()
+    particles = 2 if method == "swamp" else 1
+    for metrics in summary["levels"]:
+        directory = out / f"level_{metrics['level']:02d}"
+        assert json.loads((directory / "metrics.json").read_text()) == metrics
+        assert 0.2 < metrics["test_accuracy"] <= 1 and len(metrics["particle_test_accuracy"]) == particles
+        assert 0 <= metrics["ensemble_test_accuracy"] <= 1 and metrics["images_per_second"] > 0
+        masks = torch.load(directory / "mask.pt")
+        state = torch.load(directory / "model.pt")
+        for name, mask in masks.items():
+            assert mask.dtype == torch.bool and torch.equal(state[name[:-len("weight")] + "weight_mask"], mask)
+            assert not state[name][~mask].any()
+    assert not list(out.rglob(".*tmp*")), "a temporary file was left behind"
+    log = (out / "log.txt").read_text().splitlines()
+    assert sum("epoch" in line for line in log) == 2 * (levels + 1) + 1   # + the pretraining epoch
+
+
+@pytest.mark.parametrize("method", ["imp", "swamp", "random"])
+def test_masks_shrink_and_density_follows_the_schedule(runs, method):
+    out, summary = runs[method]
+    previous = None
+    for level in range(LEVELS + 1):
+        masks = torch.load(out / f"level_{level:02d}" / "mask.pt")
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        assert abs(kept - total * (1 - FRACTION) ** level) <= level
+        assert summary["levels"][level]["density"] == kept / total
+        if previous is not None:
+            assert all(not (m & ~previous[n]).any() for n, m in masks.items())
+        previous = masks
+
+
+def test_random_pruning_differs_from_magnitude_pruning(runs):
+    imp = torch.load(runs["imp"][0] / "level_01" / "mask.pt")
+    rand = torch.load(runs["random"][0] / "level_01" / "mask.pt")
+    assert any(not torch.equal(imp[n], rand[n]) for n in imp)
+
+
+def test_report_table_and_plot(runs, tmp_path, capsys):
+    dirs = [str(runs[m][0]) for m in ("dense", "imp", "swamp")]
+    table = report.markdown_table(report.load_runs(dirs))
+    assert table.splitlines()[0] == "| level | density | dense (dense) | imp (imp) | swamp (swamp) |"
+    assert len(table.splitlines()) == 2 + LEVELS + 1
+    plot = tmp_path / "p.png"
+    assert cli.main(["report", *dirs, "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG" and "| level |" in capsys.readouterr().out
+
+
+def test_averaged_model_is_the_mean_of_particle_swa_weights():
+    torch.set_num_threads(1)
+    config = tiny("swamp")
+    data = load_data(config.data)
+    torch.manual_seed(0)
+    model = sparsify(build_model(config.model, data.input_shape, data.num_classes))
+    result = train_particles(model, stack_state(model, 3), data, config, stage=0, begin=0, end=40, swa=True)
+    assert result.swa
+    params = dict(model.named_parameters())
+    assert not torch.equal(result.state["1.weight"][0], result.state["1.weight"][1])
+    averaged = pipeline._average(result, {})
+    for name in params:
+        torch.testing.assert_close(averaged[name], result.state[name].mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_bn_statistics_are_recomputed_after_averaging(tmp_path):
+    torch.set_num_threads(1)
+    config = tiny("swamp", data={"name": "synthetic", "shape": [3, 8, 8], "classes": 4, "train_size": 96,
+                                 "test_size": 32}, model={"name": "cifar_resnet_8_4"}, levels=1,
+                  train={"epochs": 2, "batch_size": 32, "lr": 0.05, "milestones": []})
+    summary = pipeline.run(config, tmp_path / "bn", quiet=True)
+    assert len(summary["levels"]) == 2
+    data = load_data(config.data)
+    state = torch.load(tmp_path / "bn" / "level_01" / "model.pt")
+    model = sparsify(build_model(config.model, data.input_shape, data.num_classes))
+    net = evaluate.network(model, state)
+    with torch.no_grad():   # first BN: batch statistics of the stem conv's output, averaged over batches
+        stem = [net.conv(x) for x, _ in data.eval_batches("train", 32)]
+    mean = torch.stack([s.mean((0, 2, 3)) for s in stem]).mean(0)
+    var = torch.stack([s.var((0, 2, 3)) for s in stem]).mean(0)
+    torch.testing.assert_close(state["bn.running_mean"], mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state["bn.running_var"], var, rtol=1e-4, atol=1e-5)
+    recomputed = evaluate.recompute_bn_(evaluate.network(model, state), data, 32).state_dict()
+    for name in state:
+        if "running" in name:
+            torch.testing.assert_close(recomputed[name], state[name], rtol=1e-5, atol=1e-6)
+
+
+def swamp_cli(*args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "swamp", *args, "--quiet"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(C.dump(tiny("swamp", levels=3, train={"epochs": 6, "batch_size": 64, "lr": 0.05,
+                                                            "milestones": [3]})))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    reference = swamp_cli("run", str(config), "--out", str(straight))
+    victim = swamp_cli("run", str(config), "--out", str(killed))
+    deadline = time.time() + 120
+    while not (killed / "level_00" / "metrics.json").exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = json.loads((killed / "summary.json").read_text())["levels"]
+    assert 1 <= len(done) < 4
+    resumed = swamp_cli("resume", str(killed))
+    assert resumed.wait() == 0, resumed.stderr.read().decode()
+    assert reference.wait() == 0, reference.stderr.read().decode()
+    timing = ("seconds", "images_per_second")
+    strip = lambda s: [{k: v for k, v in m.items() if k not in timing} for m in s["levels"]]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
+    assert strip(a) == strip(b) and len(a["levels"]) == 4
+    for level in range(4):
+        for name in ("model.pt", "mask.pt"):
+            x, y = (torch.load(d / f"level_{level:02d}" / name) for d in (straight, killed))
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (1, 8, 8)), ("lenet5", (1, 28, 28)),
+                                         ("cifar_resnet_20", (3, 32, 32)), ("cifar_resnet_8_4", (3, 8, 8)),
+                                         ("wrn_16_2", (3, 32, 32)), ("cifar_vgg_16", (3, 32, 32)),
+                                         ("resnet50", (3, 64, 64))])
+def test_model_registry_takes_shape_and_classes_from_data(name, shape):
+    model = sparsify(build_model(C.ModelConfig(name=name, hidden=[7]), shape, 5))
+    assert model(torch.randn(2, *shape)).shape == (2, 5)
+
+
+def test_bad_model_names_fail():
+    for name in ("cifar_resnet_21", "wrn_27_2", "cifar_vgg_12", "alexnet"):
+        with pytest.raises(C.ConfigError, match=name):
+            build_model(C.ModelConfig(name=name), (3, 32, 32), 10)
+
+
+def test_bf16_training_with_batch_norm():
+    torch.set_num_threads(1)
+    config = tiny("swamp", data={"name": "synthetic", "shape": [3, 8, 8], "classes": 4, "train_size": 64,
+                                 "test_size": 16}, model={"name": "cifar_resnet_8"},
+                  train={"epochs": 1, "batch_size": 32, "lr": 0.05, "precision": "bf16", "schedule": "cosine"})
+    data = load_data(config.data)
+    model = sparsify(build_model(config.model, data.input_shape, data.num_classes))
+    result = train_particles(model, stack_state(model, 2), data, config, stage=0, begin=0, end=2, swa=False)
+    assert all(t.dtype in (torch.float32, torch.int64) for t in result.state.values())
+    assert torch.isfinite(torch.tensor(result.train_loss))
