@@ -109,7 +109,11 @@ def finite_candidates(name: str, values: Sequence[torch.Tensor],
     """Raise if any candidate (masked-in entry) of ``values`` is NaN or infinite."""
     bad = [~torch.isfinite(v) if masks is None else ~torch.isfinite(v) & m
            for v, m in zip(values, masks or [None] * len(values))]
-    flags = torch.stack([b.any() for b in bad]).tolist()  # one host sync
+    raise_if_nonfinite(name, torch.stack([b.any() for b in bad]).tolist())  # one host sync
+
+
+def raise_if_nonfinite(name: str, flags: Sequence) -> None:
+    """Raise for the first tensor of ``name`` whose flag says it has a NaN/Inf candidate."""
     for i, flag in enumerate(flags):
         if flag:
             raise ValueError(f"{name}[{i}] has NaN or Inf among its candidate entries")

@@ -8,7 +8,10 @@
 // launches ONE kernel. The table travels inside the kernel arguments when it fits in
 // 4 KiB, else in a small stream-ordered device buffer. The kernel declares its parameter
 // `const __grid_constant__ TensorTable<Entry> table` (sm_70+), so reading the inline table
-// never copies it to local memory, and walks its work with for_each_chunk().
+// never copies it to local memory, and walks its work with for_each_chunk(). Per-launch
+// scalars follow the table as further kernel arguments. Kernels on float tensors of several
+// dtypes compute in float32 (to_float / from_float) and are instantiated per dtype with
+// dispatch_float().
 #pragma once
 
 #include <algorithm>
@@ -16,7 +19,11 @@
 #include <cstring>
 #include <vector>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "float_type.h"
 
 // Returns the error of a CUDA runtime call from the enclosing function (launchers return
 // cudaError_t; the torch binding turns it into an exception with C10_CUDA_CHECK).
@@ -79,6 +86,57 @@ struct alignas(sizeof(T) * N) AlignedVec {
   T v[N];
 };
 
+// float32 values of float / half / bfloat16 elements and back (round to nearest even).
+// Intrinsics, not casts: torch's build defines __CUDA_NO_HALF_CONVERSIONS__.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Returns f(T{}) for the C++ element type T of `type` (float, __half or __nv_bfloat16):
+// host code instantiates a kernel per dtype, e.g.
+//   dispatch_float(type, [&](auto tag) { using T = decltype(tag); return launch<T>(...); });
+template <typename F>
+cudaError_t dispatch_float(FloatType type, F&& f) {
+  switch (type) {
+    case FloatType::kFloat32:
+      return f(float{});
+    case FloatType::kFloat16:
+      return f(__half{});
+    case FloatType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// `p` (never null) with the promise that it points to global memory: accesses through it
+// compile to ld/st.global rather than generic ones, which the table's pointers would get.
+template <typename T>
+__device__ __forceinline__ T* global_ptr(T* p) {
+  __builtin_assume(__isGlobal(p));
+  return p;
+}
+
+// True when `p` may be read as AlignedVec<T, N> (one aligned vector load).
+template <typename T, int N>
+__host__ __device__ __forceinline__ bool vector_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(AlignedVec<T, N>) == 0;
+}
+
 // Device memory from cudaMallocAsync, freed in stream order (after queued work) on scope exit.
 struct StreamOrderedBuffer {
   void* ptr = nullptr;
@@ -93,14 +151,22 @@ struct StreamOrderedBuffer {
   }
 };
 
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
 // Cuts the tensors described by `entries` into chunks of `chunk` elements and runs
-// kernel<<<grid, threads, 0, stream>>>(table) once on `device` (the current device),
+// kernel<<<grid, threads, 0, stream>>>(table, args...) once on `device` (the current device),
 // grid = min(chunks, blocks that fit on the GPU at once). Nothing runs when all are empty.
-template <typename Entry>
-cudaError_t launch_multi_tensor(void (*kernel)(TensorTable<Entry>), const std::vector<Entry>& entries,
-                                int64_t chunk, int threads, int device, cudaStream_t stream) {
+// The per-launch scalars `args` share the kernel parameter space with the table: a few words.
+template <typename Entry, typename... Args>
+cudaError_t launch_multi_tensor(void (*kernel)(TensorTable<Entry>, Args...), const std::vector<Entry>& entries,
+                                int64_t chunk, int threads, int device, cudaStream_t stream,
+                                typename NonDeduced<Args>::type... args) {
   using Table = TensorTable<Entry>;
-  static_assert(sizeof(Table) <= kKernelParamBytes, "TensorTable exceeds the kernel parameter limit");
+  static_assert(sizeof(Table) + (sizeof(Args) + ... + 0) <= kKernelParamBytes,
+                "TensorTable and scalar arguments exceed the kernel parameter limit");
   static_assert(alignof(Entry) <= alignof(int64_t), "Entry must not need more than 8-byte alignment");
   const size_t n = entries.size();
   if (chunk <= 0 || threads <= 0 || n > static_cast<size_t>(INT32_MAX)) {
@@ -143,7 +209,7 @@ cudaError_t launch_multi_tensor(void (*kernel)(TensorTable<Entry>), const std::v
     table.entries = reinterpret_cast<const Entry*>(d);
     table.chunk_end = reinterpret_cast<const int64_t*>(d + entry_bytes);
   }
-  kernel<<<grid, threads, 0, stream>>>(table);
+  kernel<<<grid, threads, 0, stream>>>(table, args...);
   return cudaGetLastError();
 }
 

@@ -10,6 +10,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "float_type.h"
+
 namespace swamp {
 
 // `t` (argument `name`[i] of `op`) is a contiguous tensor on `device`.
@@ -24,6 +26,27 @@ inline void check_float(const char* op, const char* name, size_t i, const at::Te
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name, "[", i,
               "] has dtype ", dtype, "; expected float32, float16 or bfloat16");
+}
+
+// The kernels' name for the dtype of `t` (argument `name`[i] of `op`), which must be float32,
+// float16 or bfloat16.
+inline FloatType float_type(const char* op, const char* name, size_t i, const at::Tensor& t) {
+  check_float(op, name, i, t);
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return FloatType::kFloat16;
+    case at::kBFloat16:
+      return FloatType::kBFloat16;
+    default:
+      return FloatType::kFloat32;
+  }
+}
+
+// `t` (argument `name`[i] of `op`) has shape `sizes`, that of `like_name`[i].
+inline void check_shape(const char* op, const char* name, size_t i, const at::Tensor& t, at::IntArrayRef sizes,
+                        const char* like_name) {
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, "[", i, "] has shape ", t.sizes(), "; expected ", sizes,
+              " like ", like_name, "[", i, "]");
 }
 
 // masks[i] is bool with the shape of like[i] or, for P stacked particles, of like[i][0].

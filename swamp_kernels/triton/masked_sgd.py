@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from swamp_kernels._tensors import dense_view, group_by, write_back
+from swamp_kernels._tensors import dense_optional, dense_view, group_by, write_back
 from swamp_kernels.triton.multi_tensor import chunk_map, int64_table, tl_dtype
 from swamp_kernels.triton.optional_masks import load_keep, mask_columns
 
@@ -73,7 +73,7 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
                      weight_decay, nesterov, maximize) -> None:
     """Inputs validated by :func:`swamp_kernels.masked_sgd_step_`; new buffers go into ``momentum_buffers``."""
     device = params[0].device
-    masks = [None] * len(params) if masks is None else [None if m is None else dense_view(m) for m in masks]
+    masks = dense_optional(masks, len(params))
     first_step = [momentum != 0 and b is None for b in momentum_buffers]
     for i in (i for i, first in enumerate(first_step) if first):
         momentum_buffers[i] = torch.empty(params[i].shape, dtype=params[i].dtype, device=device)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from swamp_kernels._tensors import dense_view, group_by, write_back
+from swamp_kernels._tensors import dense_optional, dense_view, group_by, write_back
 from swamp_kernels.triton.multi_tensor import chunk_map, int64_table, tl_dtype
 from swamp_kernels.triton.optional_masks import load_keep, mask_columns
 
@@ -46,7 +46,7 @@ def _average_kernel(table, num_tensors, numels, chunk_tensor, chunk_start, num_p
 
 def _average_into(outs, params, n_averaged: int, masks) -> None:
     """Launch :func:`_average_kernel` on contiguous ``outs``/``params``, one launch per dtype pair."""
-    masks = [None] * len(params) if masks is None else [dense_view(m) for m in masks]
+    masks = dense_optional(masks, len(params))
     device = params[0].device
     for idx in group_by([(p.dtype, o.dtype) for p, o in zip(params, outs)]).values():
         chunks = chunk_map([outs[i].numel() for i in idx], CHUNK, device)
