@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One batch for a lent GPU machine (its own image: system python3 with torch, triton, no network):
+# build the extension, run the GPU tests, then the benchmarks. Logs and results go under $OUT;
+# copy $OUT/results/*.json into benchmarks/results/ and run `make bench-render` afterwards.
+set -uo pipefail
+OUT=${OUT:-/tmp/swamp-gpu}
+mkdir -p "$OUT/results"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python3 -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)' \
+    | tee "$OUT/versions.txt"
+start=$(date +%s)
+if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
+python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"; tail -40 "$OUT/bench.log"
