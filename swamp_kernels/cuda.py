@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from swamp_kernels._tensors import dense_optional, dense_view, write_back
+from swamp_kernels._tensors import dense_optional, dense_view, elementwise_views, write_back
 from swamp_kernels._validate import prune_count, raise_if_nonfinite
 
 
@@ -25,8 +25,8 @@ def _ops():
 
 def apply_masks_(tensors, masks) -> None:
     """Masks have each tensor's shape, or its shape without the leading particle dim."""
-    xs = [dense_view(t) for t in tensors]
-    _ops().apply_masks_(xs, [dense_view(m) for m in masks])
+    xs, ms = elementwise_views(tensors, masks)
+    _ops().apply_masks_(xs, ms)
     write_back(tensors, xs)
 
 

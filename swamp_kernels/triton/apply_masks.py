@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from swamp_kernels._tensors import dense_view, group_by, write_back
+from swamp_kernels._tensors import elementwise_views, group_by, write_back
 from swamp_kernels.triton.multi_tensor import address_table, chunk_map, int64_table, tl_dtype
 
 CHUNK = 4096
@@ -26,8 +26,7 @@ def _apply_masks_kernel(x_addrs, mask_addrs, numels, mask_numels, chunk_tensor, 
 
 def apply_masks_(tensors, masks) -> None:
     """Masks have each tensor's shape, or its shape without the leading particle dim."""
-    xs = [dense_view(t) for t in tensors]
-    ms = [dense_view(m) for m in masks]
+    xs, ms = elementwise_views(tensors, masks)
     device = xs[0].device
     for idx in group_by([x.dtype for x in xs]).values():
         chunks = chunk_map([xs[i].numel() for i in idx], CHUNK, device)
