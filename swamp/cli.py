@@ -1,5 +1,5 @@
 """Command line: ``swamp run CONFIG --out DIR [--set k=v ...] [--quiet]``, ``swamp resume DIR``,
-``swamp report DIR [DIR ...] [--plot PATH]``."""
+``swamp report DIR [DIR ...] [--plot PATH]``, ``swamp analyze {barrier,instability,levels,hessian,masks} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import sys
 
 from swamp import config as cfg
 from swamp import pipeline, report
+from swamp.analysis import commands as analyze
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("report", help="table and plot comparing run directories")
     rep.add_argument("dirs", nargs="+")
     rep.add_argument("--plot", default="accuracy_vs_density.png", help="where to write the plot")
+    analyze.add_parser(commands)
     return parser
 
 
@@ -36,6 +38,9 @@ def main(argv=None) -> int:
         elif args.command == "resume":
             summary = pipeline.resume(args.dir, quiet=args.quiet)
             print(report.markdown_table({args.dir: summary}))
+        elif args.command == "analyze":
+            for path in analyze.main(args):
+                print(f"wrote {path}")
         else:
             runs = report.load_runs(args.dirs)
             print(report.markdown_table(runs))

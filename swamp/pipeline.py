@@ -8,6 +8,7 @@ instead of magnitude pruning). Run directory::
     DIR/rewind.pt            state at the rewind point (parameters and buffers)
     DIR/level_XX/mask.pt     {weight name: bool mask} this level trained with
     DIR/level_XX/model.pt    final (averaged, BN-recomputed) state_dict
+    DIR/level_XX/particles.pt   swamp only: the particles' final states, stacked ``[P, ...]``
     DIR/level_XX/metrics.json   written last: a level with it is complete
     DIR/summary.json         {"method", "levels": [metrics of each completed level]}
     DIR/log.txt              one line per epoch
@@ -194,6 +195,8 @@ def _execute(config: Config, out: Path, quiet: bool) -> dict:
             directory.mkdir(exist_ok=True)
             _save(directory / "mask.pt", masks)
             _save(directory / "model.pt", final_state)
+            if particles > 1:
+                _save(directory / "particles.pt", result.state)
             _write_json(directory / "metrics.json", metrics)
             log(f"level {level} density {metrics['density']:.4f} test_accuracy {metrics['test_accuracy']:.4f}")
         summary["levels"].append(metrics)

@@ -1,0 +1,140 @@
+"""``swamp analyze {barrier,instability,levels,hessian,masks}``: JSON and PNG files in ``--out``
+(default ``RUN_DIR/analysis``), each written atomically."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from swamp.analysis.landscape import l2_distance, mask_overlap
+from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
+from swamp.pipeline import atomic_write
+
+__all__ = ["add_parser", "main"]
+
+
+def add_parser(commands) -> None:
+    """Add ``analyze`` and its subcommands to the ``swamp`` subparsers ``commands``."""
+    analyze = commands.add_parser("analyze", help="loss-landscape analysis of run directories")
+    kinds = analyze.add_subparsers(dest="analysis", required=True)
+
+    def sub(name: str, help: str, run_dir: bool = True) -> argparse.ArgumentParser:
+        parser = kinds.add_parser(name, help=help)
+        if run_dir:
+            parser.add_argument("dir", help="run directory")
+        parser.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
+        parser.add_argument("--device", default="cpu")
+        return parser
+
+    barrier = sub("barrier", "error along the segment between two levels' solutions (of runs of one config)",
+                  run_dir=False)
+    barrier.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
+    barrier.add_argument("level_b", help="level directory (of the same run or a run of the same config)")
+    barrier.add_argument("--points", type=int, default=11)
+    unstable = sub("instability", "train a level twice with different data orders; their barrier")
+    unstable.add_argument("--level", type=int, required=True)
+    unstable.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
+    unstable.add_argument("--points", type=int, default=11)
+    levels = sub("levels", "barriers between successive levels, and among SWAMP particles")
+    levels.add_argument("--points", type=int, default=11)
+    hessian = sub("hessian", "top Hessian eigenvalues (and trace) of every level, on its mask")
+    hessian.add_argument("--k", type=int, default=1)
+    hessian.add_argument("--batches", type=int, default=4, help="training batches the loss averages")
+    hessian.add_argument("--iters", type=int, default=100)
+    hessian.add_argument("--tol", type=float, default=1e-4)
+    hessian.add_argument("--trace-samples", type=int, default=0, help="Hutchinson probes (0: no trace)")
+    masks = sub("masks", "mask overlap (Jaccard) and weight distance between two level directories",
+                run_dir=False)
+    masks.add_argument("level_a")
+    masks.add_argument("level_b")
+
+
+def _write_json(path: Path, value) -> Path:
+    atomic_write(path, lambda t: t.write_text(json.dumps(value, indent=2) + "\n"))
+    return path
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt, *plt.subplots(figsize=(6, 4))
+
+
+def _save_figure(plt, fig, ax, path: Path) -> Path:
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda t: fig.savefig(t, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _plot_paths(paths: dict[str, dict], path: Path) -> Path:
+    """Test error (%) against alpha, one line per labelled path."""
+    plt, fig, ax = _figure()
+    for label, p in paths.items():
+        ax.plot(p["alphas"], [100 * e for e in p["errors"]], marker="o", markersize=3, label=label)
+    ax.set_xlabel("interpolation alpha")
+    ax.set_ylabel("test error (%)")
+    ax.legend()
+    return _save_figure(plt, fig, ax, path)
+
+
+def _plot_against_density(rows: list[dict], value, ylabel: str, path: Path) -> Path:
+    plt, fig, ax = _figure()
+    ax.plot([100 * r["density"] for r in rows], [value(r) for r in rows], marker="o", markersize=3)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("density (% of prunable weights remaining, log scale)")
+    ax.set_ylabel(ylabel)
+    return _save_figure(plt, fig, ax, path)
+
+
+def _level_path(level_dir: str) -> tuple[Path, int]:
+    path = Path(level_dir)
+    if not path.name.startswith("level_") or not (path / "metrics.json").is_file():
+        raise FileNotFoundError(f"{level_dir} is no complete level directory (RUN_DIR/level_XX with metrics.json)")
+    return path.parent, int(path.name[len("level_"):])
+
+
+def main(args) -> list[Path]:
+    """Run the analysis ``args`` names; returns the files written."""
+    run_dir = Path(args.dir) if hasattr(args, "dir") else _level_path(args.level_a)[0]
+    out = Path(args.out) if args.out else run_dir / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.analysis in ("barrier", "masks"):
+        (dir_a, level_a), (dir_b, level_b) = _level_path(args.level_a), _level_path(args.level_b)
+        run = load_run(dir_a, args.device)
+        other = run if dir_b.resolve() == dir_a.resolve() else load_run(dir_b, args.device)
+        state_a, state_b = run.state(level_a), other.state(level_b)
+        stem = f"{args.analysis}_{dir_a.name}_{level_a:02d}_{dir_b.name}_{level_b:02d}"
+        if args.analysis == "masks":
+            result = {"a": args.level_a, "b": args.level_b,
+                      **mask_overlap(run.masks(level_a), other.masks(level_b)),
+                      "l2_distance": l2_distance(state_a, state_b, run.parameter_names)}
+            return [_write_json(out / f"{stem}.json", result)]
+        result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points)}
+        print(f"barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
+        return [_write_json(out / f"{stem}.json", result),
+                _plot_paths({f"{args.level_a} -> {args.level_b}": result}, out / f"{stem}.png")]
+    if args.analysis == "instability":
+        result = instability(run_dir, args.level, args.seeds, args.points, args.device)
+        stem = f"instability_level_{args.level:02d}"
+        print(f"level {args.level}: barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
+        return [_write_json(out / f"{stem}.json", result),
+                _plot_paths({f"seeds {args.seeds[0]} vs {args.seeds[1]}": result}, out / f"{stem}.png")]
+    if args.analysis == "levels":
+        result = successive_barriers(run_dir, args.points, args.device)
+        files = [_write_json(out / "levels.json", result)]
+        for row in result["levels"]:
+            print(f"level {row['from_level']} -> {row['to_level']}: barrier {row['barrier']:.4f}")
+        if result["levels"]:
+            files.append(_plot_against_density(result["levels"], lambda r: 100 * r["barrier"],
+                                               "error barrier level L -> L+1 (%)", out / "levels.png"))
+        return files
+    result = level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device)
+    for row in result["levels"]:
+        print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}")
+    return [_write_json(out / "hessian.json", result),
+            _plot_against_density(result["levels"], lambda r: r["eigenvalues"][0],
+                                  "top Hessian eigenvalue", out / "hessian.png")]

@@ -1,0 +1,123 @@
+"""Curvature of the loss at a model's weights, by Hessian-vector products (double backward).
+
+The loss is the mean over ``batches`` of ``loss_fn(model(x), y)``, evaluated in eval mode (BatchNorm
+uses its running statistics) so it is a fixed function of the parameters. With ``masks`` (the dict
+:func:`swamp.masks` returns, weight name -> bool), vectors are projected onto the unpruned
+coordinates before and after every product: the operator is the Hessian's principal submatrix
+on those coordinates.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["top_hessian_eigenvalues", "hessian_trace"]
+
+
+class _HessianOperator:
+    """``v -> H v`` on flat vectors over ``model``'s trainable parameters, projected by ``masks``."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Iterable, masks: Mapping | None):
+        self.model, self.loss_fn, self.batches = model, loss_fn, list(batches)
+        if not self.batches:
+            raise ValueError("batches is empty; the Hessian needs at least one (inputs, targets) batch")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        names = [n for n, _ in named]
+        unknown = [k for k in (masks or {}) if k not in names]
+        if unknown:
+            raise ValueError(f"masks has keys {unknown[:6]} that are no trainable parameters of the model")
+        masks = masks or {}
+        for name, p in named:
+            if name in masks and tuple(masks[name].shape) != tuple(p.shape):
+                raise ValueError(f"masks[{name!r}] has shape {tuple(masks[name].shape)}, expected {tuple(p.shape)}")
+        self.projection = torch.cat([
+            (masks[n].to(p.device) if n in masks else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
+            for n, p in named]).to(self.params[0].dtype) if masks else None
+        self.size = sum(p.numel() for p in self.params)
+        self.dimension = int(self.projection.sum()) if masks else self.size
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.projection is None else v * self.projection
+
+    def random(self, generator: torch.Generator, rademacher: bool) -> torch.Tensor:
+        v = (torch.randint(0, 2, (self.size,), generator=generator) * 2 - 1).float() if rademacher \
+            else torch.randn(self.size, generator=generator)
+        return self.project(v.to(self.params[0].device, self.params[0].dtype))
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        v = self.project(v)
+        pieces = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in self.params]), self.params)]
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros_like(v)
+        try:
+            for x, y in self.batches:
+                loss = self.loss_fn(self.model(x), y)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True)
+                dot = sum((g * t).sum() for g, t in zip(grads, pieces))
+                hv = torch.autograd.grad(dot, self.params, allow_unused=True)
+                total += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
+                                    for h, p in zip(hv, self.params)]).detach()
+        finally:
+            self.model.train(was_training)
+        return self.project(total / len(self.batches))
+
+
+def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterable, k: int = 1,
+                            masks: Mapping[str, torch.Tensor] | None = None, iters: int = 100,
+                            tol: float = 1e-4, seed: int = 0) -> list[float]:
+    """The ``k`` largest (algebraic) eigenvalues of the loss Hessian, in descending order.
+
+    Lanczos with full reorthogonalisation from a seeded Gaussian start, at most ``iters`` Hessian-
+    vector products (so it keeps up to ``iters`` parameter-sized vectors). Stops when every one of
+    the top ``k`` Ritz pairs has residual ``||H y - theta y|| <= tol * |theta|``, or when the Krylov
+    space is exhausted (then the values are exact).
+    """
+    operator = _HessianOperator(model, loss_fn, batches, masks)
+    if not 1 <= k <= operator.dimension:
+        raise ValueError(f"k must lie in [1, {operator.dimension}] (unpruned parameters), got {k}")
+    if iters < k:
+        raise ValueError(f"iters must be >= k ({k}), got {iters}")
+    v = operator.random(torch.Generator().manual_seed(seed), rademacher=False)
+    basis = [v / v.norm()]
+    alphas, betas = [], []
+    theta = np.zeros(0)
+    for j in range(iters):
+        w = operator(basis[j])
+        alphas.append(float(w @ basis[j]))
+        stacked = torch.stack(basis)
+        for _ in range(2):   # full reorthogonalisation, twice is enough
+            w = w - stacked.T @ (stacked @ w)
+        beta = float(w.norm())
+        tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        theta, vectors = np.linalg.eigh(tridiagonal)
+        top = np.argsort(theta)[::-1][:k]
+        converged = len(top) == k and all(abs(beta * vectors[-1, i]) <= tol * abs(theta[i]) for i in top)
+        exhausted = beta <= 1e-10 * max(1.0, np.abs(theta).max()) or j + 1 == operator.dimension
+        if converged or exhausted:
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return sorted(theta.tolist(), reverse=True)[:k]
+
+
+def hessian_trace(model: nn.Module, loss_fn: Callable, batches: Iterable,
+                  masks: Mapping[str, torch.Tensor] | None = None, samples: int = 100,
+                  seed: int = 0) -> float:
+    """Hutchinson's estimate of the Hessian's trace: the mean of ``z^T H z`` over ``samples``
+    Rademacher probes ``z`` from a generator seeded by ``seed`` (zero on pruned coordinates, so
+    it estimates the trace of the masked principal submatrix). Unbiased; its variance is
+    ``2 * sum_{i != j} H_ij^2 / samples`` (exact when H is diagonal)."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    operator = _HessianOperator(model, loss_fn, batches, masks)
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(samples):
+        z = operator.random(generator, rademacher=True)
+        total += float(z @ operator(z))
+    return total / samples

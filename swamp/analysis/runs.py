@@ -1,0 +1,166 @@
+"""The analyses of :mod:`swamp.analysis` applied to run directories written by :mod:`swamp.pipeline`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swamp import config as cfg
+from swamp import evaluate
+from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
+from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
+from swamp.data import load_data
+from swamp.models import build_model
+from swamp.pipeline import level_dir
+from swamp.sparsify import set_masks, sparsify
+from swamp.train import train_particles
+
+__all__ = ["Run", "load_run", "instability", "successive_barriers", "level_hessians"]
+
+
+@dataclass
+class Run:
+    """A run directory with its config, data and (sparsified) architecture on ``device``."""
+
+    directory: Path
+    config: cfg.Config
+    data: object
+    model: nn.Module
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.train.batch_size
+
+    def levels(self) -> list[int]:
+        """The completed levels (those with ``metrics.json``), ascending."""
+        return sorted(int(p.parent.name[len("level_"):]) for p in self.directory.glob("level_*/metrics.json"))
+
+    def _file(self, level: int, name: str) -> Path:
+        path = level_dir(self.directory, level) / name
+        if not (level_dir(self.directory, level) / "metrics.json").is_file():
+            raise FileNotFoundError(f"{self.directory}: level {level} is not complete; "
+                                    f"complete levels are {self.levels()}")
+        return path
+
+    def metrics(self, level: int) -> dict:
+        return json.loads(self._file(level, "metrics.json").read_text())
+
+    def state(self, level: int) -> dict[str, torch.Tensor]:
+        """The level's final (averaged, BN-recomputed) state_dict."""
+        return torch.load(self._file(level, "model.pt"), map_location=self.device)
+
+    def masks(self, level: int) -> dict[str, torch.Tensor]:
+        return torch.load(self._file(level, "mask.pt"), map_location=self.device)
+
+    def particle_states(self, level: int) -> list[dict[str, torch.Tensor]]:
+        """Each particle's final state (SWAMP runs save ``particles.pt``); [] when not saved."""
+        path = self._file(level, "particles.pt")
+        if not path.is_file():
+            return []
+        stacked = torch.load(path, map_location=self.device)
+        base = self.state(level)
+        count = next(iter(stacked.values())).shape[0]
+        return [{**base, **{n: t[p] for n, t in stacked.items()}} for p in range(count)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters()]
+
+    def barrier(self, state_a: dict, state_b: dict, num_points: int) -> dict:
+        """:func:`interpolation_barrier` on the test set, BN recomputed on the training set, plus
+        the parameters' L2 distance."""
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        path = interpolation_barrier(self.model, state_a, state_b, data_eval_fn(self.data, self.batch_size),
+                                     num_points, Batches(self.data, "train", self.batch_size) if has_bn else None)
+        return {**path, "l2_distance": l2_distance(state_a, state_b, self.parameter_names)}
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
+    """The run in ``run_dir`` (its config.yaml; data loaded, model built and sparsified as the pipeline does)."""
+    directory = Path(run_dir)
+    if not (directory / "config.yaml").is_file():
+        raise FileNotFoundError(f"{directory} holds no run (no config.yaml)")
+    config = cfg.load(directory / "config.yaml")
+    data = load_data(config.data).to(device)
+    model = build_model(config.model, data.input_shape, data.num_classes)
+    sparsify(model, exclude=config.prune.exclude or None)
+    return Run(directory, config, data, model.to(device))
+
+
+def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), num_points: int = 11,
+                device: str | torch.device = "cpu") -> dict:
+    """Frankle et al.'s instability analysis of ``level``: two copies trained from the rewind
+    weights under the level's mask, with the pipeline's trainer and schedule but batch orders
+    seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path, barrier and L2 distance."""
+    if len(seeds) != 2 or seeds[0] == seeds[1]:
+        raise ValueError(f"seeds must be two different integers, got {tuple(seeds)}")
+    run = load_run(run_dir, device)
+    config, masks = run.config, run.masks(level)
+    set_masks(run.model, masks)
+    rewind = torch.load(run.directory / "rewind.pt", map_location=run.device)
+    total = config.train.epochs * run.data.steps_per_epoch(config.train.batch_size)
+    swa = config.method in ("imp_swa", "swamp")
+    finals = []
+    for seed in seeds:
+        state = {n: (t * masks[n] if n in masks else t).unsqueeze(0).clone() for n, t in rewind.items()}
+        result = train_particles(run.model, state, run.data, dataclasses.replace(config, seed=int(seed)),
+                                 stage=level, begin=config.rewind.iterations, end=total, swa=swa)
+        net = evaluate.network(run.model, {n: t[0] for n, t in result.state.items()})
+        if result.swa:
+            evaluate.recompute_bn_(net, run.data, run.batch_size)
+        finals.append(net.state_dict())
+    return {"level": level, "density": run.metrics(level)["density"], "seeds": [int(s) for s in seeds],
+            **run.barrier(finals[0], finals[1], num_points)}
+
+
+def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str | torch.device = "cpu") -> dict:
+    """Paul et al.'s barriers between the solutions of levels L and L+1 (``"levels"``, with the
+    density of L+1) and, for runs that saved particles (SWAMP), Choi et al.'s barriers between
+    each pair of a level's particles and between each particle and their average (``"particles"``)."""
+    run = load_run(run_dir, device)
+    levels = run.levels()
+    result = {"method": run.config.method, "levels": [], "particles": []}
+    for a, b in zip(levels, levels[1:]):
+        result["levels"].append({"from_level": a, "to_level": b, "density": run.metrics(b)["density"],
+                                 **run.barrier(run.state(a), run.state(b), num_points)})
+    for level in levels:
+        particles = run.particle_states(level)
+        if not particles:
+            continue
+        average = run.state(level)
+        result["particles"].append({
+            "level": level, "density": run.metrics(level)["density"],
+            "pairs": [{"a": i, "b": j, **run.barrier(particles[i], particles[j], num_points)}
+                      for i, j in combinations(range(len(particles)), 2)],
+            "to_average": [{"particle": i, **run.barrier(p, average, num_points)}
+                           for i, p in enumerate(particles)]})
+    return result
+
+
+def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int = 100, tol: float = 1e-4,
+                   trace_samples: int = 0, device: str | torch.device = "cpu") -> dict:
+    """Top-``k`` Hessian eigenvalues (and, with ``trace_samples`` > 0, the Hutchinson trace) of
+    every completed level's solution, restricted to its mask, on the first ``batches`` training
+    batches (un-augmented) with the cross-entropy loss."""
+    run = load_run(run_dir, device)
+    train = [b for _, b in zip(range(batches), run.data.eval_batches("train", run.batch_size))]
+    rows = []
+    for level in run.levels():
+        net, masks = evaluate.network(run.model, run.state(level)), run.masks(level)
+        row = {"level": level, "density": run.metrics(level)["density"],
+               "eigenvalues": top_hessian_eigenvalues(net, F.cross_entropy, train, k, masks, iters, tol)}
+        if trace_samples:
+            row["trace"] = hessian_trace(net, F.cross_entropy, train, masks, trace_samples)
+        rows.append(row)
+    return {"method": run.config.method, "batches": len(train), "levels": rows}

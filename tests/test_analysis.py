@@ -1,0 +1,249 @@
+"""swamp.analysis: Hessian eigenvalues/trace against closed forms, barriers, mask overlap, run analyses and CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import swamp
+from swamp import cli, evaluate, pipeline
+from swamp import config as C
+from swamp.analysis import (Batches, data_eval_fn, hessian_trace, instability, interpolation_barrier,
+                            l2_distance, mask_overlap, successive_barriers, top_hessian_eigenvalues)
+from swamp.data import load_data
+
+
+def squared_error(outputs, targets):
+    return (outputs.squeeze(-1) - targets).square().mean()
+
+
+def least_squares(n=240, d=40, seed=0, orthogonal=False):
+    """(model, batches, exact Hessian 2 X^T X / n): linear least squares in float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2.0, d, dtype=torch.float64)
+    if orthogonal:   # orthogonal columns of varied norms: a diagonal Hessian
+        q, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))
+        x = q * torch.linspace(1.0, 9.0, d, dtype=torch.float64)
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(d, 1, bias=False)).double()
+    batches = [(x[i:i + 80], y[i:i + 80]) for i in range(0, n, 80)]   # equal batches: mean of means = mean
+    return model, batches, (2 * x.T @ x / n).numpy()
+
+
+def random_mask(d, seed=1, density=0.5):
+    return torch.rand(1, d, generator=torch.Generator().manual_seed(seed)) < density
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_top_eigenvalues_match_eigvalsh(k, masked):
+    model, batches, hessian = least_squares()
+    masks = None
+    if masked:
+        swamp.sparsify(model)
+        swamp.set_masks(model, {"0.weight": random_mask(hessian.shape[0])})
+        masks = swamp.masks(model)
+        keep = masks["0.weight"][0].numpy()
+        hessian = hessian[np.ix_(keep, keep)]   # the principal submatrix on unpruned coordinates
+    expected = np.linalg.eigvalsh(hessian)[::-1][:k]
+    got = top_hessian_eigenvalues(model, squared_error, batches, k=k, masks=masks)
+    assert len(got) == k
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_masks_restrict_a_plain_model_too():
+    """Projection alone (no masked layer) gives the principal submatrix; the model is not changed."""
+    model, batches, hessian = least_squares(d=60, seed=3)
+    before = model[0].weight.detach().clone()
+    mask = random_mask(60, seed=4, density=0.3)
+    keep = mask[0].numpy()
+    got = top_hessian_eigenvalues(model, squared_error, batches, k=2, masks={"0.weight": mask})
+    np.testing.assert_allclose(got, np.linalg.eigvalsh(hessian[np.ix_(keep, keep)])[::-1][:2], rtol=1e-3)
+    assert torch.equal(model[0].weight, before) and model.training
+
+
+def test_eigenvalues_argument_errors():
+    model, batches, _ = least_squares(d=8)
+    with pytest.raises(ValueError, match="k must lie in"):
+        top_hessian_eigenvalues(model, squared_error, batches, k=3, masks={"0.weight": random_mask(8, density=0.1)})
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        top_hessian_eigenvalues(model, squared_error, batches, masks={"weight": torch.ones(1, 8, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="batches is empty"):
+        top_hessian_eigenvalues(model, squared_error, [])
+
+
+def test_hutchinson_is_exact_on_a_diagonal_hessian():
+    model, batches, hessian = least_squares(orthogonal=True)
+    mask = random_mask(40, seed=2)
+    assert hessian_trace(model, squared_error, batches, samples=3) == pytest.approx(np.trace(hessian), rel=1e-9)
+    keep = mask[0].numpy()
+    assert hessian_trace(model, squared_error, batches, masks={"0.weight": mask}, samples=3) == \
+        pytest.approx(np.trace(hessian[np.ix_(keep, keep)]), rel=1e-9)
+
+
+def test_hutchinson_within_five_standard_errors():
+    """Tolerance: 5 * sqrt(2 * sum_{i != j} H_ij^2 / samples), the estimator's standard error."""
+    model, batches, hessian = least_squares()
+    samples = 200
+    off_diagonal = (hessian ** 2).sum() - (np.diag(hessian) ** 2).sum()
+    tolerance = 5 * np.sqrt(2 * off_diagonal / samples)
+    estimate = hessian_trace(model, squared_error, batches, samples=samples, seed=7)
+    assert abs(estimate - np.trace(hessian)) <= tolerance
+    assert estimate == hessian_trace(model, squared_error, batches, samples=samples, seed=7)   # seeded
+
+
+def test_mask_overlap_on_hand_made_masks():
+    a = {"a.weight": torch.tensor([[True, True, False, False]]), "b.weight": torch.tensor([True, False])}
+    b = {"a.weight": torch.tensor([[True, False, True, False]]), "b.weight": torch.tensor([True, False])}
+    result = mask_overlap(a, b)
+    assert result["layers"] == {"a.weight": pytest.approx(1 / 3), "b.weight": 1.0}
+    assert result["global"] == pytest.approx(2 / 4)   # intersections 1 + 1, unions 3 + 1
+    empty = {"a.weight": torch.zeros(3, dtype=torch.bool)}
+    assert mask_overlap(empty, empty) == {"layers": {"a.weight": 1.0}, "global": 1.0}
+    with pytest.raises(ValueError, match="different weights"):
+        mask_overlap(a, {"a.weight": a["a.weight"]})
+    with pytest.raises(ValueError, match="shape"):
+        mask_overlap({"a.weight": torch.ones(2, dtype=torch.bool)}, {"a.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def test_l2_distance():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 6.0]), "b": torch.tensor([12.0]), "n": torch.tensor(5)}
+    assert l2_distance(a, b) == pytest.approx(13.0)
+    assert l2_distance(a, b, ["w"]) == pytest.approx(5.0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.set_num_threads(2)
+    return load_data(C.DataConfig())
+
+
+def train(model, data, seed, epochs, lr=0.1, weight_decay=0.0):
+    """Full-batch-ish SGD with momentum, order from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        for x, y in data.train_batches([g], 64, False):
+            opt.zero_grad()
+            F.cross_entropy(model(x[0]), y[0]).backward()
+            opt.step()
+    return model.eval()
+
+
+def test_barrier_is_zero_on_a_convex_problem(digits):
+    """Logistic regression with weight decay: one minimum; both ends converge to it."""
+    ends = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ends.append(train(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits, seed, epochs=30, lr=0.05, weight_decay=1e-3))
+    path = interpolation_barrier(ends[0], ends[0].state_dict(), ends[1].state_dict(), data_eval_fn(digits, 256))
+    losses = path["losses"]
+    assert abs(path["barrier"]) <= 0.01
+    # convexity: the loss on the segment never exceeds the chord
+    assert all(l <= (1 - a) * losses[0] + a * losses[-1] + 1e-6 for a, l in zip(path["alphas"], losses))
+
+
+def test_barrier_is_large_between_independent_mlps(digits):
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(train(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10)), digits, seed, epochs=10))
+    path = interpolation_barrier(nets[0], nets[0].state_dict(), nets[1].state_dict(), data_eval_fn(digits, 256),
+                                 num_points=5)
+    accuracy = [evaluate.accuracy(*evaluate.test_probabilities(n, digits, 256)) for n in nets]
+    assert path["alphas"] == [0, 0.25, 0.5, 0.75, 1]
+    assert path["errors"][0] == pytest.approx(1 - accuracy[0]) and path["errors"][-1] == pytest.approx(1 - accuracy[1])
+    assert min(accuracy) > 0.85 and path["barrier"] > 0.2, path   # narrow deep MLPs: 0.49-0.70 over 4 seed pairs
+
+
+def test_bn_statistics_are_recomputed_at_every_point(digits):
+    torch.manual_seed(0)
+    net = train(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)),
+                digits, 0, epochs=3)
+    broken = {n: t.clone() for n, t in net.state_dict().items()}
+    broken["2.running_mean"] += 50.0   # stale statistics, as after weight averaging
+    eval_fn = data_eval_fn(digits, 256)
+    fixed = evaluate.recompute_bn_(evaluate.network(net, broken), digits, 256)
+    path = interpolation_barrier(net, broken, broken, eval_fn, num_points=3, bn_loader=Batches(digits, "train", 100))
+    stale = interpolation_barrier(net, broken, broken, eval_fn, num_points=3)
+    assert path["errors"] == [pytest.approx(eval_fn(fixed)[0])] * 3 and path["barrier"] == pytest.approx(0)
+    assert stale["errors"][0] > path["errors"][0] + 0.3
+
+
+def tiny(method):
+    return C.from_dict({"method": method, "levels": 2, "prune_fraction": 0.3, "particles": 2,
+                        "rewind": {"iterations": 3}, "model": {"hidden": [24]}, "swa": {"start": 0.5, "lr": 0.02},
+                        "train": {"epochs": 2, "batch_size": 128, "lr": 0.05, "milestones": [1]}, "device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def swamp_run(tmp_path_factory):
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("runs") / "swamp"
+    pipeline.run(tiny("swamp"), out, quiet=True)
+    return out
+
+
+def test_successive_barriers_on_a_swamp_run(swamp_run):
+    result = successive_barriers(swamp_run, num_points=3)
+    summary = json.loads((swamp_run / "summary.json").read_text())
+    assert [(r["from_level"], r["to_level"]) for r in result["levels"]] == [(0, 1), (1, 2)]
+    assert [r["density"] for r in result["levels"]] == [m["density"] for m in summary["levels"][1:]]
+    for row in result["levels"]:   # the ends are the levels' own solutions
+        assert row["errors"][0] == pytest.approx(1 - summary["levels"][row["from_level"]]["test_accuracy"])
+        assert row["errors"][-1] == pytest.approx(1 - summary["levels"][row["to_level"]]["test_accuracy"])
+        assert row["l2_distance"] > 0
+    assert [p["level"] for p in result["particles"]] == [0, 1, 2]
+    for level in result["particles"]:
+        accuracies = summary["levels"][level["level"]]["particle_test_accuracy"]
+        (pair,) = level["pairs"]
+        assert (pair["a"], pair["b"]) == (0, 1) and len(level["to_average"]) == 2
+        assert pair["errors"][0] == pytest.approx(1 - accuracies[0]) and pair["errors"][-1] == pytest.approx(1 - accuracies[1])
+        assert level["to_average"][0]["errors"][-1] == pytest.approx(1 - summary["levels"][level["level"]]["test_accuracy"])
+
+
+def test_instability_trains_two_copies(swamp_run):
+    result = instability(swamp_run, 1, seeds=(1, 2), num_points=3)
+    assert result["level"] == 1 and result["seeds"] == [1, 2] and result["l2_distance"] > 0
+    assert all(e < 0.5 for e in (result["errors"][0], result["errors"][-1]))
+    assert result == instability(swamp_run, 1, seeds=(1, 2), num_points=3)   # deterministic
+    with pytest.raises(ValueError, match="two different"):
+        instability(swamp_run, 1, seeds=(3, 3))
+    with pytest.raises(FileNotFoundError, match="level 7 is not complete"):
+        instability(swamp_run, 7)
+
+
+@pytest.mark.parametrize("argv, files", [
+    (["levels", "{run}", "--points", "3"], ["levels.json", "levels.png"]),
+    (["instability", "{run}", "--level", "2", "--points", "3"], ["instability_level_02.json", "instability_level_02.png"]),
+    (["hessian", "{run}", "--k", "2", "--iters", "30", "--trace-samples", "4"], ["hessian.json", "hessian.png"]),
+    (["barrier", "{run}/level_00", "{run}/level_02", "--points", "3"],
+     ["barrier_swamp_00_swamp_02.json", "barrier_swamp_00_swamp_02.png"]),
+    (["masks", "{run}/level_01", "{run}/level_02"], ["masks_swamp_01_swamp_02.json"]),
+])
+def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
+    out = tmp_path / "analysis"
+    assert cli.main(["analyze", *[a.format(run=swamp_run) for a in argv], "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    for name in files:
+        content = (out / name).read_bytes()
+        assert content.startswith(b"\x89PNG") if name.endswith(".png") else json.loads(content)
+    result = json.loads((out / files[0]).read_text())
+    if argv[0] == "hessian":
+        assert [len(r["eigenvalues"]) for r in result["levels"]] == [2, 2, 2]
+        assert all(r["eigenvalues"][0] >= r["eigenvalues"][1] > 0 and r["trace"] > 0 for r in result["levels"])
+    if argv[0] == "masks":
+        masks = [torch.load(swamp_run / f"level_0{i}" / "mask.pt") for i in (1, 2)]
+        kept = [sum(int(m.sum()) for m in level.values()) for level in masks]
+        assert result["global"] == pytest.approx(kept[1] / kept[0])   # level 2's mask lies inside level 1's
+
+
+def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):
+    assert cli.main(["analyze", "barrier", str(swamp_run / "level_09"), str(swamp_run / "level_00"),
+                     "--out", str(tmp_path)]) == 2
+    assert "no complete level directory" in capsys.readouterr().err
