@@ -1,4 +1,4 @@
-"""Checks shared by the kernel tests: closeness to the torch reference, launch counts."""
+"""Checks shared by the kernel tests: closeness to the torch reference, launch counts, layouts."""
 import torch
 
 # float32 results agree to 1e-6; float16/bfloat16 ones to a few units in the last place, since
@@ -22,3 +22,14 @@ class CountingLaunches:
     def __getitem__(self, grid):
         self.grids.append(grid)
         return self.kernel[grid]
+
+
+def laid_out(t: torch.Tensor, layout: str, step: int = 2) -> torch.Tensor:
+    """``t`` in a memory layout: contiguous, channels_last, transposed (2-D) or strided (last dim)."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return t.t()
+    if layout == "strided":
+        return t[..., ::step]
+    return t

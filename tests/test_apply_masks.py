@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import swamp_kernels as sk
+from kernel_checks import laid_out
 from backend_params import every_backend, skip_unless_runs
 
 OP = "apply_masks_"
@@ -42,21 +43,11 @@ CASES = [((1,), torch.float32, "contiguous", False),
          ((1, 1, 1, 1), torch.bfloat16, "contiguous", True)]
 
 
-def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "transposed":
-        return t.t()
-    if layout == "strided":
-        return t[..., ::3]
-    return t
-
-
 def make_case(seed: int, device, cases=CASES):
     gen = torch.Generator().manual_seed(seed)
     tensors, masks = [], []
     for shape, dtype, layout, per_particle in cases:
-        t = _laid_out(special_values(shape, dtype, gen, device), layout)
+        t = laid_out(special_values(shape, dtype, gen, device), layout, step=3)
         mask_shape = t.shape[1:] if per_particle else t.shape
         masks.append((torch.rand(mask_shape, generator=gen) < 0.6).to(device))
         tensors.append(t)

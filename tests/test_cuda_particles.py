@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 import swamp_kernels as sk
 from kernel_checks import assert_rel_close
 from test_cuda_extension import _flat_slice, extension, run_under_memcheck  # noqa: F401  (fixture)
-from test_triton_particles import assert_pruned_zero, in_layout, resnet50_particles
+from test_triton_particles import assert_pruned_zero, check_resnet50_sized, in_layout
 
 pytestmark = pytest.mark.gpu
 
@@ -178,21 +178,7 @@ def test_table_inline_and_in_device_memory(extension, count):
 
 @pytest.mark.parametrize("particles", [1, 4, 8])
 def test_resnet50_sized_matches_reference(extension, particles):
-    """ResNet-50's parameter list (25.6M entries) stacked over P particles."""
-    torch.manual_seed(30)
-    params, masks = resnet50_particles(particles)
-    for x, y in zip(sk.particle_average(params, masks, backend="cuda"),
-                    sk.particle_average(params, masks, backend="torch")):
-        assert_rel_close(x, y)
-    ours = [torch.empty(p.shape[1:], device="cuda") for p in params]
-    expected = [torch.empty_like(x) for x in ours]
-    for n in range(3):
-        params = [p + n for p in params]
-        sk.swa_update_(ours, params, n, masks, backend="cuda")
-        sk.swa_update_(expected, params, n, masks, backend="torch")
-    for x, y in zip(ours, expected):
-        assert_rel_close(x, y)
-    assert_pruned_zero(ours, masks)
+    check_resnet50_sized("cuda", particles)
 
 
 BINDING_ERRORS = {

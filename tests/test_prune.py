@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import swamp_kernels as sk
+from kernel_checks import laid_out
 from backend_params import every_backend, skip_unless_runs
 
 PRUNE_OPS = ("global_magnitude_prune", "layerwise_magnitude_prune")
@@ -78,25 +79,15 @@ def _values(kind: str, shape, gen: torch.Generator) -> torch.Tensor:
     return 0.5 * sign
 
 
-def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "transposed":
-        return t.t()
-    if layout == "strided":
-        return t[:, ::2]
-    return t
-
-
 def make_case(seed: int, kind: str, masked: bool, with_scores: bool, device):
     """Weights over :data:`SPECS` (mixed dtypes and layouts), masks and scores laid out alike."""
     gen = torch.Generator().manual_seed(seed)
     weights, masks, scores = [], [], []
     for i, (shape, dtype, layout) in enumerate(SPECS):
-        weights.append(_laid_out(_values(kind, shape, gen).to(dtype).to(device), layout))
-        masks.append(_laid_out((torch.rand(shape, generator=gen) < 0.7).to(device), layout))
+        weights.append(laid_out(_values(kind, shape, gen).to(dtype).to(device), layout))
+        masks.append(laid_out((torch.rand(shape, generator=gen) < 0.7).to(device), layout))
         score_dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
-        scores.append(_laid_out(_values(kind, shape, gen).to(score_dtype).to(device), layout))
+        scores.append(laid_out(_values(kind, shape, gen).to(score_dtype).to(device), layout))
     return weights, masks if masked else None, scores if with_scores else None
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import swamp_kernels as sk
+from kernel_checks import laid_out
 from backend_params import every_backend, skip_unless_runs
 
 OP = "masked_sgd_step_"
@@ -52,20 +53,12 @@ MIXED = [((2, 5, 4), torch.float32, "contiguous", "particle"),
          ((4100,), torch.float32, "contiguous", "full")]
 
 
-def _laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "transposed":
-        return t.t()
-    return t
-
-
 def make_problem(specs, seed: int, device, grad_dtype=None):
     """Params (random everywhere, also where masked), masks and a list of grads per step."""
     gen = torch.Generator().manual_seed(seed)
     params, masks = [], []
     for shape, dtype, layout, mask_kind in specs:
-        p = _laid_out(torch.randn(shape, generator=gen).to(dtype).to(device), layout)
+        p = laid_out(torch.randn(shape, generator=gen).to(dtype).to(device), layout)
         params.append(p)
         mask_shape = p.shape[1:] if mask_kind == "particle" else p.shape
         masks.append(None if mask_kind is None else (torch.rand(mask_shape, generator=gen) < 0.6).to(device))

@@ -157,17 +157,21 @@ def resnet50_particles(particles: int) -> tuple[list[torch.Tensor], list[torch.T
 @pytest.mark.gpu
 @pytest.mark.parametrize("particles", [1, 4, 8])
 def test_resnet50_sized_matches_reference(particles):
-    """ResNet-50's parameter list (25.6M entries) stacked over P particles."""
+    check_resnet50_sized("triton", particles)
+
+
+def check_resnet50_sized(backend: str, particles: int) -> None:
+    """ResNet-50's parameter list (25.6M entries) stacked over P particles, on ``backend``."""
     torch.manual_seed(30)
     params, masks = resnet50_particles(particles)
-    for x, y in zip(sk.particle_average(params, masks, backend="triton"),
+    for x, y in zip(sk.particle_average(params, masks, backend=backend),
                     sk.particle_average(params, masks, backend="torch")):
         assert_rel_close(x, y)
     ours = [torch.empty(p.shape[1:], device="cuda") for p in params]
     expected = [torch.empty_like(x) for x in ours]
     for n in range(3):
         params = [p + n for p in params]
-        sk.swa_update_(ours, params, n, masks, backend="triton")
+        sk.swa_update_(ours, params, n, masks, backend=backend)
         sk.swa_update_(expected, params, n, masks, backend="torch")
     for x, y in zip(ours, expected):
         assert_rel_close(x, y)
