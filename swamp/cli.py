@@ -1,13 +1,17 @@
-"""Command line: ``swamp run CONFIG --out DIR [--set k=v ...] [--quiet]``, ``swamp resume DIR``,
-``swamp report DIR [DIR ...] [--plot PATH]``, ``swamp analyze {barrier,instability,levels,hessian,masks} ...``."""
+"""Command line: ``swamp run CONFIG --out DIR [--set k=v ...] [--quiet] [--dry-run]``, ``swamp resume DIR``,
+``swamp report DIR [DIR ...] [--plot PATH]``, ``swamp analyze {barrier,instability,levels,hessian,masks} ...``.
+
+``run`` and ``resume`` also run under ``torchrun`` (``torchrun --nproc_per_node N -m swamp run ...``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from swamp import config as cfg
 from swamp import pipeline, report
 from swamp.analysis import commands as analyze
+from swamp.distributed import DistributedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.epochs=10 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true",
+                     help=f"synthetic data at the dataset's shapes, one epoch of {pipeline.DRY_RUN_STEPS} "
+                          "steps: measures throughput without the data set")
     resume = commands.add_parser("resume", help="continue a run from its last complete level")
     resume.add_argument("dir")
     resume.add_argument("--quiet", action="store_true")
@@ -29,15 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show(text: str) -> None:
+    """Print on rank 0 only (every rank of a torchrun job runs the command)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            summary = pipeline.run(cfg.load(args.config, args.overrides), args.out, quiet=args.quiet)
-            print(report.markdown_table({args.out: summary}))
+            config = cfg.load(args.config, args.overrides, check_paths=not args.dry_run)
+            summary = pipeline.run(pipeline.dry_run(config) if args.dry_run else config, args.out,
+                                   quiet=args.quiet)
+            _show(report.markdown_table({args.out: summary}))
+            if args.dry_run:
+                _show(f"images/s: {summary['levels'][-1]['images_per_second']:.1f} (particle-images, all ranks)")
         elif args.command == "resume":
             summary = pipeline.resume(args.dir, quiet=args.quiet)
-            print(report.markdown_table({args.dir: summary}))
+            _show(report.markdown_table({args.dir: summary}))
         elif args.command == "analyze":
             for path in analyze.main(args):
                 print(f"wrote {path}")
@@ -48,6 +65,9 @@ def main(argv=None) -> int:
     except (cfg.ConfigError, FileExistsError, FileNotFoundError) as error:
         print(f"swamp {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except DistributedError as error:
+        print(f"swamp {args.command}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

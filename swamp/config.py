@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", "RewindConfig",
-           "SWAConfig", "TrainConfig", "METHODS", "from_dict", "to_dict", "load", "apply_overrides",
+           "SWAConfig", "TrainConfig", "DistributedConfig", "METHODS", "from_dict", "to_dict", "load", "apply_overrides",
            "validate", "dump"]
 
 METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
@@ -76,6 +76,16 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     precision: str = "fp32"              # fp32 | bf16 (autocast)
+    label_smoothing: float = 0.0         # of the cross-entropy loss (0: OpenLTH parity)
+    channels_last: bool = False          # 4-D activations and weights in channels_last (one particle per process)
+    compile: bool = False                # torch.compile the model (one particle per process)
+    checkpoint_every: int = 1            # epochs between checkpoints inside a level; 0: only whole levels
+
+
+@dataclass
+class DistributedConfig:
+    particle_groups: int = 1             # under torchrun: world = particle_groups x data-parallel ranks
+    timeout_s: float = 900.0             # a collective waiting longer fails the job
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Config:
     particles: int = 4                   # used by swamp; the other methods train one network
     swa: SWAConfig = field(default_factory=SWAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     device: str = "auto"
 
@@ -151,8 +162,9 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
     return values
 
 
-def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config, apply ``overrides``, check names, types and values."""
+def load(path: str | Path, overrides: Sequence[str] = (), check_paths: bool = True) -> Config:
+    """Read a YAML config, apply ``overrides``, check names, types and values (and that the
+    dataset path exists, if ``check_paths``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -160,7 +172,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     config = from_dict(apply_overrides(values, overrides))
-    validate(config)
+    validate(config, check_paths)
     return config
 
 
@@ -169,12 +181,12 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key {key!r}: {message}")
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, check_paths: bool = True) -> None:
     """Check values (ranges, choices, dataset paths); raise ConfigError naming the key."""
     _require(config.method in METHODS, "method", f"{config.method!r} is not one of {', '.join(METHODS)}")
     _require(config.data.name in DATASETS, "data.name",
              f"{config.data.name!r} is not one of {', '.join(DATASETS)}")
-    if config.data.name in PATH_DATASETS:
+    if config.data.name in PATH_DATASETS and check_paths:
         _require(bool(config.data.path), "data.path", f"dataset {config.data.name} needs a path")
         _require(Path(config.data.path).exists(), "data.path",
                  f"{config.data.path!r} does not exist (dataset {config.data.name})")
@@ -195,6 +207,14 @@ def validate(config: Config) -> None:
     _require(train.precision in ("fp32", "bf16"), "train.precision", "must be fp32 or bf16")
     _require(0 <= train.warmup_epochs < train.epochs, "train.warmup_epochs", "must lie in [0, epochs)")
     _require(not train.nesterov or train.momentum > 0, "train.nesterov", "needs train.momentum > 0")
+    _require(0 <= train.label_smoothing < 1, "train.label_smoothing", "must lie in [0, 1)")
+    _require(train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    groups = config.distributed.particle_groups
+    _require(groups >= 1, "distributed.particle_groups", f"must be >= 1, got {groups}")
+    _require(config.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0")
+    trained = config.particles if config.method == "swamp" else 1
+    _require(groups == 1 or trained % groups == 0, "distributed.particle_groups",
+             f"{groups} groups cannot share the {trained} particles method {config.method} trains")
     _require(config.device == "auto" or config.device.split(":")[0] in ("cpu", "cuda"), "device",
              f"must be auto, cpu or cuda[:N], got {config.device!r}")
     _require(bool(config.model.hidden) or config.model.name != "mlp", "model.hidden",

@@ -4,6 +4,10 @@
 (random crop with zero padding, horizontal flip) happen there. :class:`FolderData` streams an
 ImageFolder (ImageNet) through DataLoaders. Both yield batches stacked over particles,
 ``x [P, B, ...]``, ``y [P, B]``, each particle drawing its order from its own generator.
+
+Data parallelism: ``shard=(i, n)`` gives rank ``i`` of ``n`` the i-th contiguous ``B / n`` of
+every batch (training) or every n-th batch (evaluation). The batches themselves do not depend
+on ``n``, so particle p sees the same data in the same order on any number of ranks.
 """
 from __future__ import annotations
 
@@ -17,7 +21,20 @@ import torch
 
 from swamp.config import ConfigError, DataConfig
 
-__all__ = ["TensorData", "FolderData", "load_data", "derive_seed", "epoch_generator"]
+__all__ = ["TensorData", "FolderData", "load_data", "derive_seed", "epoch_generator", "input_spec",
+           "SYNTHETIC_POOL"]
+
+Shard = tuple[int, int]   # (this rank, ranks sharing the batches)
+SYNTHETIC_POOL = 512      # synthetic inputs stored; longer training sets repeat them cyclically
+
+
+def _shard_slice(batch_size: int, shard: Shard) -> slice:
+    index, count = shard
+    if batch_size % count:
+        raise ValueError(f"a batch of {batch_size} does not split over {count} data-parallel ranks; "
+                         f"make train.batch_size a multiple of {count}")
+    size = batch_size // count
+    return slice(index * size, (index + 1) * size)
 
 
 def derive_seed(*keys: int) -> int:
@@ -34,7 +51,11 @@ def epoch_generator(*keys: int) -> torch.Generator:
 
 
 class TensorData:
-    """A dataset held as tensors; ``x`` float ``[N, C, H, W]`` or ``[N, F]``, normalised."""
+    """A dataset held as tensors; ``x`` float ``[N, C, H, W]`` or ``[N, F]``, normalised.
+
+    ``x_train`` may hold fewer rows than ``y_train`` (synthetic data): sample i then has input
+    ``x_train[i % len(x_train)]``.
+    """
 
     def __init__(self, x_train, y_train, x_test, y_test, num_classes: int, *,
                  crop_padding: int = 0, flip: bool = False):
@@ -91,26 +112,32 @@ class TensorData:
         return x
 
     def train_batches(self, generators: Sequence[torch.Generator], batch_size: int,
-                      augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of ``(x [P, B, ...], y [P, B])``; particle p's order comes from ``generators[p]``."""
+                      augment: bool = True, shard: Shard = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x [P, B/n, ...], y [P, B/n])``: this rank's part of every batch;
+        particle p's order comes from ``generators[p]``."""
         batch_size = min(batch_size, self.num_train)
+        part = _shard_slice(batch_size, shard)
         plans = [self._epoch_plan(g, augment) for g in generators]
         for step in range(self.steps_per_epoch(batch_size)):
             xs, ys = [], []
             for order, offsets, flips in plans:
-                take = slice(step * batch_size, (step + 1) * batch_size)
+                start = step * batch_size
+                take = slice(start + part.start, start + part.stop)
                 index = order[take].to(self.device)
-                xs.append(self._augment(self.x_train[index],
+                xs.append(self._augment(self.x_train[index % len(self.x_train)],
                                         None if offsets is None else offsets[take],
                                         None if flips is None else flips[take]))
                 ys.append(self.y_train[index])
             yield torch.stack(xs), torch.stack(ys)
 
-    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Un-augmented batches of ``split`` ("train" or "test") in order."""
+    def eval_batches(self, split: str, batch_size: int,
+                     shard: Shard = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Un-augmented batches of ``split`` ("train" or "test") in order; this rank's every n-th."""
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
-        for start in range(0, len(y), batch_size):
-            yield x[start:start + batch_size], y[start:start + batch_size]
+        index, count = shard
+        for start in range(index * batch_size, len(y), count * batch_size):
+            rows = torch.arange(start, min(start + batch_size, len(y)), device=x.device) % len(x)
+            yield x[rows], y[start:start + batch_size]
 
 
 class FolderData:
@@ -148,20 +175,29 @@ class FolderData:
             num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
 
-    def train_batches(self, generators, batch_size: int, augment: bool = True):
+    def _rank_order(self, generator: torch.Generator, batch_size: int, part: slice) -> list[int]:
+        """This rank's part of every full batch of the particle's epoch permutation."""
+        order = torch.randperm(self.num_train, generator=generator)
+        steps = self.steps_per_epoch(batch_size)
+        return order[:steps * batch_size].view(steps, batch_size)[:, part].reshape(-1).tolist()
+
+    def train_batches(self, generators, batch_size: int, augment: bool = True, shard: Shard = (0, 1)):
         batch_size = min(batch_size, self.num_train)
+        part = _shard_slice(batch_size, shard)
         dataset = self.train if augment else self.train_plain
-        loaders = [self._loader(dataset, batch_size, torch.randperm(self.num_train, generator=g).tolist(),
+        loaders = [self._loader(dataset, part.stop - part.start, self._rank_order(g, batch_size, part),
                                 torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g))))
                    for g in generators]
         for batches in zip(*loaders):
             yield (torch.stack([x for x, _ in batches]).to(self.device, non_blocking=True),
                    torch.stack([y for _, y in batches]).to(self.device, non_blocking=True))
 
-    def eval_batches(self, split: str, batch_size: int):
+    def eval_batches(self, split: str, batch_size: int, shard: Shard = (0, 1)):
         dataset = self.train_plain if split == "train" else self.test
-        for x, y in self._loader(dataset, batch_size):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        index, count = shard
+        for i, (x, y) in enumerate(self._loader(dataset, batch_size)):
+            if i % count == index:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def _normalised(x_train: np.ndarray, x_test: np.ndarray):
@@ -254,12 +290,30 @@ def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
 
 
 def _synthetic(config: DataConfig) -> TensorData:
+    """Gaussian inputs with random labels: at most SYNTHETIC_POOL distinct training inputs."""
     g = torch.Generator().manual_seed(0)
-    n = config.train_size + config.test_size
-    x = torch.randn(n, *config.shape, generator=g)
-    y = torch.randint(0, config.classes, (n,), generator=g)
-    cut = config.train_size
-    return TensorData(x[:cut], y[:cut], x[cut:], y[cut:], config.classes)
+    y_train = torch.randint(0, config.classes, (config.train_size,), generator=g)
+    y_test = torch.randint(0, config.classes, (config.test_size,), generator=g)
+    x_train = torch.randn(min(config.train_size, SYNTHETIC_POOL), *config.shape, generator=g)
+    x_test = torch.randn(config.test_size, *config.shape, generator=g)
+    return TensorData(x_train, y_train, x_test, y_test, config.classes)
+
+
+_SHAPES = {"digits": ([1, 8, 8], 10), "mnist": ([1, 28, 28], 10), "fashion_mnist": ([1, 28, 28], 10),
+           "cifar10": ([3, 32, 32], 10), "cifar100": ([3, 32, 32], 100)}
+
+
+def input_spec(config: DataConfig) -> tuple[list[int], int]:
+    """(input shape, classes) of the dataset ``config`` names, without loading it (npz: its
+    arrays' header; imagenet: 1000 classes at ``image_size``)."""
+    if config.name == "synthetic":
+        return list(config.shape), config.classes
+    if config.name == "imagenet":
+        return [3, config.image_size, config.image_size], 1000
+    if config.name == "npz":
+        data = _npz(Path(config.path))
+        return list(data.input_shape), data.num_classes
+    return _SHAPES[config.name]
 
 
 def load_data(config: DataConfig):

@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from swamp.distributed import Group
+
 __all__ = ["network", "recompute_bn_", "test_probabilities", "accuracy"]
 
 
@@ -19,11 +21,13 @@ def network(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return net.eval()
 
 
-def recompute_bn_(net: nn.Module, data, batch_size: int) -> nn.Module:
+def recompute_bn_(net: nn.Module, data, batch_size: int, group: Group = Group.single()) -> nn.Module:
     """In place: BatchNorm running statistics recomputed as exact averages over the training set.
 
     Needed after any weight averaging (SWA, particle averaging): the averaged weights never
-    produced the stored statistics. Un-augmented training data, batches in order.
+    produced the stored statistics. Un-augmented training data, batches in order; the
+    statistics are the mean over batches of each batch's mean and variance. The ranks of
+    ``group`` (all holding ``net``) take every n-th batch each and end with the same statistics.
     """
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -34,11 +38,25 @@ def recompute_bn_(net: nn.Module, data, batch_size: int) -> nn.Module:
         m.momentum = None
     net.train()
     with torch.no_grad():
-        for x, _ in data.eval_batches("train", batch_size):
+        for x, _ in data.eval_batches("train", batch_size, shard=(group.index, group.size)):
             net(x)
+        _combine_ranks_(norms, group)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return net.eval()
+
+
+def _combine_ranks_(norms, group: Group) -> None:
+    """Each rank's per-batch averages -> the average over all ranks' batches."""
+    if group.size == 1:
+        return
+    counts = [m.num_batches_tracked.to(m.running_mean.dtype) for m in norms]
+    sums = [t for m, n in zip(norms, counts) for t in (m.running_mean * n, m.running_var * n)]
+    group.all_reduce_([*sums, *counts])
+    for i, m in enumerate(norms):
+        m.running_mean.copy_(sums[2 * i] / counts[i])
+        m.running_var.copy_(sums[2 * i + 1] / counts[i])
+        m.num_batches_tracked.fill_(int(counts[i].item()))
 
 
 def test_probabilities(net: nn.Module, data, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

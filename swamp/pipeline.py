@@ -11,15 +11,22 @@ instead of magnitude pruning). Run directory::
     DIR/level_XX/particles.pt   swamp only: the particles' final states, stacked ``[P, ...]``
     DIR/level_XX/metrics.json   written last: a level with it is complete
     DIR/summary.json         {"method", "levels": [metrics of each completed level]}
+    DIR/checkpoint.pt        the stage in progress, every ``train.checkpoint_every`` epochs
     DIR/log.txt              one line per epoch
 
-Every file is written atomically (temp file + ``os.replace``). Resume granularity is the
-level: a killed run redoes the level it was in. All randomness comes from generators seeded
-by ``(seed, stage, particle, epoch)`` (see :mod:`swamp.train`) and the model initialisation
-from ``seed``, so a resumed run ends bitwise equal to an uninterrupted one on the CPU.
+Every file is written atomically (temp file + ``os.replace``). A killed run resumes from its
+last checkpoint (at most ``train.checkpoint_every`` epochs lost). All randomness comes from
+generators seeded by ``(seed, stage, particle, epoch)`` (see :mod:`swamp.train`) and the model
+initialisation from ``seed``, so a resumed run ends bitwise equal to an uninterrupted one on the CPU.
+
+Under ``torchrun`` (see :mod:`swamp.distributed`) every rank runs this same code: particle
+groups train their particles, the level's average and evaluation go through collectives,
+every rank ends the level with rank 0's masks and weights, and rank 0 alone writes. The run
+directory must be readable by every rank (a shared filesystem) for ``swamp resume``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -31,14 +38,19 @@ import yaml
 from tqdm import tqdm
 
 import swamp_kernels
-from swamp import evaluate
-from swamp.config import Config, ConfigError, dump, from_dict, validate
-from swamp.data import derive_seed, load_data
+from torch.distributed import DistError
+
+from swamp import distributed, evaluate
+from swamp.config import Config, ConfigError, DataConfig, dump, from_dict, validate
+from swamp.data import derive_seed, input_spec, load_data
+from swamp.distributed import DistributedError, Group, Placement, Topology
 from swamp.models import build_model
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
 
-__all__ = ["run", "resume", "level_dir", "atomic_write"]
+__all__ = ["run", "resume", "dry_run", "level_dir", "atomic_write", "DRY_RUN_STEPS"]
+
+DRY_RUN_STEPS = 20
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -60,31 +72,59 @@ def level_dir(out: Path, level: int) -> Path:
     return Path(out) / f"level_{level:02d}"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def dry_run(config: Config) -> Config:
+    """``config`` on synthetic data of its dataset's input shape and classes: one level of one
+    epoch of ``DRY_RUN_STEPS`` steps from initialisation, for measuring throughput."""
+    shape, classes = input_spec(config.data)
+    batch = config.train.batch_size
+    data = DataConfig(name="synthetic", shape=shape, classes=classes, augment=False,
+                      train_size=DRY_RUN_STEPS * batch, test_size=batch)
+    train = dataclasses.replace(config.train, epochs=1, warmup_epochs=0.0, milestones=[], checkpoint_every=0)
+    return dataclasses.replace(config, data=data, train=train, levels=min(config.levels, 1),
+                               rewind=dataclasses.replace(config.rewind, iterations=0))
 
 
 def run(config: Config, out: str | Path, quiet: bool = False) -> dict:
-    """Start a new run of ``config`` in directory ``out``; returns the summary."""
+    """Start a new run of ``config`` in directory ``out``; returns the summary.
+
+    Under ``torchrun`` every rank calls this with the same arguments."""
     validate(config)
     out = Path(out)
-    if (out / "config.yaml").exists():
-        raise FileExistsError(f"{out} already holds a run; continue it with `swamp resume {out}`")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
-    return _execute(config, out, quiet)
+
+    def start(topology: Topology) -> dict:
+        exists = topology.world.broadcast_object((out / "config.yaml").exists() if topology.is_writer else None)
+        if exists:
+            raise FileExistsError(f"{out} already holds a run; continue it with `swamp resume {out}`")
+        if topology.is_writer:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
+        return _execute(config, out, quiet, topology)
+    return _distributed(config, start)
 
 
 def resume(out: str | Path, quiet: bool = False) -> dict:
-    """Continue the run in ``out`` from its last complete level; returns the summary."""
+    """Continue the run in ``out`` from its last checkpoint; returns the summary."""
     out = Path(out)
     if not (out / "config.yaml").is_file():
         raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
     config = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
     validate(config)
-    return _execute(config, out, quiet)
+    return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
+
+
+def _distributed(config: Config, body: Callable[[Topology], dict]) -> dict:
+    """``body(topology)`` in this process's place of the (possibly single-process) job."""
+    topology = distributed.setup(config.distributed.particle_groups, config.distributed.timeout_s,
+                                 config.device)
+    try:
+        summary = body(topology)
+    except DistError as error:   # NCCL's own errors, raised outside our collectives
+        raise DistributedError(
+            f"rank {topology.world.index} of {topology.world.size}: a collective failed: another rank "
+            f"died or stalled for more than distributed.timeout_s = {config.distributed.timeout_s:g} s "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
+    distributed.teardown()
+    return summary
 
 
 def _prune(config: Config, level: int, state: dict, masks: dict) -> dict:
@@ -98,42 +138,62 @@ def _prune(config: Config, level: int, state: dict, masks: dict) -> dict:
     return dict(zip(names, new))
 
 
-def _average(result, masks: dict) -> dict:
-    """One state from the stacked particles: masked mean of floating tensors, particle 0 otherwise."""
+def _average(result, masks: dict, cross: Group = Group.single()) -> dict:
+    """One state from the stacked particles of every particle group: masked mean of floating
+    tensors, particle 0 otherwise."""
     names = [n for n, t in result.state.items() if t.is_floating_point()]
     mask_list = [masks.get(n) for n in names]
     means = swamp_kernels.particle_average([result.state[n] for n in names], mask_list)
+    cross.all_reduce_(means, mean=True)
     averaged = {n: t[0] for n, t in result.state.items()}
     averaged.update(zip(names, means))
     return averaged
 
 
-def _evaluate_level(model, result, data, config: Config, masks: dict):
-    """(final network, metrics) of a trained level: particles, their ensemble, their average."""
+def _evaluate_level(model, result, data, config: Config, masks: dict, placement: Placement, world: Group):
+    """(final network, metrics) of a trained level: particles, their ensemble, their average.
+
+    Each rank evaluates its own particles (BN statistics over its group's ranks); the average
+    of all particles gets its BN statistics from every rank."""
     batch = config.train.batch_size
-    particles = next(iter(result.state.values())).shape[0]
+    local = next(iter(result.state.values())).shape[0]
+    particles = local * placement.cross.size
     probs, labels, nets = [], None, []
-    for p in range(particles):
+    for p in range(local):
         net = evaluate.network(model, {n: t[p] for n, t in result.state.items()})
         if result.swa:
-            evaluate.recompute_bn_(net, data, batch)
+            evaluate.recompute_bn_(net, data, batch, placement.data)
         prob, labels = evaluate.test_probabilities(net, data, batch)
         probs.append(prob)
         nets.append(net)
+    accuracies = [a for part in placement.cross.all_gather_object([evaluate.accuracy(p, labels) for p in probs])
+                  for a in part]
+    ensemble = torch.stack(probs).sum(0)
+    placement.cross.all_reduce_([ensemble])
     if particles > 1:
-        final = evaluate.recompute_bn_(evaluate.network(model, _average(result, masks)), data, batch)
+        final = evaluate.recompute_bn_(evaluate.network(model, _average(result, masks, placement.cross)),
+                                       data, batch, world)
         final_acc = evaluate.accuracy(*evaluate.test_probabilities(final, data, batch))
     else:
-        final = nets[0]
-        final_acc = evaluate.accuracy(probs[0], labels)
-    metrics = {"test_accuracy": final_acc,
-               "particle_test_accuracy": [evaluate.accuracy(p, labels) for p in probs],
-               "ensemble_test_accuracy": evaluate.accuracy(torch.stack(probs).mean(0), labels)}
+        final, final_acc = nets[0], accuracies[0]
+    world.broadcast_([t for t in final.state_dict().values()])
+    metrics = {"test_accuracy": final_acc, "particle_test_accuracy": accuracies,
+               "ensemble_test_accuracy": evaluate.accuracy(ensemble / particles, labels)}
     return final, metrics
 
 
-def _execute(config: Config, out: Path, quiet: bool) -> dict:
-    device = _device(config.device)
+def _stage_checkpoint(out: Path, stage: int, device) -> dict | None:
+    """The saved checkpoint of ``stage``, if the last run was killed inside it."""
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    checkpoint = torch.load(path, map_location=device)
+    return checkpoint if checkpoint["stage"] == stage else None
+
+
+def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict:
+    device, writer = topology.device, topology.is_writer
+    quiet = quiet or not writer
     data = load_data(config.data).to(device)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes)
@@ -145,14 +205,27 @@ def _execute(config: Config, out: Path, quiet: bool) -> dict:
     if rewind >= total:
         raise ConfigError(f"config key 'rewind.iterations': {rewind} is not below the {total} "
                           "training iterations")
-    log_file = open(out / "log.txt", "a")
+    levels = 0 if config.method == "dense" else config.levels
+    particles = config.particles if config.method == "swamp" else 1
+    if config.train.batch_size % topology.data.size:
+        raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} does not split over "
+                          f"the {topology.data.size} data-parallel ranks of a particle group")
+    log_file = open(out / "log.txt", "a") if writer else None
 
     def log(line: str) -> None:
-        log_file.write(line + "\n")
-        log_file.flush()
+        if log_file:
+            log_file.write(line + "\n")
+            log_file.flush()
 
     def progress(desc: str):
         return lambda n: tqdm(total=n, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
+
+    def checkpoint(full: dict) -> None:
+        _save(out / "checkpoint.pt", full)
+
+    def finish_stage() -> None:
+        if writer:
+            (out / "checkpoint.pt").unlink(missing_ok=True)
 
     if (out / "rewind.pt").exists():
         rewind_state = torch.load(out / "rewind.pt", map_location=device)
@@ -160,13 +233,17 @@ def _execute(config: Config, out: Path, quiet: bool) -> dict:
         state = stack_state(model, 1)
         if rewind:
             state = train_particles(model, state, data, config, stage=-1, begin=0, end=rewind, swa=False,
+                                    placement=topology.placement(1), checkpoint=checkpoint,
+                                    resume=_stage_checkpoint(out, -1, device),
                                     log=lambda line: log(f"pretrain {line}"),
                                     progress=progress("pretrain")).state
+        topology.world.broadcast_(list(state.values()))
         rewind_state = {n: t[0] for n, t in state.items()}
-        _save(out / "rewind.pt", rewind_state)
+        if writer:
+            _save(out / "rewind.pt", rewind_state)
+        finish_stage()
 
-    levels = 0 if config.method == "dense" else config.levels
-    particles = config.particles if config.method == "swamp" else 1
+    placement = topology.placement(particles)
     swa = config.method in ("imp_swa", "swamp")
     masks = model_masks(model)
     total_weights = sum(m.numel() for m in masks.values())
@@ -180,28 +257,38 @@ def _execute(config: Config, out: Path, quiet: bool) -> dict:
         else:
             started = time.perf_counter()
             set_masks(model, masks)
-            start = {n: t * masks[n] if n in masks else t for n, t in rewind_state.items()}
-            result = train_particles(model, {n: t.unsqueeze(0).repeat(particles, *[1] * t.dim())
-                                             for n, t in start.items()},
-                                     data, config, stage=level, begin=rewind, end=total, swa=swa,
+            local = len(placement.particles)
+            start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
+                     for n, t in rewind_state.items()}
+            result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
+                                     swa=swa, placement=placement, checkpoint=checkpoint,
+                                     resume=_stage_checkpoint(out, level, device),
                                      log=lambda line: log(f"level {level} {line}"),
                                      progress=progress(f"level {level}"))
-            final, metrics = _evaluate_level(model, result, data, config, masks)
+            final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)
             final_state = final.state_dict()
             kept = sum(int(m.sum()) for m in masks.values())
             metrics = {"level": level, "density": kept / total_weights, **metrics,
                        "train_loss": result.train_loss, "seconds": time.perf_counter() - started,
                        "images_per_second": result.images / max(result.seconds, 1e-9)}
-            directory.mkdir(exist_ok=True)
-            _save(directory / "mask.pt", masks)
-            _save(directory / "model.pt", final_state)
-            if particles > 1:
-                _save(directory / "particles.pt", result.state)
-            _write_json(directory / "metrics.json", metrics)
-            log(f"level {level} density {metrics['density']:.4f} test_accuracy {metrics['test_accuracy']:.4f}")
+            stacked = (placement.cross.gather_cat(list(result.state.values()))
+                       if particles > 1 and placement.data.index == 0 else None)
+            if writer:
+                directory.mkdir(exist_ok=True)
+                _save(directory / "mask.pt", masks)
+                _save(directory / "model.pt", final_state)
+                if stacked is not None:
+                    _save(directory / "particles.pt", dict(zip(result.state, stacked)))
+                _write_json(directory / "metrics.json", metrics)
+                log(f"level {level} density {metrics['density']:.4f} "
+                    f"test_accuracy {metrics['test_accuracy']:.4f}")
+            finish_stage()
         summary["levels"].append(metrics)
-        _write_json(out / "summary.json", summary)
+        if writer:
+            _write_json(out / "summary.json", summary)
         if level < levels:
             masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
-    log_file.close()
+            topology.world.broadcast_(list(masks.values()))
+    if log_file:
+        log_file.close()
     return summary

@@ -31,9 +31,11 @@ class _LoaderAsData:
     def __init__(self, loader: Iterable):
         self.loader = loader
 
-    def eval_batches(self, split: str, batch_size: int):
-        for batch in self.loader:
-            yield batch if isinstance(batch, (tuple, list)) else (batch, None)
+    def eval_batches(self, split: str, batch_size: int, shard: tuple[int, int] = (0, 1)):
+        index, count = shard
+        for i, batch in enumerate(self.loader):
+            if i % count == index:
+                yield batch if isinstance(batch, (tuple, list)) else (batch, None)
 
 
 def data_eval_fn(data, batch_size: int) -> Callable[[nn.Module], tuple[float, float]]:

@@ -1,0 +1,27 @@
+"""``torchrun`` entry point for tests: the ``swamp`` command line, with a fault on rank 1.
+
+    torchrun ... tests/distributed_worker.py {stall,crash} swamp-arguments...
+
+``stall`` makes rank 1 sleep forever and ``crash`` makes it exit, when it first evaluates a
+network (after the first level's training): the other ranks are then waiting in a collective.
+"""
+import os
+import sys
+import time
+
+from swamp import cli, evaluate
+
+
+def _fault(kind: str):
+    def faulty(*args, **kwargs):
+        if kind == "stall":
+            time.sleep(3600)
+        os._exit(3)
+    return faulty
+
+
+if __name__ == "__main__":
+    kind = sys.argv[1]
+    if os.environ.get("RANK") == "1":
+        evaluate.test_probabilities = _fault(kind)
+    sys.exit(cli.main(sys.argv[2:]))

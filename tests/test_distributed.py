@@ -1,0 +1,197 @@
+"""Scale-out under torchrun on CPU (gloo): particle groups and data-parallel ranks reproduce the
+single-process run, a killed job resumes, a stalled or crashed rank fails the job in time."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from swamp import distributed, evaluate, pipeline
+from swamp import config as C
+from swamp.data import load_data
+from swamp.models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# SWAMP: 2 particles, as 2 particle groups of one rank each. (An MLP: with BatchNorm, the float
+# differences between vmapped and plain convolutions grow chaotically over a level; BatchNorm
+# across ranks is checked by test_batch_norm_statistics_over_ranks.)
+GROUPS = {"method": "swamp", "levels": 2, "prune_fraction": 0.3, "particles": 2, "rewind": {"iterations": 4},
+          "model": {"hidden": [32]}, "swa": {"start": 0.5, "lr": 0.02},
+          "train": {"epochs": 4, "batch_size": 64, "lr": 0.05, "milestones": [2]}, "device": "cpu",
+          "distributed": {"particle_groups": 2, "timeout_s": 30}}
+# IMP on an MLP (no BatchNorm): 1 particle on 2 data-parallel ranks, same global batch.
+DATA_PARALLEL = {"method": "imp", "levels": 2, "prune_fraction": 0.3, "rewind": {"iterations": 4},
+                 "model": {"hidden": [32]}, "train": {"epochs": 3, "batch_size": 64, "lr": 0.05,
+                                                      "milestones": [2]}, "device": "cpu"}
+
+
+def torchrun(*args: str, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def write_config(directory: Path, values: dict) -> Path:
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def single_process(values: dict, out: Path) -> dict:
+    torch.set_num_threads(1)
+    config = C.from_dict({**values, "distributed": {}})
+    return pipeline.run(config, out, quiet=True)
+
+
+def assert_same_run(a: Path, b: Path, atol: float) -> None:
+    """Same levels, bitwise-equal masks, final and particle weights equal within ``atol``."""
+    summary_a, summary_b = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert len(summary_a["levels"]) == len(summary_b["levels"])
+    for level_a, level_b in zip(summary_a["levels"], summary_b["levels"]):
+        assert level_a["density"] == level_b["density"]
+        assert level_a["test_accuracy"] == pytest.approx(level_b["test_accuracy"], abs=0.01)
+        assert len(level_a["particle_test_accuracy"]) == len(level_b["particle_test_accuracy"])
+    for level in range(len(summary_a["levels"])):
+        directory = f"level_{level:02d}"
+        masks_a, masks_b = (torch.load(d / directory / "mask.pt") for d in (a, b))
+        assert masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
+        for name in ("model.pt", "particles.pt"):
+            if (a / directory / name).exists() or (b / directory / name).exists():
+                state_a, state_b = (torch.load(d / directory / name) for d in (a, b))
+                assert state_a.keys() == state_b.keys()
+                for key in state_a:
+                    torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def groups_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("groups")
+    config = write_config(root, GROUPS)
+    distributed = torchrun("-m", "swamp", "run", str(config), "--out", str(root / "distributed"), "--quiet")
+    single_process(GROUPS, root / "single")
+    finish(distributed)
+    return root, config
+
+
+def test_particle_groups_match_the_single_process_run(groups_runs):
+    root, _ = groups_runs
+    assert_same_run(root / "single", root / "distributed", atol=2e-5)
+    particles = torch.load(root / "distributed" / "level_01" / "particles.pt")
+    name = next(n for n, t in particles.items() if t.is_floating_point() and t.dim() > 1)
+    assert particles[name].shape[0] == 2 and not torch.equal(particles[name][0], particles[name][1])
+    assert not (root / "distributed" / "checkpoint.pt").exists()
+
+
+def test_rank_zero_alone_writes(groups_runs):
+    root, _ = groups_runs
+    names = sorted(p.name for p in (root / "distributed").iterdir())
+    assert names == ["config.yaml", "level_00", "level_01", "level_02", "log.txt", "rewind.pt", "summary.json"]
+    assert not list((root / "distributed").rglob(".*tmp*")), "a temporary file was left behind"
+    log = (root / "distributed" / "log.txt").read_text()
+    assert log.count("level 1 stage 1 epoch 1/4") == 1   # one writer, not one per rank
+
+
+def test_data_parallel_ranks_match_the_same_global_batch(tmp_path):
+    values = {**DATA_PARALLEL, "distributed": {"particle_groups": 1, "timeout_s": 30}}
+    config = write_config(tmp_path, values)
+    distributed = torchrun("-m", "swamp", "run", str(config), "--out", str(tmp_path / "distributed"), "--quiet")
+    single_process(values, tmp_path / "single")
+    finish(distributed)
+    assert_same_run(tmp_path / "single", tmp_path / "distributed", atol=2e-5)
+
+
+def test_killed_distributed_run_resumes(groups_runs, tmp_path):
+    root, config = groups_runs
+    out = tmp_path / "killed"
+    process = torchrun("-m", "swamp", "run", str(config), "--out", str(out), "--quiet")
+    deadline = time.time() + 200
+    while not (out / "checkpoint.pt").exists() or not (out / "level_00" / "metrics.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "level_02" / "metrics.json").exists()
+    finish(torchrun("-m", "swamp", "resume", str(out), "--quiet"))
+    assert_same_run(root / "single", out, atol=2e-5)
+
+
+@pytest.mark.parametrize("fault", ["stall", "crash"])
+def test_a_failed_rank_ends_the_job_with_an_error(tmp_path, fault):
+    timeout = 5
+    values = {**GROUPS, "levels": 0, "rewind": {"iterations": 0}, "train": {**GROUPS["train"], "epochs": 1},
+              "distributed": {"particle_groups": 2, "timeout_s": timeout}}
+    config = write_config(tmp_path, values)
+    started = time.time()
+    process = torchrun(str(ROOT / "tests" / "distributed_worker.py"), fault, "run", str(config),
+                       "--out", str(tmp_path / "run"), "--quiet")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert time.time() - started < 60
+    if fault == "stall":
+        assert "another rank died or stalled" in output and f"timeout_s = {timeout}" in output, output[-3000:]
+    assert not (tmp_path / "run" / "level_00" / "metrics.json").exists()
+
+
+def _collectives(rank: int, world: int, port: int, results) -> None:
+    """One rank of a 4-process gloo world as 2 particle groups x 2 data ranks."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    topology = distributed.setup(particle_groups=2, timeout_s=30, device="cpu")
+    out = {"data": topology.data.ranks, "cross": topology.cross.ranks, "group": topology.group,
+           "placement": topology.placement(4).particles, "single": topology.placement(1).particles}
+    values = [torch.full((2, 3), float(rank)), torch.tensor([rank], dtype=torch.int64),
+              torch.tensor([rank % 2 == 0])]
+    topology.data.all_reduce_(values[:2], mean=False)
+    out["sums"] = [v.tolist() for v in values[:2]]
+    topology.world.broadcast_(values, src=3)
+    out["broadcast"] = [v.tolist() for v in values]
+    out["gathered"] = [t.tolist() for t in topology.cross.gather_cat([torch.full((1, 2), float(rank))]) or []]
+    out["objects"] = topology.world.all_gather_object(rank * 10)
+    data = load_data(C.DataConfig(name="synthetic", shape=[2, 4, 4], classes=3, train_size=40, test_size=8))
+    torch.manual_seed(0)
+    net = build_model(C.ModelConfig(name="cifar_resnet_8"), data.input_shape, data.num_classes)
+    evaluate.recompute_bn_(net, data, batch_size=6, group=topology.world)
+    out["bn"] = {n: t.clone() for n, t in net.state_dict().items() if "running" in n or "tracked" in n}
+    results[rank] = out
+    distributed.teardown()
+
+
+def test_group_collectives_and_batch_norm_statistics_over_ranks():
+    world = 4
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_collectives, args=(world, 29500 + os.getpid() % 1000, results), nprocs=world)
+        results = dict(results)
+    assert [results[r]["data"] for r in range(world)] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [results[r]["cross"] for r in range(world)] == [(0, 2), (1, 3), (0, 2), (1, 3)]
+    assert [results[r]["placement"] for r in range(world)] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert all(results[r]["single"] == (0,) for r in range(world))
+    assert results[2]["sums"] == [[[5.0] * 3] * 2, [5]]
+    assert all(results[r]["broadcast"] == [[[5.0] * 3] * 2, [5], [False]] for r in range(world))  # rank 3 after its sums
+    assert results[0]["gathered"] == [[[0.0, 0.0], [2.0, 2.0]]] and results[1]["gathered"] == [[[1.0, 1.0], [3.0, 3.0]]]
+    assert results[2]["gathered"] == [] and results[3]["objects"] == [0, 10, 20, 30]
+    data = load_data(C.DataConfig(name="synthetic", shape=[2, 4, 4], classes=3, train_size=40, test_size=8))
+    torch.manual_seed(0)
+    net = build_model(C.ModelConfig(name="cifar_resnet_8"), data.input_shape, data.num_classes)
+    evaluate.recompute_bn_(net, data, batch_size=6)
+    expected = {n: t for n, t in net.state_dict().items() if "running" in n or "tracked" in n}
+    for r in range(world):
+        assert results[r]["bn"].keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(results[r]["bn"][name], value, rtol=1e-5, atol=1e-6, msg=name)
