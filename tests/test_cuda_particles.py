@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 import swamp_kernels as sk
-from kernel_checks import assert_rel_close
+from kernel_checks import assert_rel_close, cuda_launches
 from test_cuda_extension import _flat_slice, extension, run_under_memcheck  # noqa: F401  (fixture)
 from test_triton_particles import assert_pruned_zero, check_resnet50_sized, in_layout
 
@@ -145,19 +145,12 @@ def test_swa_matches_averaged_model(extension):
         torch.testing.assert_close(x, y.detach(), rtol=1e-5, atol=1e-6)
 
 
-def _kernel_launches(run) -> list[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "swa_update_kernel" in e.name]
-
-
 def test_one_launch_per_dtype_pair(extension):
     params, masks, out_dtypes, out_offsets = averaging_case(2, seed=4)
     swa = nan_averages(params, out_dtypes, out_offsets)
-    launches = _kernel_launches(lambda: sk.swa_update_(swa, params, 1, masks, backend="cuda"))
+    launches = cuda_launches(lambda: sk.swa_update_(swa, params, 1, masks, backend="cuda"), "swa_update_kernel")
     assert len(launches) == len({(p.dtype, s.dtype) for p, s in zip(params, swa)}) == 9, launches
-    launches = _kernel_launches(lambda: sk.particle_average(params, masks, backend="cuda"))
+    launches = cuda_launches(lambda: sk.particle_average(params, masks, backend="cuda"), "swa_update_kernel")
     assert len(launches) == 3, launches  # the averages take their params' dtypes
 
 

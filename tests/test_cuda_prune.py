@@ -9,6 +9,7 @@ arguments (more go through device memory). Every test here needs a GPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -17,6 +18,7 @@ import torch
 
 import swamp_kernels as sk
 from benchmarks.shapes import MIXED_1E8, resnet50_conv_fc
+from kernel_checks import assert_masks_match, prune
 from test_cuda_extension import extension, run_under_memcheck  # noqa: F401  (extension: fixture)
 
 pytestmark = pytest.mark.gpu
@@ -29,22 +31,7 @@ INLINE = 63                    # PruneEntry rows that fit in the kernel argument
 SIZES = (1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 100_003, 3 * CHUNK + 5)
 
 
-def prune(op, backend, weights, masks, amount, scores=None):
-    return getattr(sk, op)(weights, masks, amount, scores=scores, backend=backend)
-
-
-def assert_matches(op, weights, masks, amount, scores=None):
-    """The CUDA masks are new contiguous bool tensors bitwise equal to the reference's."""
-    got = prune(op, "cuda", weights, masks, amount, scores)
-    expected = prune(op, "torch", weights, masks, amount, scores)
-    assert len(got) == len(weights)
-    old = {t.data_ptr() for t in (masks or []) if t.numel()}
-    for i, (g, e, w) in enumerate(zip(got, expected, weights)):
-        assert (g.dtype, g.shape, g.device) == (torch.bool, w.shape, w.device), f"mask {i}"
-        assert g.is_contiguous(), f"mask {i} is not contiguous"
-        assert g.numel() == 0 or g.data_ptr() not in old, f"mask {i} is an input mask, not a new tensor"
-        assert torch.equal(g, e), (f"{op}(amount={amount!r}): mask {i} ({w.dtype}, {tuple(w.shape)}) differs "
-                                   f"at {int((g != e).sum())} of {g.numel()} entries")
+assert_matches = functools.partial(assert_masks_match, backend="cuda")
 
 
 def generator(seed: int) -> torch.Generator:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import swamp_kernels as sk
-from kernel_checks import assert_rel_close
+from kernel_checks import assert_rel_close, cuda_launches
 from test_cuda_extension import _flat_slice, extension, run_under_memcheck  # noqa: F401  (fixture)
 from test_sgd import check_against_sgd
-from test_triton_sgd import OPTIONS, assert_pruned_zero, in_layout, option_id
+from test_triton_sgd import OPTIONS, assert_pruned_zero, check_resnet50_sized, in_layout, option_id
 
 pytestmark = pytest.mark.gpu
 
@@ -113,13 +113,6 @@ def test_matches_torch_optim_sgd(extension):
                       weight_decay=5e-3, nesterov=True)
 
 
-def _sgd_launches(run) -> list[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "masked_sgd_kernel" in e.name]
-
-
 def test_first_and_later_buffers_in_one_launch(extension):
     """None buffers next to existing misaligned and non-contiguous ones: one launch, all right."""
     params, masks, grads = sgd_case(seed=3, groups=[(f32, f32)])
@@ -133,7 +126,8 @@ def test_first_and_later_buffers_in_one_launch(extension):
     expected = [p.clone() for p in params]
     g = grads()
     options = dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3)
-    launches = _sgd_launches(lambda: sk.masked_sgd_step_(params, g, ours_buffers, masks, backend="cuda", **options))
+    launches = cuda_launches(lambda: sk.masked_sgd_step_(params, g, ours_buffers, masks, backend="cuda", **options),
+                             "masked_sgd_kernel")
     sk.masked_sgd_step_(expected, g, expected_buffers, masks, backend="torch", **options)
     assert len(launches) == 1, launches
     assert not ours_buffers[20].is_contiguous()
@@ -142,8 +136,9 @@ def test_first_and_later_buffers_in_one_launch(extension):
 
 def test_one_launch_per_dtype_group(extension):
     params, masks, grads = sgd_case(seed=4)
-    launches = _sgd_launches(lambda: sk.masked_sgd_step_(params, grads(), [None] * len(params), masks,
-                                                         lr=0.1, momentum=0.9, backend="cuda"))
+    launches = cuda_launches(lambda: sk.masked_sgd_step_(params, grads(), [None] * len(params), masks,
+                                                         lr=0.1, momentum=0.9, backend="cuda"),
+                             "masked_sgd_kernel")
     assert len(launches) == len(GROUPS), launches
 
 
@@ -186,21 +181,7 @@ def test_table_inline_and_in_device_memory(extension, count):
 @pytest.mark.parametrize("grad_dtype", [f32, bf16])
 @pytest.mark.parametrize("particles", [1, 4, 8])
 def test_resnet50_sized_matches_reference(extension, particles, grad_dtype):
-    """ResNet-50's parameter list (25.6M entries) stacked over P particles, three steps."""
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(6)
-    shapes = [p.shape for p in torchvision.models.resnet50().parameters()]
-    params = [torch.randn(particles, *s, device="cuda") for s in shapes]
-    masks = [torch.rand(s, device="cuda") < 0.2 if len(s) > 1 else None for s in shapes]
-    expected = [p.clone() for p in params]
-    ours_buffers, expected_buffers = [None] * len(params), [None] * len(params)
-    options = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    for _ in range(3):
-        grads = [torch.randn_like(p).to(grad_dtype) for p in params]
-        sk.masked_sgd_step_(params, grads, ours_buffers, masks, backend="cuda", **options)
-        sk.masked_sgd_step_(expected, grads, expected_buffers, masks, backend="torch", **options)
-    assert_matches(params, expected, ours_buffers, expected_buffers)
-    assert_pruned_zero(*present(params, masks))
+    check_resnet50_sized("cuda", particles, grad_dtype)
 
 
 def _binding_args(**changes):

@@ -250,16 +250,22 @@ def _tie_free_modules(device, seed: int):
     return modules, old_masks
 
 
+def _ours_and_premasked_modules(op: str, backend: str, device, amount, seed: int):
+    """``op``'s masks on ``backend`` for the weights and old masks of :func:`_tie_free_modules`, and
+    those modules carrying the old masks as ``torch.nn.utils.prune`` masks, ready for torch to prune."""
+    skip_unless_runs(op, backend, device)
+    modules, old_masks = _tie_free_modules(device, seed)
+    weights = [m.weight.detach().clone() for m in modules]
+    got = getattr(sk, op)(weights, old_masks, amount, backend=backend)
+    for m, old in zip(modules, old_masks):
+        prune.custom_from_mask(m, "weight", old)
+    return got, modules
+
+
 @every_backend
 @pytest.mark.parametrize("amount", [0.3, 0.0, 1.0, 17, 0])
 def test_global_matches_torch_prune_global_unstructured(backend, device, amount):
-    skip_unless_runs("global_magnitude_prune", backend, device)
-    modules, old_masks = _tie_free_modules(device, seed=6)
-    weights = [m.weight.detach().clone() for m in modules]
-    got = sk.global_magnitude_prune(weights, old_masks, amount, backend=backend)
-
-    for m, old in zip(modules, old_masks):
-        prune.custom_from_mask(m, "weight", old)
+    got, modules = _ours_and_premasked_modules("global_magnitude_prune", backend, device, amount, seed=6)
     prune.global_unstructured([(m, "weight") for m in modules], pruning_method=prune.L1Unstructured,
                               amount=amount)
     assert_same_masks(got, [m.weight_mask.bool() for m in modules])
@@ -268,13 +274,8 @@ def test_global_matches_torch_prune_global_unstructured(backend, device, amount)
 @every_backend
 @pytest.mark.parametrize("amount", [0.3, 2])
 def test_layerwise_matches_torch_prune_l1_unstructured(backend, device, amount):
-    skip_unless_runs("layerwise_magnitude_prune", backend, device)
-    modules, old_masks = _tie_free_modules(device, seed=7)
-    weights = [m.weight.detach().clone() for m in modules]
-    got = sk.layerwise_magnitude_prune(weights, old_masks, amount, backend=backend)
-
-    for m, old in zip(modules, old_masks):
-        prune.custom_from_mask(m, "weight", old)
+    got, modules = _ours_and_premasked_modules("layerwise_magnitude_prune", backend, device, amount, seed=7)
+    for m in modules:
         prune.l1_unstructured(m, "weight", amount=amount)
     assert_same_masks(got, [m.weight_mask.bool() for m in modules])
 

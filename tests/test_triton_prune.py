@@ -7,6 +7,7 @@ Under ``TRITON_INTERPRET=1`` these run on the CPU; tests marked ``gpu`` run full
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -16,6 +17,7 @@ import torch
 
 import swamp_kernels as sk
 from backend_params import skip_unless_runs
+from kernel_checks import assert_masks_match, prune
 
 OPS = ("global_magnitude_prune", "layerwise_magnitude_prune")
 CHUNK = 128                        # elements per program in the small tests
@@ -38,20 +40,7 @@ def small_kernels(request, monkeypatch, device):
     return device
 
 
-def prune(op, backend, weights, masks, amount, scores=None):
-    return getattr(sk, op)(weights, masks, amount, scores=scores, backend=backend)
-
-
-def assert_matches(op, weights, masks, amount, scores=None):
-    """The Triton masks equal the reference masks bitwise, as new contiguous bool tensors."""
-    got = prune(op, "triton", weights, masks, amount, scores)
-    expected = prune(op, "torch", weights, masks, amount, scores)
-    assert len(got) == len(weights)
-    for i, (g, e, w) in enumerate(zip(got, expected, weights)):
-        assert (g.dtype, g.shape, g.device) == (torch.bool, w.shape, w.device), f"mask {i}"
-        assert g.is_contiguous(), f"mask {i} is not contiguous"
-        assert torch.equal(g, e), (f"{op}(amount={amount!r}): mask {i} differs at "
-                                   f"{int((g != e).sum())} of {g.numel()} entries")
+assert_matches = functools.partial(assert_masks_match, backend="triton")
 
 
 def random_masks(weights, keep: float):

@@ -200,7 +200,11 @@ def test_bad_input_raises(bad, error, match):
 @pytest.mark.parametrize("grad_dtype", [f32, bf16])
 @pytest.mark.parametrize("particles", [1, 4, 8])
 def test_resnet50_sized_matches_reference(particles, grad_dtype):
-    """ResNet-50's parameter list (25.6M entries) stacked over P particles, three steps."""
+    check_resnet50_sized("triton", particles, grad_dtype)
+
+
+def check_resnet50_sized(backend: str, particles: int, grad_dtype: torch.dtype) -> None:
+    """ResNet-50's parameter list (25.6M entries) stacked over P particles, three steps on ``backend``."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(5)
     shapes = [p.shape for p in torchvision.models.resnet50().parameters()]
@@ -211,7 +215,7 @@ def test_resnet50_sized_matches_reference(particles, grad_dtype):
     options = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     for _ in range(3):
         grads = [torch.randn_like(p).to(grad_dtype) for p in params]
-        sk.masked_sgd_step_(ours, grads, ours_buffers, masks, backend="triton", **options)
+        sk.masked_sgd_step_(ours, grads, ours_buffers, masks, backend=backend, **options)
         sk.masked_sgd_step_(params, grads, ref_buffers, masks, backend="torch", **options)
     for p, q, b, c in zip(ours, params, ours_buffers, ref_buffers):
         assert_rel_close(p, q)

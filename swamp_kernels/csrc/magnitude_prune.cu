@@ -263,6 +263,22 @@ __global__ void __launch_bounds__(kThreads) buffer_histogram_kernel(Context* ctx
   }
 }
 
+// ---------------------------------------------------------------------------- scans
+// Inclusive prefix sum over the block, in place in shared `scan` (Hillis-Steele): thread
+// t < kN (all kN threads of the block take part) stores `value` at scan[t], and on return
+// scan[t] holds the values of threads 0 .. t. Block-uniform; ends synchronised.
+template <int kN>
+__device__ __forceinline__ void block_inclusive_scan(unsigned long long* scan, int t, unsigned long long value) {
+  scan[t] = value;
+  __syncthreads();
+  for (int offset = 1; offset < kN; offset <<= 1) {
+    const unsigned long long add = t >= offset ? scan[t - offset] : 0ull;
+    __syncthreads();
+    scan[t] += add;
+    __syncthreads();
+  }
+}
+
 // ------------------------------------------------------------------------ selection
 // Blocks of kBins threads, segments strided over the blocks: n and k on the first pass,
 // then the digit holding the k-th largest key of the bucket, and the segment's next mode.
@@ -280,14 +296,7 @@ __global__ void __launch_bounds__(kBins) pick_kernel(Context* ctx) {
     }
     const unsigned long long h = st.hist[digit];
     st.hist[digit] = 0;
-    scan[t] = h;
-    __syncthreads();
-    for (int offset = 1; offset < kBins; offset <<= 1) {
-      const unsigned long long add = t >= offset ? scan[t - offset] : 0ull;
-      __syncthreads();
-      scan[t] += add;
-      __syncthreads();
-    }
+    block_inclusive_scan<kBins>(scan, t, h);
     const unsigned long long inclusive = scan[t];  // keys with a digit >= this thread's
     if (t == 0) {
       long long keep = st.keep;
@@ -395,14 +404,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_ties_kernel(Context* ctx) {
   for (long long c = lo; c < hi; ++c) {
     sum += ctx->ties[c];
   }
-  sums[t] = sum;
-  __syncthreads();
-  for (int offset = 1; offset < kScanThreads; offset <<= 1) {
-    const unsigned long long add = t >= offset ? sums[t - offset] : 0ull;
-    __syncthreads();
-    sums[t] += add;
-    __syncthreads();
-  }
+  block_inclusive_scan<kScanThreads>(sums, t, sum);
   unsigned long long before = sums[t] - sum;
   for (long long c = lo; c < hi; ++c) {
     const unsigned long long count = ctx->ties[c];

@@ -8,6 +8,7 @@
 
 #include "masked_sgd.h"
 #include "multi_tensor.cuh"
+#include "optional_mask.cuh"
 
 namespace swamp {
 namespace {
@@ -40,15 +41,7 @@ __device__ __forceinline__ void sgd_range(const SgdEntry& e, int64_t first, int6
   const bool read_buffer = s.use_momentum && !e.first_step;
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < len; i += step) {
-    AlignedVec<uint8_t, N> keep;
-    if (e.mask != nullptr) {
-      keep = *reinterpret_cast<const AlignedVec<uint8_t, N>*>(global_ptr(e.mask) + first + i);
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        keep.v[j] = 1;
-      }
-    }
+    const AlignedVec<uint8_t, N> keep = load_keep<N>(e.mask, first + i);
     for (int64_t r = 0; r < e.rows; ++r) {
       const int64_t at = r * e.numel + i;
       AlignedVec<T, N> p = *reinterpret_cast<const AlignedVec<T, N>*>(param + at);

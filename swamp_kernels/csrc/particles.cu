@@ -4,6 +4,7 @@
 // once, the average read (unless n_averaged == 0) and written once. Sums run in float32, in
 // particle order; masked entries are written as +0.0 whatever the particles hold there.
 #include "multi_tensor.cuh"
+#include "optional_mask.cuh"
 #include "particles.h"
 
 namespace swamp {
@@ -40,15 +41,7 @@ __device__ __forceinline__ void average_range(const AverageEntry& e, int64_t fir
         total[j] += to_float(x.v[j]);
       }
     }
-    AlignedVec<uint8_t, N> keep;
-    if (e.mask != nullptr) {
-      keep = *reinterpret_cast<const AlignedVec<uint8_t, N>*>(global_ptr(e.mask) + first + i);
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        keep.v[j] = 1;
-      }
-    }
+    const AlignedVec<uint8_t, N> keep = load_keep<N>(e.mask, first + i);
     AlignedVec<O, N> average;
     if (!s.copy) {
       average = *reinterpret_cast<const AlignedVec<O, N>*>(out + i);

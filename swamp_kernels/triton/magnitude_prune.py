@@ -34,7 +34,7 @@ import triton.language as tl
 
 from swamp_kernels._tensors import dense_view
 from swamp_kernels._validate import prune_count, raise_if_nonfinite
-from swamp_kernels.triton.multi_tensor import address_table, chunk_map, int64_table
+from swamp_kernels.triton.multi_tensor import address_table, chunk_map, chunk_of, int64_table
 
 CHUNK = 4096                # elements per program in passes over the tensors
 CHUNK_WARPS = 8             # warps per such program (no register spills at CHUNK = 4096)
@@ -77,14 +77,6 @@ def _ordered_key(bits, IS_SCORES: tl.constexpr):
     else:
         key = (bits & 0x7FFFFFFF).to(tl.int64)
     return key
-
-
-@triton.jit
-def _chunk(numels, chunk_tensor, chunk_start, c, CHUNK: tl.constexpr):
-    """Tensor index, element offsets and in-bounds flags of chunk ``c``."""
-    t = tl.load(chunk_tensor + c)
-    offs = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
-    return t, offs, offs < tl.load(numels + t)
 
 
 @triton.jit
@@ -133,7 +125,7 @@ def _tensor_pass_kernel(src_addrs, dtype_codes, mask_addrs, numels, chunk_tensor
     ``_GATHER`` the copy of the bucket's (key, chunk index) pairs into the buffer.
     With ``CHECK_FINITE`` also flags tensors with a NaN/Inf candidate."""
     c = tl.program_id(0)
-    t, offs, inside = _chunk(numels, chunk_tensor, chunk_start, c, CHUNK)
+    t, _, offs, inside = chunk_of(numels, chunk_tensor, chunk_start, c, CHUNK)
     s = tl.load(segment_of + t)
     state = tl.load(mode + s)
     if state <= _GATHER:
@@ -198,7 +190,7 @@ def _count_tensor_ties_kernel(src_addrs, dtype_codes, mask_addrs, numels, chunk_
                               CHUNK: tl.constexpr):
     """Per-chunk count of the keys in the final bucket, for segments not in the buffer."""
     c = tl.program_id(0)
-    t, offs, inside = _chunk(numels, chunk_tensor, chunk_start, c, CHUNK)
+    t, _, offs, inside = chunk_of(numels, chunk_tensor, chunk_start, c, CHUNK)
     s = tl.load(segment_of + t)
     if tl.load(mode + s) <= _GATHER:
         _, key, cand = _keys(src_addrs, dtype_codes, mask_addrs, t, offs, inside,
@@ -223,7 +215,7 @@ def _write_masks_kernel(src_addrs, dtype_codes, mask_addrs, numels, chunk_tensor
                         IS_SCORES: tl.constexpr, HAS_MASKS: tl.constexpr, CHUNK: tl.constexpr):
     """New masks of one chunk: keys above the bucket, then ties of rank below k."""
     c = tl.program_id(0)
-    t, offs, inside = _chunk(numels, chunk_tensor, chunk_start, c, CHUNK)
+    t, _, offs, inside = chunk_of(numels, chunk_tensor, chunk_start, c, CHUNK)
     s = tl.load(segment_of + t)
     _, key, cand = _keys(src_addrs, dtype_codes, mask_addrs, t, offs, inside,
                          IS_SCORES, HAS_MASKS)

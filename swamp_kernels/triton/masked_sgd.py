@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import dense_optional, dense_view, group_by, write_back
-from swamp_kernels.triton.multi_tensor import chunk_map, int64_table, tl_dtype
-from swamp_kernels.triton.optional_masks import load_keep, mask_columns
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, tl_dtype
+from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
 CHUNK = 2048
 
@@ -28,11 +28,7 @@ def _masked_sgd_kernel(table, num_tensors, row_numels, chunk_tensor, chunk_start
                        PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
                        MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                        MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, CHUNK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    row_numel = tl.load(row_numels + t)
-    offsets = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
-    inside = offsets < row_numel
+    t, row_numel, offsets, inside = chunk_of(row_numels, chunk_tensor, chunk_start, tl.program_id(0), CHUNK)
     param_ptr = tl.load(table + t).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(GRAD_DTYPE))
     buffer_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(PARAM_DTYPE))
@@ -89,10 +85,8 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
         chunks = chunk_map(row_numels, CHUNK, device)
         if chunks.num_chunks == 0:
             continue
-        mask_addresses, mask_lengths = mask_columns([masks[i] for i in idx], [ps[i] for i in idx])
-        table = int64_table([*(ps[i].data_ptr() for i in idx), *(gs[i].data_ptr() for i in idx),
-                             *(buffers[i].data_ptr() for i in idx), *mask_addresses, *mask_lengths,
-                             *rows], device)
+        table = masked_operand_table([[ps[i] for i in idx], [gs[i] for i in idx], [buffers[i] for i in idx]],
+                                     [masks[i] for i in idx], device, extra=rows)
         _masked_sgd_kernel[(chunks.num_chunks,)](
             table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
             -lr, momentum, 1.0 - dampening, weight_decay,

@@ -3,7 +3,8 @@
 A kernel receives, per operand, a device table of raw addresses (``int64``, one per
 tensor; cast in the kernel with ``tl.load(table + t).to(tl.pointer_type(dtype))``),
 the tensors' lengths and a chunk map: program ``c`` handles elements
-``[chunk_start[c], chunk_start[c] + chunk)`` of tensor ``chunk_tensor[c]``.
+``[chunk_start[c], chunk_start[c] + chunk)`` of tensor ``chunk_tensor[c]``
+(:func:`chunk_of` reads that in the kernel).
 Tensors are never concatenated; the tables are small host arrays copied once.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import triton
 import triton.language as tl
 
 
@@ -61,3 +63,13 @@ def tl_dtype(dtype: torch.dtype):
     """The Triton element type of a torch dtype (bool masks are read as int8)."""
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.bool: tl.int8, torch.int32: tl.int32, torch.int64: tl.int64}[dtype]
+
+
+@triton.jit
+def chunk_of(numels, chunk_tensor, chunk_start, c, CHUNK: tl.constexpr):
+    """Chunk ``c`` of a chunk map: its tensor index, that tensor's length, the element offsets
+    and their in-bounds flags (``offsets < length``)."""
+    t = tl.load(chunk_tensor + c)
+    numel = tl.load(numels + t)
+    offsets = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
+    return t, numel, offsets, offsets < numel

@@ -14,16 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
+from swamp_kernels.triton.multi_tensor import int64_table
 
-def mask_columns(masks: Sequence[torch.Tensor | None],
-                 fallbacks: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
-    """Mask addresses and lengths; ``fallbacks[i]`` supplies the address when ``masks[i]`` is None.
 
-    Masks must be contiguous bool tensors.
+def masked_operand_table(operands: Sequence[Sequence[torch.Tensor]], masks: Sequence[torch.Tensor | None],
+                         device: torch.device, extra: Sequence[int] = ()) -> torch.Tensor:
+    """One int64 device table of T-entry columns: the addresses of each operand list, then the
+    mask addresses and mask lengths, then ``extra``. ``operands[0][i]`` supplies the address of
+    a missing ``masks[i]``.
+
+    Operands and masks must be contiguous; masks bool.
     """
-    addresses = [(f if m is None else m).data_ptr() for m, f in zip(masks, fallbacks)]
-    lengths = [0 if m is None else m.numel() for m in masks]
-    return addresses, lengths
+    mask_addresses = [(f if m is None else m).data_ptr() for m, f in zip(masks, operands[0])]
+    mask_lengths = [0 if m is None else m.numel() for m in masks]
+    return int64_table([*(t.data_ptr() for tensors in operands for t in tensors),
+                        *mask_addresses, *mask_lengths, *extra], device)
 
 
 @triton.jit

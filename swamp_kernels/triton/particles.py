@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import dense_optional, dense_view, group_by, write_back
-from swamp_kernels.triton.multi_tensor import chunk_map, int64_table, tl_dtype
-from swamp_kernels.triton.optional_masks import load_keep, mask_columns
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, tl_dtype
+from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
 CHUNK = 4096
 
@@ -24,11 +24,7 @@ def _average_kernel(table, num_tensors, numels, chunk_tensor, chunk_start, num_p
                     PARAM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, COPY: tl.constexpr,
                     CHUNK: tl.constexpr):
     """out = mean_p(params) if COPY else out + (mean_p(params) - out) / divisor; 0 where masked."""
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    numel = tl.load(numels + t)
-    offsets = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
-    inside = offsets < numel
+    t, numel, offsets, inside = chunk_of(numels, chunk_tensor, chunk_start, tl.program_id(0), CHUNK)
     param_ptr = tl.load(table + t).to(tl.pointer_type(PARAM_DTYPE))
     out_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(OUT_DTYPE))
     keep = load_keep(tl.load(table + 2 * num_tensors + t), tl.load(table + 3 * num_tensors + t),
@@ -52,9 +48,8 @@ def _average_into(outs, params, n_averaged: int, masks) -> None:
         chunks = chunk_map([outs[i].numel() for i in idx], CHUNK, device)
         if chunks.num_chunks == 0:
             continue
-        mask_addresses, mask_lengths = mask_columns([masks[i] for i in idx], [outs[i] for i in idx])
-        table = int64_table([*(params[i].data_ptr() for i in idx), *(outs[i].data_ptr() for i in idx),
-                             *mask_addresses, *mask_lengths], device)
+        table = masked_operand_table([[params[i] for i in idx], [outs[i] for i in idx]],
+                                     [masks[i] for i in idx], device)
         _average_kernel[(chunks.num_chunks,)](
             table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
             params[0].shape[0], float(n_averaged + 1),
