@@ -20,6 +20,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -178,21 +179,67 @@ def _ratio(r: float) -> str:
     return f"{r:.2f}×"
 
 
+def _bytes(b: float) -> str:
+    return f"{b:.2f}"
+
+
+def _rate(r: float) -> str:
+    return f"{r:,.0f}"
+
+
+# Workload extras shown as columns: op -> (speed-up columns shown?, [(extra key, header, format)]).
+# A dict-valued extra gives one column per key ("<header> <key>"). Training steps of different
+# particle counts process different numbers of images, so their tables show images/s instead of
+# per-step speed-ups.
+EXTRA_COLUMNS: dict[str, tuple[bool, list[tuple[str, str, Callable[[float], str]]]]] = {
+    "masked_conv2d": (True, [("extra_bytes_per_weight", "+B/weight", _bytes)]),
+    "masked_linear": (True, [("extra_bytes_per_weight", "+B/weight", _bytes)]),
+    "particles_train_step": (False, [("images_per_second", "img/s", _rate),
+                                     ("speedup_concurrent_over_sequential", "concurrent/sequential", _ratio)]),
+    "resnet50_train_step": (False, [("images_per_second", "img/s", _rate),
+                                    ("throughput_ratio_to_dense", "img/s vs dense", _ratio)]),
+}
+
+
+def _extra_columns(op: str, rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
+    """(header, row -> cell) for the extras of ``op`` that ``rows`` have."""
+    columns = []
+    for key, header, fmt in EXTRA_COLUMNS.get(op, (True, []))[1]:
+        values = [r["extra"].get(key) for r in rows]
+        if any(isinstance(v, dict) for v in values):
+            for sub in dict.fromkeys(k for v in values if isinstance(v, dict) for k in v):
+                columns.append((f"{header} {sub}", lambda r, key=key, sub=sub, fmt=fmt: _cell(
+                    (r["extra"].get(key) or {}).get(sub), fmt)))
+        elif any(v is not None for v in values):
+            columns.append((header, lambda r, key=key, fmt=fmt: _cell(r["extra"].get(key), fmt)))
+    return columns
+
+
+def _cell(value, fmt: Callable[[float], str]) -> str:
+    return "–" if value is None else fmt(value)
+
+
 def _table(rows: list[dict]) -> list[str]:
-    names = list(dict.fromkeys(name for r in rows for name in r["baselines"]))
-    head = ["op", "case", "backend", "time", "time/floor", *(f"vs {n}" for n in names)]
+    op = rows[0]["op"]
+    names = list(dict.fromkeys(name for r in rows for name in r["baselines"])) \
+        if EXTRA_COLUMNS.get(op, (True, []))[0] else []
+    extras = _extra_columns(op, rows)
+    head = ["op", "case", "backend", "time", "time/floor", *(f"vs {n}" for n in names),
+            *(h for h, _ in extras)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         floor = "–" if r["floor_ms"] is None else _ratio(r["time_ms"] / r["floor_ms"])
         speedups = [_ratio(r["baselines"][n] / r["time_ms"]) if n in r["baselines"] else "–"
                     for n in names]
-        cells = [r["op"], r["case"], r["backend"], _ms(r["time_ms"]), floor, *speedups]
+        cells = [r["op"], r["case"], r["backend"], _ms(r["time_ms"]), floor, *speedups,
+                 *(cell(r) for _, cell in extras)]
         lines.append("| " + " | ".join(f"`{c}`" if i < 3 else c for i, c in enumerate(cells)) + " |")
     return lines
 
 
 def markdown(doc: dict, heading: str = "##") -> str:
-    """Tables of ``doc``, one per op: time, time/floor, and speed-up (baseline time / time)."""
+    """Tables of ``doc``, one per op: time, time/floor, speed-up (baseline time / time) and, for
+    workloads, the extras of ``EXTRA_COLUMNS``."""
     lines = [f"{heading} {doc['gpu']}", "",
              f"Copy bandwidth {doc['copy_bandwidth_gbs']:.0f} GB/s (read + write); torch "
              f"{doc['torch']}, triton {doc['triton']}; commit `{doc['commit']}`, {doc['date']}. "

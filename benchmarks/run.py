@@ -3,9 +3,11 @@
     python -m benchmarks.run [--ops prune,swa,sgd,...] [--backends triton,cuda] [--quick] [--out DIR]
     python -m benchmarks.run --smoke --out DIR     # tiny sizes on the CPU: checks the harness only
 
-Each case is timed on every requested swamp backend that implements its op (others are
-skipped with a note) and against its baselines, in the same process. Results are merged into
-``<out>/<gpu-slug>.json`` and ``.md`` after every case (default out: benchmarks/results).
+Each op case is timed on every requested swamp backend that implements its op (others are
+skipped with a note) and against its baselines, in the same process. Workloads (layer and
+training benchmarks, benchmarks/workload.py) time all their variants; ``--backends`` does not
+apply to them. Results are merged into ``<out>/<gpu-slug>.json`` and ``.md`` after every case
+(default out: benchmarks/results).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cases, results, timing
+from benchmarks import cases, results, timing, workload
 from benchmarks.case import Case
+from benchmarks.workload import Workload
 from swamp_kernels import BackendError
 from swamp_kernels._dispatch import implementation
 
@@ -78,7 +81,7 @@ def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--ops", help="comma-separated ops or aliases "
                         f"({', '.join(cases.OP_ALIASES)}); default: all")
-    parser.add_argument("--backends", help="comma-separated swamp backends to time "
+    parser.add_argument("--backends", help="comma-separated swamp backends to time in op cases "
                         f"(default: {','.join(GPU_BACKENDS)}; torch with --smoke)")
     parser.add_argument("--quick", action="store_true", help="fewer runs, no large cases")
     parser.add_argument("--out", type=Path, default=None,
@@ -119,11 +122,12 @@ def main(argv=None) -> int:
     failures = []
     for case in selected:
         print(f"{case.op} {case.name}")
-        runnable = _runnable(case.op, backends, device)
-        if not runnable:
-            continue
         try:
-            rows = measure(case, runnable, device, bandwidth, timing_args, args.smoke)
+            if isinstance(case, Workload):
+                rows = workload.measure(case, device, timing_args, args.smoke)
+            else:
+                runnable = _runnable(case.op, backends, device)
+                rows = measure(case, runnable, device, bandwidth, timing_args, args.smoke) if runnable else []
         except Exception as err:  # noqa: BLE001 -- a failing kernel must not lose the other cases
             failures.append(f"{case.op} {case.name}: {type(err).__name__}: {err}")
             print(f"  FAILED: {failures[-1]}")
@@ -131,7 +135,8 @@ def main(argv=None) -> int:
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        results.save({**header, "results": rows}, out)
+        if rows:
+            results.save({**header, "results": rows}, out)
     if failures:
         print("failed cases:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

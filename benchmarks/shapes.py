@@ -1,12 +1,14 @@
 """Parameter shape lists of the benchmark cases, as plain data.
 
-Both are written out from the architectures, so listing them imports no model library:
+They are written out from the architectures, so listing them imports no model library:
 ResNet-50 as ``torchvision.models.resnet50()`` (tests/test_benchmark_harness.py checks the
-counts), CIFAR ResNet-20 as OpenLTH's ``cifar_resnet_20`` (1x1 conv shortcuts).
+counts and the conv geometry against torchvision), CIFAR ResNet-20 as OpenLTH's
+``cifar_resnet_20`` (1x1 conv shortcuts).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 Shape = tuple[int, ...]
 
@@ -53,6 +55,35 @@ def cifar_resnet20_params() -> list[Shape]:
                 shapes += _conv(c_in, c_out, 1) + _bn(c_out)
             c_in = c_out
     return shapes + [(10, 64), (10,)]
+
+
+class Conv(NamedTuple):
+    """A conv layer's geometry: square ``k x k`` kernel, padding ``k // 2``, no bias, input ``hw x hw``."""
+    c_in: int
+    c_out: int
+    k: int
+    stride: int
+    hw: int
+
+
+def resnet50_convs(image: int = 224) -> list[Conv]:
+    """The 53 conv layers of torchvision's ``resnet50()`` in module order, for ``image``-pixel
+    inputs: stem, then per bottleneck conv1 (1x1), conv2 (3x3, carries the stride), conv3 (1x1)
+    and, in each stage's first block, the 1x1 downsample."""
+    hw = image // 2
+    convs = [Conv(3, 64, 7, 2, image)]
+    hw //= 2  # 3x3 max pool, stride 2
+    c_in = 64
+    for stage, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            convs += [Conv(c_in, planes, 1, 1, hw), Conv(planes, planes, 3, stride, hw),
+                      Conv(planes, 4 * planes, 1, 1, hw // stride)]
+            if b == 0:
+                convs.append(Conv(c_in, 4 * planes, 1, stride, hw))
+            hw //= stride
+            c_in = 4 * planes
+    return convs
 
 
 def numel(shapes: list[Shape]) -> int:

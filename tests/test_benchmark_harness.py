@@ -13,8 +13,12 @@ import pytest
 import torch
 
 import swamp_kernels
-from benchmarks import cases, render, results, run, shapes, timing
-from benchmarks.cases import prune
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from benchmarks import cases, memory, projection, render, results, run, shapes, timing, workload
+from benchmarks.cases import prune, train_resnet50
+from benchmarks.workload import Workload
 from swamp_kernels._dispatch import triton_interpreting
 
 
@@ -42,7 +46,8 @@ def test_smoke_run_writes_a_valid_file_with_every_case(smoke_dir):
     assert sorted(p.name for p in smoke_dir.iterdir()) == ["cpu-smoke.json", "cpu-smoke.md"]
     doc = json.loads((smoke_dir / "cpu-smoke.json").read_text())
     results.validate(doc)
-    by_key = {results.result_key(r): r for r in doc["results"]}
+    op_cases = {c.op for c in cases.CASES}
+    by_key = {results.result_key(r): r for r in doc["results"] if r["op"] in op_cases}
     assert set(by_key) == {(c.op, c.name, "torch") for c in cases.CASES}
     for case in cases.CASES:
         row = by_key[(case.op, case.name, "torch")]
@@ -51,6 +56,60 @@ def test_smoke_run_writes_a_valid_file_with_every_case(smoke_dir):
     table = (smoke_dir / "cpu-smoke.md").read_text()
     for case in cases.CASES:
         assert f"| `{case.op}` | `{case.name}` | `torch` |" in table
+
+
+def _smoke_rows(smoke_dir, op: str) -> list[dict]:
+    doc = results.load(smoke_dir / "cpu-smoke.json")
+    return [r for r in doc["results"] if r["op"] == op]
+
+
+def _expected_workload_rows(op: str) -> set[tuple[str, str, str]]:
+    cpu = torch.device("cpu")
+    return {(w.op, w.name, v) for w in cases.WORKLOADS if w.op == op for v in w.variants
+            if w.runs_on(v, cpu)}
+
+
+@pytest.mark.parametrize("op", ["masked_conv2d", "masked_linear", "particles_train_step",
+                                "resnet50_train_step"])
+def test_smoke_run_has_every_workload_with_its_baselines(smoke_dir, op):
+    rows = _smoke_rows(smoke_dir, op)
+    assert {results.result_key(r) for r in rows} == _expected_workload_rows(op) != set()
+    works = {w.name: w for w in cases.WORKLOADS if w.op == op}
+    for r in rows:
+        work = works[r["case"]]
+        assert r["floor_ms"] is None and "baseline_errors" not in r["extra"], r["extra"].get("baseline_errors")
+        assert set(r["baselines"]) == set(work.baselines) - work.gpu_only
+    table = (smoke_dir / "cpu-smoke.md").read_text()
+    assert all(f"| `{op}` | `{r['case']}` | `{r['backend']}` |" in table for r in rows)
+
+
+def test_smoke_layer_rows_measure_bytes_per_weight_and_ratio_to_dense(smoke_dir):
+    """bf16 weights: swamp keeps a bool mask (1 byte per weight); torch prune keeps weight_orig,
+    a bf16 mask and the recomputed weight (2 more bf16 values per weight)."""
+    rows = _smoke_rows(smoke_dir, "masked_conv2d") + _smoke_rows(smoke_dir, "masked_linear")
+    assert len(rows) == len(dict.fromkeys(shapes.resnet50_convs())) + 1
+    for r in rows:
+        per_weight = r["extra"]["extra_bytes_per_weight"]
+        assert per_weight.pop("torch_prune") == 4.0
+        assert per_weight == dict.fromkeys(per_weight, 1.0) and r["backend"] in per_weight
+        assert math.isclose(r["extra"]["time_ratio_to_dense"], r["time_ms"] / r["baselines"]["dense"])
+
+
+def test_smoke_training_rows_count_images_per_second(smoke_dir):
+    (particles,) = _smoke_rows(smoke_dir, "particles_train_step")
+    ips = particles["extra"]["images_per_second"]
+    per_step = {"concurrent_P4": 4, "one_particle_P1": 1, "sequential_4xP1": 4}
+    times = {**particles["baselines"], particles["backend"]: particles["time_ms"]}
+    batch = particles["extra"]["batch_per_particle"]
+    assert ips == pytest.approx({n: per_step[n] * batch / (times[n] / 1e3) for n in per_step})
+    assert particles["extra"]["speedup_concurrent_over_sequential"] == pytest.approx(
+        ips["concurrent_P4"] / ips["sequential_4xP1"])
+    (resnet,) = _smoke_rows(smoke_dir, "resnet50_train_step")
+    assert resnet["backend"] == "masked" and set(resnet["baselines"]) == {"dense"}
+    assert resnet["extra"]["images_per_second"] == pytest.approx(
+        {"masked": 2e3 / resnet["time_ms"], "dense": 2e3 / resnet["baselines"]["dense"]})
+    assert resnet["extra"]["throughput_ratio_to_dense"] == pytest.approx(
+        resnet["baselines"]["dense"] / resnet["time_ms"])
 
 
 def test_smoke_run_merges_into_an_existing_file(smoke_dir, tmp_path):
@@ -166,12 +225,14 @@ def test_markdown_has_one_table_per_op():
 
 
 # ------------------------------------------------------------------- README render
-README = "# swamp\n\nintro\n\n## Performance\n\n{begin}\nold text\n{end}\n\n## Next\nrest\n"
+README = ("# swamp\n\nintro\n\n## Performance\n\n{begin}\nold text\n{end}\n\n## Next\nrest\n"
+          "{pbegin}\nold projection\n{pend}\nend\n")
 
 
 def _readme(tmp_path):
     path = tmp_path / "README.md"
-    path.write_text(README.format(begin=render.BEGIN, end=render.END))
+    path.write_text(README.format(begin=render.BEGIN, end=render.END, pbegin=render.PROJECTION_BEGIN,
+                                  pend=render.PROJECTION_END))
     return path
 
 
@@ -183,7 +244,9 @@ def test_render_puts_one_section_per_gpu_between_the_markers(tmp_path):
     text = readme.read_text()
     head, rest = text.split(render.BEGIN)
     body, tail = rest.split(render.END)
-    assert head == "# swamp\n\nintro\n\n## Performance\n\n" and tail == "\n\n## Next\nrest\n"
+    assert head == "# swamp\n\nintro\n\n## Performance\n\n"
+    projection_section = f"{render.PROJECTION_BEGIN}\n{projection.NOT_MEASURED}\n{render.PROJECTION_END}"
+    assert tail == f"\n\n## Next\nrest\n{projection_section}\nend\n"
     assert "old text" not in body
     assert body.index("### NVIDIA H100") < body.index("### NVIDIA H200")
     assert "| `swa_update_` | `c` | `triton` | 1.00 ms | 1.00× | 6.00× |" in body
@@ -196,6 +259,28 @@ def test_render_without_results_says_so(tmp_path):
     readme = _readme(tmp_path)
     render.render(readme, tmp_path / "no-results")
     assert f"{render.BEGIN}\n{render.NO_RESULTS}\n{render.END}" in readme.read_text()
+    assert f"{render.PROJECTION_BEGIN}\n{projection.NOT_MEASURED}\n{render.PROJECTION_END}" in readme.read_text()
+
+
+def test_render_projects_from_a_measured_resnet50_step(tmp_path):
+    readme, res = _readme(tmp_path), tmp_path / "results"
+    results.save(_doc("NVIDIA H100", rows=[_resnet_row()]), res)
+    results.save(_doc("NVIDIA A100", rows=[_row()]), res)
+    render.render(readme, res)
+    body = readme.read_text().split(render.PROJECTION_BEGIN)[1].split(render.PROJECTION_END)[0]
+    assert body.count("| IMP |") == 1 and "#### NVIDIA H100: 2,560 images/s" in body
+    assert "A100" not in body and "not counted" in body and "old projection" not in body
+    assert "| `resnet50_train_step` | `resnet50_b256_224px_bf16_channels_last` | `masked` | 100 ms | – | " \
+           "2,560 | 0.98× |" in readme.read_text()
+
+
+def test_render_without_projection_markers_fails_and_leaves_readme_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    text = f"# only bench\n{render.BEGIN}\nx\n{render.END}\n"
+    readme.write_text(text)
+    with pytest.raises(ValueError, match="projection:begin"):
+        render.render(readme, tmp_path)
+    assert readme.read_text() == text
 
 
 def test_render_without_markers_fails_and_leaves_readme_alone(tmp_path):
@@ -204,6 +289,119 @@ def test_render_without_markers_fails_and_leaves_readme_alone(tmp_path):
     with pytest.raises(ValueError, match="markers"):
         render.render(readme, tmp_path)
     assert readme.read_text() == "# no markers\n"
+
+
+# ---------------------------------------------------------------- workload harness
+def _workload(**changes) -> Workload:
+    calls = []
+
+    def counting(name):
+        return lambda x: (lambda: calls.append(name))
+
+    def failing(x):
+        raise RuntimeError("out of memory")
+
+    fields = dict(op="masked_linear", name="w", setup=lambda device, smoke: {"smoke": smoke},
+                  variants={"mine": counting("mine"), "cuda": counting("cuda")},
+                  baselines={"ok": counting("ok"), "broken": failing, "compiled": counting("compiled")},
+                  steps=lambda x: 4, extra=lambda x, row, ms: {"row": row, "seen": sorted(ms)},
+                  gpu_only=frozenset({"compiled"}))
+    return Workload(**{**fields, **changes}), calls
+
+
+def test_workload_rows_share_baselines_and_skip_what_cannot_run(capsys):
+    work, calls = _workload()
+    rows = workload.measure(work, torch.device("cpu"), run.SMOKE_TIMING, smoke=True)
+    out = capsys.readouterr().out
+    assert "skip compiled: needs CUDA" in out and "skip cuda" in out
+    assert [r["backend"] for r in rows] == ["mine"] and set(calls) == {"mine", "ok"}
+    (row,) = rows
+    results.validate(_doc(rows=rows))
+    assert set(row["baselines"]) == {"ok"} and row["floor_ms"] is None
+    assert row["extra"] == {"row": "mine", "seen": ["mine", "ok"],
+                            "baseline_errors": {"broken": "RuntimeError: out of memory"}}
+
+
+def test_workload_times_are_per_step(monkeypatch):
+    monkeypatch.setattr(timing, "time_ms", lambda call, device, **kw: 10.0)
+    work, _ = _workload(baselines={})
+    (row,) = workload.measure(work, torch.device("cpu"), run.SMOKE_TIMING, smoke=True)
+    assert row["time_ms"] == 2.5
+
+
+def test_failing_workload_variant_fails_the_case_not_the_run(tmp_path, monkeypatch, capsys):
+    def broken(x):
+        raise RuntimeError("kernel crashed")
+    work, _ = _workload(variants={"mine": broken})
+    monkeypatch.setattr(cases, "WORKLOADS", (work,))
+    assert run.main(["--smoke", "--ops", "masked_linear,masks", "--out", str(tmp_path)]) == 1
+    assert "masked_linear w: RuntimeError: kernel crashed" in capsys.readouterr().err
+    assert {r["op"] for r in results.load(tmp_path / "cpu-smoke.json")["results"]} == {"apply_masks_"}
+
+
+def test_owned_bytes_counts_parameters_buffers_and_tensor_attributes_once():
+    conv = nn.Conv2d(4, 8, 3, bias=False)
+    assert memory.owned_bytes(conv) == 4 * conv.weight.numel()
+    torch_prune.custom_from_mask(conv, "weight", torch.rand(conv.weight.shape) < 0.2)
+    assert memory.owned_bytes(conv) == 3 * 4 * conv.weight.numel()  # weight_orig, mask, weight
+    shared = nn.Sequential(conv, conv)
+    assert memory.owned_bytes(shared) == memory.owned_bytes(conv)
+    module, nbytes = memory.built_bytes(lambda: nn.Linear(3, 5), torch.device("cpu"))
+    assert isinstance(module, nn.Linear) and nbytes == 4 * (15 + 5)
+
+
+@pytest.mark.parametrize("op", ["masked_conv2d", "masked_linear"])
+def test_layer_variants_compute_the_dense_layer_on_masked_weights(op):
+    """Every approach gives the dense layer's output and input gradient, and a weight gradient
+    that is the dense one masked (the dense baseline's is not masked)."""
+    work = next(w for w in cases.WORKLOADS if w.op == op)
+    x = work.setup(torch.device("cpu"), True)
+    layer_grads = {}
+    for name, factory in {**work.variants, **work.baselines}.items():
+        if not work.runs_on(name, torch.device("cpu")):
+            continue
+        factory(x)()
+        layer = x["layers"][name]
+        weight = layer.weight_orig if name == "torch_prune" else layer.weight
+        layer_grads[name] = (layer(x["input"]).detach(), x["input"].grad.clone(), weight.grad.clone())
+    out, grad_in, grad_w = layer_grads.pop("dense")
+    assert torch.equal(x["layers"]["dense"].weight, x["weight"]) and not (grad_w[~x["mask"]] == 0).all()
+    for name, (o, gi, gw) in layer_grads.items():
+        torch.testing.assert_close(o, out, msg=name)
+        torch.testing.assert_close(gi, grad_in, msg=name)
+        torch.testing.assert_close(gw, grad_w * x["mask"], msg=name)
+
+
+def test_workload_names_and_geometry():
+    convs = [w for w in cases.WORKLOADS if w.op == "masked_conv2d"]
+    assert len(convs) == len({w.name for w in convs}) == 23
+    assert len({(w.op, w.name) for w in cases.WORKLOADS}) == len(cases.WORKLOADS)
+    assert {c.op for c in cases.select(["conv", "linear", "particles", "resnet50"])} == {
+        "masked_conv2d", "masked_linear", "particles_train_step", "resnet50_train_step"}
+
+
+# --------------------------------------------------------------------- projection
+def _resnet_row(time_ms=100.0, images=256) -> dict:
+    return _row(op="resnet50_train_step", case=train_resnet50.CASE, backend="masked", time_ms=time_ms,
+                floor_ms=None, baselines={"dense": 98.0},
+                extra={"images_per_step": images, "images_per_second": {"masked": 2560.0},
+                       "throughput_ratio_to_dense": 0.98})
+
+
+def test_projection_of_imagenet_runs_from_the_measured_step():
+    """2560 images/s per GPU. IMP: 7500 * 1024 rewind images + 11 levels * (90 * 1,281,167 -
+    7,680,000) = 1,191,555,330 images; SWAMP: 4 particles per level, 4,743,181,320 images."""
+    assert projection.images_trained(1) == 1_191_555_330
+    assert projection.images_trained(4) == 4_743_181_320
+    table = projection.markdown(_doc(rows=[_resnet_row()]))
+    assert "2,560 images/s per GPU" in table
+    imp_8 = 1_191_555_330 / (2560 * 8 * 0.90) / 3600
+    swamp_128 = 4_743_181_320 / (2560 * 128 * 0.80) / 3600
+    assert f"| IMP | 1.19e9 | {imp_8:.1f} h ({imp_8 / 24:.2f} days) |" in table
+    assert table.splitlines()[-1].startswith("| SWAMP | 4.74e9 |")
+    assert table.endswith(f"| {swamp_128:.1f} h ({swamp_128 / 24:.2f} days) |")
+    assert projection.markdown(_doc(rows=[_row()])) is None
+    assert projection.markdown(_doc(rows=[{**_resnet_row(), "backend": "dense"}])) is None
 
 
 # ------------------------------------------------------------------- atomic write
@@ -237,6 +435,18 @@ def test_shape_lists_match_the_models():
     tiny = shapes.shrink(shapes.resnet50_params())
     assert [len(s) for s in tiny] == [len(s) for s in shapes.resnet50_params()[:len(tiny)]]
     assert max(shapes.numel([s]) for s in tiny) <= 512
+
+
+def test_resnet50_conv_geometry_matches_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    model, seen = torchvision.models.resnet50(), []
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        assert (conv.padding[0], conv.bias) == (conv.kernel_size[0] // 2, None)
+        conv.register_forward_pre_hook(lambda m, args: seen.append(shapes.Conv(
+            m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], args[0].shape[-1])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert shapes.resnet50_convs() == seen and len(seen) == 53
 
 
 def test_select_by_alias_and_quick():
