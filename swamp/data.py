@@ -169,9 +169,9 @@ class FolderData:
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, self.num_train // batch_size)
 
-    def _loader(self, dataset, batch_size, sampler=None, generator=None):
+    def _loader(self, dataset, batch_size, sampler=None, generator=None, drop_last=False):
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, generator=generator, drop_last=sampler is not None,
+            dataset, batch_size=batch_size, sampler=sampler, generator=generator, drop_last=drop_last,
             num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
 
@@ -186,7 +186,8 @@ class FolderData:
         part = _shard_slice(batch_size, shard)
         dataset = self.train if augment else self.train_plain
         loaders = [self._loader(dataset, part.stop - part.start, self._rank_order(g, batch_size, part),
-                                torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g))))
+                                torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g))),
+                                drop_last=True)
                    for g in generators]
         for batches in zip(*loaders):
             yield (torch.stack([x for x, _ in batches]).to(self.device, non_blocking=True),
@@ -195,9 +196,10 @@ class FolderData:
     def eval_batches(self, split: str, batch_size: int, shard: Shard = (0, 1)):
         dataset = self.train_plain if split == "train" else self.test
         index, count = shard
-        for i, (x, y) in enumerate(self._loader(dataset, batch_size)):
-            if i % count == index:
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        rows = [j for start in range(index * batch_size, len(dataset), count * batch_size)
+                for j in range(start, min(start + batch_size, len(dataset)))]   # only this rank's batches
+        for x, y in self._loader(dataset, batch_size, rows):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def _normalised(x_train: np.ndarray, x_test: np.ndarray):

@@ -25,7 +25,8 @@ Design: weights are stored masked.
   optimizer holds, in one :func:`swamp_kernels.apply_masks_` call per device. It covers what a
   zero gradient cannot: weight decay, momentum or Adam state from before pruning, and
   optimizers that do not act entry-wise. No user call is needed, and optimizers holding no
-  masked weight are untouched. Optimizers that do not subclass ``torch.optim.Optimizer`` are
+  masked weight are untouched; :class:`swamp.optim.MaskedSGD` steps already applying a layer's
+  own mask are skipped (``optimizer.masks_in_step(weight, mask)``). Optimizers that do not subclass ``torch.optim.Optimizer`` are
   not seen by the hook: call :func:`zero_pruned_` after their step. A compiled
   ``optimizer.step`` is not covered either.
 
@@ -90,6 +91,10 @@ class MaskedLayer(nn.Module):
     weight: torch.Tensor
     weight_mask: torch.Tensor
 
+    def __init__(self, *args, **kwargs) -> None:   # the dense layer's arguments
+        super().__init__(*args, **kwargs)
+        self._add_mask()
+
     def _add_mask(self) -> None:
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
         _LIVE.add(self)
@@ -112,20 +117,12 @@ class MaskedLayer(nn.Module):
 class MaskedLinear(MaskedLayer, nn.Linear):
     """``nn.Linear`` whose pruned weights (``weight_mask`` False) stay 0. Same arguments as ``nn.Linear``."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._add_mask()
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, mask_grad(self.weight, self.weight_mask), self.bias)
 
 
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
     """``nn.Conv2d`` whose pruned weights (``weight_mask`` False) stay 0. Same arguments as ``nn.Conv2d``."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._add_mask()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, mask_grad(self.weight, self.weight_mask), self.bias)
@@ -193,7 +190,9 @@ def _zero_pruned_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> N
     if not _LIVE:
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    layers = [layer for layer in list(_LIVE) if id(layer.weight) in stepped]
+    masked_by_step = getattr(optimizer, "masks_in_step", lambda param, mask: False)
+    layers = [layer for layer in list(_LIVE)
+              if id(layer.weight) in stepped and not masked_by_step(layer.weight, layer.weight_mask)]
     if layers:
         _zero_pruned(layers)
 

@@ -78,6 +78,11 @@ class MaskedSGD(torch.optim.Optimizer):
         """The masked params and their masks (a new dict)."""
         return dict(self._masks)
 
+    def masks_in_step(self, param: torch.Tensor, mask: torch.Tensor) -> bool:
+        """True if every step multiplies ``param`` by this very ``mask`` tensor (the masked
+        layers' optimizer hook then skips re-masking it)."""
+        return self._masks.get(param) is mask
+
     @torch.no_grad()
     def step(self, closure=None):
         """One SGD step on the masked gradients; returns ``closure()``'s loss if given."""

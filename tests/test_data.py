@@ -96,6 +96,39 @@ def test_image_folder(tmp_path):
     assert len(batches) == 2 and batches[0][0].shape == (2, 3, 3, 16, 16) and batches[0][1].shape == (2, 3)
     x, y = next(data.eval_batches("test", 4))
     assert x.shape == (4, 3, 16, 16) and y.tolist() == [0, 0, 0, 1]
+    whole = [y.tolist() for _, y in data.eval_batches("train", 2)]
+    shards = [[y.tolist() for _, y in data.eval_batches("train", 2, shard=(i, 2))] for i in range(2)]
+    assert shards == [whole[0::2], whole[1::2]]
+    generators = lambda: [epoch_generator(0, 0, p, 0) for p in range(2)]
+    full = [x for x, _ in data.train_batches(generators(), 4, augment=False)]
+    halves = [[x for x, _ in data.train_batches(generators(), 4, augment=False, shard=(i, 2))] for i in range(2)]
+    assert len(full) == len(halves[0]) == 1
+    assert torch.equal(torch.cat([halves[0][0], halves[1][0]], dim=1), full[0])
+
+
+def test_data_parallel_shards_split_every_batch_whatever_the_rank_count():
+    data = indexed_data(n=48, crop_padding=0)
+    generators = lambda: [epoch_generator(0, 3, p, 1) for p in range(2)]
+    whole = [x for x, _ in data.train_batches(generators(), 12)]
+    for count in (2, 3, 4):
+        parts = [[x for x, _ in data.train_batches(generators(), 12, shard=(i, count))] for i in range(count)]
+        for step, batch in enumerate(whole):
+            assert torch.equal(torch.cat([p[step] for p in parts], dim=1), batch)
+    with pytest.raises(ValueError, match="multiple of 5"):
+        next(data.train_batches(generators(), 12, shard=(0, 5)))
+    tests = [x for x, _ in data.eval_batches("train", 10)]
+    shards = [[x for x, _ in data.eval_batches("train", 10, shard=(i, 2))] for i in range(2)]
+    assert [t.flatten().tolist() for t in tests[0::2]] == [t.flatten().tolist() for t in shards[0]]
+    assert [t.flatten().tolist() for t in tests[1::2]] == [t.flatten().tolist() for t in shards[1]]
+
+
+def test_synthetic_inputs_repeat_a_bounded_pool():
+    from swamp.data import SYNTHETIC_POOL
+    data = load_data(DataConfig(name="synthetic", shape=[2, 3], classes=4, train_size=SYNTHETIC_POOL + 40,
+                                test_size=8))
+    assert data.num_train == SYNTHETIC_POOL + 40 and len(data.x_train) == SYNTHETIC_POOL
+    rows = [x for x, _ in data.eval_batches("train", SYNTHETIC_POOL)]
+    assert torch.equal(rows[1], data.x_train[:40])
 
 
 def indexed_data(n=50, **kwargs):

@@ -191,3 +191,21 @@ def test_bad_input_raises(kwargs, error, match):
     params, _ = make_model("cpu")
     with pytest.raises(error, match=match):
         MaskedSGD(params, **{"lr": 0.1, **kwargs})
+
+
+def test_layer_hook_skips_weights_masked_sgd_already_masks(monkeypatch):
+    from swamp import nn as snn
+    layer, other = snn.MaskedLinear(6, 4), snn.MaskedLinear(6, 4)
+    for l in (layer, other):
+        l.weight_mask.copy_(torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) < 0.5)
+        snn.zero_pruned_(l)
+    opt = MaskedSGD([layer.weight, other.weight], lr=0.1, weight_decay=0.1,
+                    masks={layer.weight: layer.weight_mask, other.weight: other.weight_mask.clone()})
+    assert opt.masks_in_step(layer.weight, layer.weight_mask)
+    assert not opt.masks_in_step(other.weight, other.weight_mask)
+    rezeroed = []
+    monkeypatch.setattr(snn, "_zero_pruned", lambda layers: rezeroed.append(list(layers)))
+    (layer(torch.randn(3, 6)).sum() + other(torch.randn(3, 6)).sum()).backward()
+    opt.step()
+    assert rezeroed == [[other]]
+    assert not layer.weight[~layer.weight_mask].any()

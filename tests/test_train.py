@@ -1,0 +1,109 @@
+"""swamp.train: the two engines agree, channels_last / label smoothing / torch.compile, and a
+stage resumed from any epoch checkpoint ends bitwise equal to an uninterrupted one."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swamp import cli
+from swamp import config as C
+from swamp.data import epoch_generator, load_data
+from swamp.distributed import Group
+from swamp.models import build_model
+from swamp.sparsify import set_masks, sparsify
+from swamp.train import ModuleEngine, StackedEngine, stack_state, train_particles
+
+
+def setup(model: str, **train):
+    torch.set_num_threads(1)
+    config = C.from_dict({"model": {"name": model, "hidden": [24]}, "device": "cpu",
+                          "data": {"name": "synthetic", "shape": [3, 8, 8], "classes": 5, "train_size": 96,
+                                   "test_size": 16},
+                          "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "milestones": [2], **train},
+                          "swa": {"start": 0.3, "lr": 0.02}})
+    data = load_data(config.data)
+    torch.manual_seed(0)
+    model = sparsify(build_model(config.model, data.input_shape, data.num_classes))
+    masks = {n[:-len("_mask")]: torch.rand(b.shape, generator=torch.Generator().manual_seed(i)) < 0.7
+             for i, (n, b) in enumerate(model.named_buffers()) if n.endswith("weight_mask")}
+    set_masks(model, masks)
+    return config, data, model
+
+
+def batches(data, steps: int):
+    out = data.train_batches([epoch_generator(0, 0, 0, 0)], 32)
+    return [next(out) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cifar_resnet_8"])
+def test_module_and_stacked_engines_agree(model):
+    config, data, net = setup(model, weight_decay=1e-3, nesterov=True)
+    engines = [cls(net, stack_state(net, 1), config, Group.single()) for cls in (ModuleEngine, StackedEngine)]
+    for x, y in batches(data, 3):
+        losses = [engine.step(x, y, lr=0.05) for engine in engines]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    module, stacked = (engine.state() for engine in engines)
+    assert module.keys() == stacked.keys()
+    for name in module:
+        torch.testing.assert_close(module[name], stacked[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, mask in net.named_buffers():
+        if name.endswith("weight_mask"):
+            assert not module[name[:-5]][0][~mask].any()
+
+
+def test_channels_last_and_label_smoothing():
+    config, data, net = setup("cifar_resnet_8", label_smoothing=0.1)
+    (x, y), = batches(data, 1)
+    plain = ModuleEngine(net, stack_state(net, 1), config, Group.single())
+    last = ModuleEngine(net, stack_state(net, 1), C.from_dict({**C.to_dict(config), "train": {
+        **C.to_dict(config)["train"], "channels_last": True}}), Group.single())
+    conv = next(p for p in last.params if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = F.cross_entropy(plain.module(x[0]), y[0], label_smoothing=0.1)
+    losses = [engine.step(x, y, lr=0.05) for engine in (plain, last)]
+    torch.testing.assert_close(losses[0], expected.unsqueeze(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain.params, last.params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_module_engine_matches_eager():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler")
+    config, data, net = setup("mlp")
+    compiled = C.from_dict({**C.to_dict(config), "train": {**C.to_dict(config)["train"], "compile": True}})
+    engines = [ModuleEngine(net, stack_state(net, 1), c, Group.single()) for c in (config, compiled)]
+    for x, y in batches(data, 2):
+        losses = [engine.step(x, y, lr=0.05) for engine in engines]
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(engines[0].params, engines[1].params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("particles", [1, 2])
+def test_resuming_from_each_epoch_checkpoint_is_bitwise_equal(particles):
+    config, data, net = setup("cifar_resnet_8", epochs=4, checkpoint_every=1)
+    checkpoints = []
+    full = train_particles(net, stack_state(net, particles), data, config, stage=0, begin=5, end=12, swa=True,
+                           checkpoint=checkpoints.append)
+    assert [c["epoch"] for c in checkpoints] == [2, 3] and full.swa
+    for checkpoint in checkpoints:
+        resumed = train_particles(net, stack_state(net, particles), data, config, stage=0, begin=5, end=12,
+                                  swa=True, resume=checkpoint)
+        assert resumed.state.keys() == full.state.keys() and resumed.images == full.images
+        assert all(torch.equal(resumed.state[n], full.state[n]) for n in full.state)
+        assert resumed.train_loss == full.train_loss
+
+
+def test_dry_run_needs_no_data(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {name: cifar10, path: /nonexistent/cifar}\nmodel: {name: cifar_resnet_8}\n"
+                      "method: imp\nlevels: 3\ntrain: {batch_size: 8, epochs: 90}\ndevice: cpu\n")
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "run"), "--dry-run", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "images/s:" in out and "| 1 |" in out and "| 2 |" not in out
+    resolved = C.load(tmp_path / "run" / "config.yaml")
+    assert resolved.data.name == "synthetic" and resolved.data.shape == [3, 32, 32] and resolved.data.classes == 10
+    assert resolved.train.epochs == 1 and resolved.data.train_size == 20 * 8
