@@ -10,12 +10,24 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)' \
     | tee "$OUT/versions.txt"
-start=$(date +%s)
-if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; exit 1
-fi
-echo "build: $(( $(date +%s) - start )) s"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
-python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-echo "bench rc=$?"; tail -40 "$OUT/bench.log"
+# PARTS picks steps (default all): a session whose 10-minute calls cannot hold everything runs
+# PARTS="build tests" in one call and PARTS="build bench" BENCH_ARGS="--ops ..." in the next.
+PARTS=${PARTS:-build tests bench}
+for part in $PARTS; do
+    case $part in
+    build)
+        start=$(date +%s)
+        if ! python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+            tail -40 "$OUT/build.log"; exit 1
+        fi
+        echo "build: $(( $(date +%s) - start )) s" ;;
+    tests)
+        python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
+        echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log" ;;
+    bench)
+        python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+        echo "bench rc=$?"; tail -40 "$OUT/bench.log" ;;
+    *)
+        echo "unknown part $part (build, tests, bench)"; exit 2 ;;
+    esac
+done
