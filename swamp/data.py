@@ -136,8 +136,10 @@ class TensorData:
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
         index, count = shard
         for start in range(index * batch_size, len(y), count * batch_size):
-            rows = torch.arange(start, min(start + batch_size, len(y)), device=x.device) % len(x)
-            yield x[rows], y[start:start + batch_size]
+            stop = min(start + batch_size, len(y))
+            rows = (slice(start, stop) if stop <= len(x)    # stored rows: a view, no gather
+                    else torch.arange(start, stop, device=x.device) % len(x))
+            yield x[rows], y[start:stop]
 
 
 class FolderData:

@@ -25,11 +25,18 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "Group", "Topology", "Placement", "launched", "setup", "teardown"]
+__all__ = ["DistributedError", "collective_failure", "Group", "Topology", "Placement", "launched", "setup", "teardown"]
 
 
 class DistributedError(RuntimeError):
     """A collective failed or timed out: another rank died or stalled."""
+
+
+def collective_failure(where: str, timeout_s: float, error: BaseException) -> DistributedError:
+    """The error a rank raises when a collective (``where``) failed or timed out."""
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DistributedError(f"{where} failed: another rank died or stalled for more than "
+                            f"distributed.timeout_s = {timeout_s:g} s ({cause})")
 
 
 def launched() -> bool:
@@ -74,10 +81,8 @@ class Group:
         try:
             yield
         except RuntimeError as error:
-            raise DistributedError(
-                f"rank {self.ranks[self.index]}: {what} with ranks {list(self.ranks)} failed: another rank "
-                f"died or stalled for more than distributed.timeout_s = {self.timeout_s:g} s "
-                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
+            raise collective_failure(f"rank {self.ranks[self.index]}: {what} with ranks {list(self.ranks)}",
+                                     self.timeout_s, error) from error
 
     @staticmethod
     def single() -> "Group":

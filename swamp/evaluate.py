@@ -56,7 +56,7 @@ def _combine_ranks_(norms, group: Group) -> None:
     for i, m in enumerate(norms):
         m.running_mean.copy_(sums[2 * i] / counts[i])
         m.running_var.copy_(sums[2 * i + 1] / counts[i])
-        m.num_batches_tracked.fill_(int(counts[i].item()))
+        m.num_batches_tracked.copy_(counts[i])
 
 
 def test_probabilities(net: nn.Module, data, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ from torch.distributed import DistError
 from swamp import distributed, evaluate
 from swamp.config import Config, ConfigError, DataConfig, dump, from_dict, validate
 from swamp.data import derive_seed, input_spec, load_data
-from swamp.distributed import DistributedError, Group, Placement, Topology
+from swamp.distributed import Group, Placement, Topology
 from swamp.models import build_model
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
@@ -119,10 +119,9 @@ def _distributed(config: Config, body: Callable[[Topology], dict]) -> dict:
     try:
         summary = body(topology)
     except DistError as error:   # NCCL's own errors, raised outside our collectives
-        raise DistributedError(
-            f"rank {topology.world.index} of {topology.world.size}: a collective failed: another rank "
-            f"died or stalled for more than distributed.timeout_s = {config.distributed.timeout_s:g} s "
-            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from error
+        raise distributed.collective_failure(
+            f"rank {topology.world.index} of {topology.world.size}: a collective",
+            config.distributed.timeout_s, error) from error
     distributed.teardown()
     return summary
 

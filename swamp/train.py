@@ -248,19 +248,12 @@ class TrainResult:
     seconds: float
 
 
-def _world_mean(value: float, placement: Placement, device) -> float:
-    """Mean over every rank of the stage (data ranks x particle groups) of ``value``."""
+def _over_stage(value: float, placement: Placement, device, mean: bool) -> float:
+    """Sum (or mean) over every rank of the stage (data ranks x particle groups) of ``value``."""
     box = torch.tensor([value], dtype=torch.float64, device=device)
-    placement.data.all_reduce_([box], mean=True)
-    placement.cross.all_reduce_([box], mean=True)
+    placement.data.all_reduce_([box], mean=mean)
+    placement.cross.all_reduce_([box], mean=mean)
     return box.item()
-
-
-def _world_sum(value: int, placement: Placement, device) -> int:
-    box = torch.tensor([value], dtype=torch.int64, device=device)
-    placement.data.all_reduce_([box])
-    placement.cross.all_reduce_([box])
-    return int(box.item())
 
 
 class _Checkpoints:
@@ -353,7 +346,7 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
                     swamp_kernels.swa_update_([swa_state[n] for n in engine.names],
                                               [p.unsqueeze(0) for p in params], averaged)
                 averaged += 1
-            mean_loss = _world_mean((loss_sum / max(loss_count, 1)).mean().item(), placement, device)
+            mean_loss = _over_stage((loss_sum / max(loss_count, 1)).mean().item(), placement, device, mean=True)
             log(f"stage {stage} epoch {epoch + 1}/{train.epochs} lr {lr:.5g} "
                 f"loss {mean_loss:.4f} particles {particles * placement.cross.size}")
             if pbar is not None:
@@ -373,4 +366,4 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
     if swa and averaged:
         final.update(swa_state)
     return TrainResult(final, bool(swa and averaged), mean_loss,
-                       _world_sum(images, placement, device), seconds)
+                       round(_over_stage(images, placement, device, mean=False)), seconds)
