@@ -181,12 +181,13 @@ def _evaluate_level(model, result, data, config: Config, masks: dict, placement:
     return final, metrics
 
 
-def _stage_checkpoint(out: Path, stage: int, device) -> dict | None:
-    """The saved checkpoint of ``stage``, if the last run was killed inside it."""
+def _stage_checkpoint(out: Path, stage: int) -> dict | None:
+    """The saved checkpoint of ``stage``, if the last run was killed inside it; memory-mapped on
+    the CPU, so each rank reads only the particles it trains."""
     path = out / "checkpoint.pt"
     if not path.is_file():
         return None
-    checkpoint = torch.load(path, map_location=device)
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     return checkpoint if checkpoint["stage"] == stage else None
 
 
@@ -233,7 +234,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
         if rewind:
             state = train_particles(model, state, data, config, stage=-1, begin=0, end=rewind, swa=False,
                                     placement=topology.placement(1), checkpoint=checkpoint,
-                                    resume=_stage_checkpoint(out, -1, device),
+                                    resume=_stage_checkpoint(out, -1),
                                     log=lambda line: log(f"pretrain {line}"),
                                     progress=progress("pretrain")).state
         topology.world.broadcast_(list(state.values()))
@@ -261,7 +262,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
                      for n, t in rewind_state.items()}
             result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
                                      swa=swa, placement=placement, checkpoint=checkpoint,
-                                     resume=_stage_checkpoint(out, level, device),
+                                     resume=_stage_checkpoint(out, level),
                                      log=lambda line: log(f"level {level} {line}"),
                                      progress=progress(f"level {level}"))
             final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)

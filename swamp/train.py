@@ -278,10 +278,11 @@ class _Checkpoints:
         return {**full, **progress}
 
     @staticmethod
-    def local(checkpoint: dict, placement: Placement) -> dict:
-        """This process's particles out of a checkpoint's stacked tensors."""
+    def local(checkpoint: dict, placement: Placement, device: torch.device) -> dict:
+        """This process's particles out of a checkpoint's stacked tensors, on ``device``
+        (the checkpoint may be memory-mapped on the CPU: only these rows are read)."""
         rows = list(placement.particles)
-        return {part: {n: t[rows].clone() for n, t in checkpoint[part].items()}
+        return {part: {n: t[rows].to(device) for n, t in checkpoint[part].items()}
                 for part in ("state", "momentum", "swa")}
 
 
@@ -303,10 +304,10 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
     train = config.train
     particles = next(iter(state.values())).shape[0]
     placement = placement or Placement(tuple(range(particles)), Group.single(), Group.single())
-    if resume is not None:
-        local = _Checkpoints.local(resume, placement)
-        state = local["state"]
     device = next(iter(state.values())).device
+    if resume is not None:
+        local = _Checkpoints.local(resume, placement, device)
+        state = local["state"]
     engine = (ModuleEngine if particles == 1 else StackedEngine)(model, state, config, placement.data)
     steps_per_epoch = data.steps_per_epoch(train.batch_size)
     swa_epoch = math.floor(config.swa.start * train.epochs)
