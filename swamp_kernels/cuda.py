@@ -3,8 +3,9 @@
 Importing this module never needs the extension; an op imports ``swamp_kernels._C``
 (which registers ``torch.ops.swamp_kernels.*``) when it first runs, and raises
 ImportError if the extension was not built. The dispatcher checks availability first.
-Kernels read contiguous memory: non-contiguous operands run on contiguous copies that
-are written back.
+Kernels read contiguous memory: the elementwise ops pass flat memory-order views
+(:class:`~swamp_kernels._tensors.ElementwiseOperands`, no copies where an index's operands
+share a dense layout such as channels_last); pruning runs on contiguous stand-ins.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numbers
 
 import torch
 
-from swamp_kernels._tensors import dense_optional, dense_view, elementwise_views, write_back
+from swamp_kernels._tensors import ElementwiseOperands, allocate_first_buffers, dense_view, empty_particle_row
 from swamp_kernels._validate import prune_count, raise_if_nonfinite
 
 
@@ -25,43 +26,45 @@ def _ops():
 
 def apply_masks_(tensors, masks) -> None:
     """Masks have each tensor's shape, or its shape without the leading particle dim."""
-    xs, ms = elementwise_views(tensors, masks)
-    _ops().apply_masks_(xs, ms)
-    write_back(tensors, xs)
+    operands = ElementwiseOperands([tensors, masks], written=(0,))
+    _ops().apply_masks_(*operands.columns)
+    operands.write_back()
 
 
 def particle_average(params, masks=None) -> list[torch.Tensor]:
-    """New contiguous tensors: the masked mean over each param's leading particle dim."""
-    return _ops().particle_average([dense_view(p) for p in params], dense_optional(masks, len(params)))
+    """New tensors: the masked mean over each param's leading particle dim, laid out like one
+    particle (:func:`~swamp_kernels._tensors.particle_row_strides`); ``swa_update_`` at 0."""
+    outs = [empty_particle_row(p) for p in params]
+    swa_update_(outs, params, 0, masks)
+    return outs
 
 
 def swa_update_(swa, params, n_averaged: int, masks=None) -> None:
     """``swa += (mean_p(params) - swa) / (n_averaged + 1)`` in place; ``swa`` is not read at 0."""
-    outs = [dense_view(s) for s in swa]
-    _ops().swa_update_(outs, [dense_view(p) for p in params], n_averaged, dense_optional(masks, len(params)))
-    write_back(swa, outs)
+    operands = ElementwiseOperands([params, swa, masks or [None] * len(params)], written=(1,))
+    ps, outs, ms = operands.columns
+    _ops().swa_update_(outs, ps, n_averaged, ms)
+    operands.write_back()
 
 
 def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, dampening,
                      weight_decay, nesterov, maximize) -> None:
     """Inputs validated by :func:`swamp_kernels.masked_sgd_step_`; new buffers go into ``momentum_buffers``.
 
-    With momentum, a None buffer is allocated here (param dtype, contiguous) and the kernel
+    With momentum, a None buffer is allocated here (param dtype and layout) and the kernel
     writes its first value; without momentum, no buffer is passed or touched.
     """
-    first_step, buffers = [], []
+    count = len(params)
+    first_step, buffers = [], [None] * count
     if momentum != 0:
-        first_step = [b is None for b in momentum_buffers]
-        for i in (i for i, first in enumerate(first_step) if first):
-            momentum_buffers[i] = torch.empty(params[i].shape, dtype=params[i].dtype, device=params[i].device)
+        first_step = allocate_first_buffers(params, momentum_buffers)
         buffers = momentum_buffers
-    ps = [dense_view(p) for p in params]
-    bs = [dense_view(b) for b in buffers]
-    _ops().masked_sgd_step_(ps, [dense_view(g) for g in grads], bs, first_step, dense_optional(masks, len(params)),
+    operands = ElementwiseOperands([params, grads, buffers, masks or [None] * count], written=(0, 2))
+    ps, gs, bs, ms = operands.columns
+    _ops().masked_sgd_step_(ps, gs, bs if momentum != 0 else [], first_step, ms,
                             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                             nesterov=nesterov, maximize=maximize)
-    write_back(params, ps)
-    write_back(buffers, bs)
+    operands.write_back()
 
 
 def _magnitude_prune(op, weights, masks, amount, scores):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from swamp_kernels._tensors import elementwise_views, group_by, write_back
+from swamp_kernels._tensors import ElementwiseOperands, group_by
 from swamp_kernels.triton.multi_tensor import address_table, chunk_map, int64_table, tl_dtype
 
 CHUNK = 4096
@@ -25,8 +25,10 @@ def _apply_masks_kernel(x_addrs, mask_addrs, numels, mask_numels, chunk_tensor, 
 
 
 def apply_masks_(tensors, masks) -> None:
-    """Masks have each tensor's shape, or its shape without the leading particle dim."""
-    xs, ms = elementwise_views(tensors, masks)
+    """Masks have each tensor's shape, or its shape without the leading particle dim; operands
+    sharing a dense layout (e.g. channels_last) run in place."""
+    operands = ElementwiseOperands([tensors, masks], written=(0,))
+    xs, ms = operands.columns
     device = xs[0].device
     for idx in group_by([x.dtype for x in xs]).values():
         chunks = chunk_map([xs[i].numel() for i in idx], CHUNK, device)
@@ -36,4 +38,4 @@ def apply_masks_(tensors, masks) -> None:
             address_table([xs[i] for i in idx], device), address_table([ms[i] for i in idx], device),
             chunks.numels, int64_table([max(ms[i].numel(), 1) for i in idx], device),
             chunks.chunk_tensor, chunks.chunk_start, DTYPE=tl_dtype(xs[idx[0]].dtype), CHUNK=CHUNK)
-    write_back(tensors, xs)
+    operands.write_back()

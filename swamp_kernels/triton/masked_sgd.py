@@ -8,6 +8,8 @@ reads its mask chunk once and updates that chunk in every row, in float32 regist
 Per launch, one int64 table holds six columns of T entries: param, grad and momentum
 buffer addresses, mask addresses, mask lengths (0: no mask), row counts.
 On the first momentum step the host allocates the buffers and the kernel writes them.
+Operands are flat memory-order views (:class:`~swamp_kernels._tensors.ElementwiseOperands`):
+a channels_last param, grad, buffer and mask are updated in place, without copies.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from swamp_kernels._tensors import dense_optional, dense_view, group_by, write_back
+from swamp_kernels._tensors import ElementwiseOperands, allocate_first_buffers, group_by
 from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, tl_dtype
 from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
@@ -67,31 +69,31 @@ def _row_split(param: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int
 
 def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, dampening,
                      weight_decay, nesterov, maximize) -> None:
-    """Inputs validated by :func:`swamp_kernels.masked_sgd_step_`; new buffers go into ``momentum_buffers``."""
+    """Inputs validated by :func:`swamp_kernels.masked_sgd_step_`; new buffers (in their
+    param's layout) go into ``momentum_buffers``. Operands sharing a dense layout run in place."""
     device = params[0].device
-    masks = dense_optional(masks, len(params))
-    first_step = [momentum != 0 and b is None for b in momentum_buffers]
-    for i in (i for i, first in enumerate(first_step) if first):
-        momentum_buffers[i] = torch.empty(params[i].shape, dtype=params[i].dtype, device=device)
-    ps = [dense_view(p) for p in params]
-    gs = [dense_view(g) for g in grads]
-    with_buffer = [i for i, b in enumerate(momentum_buffers) if b is not None and momentum != 0]
-    buffers = list(ps)  # a param's own address stands in for a buffer the kernel never touches
-    for i in with_buffer:
-        buffers[i] = dense_view(momentum_buffers[i])
+    count = len(params)
+    buffers = [None] * count
+    first_step = [False] * count
+    if momentum != 0:
+        first_step = allocate_first_buffers(params, momentum_buffers)
+        buffers = momentum_buffers
+    operands = ElementwiseOperands([params, grads, buffers, masks or [None] * count], written=(0, 2))
+    ps, gs, bs, ms = operands.columns
+    # a param's own address stands in for a buffer the kernel never touches
+    bs = [p if b is None else b for p, b in zip(ps, bs)]
     keys = [(p.dtype, g.dtype, first) for p, g, first in zip(ps, gs, first_step)]
     for (param_dtype, grad_dtype, first), idx in group_by(keys).items():
-        rows, row_numels = zip(*(_row_split(ps[i], masks[i]) for i in idx))
+        rows, row_numels = zip(*(_row_split(ps[i], ms[i]) for i in idx))
         chunks = chunk_map(row_numels, CHUNK, device)
         if chunks.num_chunks == 0:
             continue
-        table = masked_operand_table([[ps[i] for i in idx], [gs[i] for i in idx], [buffers[i] for i in idx]],
-                                     [masks[i] for i in idx], device, extra=rows)
+        table = masked_operand_table([[ps[i] for i in idx], [gs[i] for i in idx], [bs[i] for i in idx]],
+                                     [ms[i] for i in idx], device, extra=rows)
         _masked_sgd_kernel[(chunks.num_chunks,)](
             table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
             -lr, momentum, 1.0 - dampening, weight_decay,
             PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
             MOMENTUM=momentum != 0, FIRST_STEP=first, NESTEROV=nesterov, MAXIMIZE=maximize,
             WEIGHT_DECAY=weight_decay != 0, CHUNK=CHUNK)
-    write_back(params, ps)
-    write_back([momentum_buffers[i] for i in with_buffer], [buffers[i] for i in with_buffer])
+    operands.write_back()

@@ -5,6 +5,7 @@ A parameter of P particles is one ``[P, *shape]`` tensor; the chunk map runs ove
 ``particle_average`` is ``swa_update_`` with ``n_averaged == 0`` into fresh tensors.
 Per launch, one int64 table holds four columns of T entries: particle tensor
 addresses, output addresses, mask addresses, mask lengths (0: no mask).
+Operands are flat memory-order views (:class:`~swamp_kernels._tensors.ElementwiseOperands`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from swamp_kernels._tensors import dense_optional, dense_view, group_by, write_back
+from swamp_kernels._tensors import ElementwiseOperands, empty_particle_row, group_by
 from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, tl_dtype
 from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
@@ -40,9 +41,9 @@ def _average_kernel(table, num_tensors, numels, chunk_tensor, chunk_start, num_p
     tl.store(out_ptr + offsets, average.to(OUT_DTYPE), mask=inside)
 
 
-def _average_into(outs, params, n_averaged: int, masks) -> None:
-    """Launch :func:`_average_kernel` on contiguous ``outs``/``params``, one launch per dtype pair."""
-    masks = dense_optional(masks, len(params))
+def _average_into(params, outs, masks, n_averaged: int) -> None:
+    """Launch :func:`_average_kernel` on kernel-ready operands (:class:`ElementwiseOperands`
+    columns), one launch per dtype pair."""
     device = params[0].device
     for idx in group_by([(p.dtype, o.dtype) for p, o in zip(params, outs)]).values():
         chunks = chunk_map([outs[i].numel() for i in idx], CHUNK, device)
@@ -58,14 +59,17 @@ def _average_into(outs, params, n_averaged: int, masks) -> None:
 
 
 def particle_average(params, masks=None) -> list[torch.Tensor]:
-    """New contiguous tensors: the masked particle mean, in each param's dtype."""
-    outs = [torch.empty(p.shape[1:], dtype=p.dtype, device=p.device) for p in params]
-    _average_into(outs, [dense_view(p) for p in params], 0, masks)
+    """New tensors: the masked particle mean in each param's dtype, laid out like one particle
+    (``params[i][0]``'s strides when the particles are densely packed, else contiguous; see
+    :func:`~swamp_kernels._tensors.particle_row_strides`)."""
+    outs = [empty_particle_row(p) for p in params]
+    _average_into(*ElementwiseOperands([params, outs, masks or [None] * len(params)]).columns, 0)
     return outs
 
 
 def swa_update_(swa, params, n_averaged: int, masks=None) -> None:
-    """``swa += (mean_p(params) - swa) / (n_averaged + 1)`` in place; ``swa`` is not read at 0."""
-    outs = [dense_view(s) for s in swa]
-    _average_into(outs, [dense_view(p) for p in params], n_averaged, masks)
-    write_back(swa, outs)
+    """``swa += (mean_p(params) - swa) / (n_averaged + 1)`` in place; ``swa`` is not read at 0.
+    No copies where ``swa``, the masks and one particle share a dense layout."""
+    operands = ElementwiseOperands([params, swa, masks or [None] * len(params)], written=(1,))
+    _average_into(*operands.columns, n_averaged)
+    operands.write_back()
