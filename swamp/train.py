@@ -233,7 +233,9 @@ class ModuleEngine(_Engine):
         return {n: m.unsqueeze(0) for n, m in zip(self.names, self.momentum) if m is not None}
 
     def load_momentum(self, buffers):
-        self.momentum = [buffers[n][0].clone() if n in buffers else None for n in self.names]
+        """Buffers take their param's layout (channels_last too), so the fused step needs no copies."""
+        self.momentum = [torch.empty_like(p).copy_(buffers[n][0]) if n in buffers else None
+                         for n, p in zip(self.names, self.params)]
 
 
 @dataclass

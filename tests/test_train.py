@@ -67,6 +67,10 @@ def test_channels_last_and_label_smoothing():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(plain.params, last.params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    last.load_momentum(plain.stacked_momentum())  # contiguous rows into channels_last params
+    for param, buffer, loaded in zip(last.params, last.momentum, plain.momentum):
+        assert buffer.stride() == param.stride()
+        torch.testing.assert_close(buffer, loaded, rtol=0, atol=0)
 
 
 def test_compiled_module_engine_matches_eager():
