@@ -69,7 +69,7 @@ struct Context {
   unsigned* buf_key;
   unsigned* buf_chunk;
   long long buf_capacity;
-  unsigned long long buf_used;     // buffer keys handed out to segments (may pass capacity)
+  unsigned long long buf_used;     // buffer keys handed out to segments (at most capacity)
   long long num_chunks;
   double amount;
   int num_segments;
@@ -336,13 +336,20 @@ __global__ void __launch_bounds__(kBins) pick_kernel(Context* ctx) {
       } else if (mode == kGather) {
         st.mode = kCompact;
       } else if (mode == kScan && static_cast<long long>(h) <= ctx->buf_capacity) {
-        // First come, first served: a region that does not fit leaves the segment scanning.
-        const unsigned long long begin = atomicAdd(&ctx->buf_used, h);
-        if (begin + h <= static_cast<unsigned long long>(ctx->buf_capacity)) {
-          st.mode = kGather;
-          st.compacted = 1;
-          st.buf_begin = static_cast<long long>(begin);
-          st.buf_size = static_cast<long long>(h);
+        // First come, first served: a region that does not fit leaves the segment scanning
+        // (and takes nothing, so later, smaller regions may still fit).
+        const auto capacity = static_cast<unsigned long long>(ctx->buf_capacity);
+        unsigned long long begin = *static_cast<volatile unsigned long long*>(&ctx->buf_used);
+        while (begin + h <= capacity) {
+          const unsigned long long seen = atomicCAS(&ctx->buf_used, begin, begin + h);
+          if (seen == begin) {
+            st.mode = kGather;
+            st.compacted = 1;
+            st.buf_begin = static_cast<long long>(begin);
+            st.buf_size = static_cast<long long>(h);
+            break;
+          }
+          begin = seen;
         }
       }
     }

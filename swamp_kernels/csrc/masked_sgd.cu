@@ -25,7 +25,8 @@ __device__ __forceinline__ float sgd_update(float param, float grad, float& buff
     d_p = d_p + s.weight_decay * param;
   }
   if (s.use_momentum) {
-    buffer = first_step ? d_p : buffer * s.momentum + s.one_minus_dampening * d_p;
+    // buf * momentum rounded on its own, as torch's buf.mul_(momentum) (no FMA with the add).
+    buffer = first_step ? d_p : __fmul_rn(buffer, s.momentum) + s.one_minus_dampening * d_p;
     d_p = s.nesterov ? d_p + s.momentum * buffer : buffer;
   }
   return param + s.neg_lr * d_p;

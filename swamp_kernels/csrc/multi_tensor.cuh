@@ -6,7 +6,8 @@
 // `int64_t numel` member (elements of the work domain). launch_multi_tensor() cuts every
 // tensor into chunks of `chunk` elements, builds a TensorTable (entries + chunk map) and
 // launches ONE kernel. The table travels inside the kernel arguments when it fits in
-// 4 KiB, else in a small stream-ordered device buffer. The kernel declares its parameter
+// 4 KiB, else in a small device buffer from torch's caching allocator (device_upload.h).
+// The kernel declares its parameter
 // `const __grid_constant__ TensorTable<Entry> table` (sm_70+), so reading the inline table
 // never copies it to local memory, and walks its work with for_each_chunk(). Per-launch
 // scalars follow the table as further kernel arguments. Kernels on float tensors of several
@@ -23,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "device_upload.h"
 #include "float_type.h"
 
 // Returns the error of a CUDA runtime call from the enclosing function (launchers return
@@ -137,27 +139,14 @@ __host__ __device__ __forceinline__ bool vector_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(AlignedVec<T, N>) == 0;
 }
 
-// Device memory from cudaMallocAsync, freed in stream order (after queued work) on scope exit.
-struct StreamOrderedBuffer {
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  StreamOrderedBuffer() = default;
-  StreamOrderedBuffer(const StreamOrderedBuffer&) = delete;
-  StreamOrderedBuffer& operator=(const StreamOrderedBuffer&) = delete;
-  ~StreamOrderedBuffer() {
-    if (ptr != nullptr) {
-      cudaFreeAsync(ptr, stream);
-    }
-  }
-};
-
 template <typename T>
 struct NonDeduced {
   using type = T;
 };
 
 // Cuts the tensors described by `entries` into chunks of `chunk` elements and runs
-// kernel<<<grid, threads, 0, stream>>>(table, args...) once on `device` (the current device),
+// kernel<<<grid, threads, 0, stream>>>(table, args...) once on `device` (the current device;
+// `stream` must be its current stream, where a table too large to go inline is uploaded),
 // grid = min(chunks, blocks that fit on the GPU at once). Nothing runs when all are empty.
 // The per-launch scalars `args` share the kernel parameter space with the table: a few words.
 template <typename Entry, typename... Args>
@@ -192,20 +181,18 @@ cudaError_t launch_multi_tensor(void (*kernel)(TensorTable<Entry>, Args...), con
   table.num_chunks = num_chunks;
   table.chunk = chunk;
   table.num_tensors = static_cast<int>(n);
-  StreamOrderedBuffer device_table;
+  DeviceUpload device_table;  // alive until the launch is queued
   if (n <= static_cast<size_t>(Table::kInline)) {
     std::memcpy(table.inline_entries, entries.data(), n * sizeof(Entry));
     std::memcpy(table.inline_chunk_end, chunk_end.data(), n * sizeof(int64_t));
   } else {
-    // A pageable-to-device cudaMemcpyAsync has staged its source when it returns, so the
-    // host vectors may go before the copy lands.
+    // One upload: the entries, then (8-byte aligned) the chunk ends.
     const size_t entry_bytes = (n * sizeof(Entry) + 7) / 8 * 8;
-    device_table.stream = stream;
-    SWAMP_CUDA_TRY(cudaMallocAsync(&device_table.ptr, entry_bytes + n * sizeof(int64_t), stream));
-    char* d = static_cast<char*>(device_table.ptr);
-    SWAMP_CUDA_TRY(cudaMemcpyAsync(d, entries.data(), n * sizeof(Entry), cudaMemcpyHostToDevice, stream));
-    SWAMP_CUDA_TRY(cudaMemcpyAsync(d + entry_bytes, chunk_end.data(), n * sizeof(int64_t),
-                                   cudaMemcpyHostToDevice, stream));
+    std::vector<char> bytes(entry_bytes + n * sizeof(int64_t));
+    std::memcpy(bytes.data(), entries.data(), n * sizeof(Entry));
+    std::memcpy(bytes.data() + entry_bytes, chunk_end.data(), n * sizeof(int64_t));
+    device_table = upload_to_current_device(bytes.data(), bytes.size());
+    const char* d = static_cast<const char*>(device_table.ptr);
     table.entries = reinterpret_cast<const Entry*>(d);
     table.chunk_end = reinterpret_cast<const int64_t*>(d + entry_bytes);
   }

@@ -1,5 +1,5 @@
-// particle_average / swa_update_: the interface between their torch bindings (particles_op.cpp)
-// and their kernel (particles.cu). Plain C++: no torch or device code here.
+// swa_update_ (particle_average is its n_averaged == 0 case): the interface between its torch
+// binding (particles_op.cpp) and its kernel (particles.cu). Plain C++: no torch or device code here.
 #pragma once
 
 #include <cstdint>

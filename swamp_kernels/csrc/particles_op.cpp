@@ -1,4 +1,6 @@
-// particle_average, swa_update_: schemas, input checks and CUDA registration (kernel: particles.cu).
+// swa_update_: schema, input checks and CUDA registration (kernel: particles.cu). The Python
+// side computes particle_average as swa_update_ at n_averaged == 0 into tensors it allocates
+// in the particles' layout.
 //
 // A parameter of P particles is one contiguous [P, *shape] tensor; its average and its mask
 // (optional: None leaves the parameter unmasked) have `shape`. One kernel launch per
@@ -21,13 +23,12 @@ namespace {
 
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
-// outs[i] (argument `outs_name`) = masked mean of params[i] (n_averaged == 0) or that mean
-// folded into outs[i] (n_averaged > 0).
-void average_into(const char* op, const char* outs_name, at::TensorList outs, at::TensorList params,
-                  int64_t n_averaged, const OptionalTensors& masks) {
+// In place: swa[i] += (mean_p(params[i]) - swa[i]) / (n_averaged + 1), 0 where masked; at
+// n_averaged == 0, swa[i] = the masked mean (swa not read).
+void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, const OptionalTensors& masks) {
+  constexpr const char* op = "swa_update_";
   TORCH_CHECK(!params.empty(), op, ": params is empty");
-  TORCH_CHECK(outs.size() == params.size(), op, ": ", outs.size(), " ", outs_name, " but ", params.size(),
-              " params");
+  TORCH_CHECK(swa.size() == params.size(), op, ": ", swa.size(), " swa but ", params.size(), " params");
   TORCH_CHECK(masks.size() == params.size(), op, ": ", masks.size(), " masks but ", params.size(), " params");
   TORCH_CHECK(n_averaged >= 0, op, ": n_averaged must be >= 0, got ", n_averaged);
   const c10::Device device = params[0].device();
@@ -37,13 +38,13 @@ void average_into(const char* op, const char* outs_name, at::TensorList outs, at
   std::vector<std::pair<FloatType, FloatType>> order;  // launch groups in first-seen order
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const at::Tensor& out = outs[i];
+    const at::Tensor& out = swa[i];
     check_dense_on(op, "params", i, p, device);
     TORCH_CHECK(p.dim() > 0 && p.size(0) == particles && particles > 0, op, ": params[", i, "] has shape ",
                 p.sizes(), "; expected [P, *shape] with P = ", particles, " like params[0]");
-    check_dense_on(op, outs_name, i, out, device);
-    check_shape(op, outs_name, i, out, p.sizes().slice(1), "params[:, ...]");
-    const auto key = std::make_pair(float_type(op, "params", i, p), float_type(op, outs_name, i, out));
+    check_dense_on(op, "swa", i, out, device);
+    check_shape(op, "swa", i, out, p.sizes().slice(1), "params[:, ...]");
+    const auto key = std::make_pair(float_type(op, "params", i, p), float_type(op, "swa", i, out));
     const std::optional<at::Tensor> mask = masks[i];
     const uint8_t* mask_data = nullptr;
     if (mask.has_value()) {
@@ -70,31 +71,13 @@ void average_into(const char* op, const char* outs_name, at::TensorList outs, at
   }
 }
 
-// New contiguous tensors: the masked mean over dim 0 of each params[i], in its dtype.
-std::vector<at::Tensor> particle_average(at::TensorList params, const OptionalTensors& masks) {
-  std::vector<at::Tensor> outs;
-  outs.reserve(params.size());
-  for (const at::Tensor& p : params) {
-    outs.push_back(at::empty(p.dim() > 0 ? p.sizes().slice(1) : p.sizes(), p.options()));
-  }
-  average_into("particle_average", "averages", outs, params, 0, masks);
-  return outs;
-}
-
-// In place: swa[i] += (mean_p(params[i]) - swa[i]) / (n_averaged + 1), 0 where masked.
-void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, const OptionalTensors& masks) {
-  average_into("swa_update_", "swa", swa, params, n_averaged, masks);
-}
-
 }  // namespace
 }  // namespace swamp
 
 TORCH_LIBRARY_FRAGMENT(swamp_kernels, m) {
-  m.def("particle_average(Tensor[] params, Tensor?[] masks) -> Tensor[]");
   m.def("swa_update_(Tensor(a!)[] swa, Tensor[] params, int n_averaged, Tensor?[] masks) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(swamp_kernels, CUDA, m) {
-  m.impl("particle_average", &swamp::particle_average);
   m.impl("swa_update_", &swamp::swa_update_);
 }
