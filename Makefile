@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The GPU image's triton, installed aside for the sm_90 compile check (tests/test_triton_aot.py).
+GPU_IMAGE_TRITON := 3.6.0
 CSRC   := $(wildcard swamp_kernels/csrc/*.cpp swamp_kernels/csrc/*.cu swamp_kernels/csrc/*.cuh swamp_kernels/csrc/*.h)
 # The CUDA extension is compiled wherever a toolkit is found, also without a GPU.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
@@ -14,6 +16,7 @@ venv: $(STAMP)
 $(STAMP): requirements-dev.txt pyproject.toml setup.py $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-gpu-image triton==$(GPU_IMAGE_TRITON)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -1,8 +1,9 @@
 """Triton global/layerwise magnitude pruning: masks bitwise equal to the torch reference.
 
 Small inputs take every path of the radix select when the launch constants are shrunk
-(``small_kernels``): several chunks per tensor, ties ranked across chunks, passes over the
-tensors and over the compact buffer (budget large, small or zero) and early exits.
+(``small_kernels``): several chunks and steps per tensor, ties ranked across chunks, passes
+over the tensors and over the compact buffer (every bucket fits, narrow ones, none) and early
+exits; the ``test_paths_*`` tests trace the modes the picks choose to pin each path down.
 Under ``TRITON_INTERPRET=1`` these run on the CPU; tests marked ``gpu`` run full sizes.
 """
 from __future__ import annotations
@@ -21,22 +22,32 @@ from kernel_checks import assert_masks_match, prune
 
 OPS = ("global_magnitude_prune", "layerwise_magnitude_prune")
 CHUNK = 128                        # elements per program in the small tests
+BLOCK = 64                         # elements per step (two steps per chunk)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BUDGETS = (1 << 20, 48, 0)  # compact buffer: every bucket fits / later compaction or none / never
+# Compact-buffer capacity of a segment of n elements, min(n, max(n // divisor, minimum)):
+CAPACITIES = {"all": (1, 0),           # every bucket fits: gathered in pass 1
+              "small": (64, 8),        # a narrow bucket fits (pass 1 or 2), ties often never
+              "none": (2**62, 0)}      # never gathered: ranked over the tensors
+BUDGETS = tuple(CAPACITIES)
 
 
 def budgets(*values):
-    return pytest.mark.parametrize("small_kernels", values, indirect=True, ids=lambda b: f"budget{b}")
+    return pytest.mark.parametrize("small_kernels", values, indirect=True, ids=lambda b: f"budget-{b}")
 
 
 @pytest.fixture
 def small_kernels(request, monkeypatch, device):
-    """The device, with small chunks and blocks and a compact-buffer budget (default 48)."""
+    """The device, with small chunks and steps, a compact-buffer capacity (default "small") and
+    the wide digits (the default from Triton 3.7 on; ``test_narrow_digits`` runs the others)."""
     skip_unless_runs("global_magnitude_prune", "triton", device)
     from swamp_kernels.triton import magnitude_prune
+    divisor, minimum = CAPACITIES[getattr(request, "param", "small")]
+    monkeypatch.setattr(magnitude_prune, "DIGITS", magnitude_prune.WIDE_DIGITS)
     monkeypatch.setattr(magnitude_prune, "CHUNK", CHUNK)
-    monkeypatch.setattr(magnitude_prune, "COMPACT_BLOCK", 64)
-    monkeypatch.setattr(magnitude_prune, "COMPACT_BUDGET", getattr(request, "param", 48))
+    monkeypatch.setattr(magnitude_prune, "BLOCK", BLOCK)
+    monkeypatch.setattr(magnitude_prune, "BUFFER_STEPS", 2)
+    monkeypatch.setattr(magnitude_prune, "BUFFER_DIVISOR", divisor)
+    monkeypatch.setattr(magnitude_prune, "BUFFER_MIN", minimum)
     return device
 
 
@@ -89,7 +100,7 @@ def quantised(shape, dtype, device):
     return (torch.randint(-3, 4, shape, device=device) * 0.25).to(dtype)
 
 
-@budgets(1 << 20, 48)  # ties keep big buckets: with 48 the search mostly never compacts
+@budgets("all", "small")  # ties keep big buckets: "small" mostly never gathers
 @pytest.mark.parametrize("op", OPS)
 def test_heavy_ties(op, small_kernels, seed):
     weights = [quantised((2 * CHUNK + 3,), torch.float32, small_kernels),
@@ -223,6 +234,118 @@ def test_int_amount_above_candidates_raises(op, small_kernels, seed):
     message = reference_error(op, weights, masks, too_many)
     with pytest.raises(ValueError, match=re.escape(message)):
         prune(op, "triton", weights, masks, too_many)
+
+
+# -------------------------------------------------------------------- paths
+class ModeTrace:
+    """Stands in for ``_pick_kernel`` and records every segment's mode after each pick."""
+
+    def __init__(self, module):
+        self.module, self.kernel, self.picks = module, module._pick_kernel, []
+
+    def __getitem__(self, grid):
+        def launch(state, hist, cap, amount, segments, **kwargs):
+            self.kernel[grid](state, hist, cap, amount, segments, **kwargs)
+            row = self.module._MODE.value * segments
+            self.picks.append(state[row:row + segments].tolist())
+        return launch
+
+    def paths(self) -> list[tuple[str, ...]]:
+        """Per segment, the names of its modes after each pick."""
+        names = {getattr(self.module, n).value: n[1:].lower()
+                 for n in ("_SCAN", "_GATHER", "_WRITE", "_COMPACT", "_COMPACT_DONE", "_FINISHED")}
+        return [tuple(names[m] for m in modes) for modes in zip(*self.picks)]
+
+
+def traced_paths(monkeypatch, op, weights, amount, scores=None):
+    """Check ``op`` against the reference and return each segment's modes after each pick."""
+    from swamp_kernels.triton import magnitude_prune
+    trace = ModeTrace(magnitude_prune)
+    monkeypatch.setattr(magnitude_prune, "_pick_kernel", trace)
+    assert_matches(op, weights, None, amount, scores)
+    return trace.paths()
+
+
+def narrow_band(n, device, dtype=torch.float32):
+    """Magnitudes in [1, 1.06): one bucket of the first (12-bit) digit, distinct float32 keys."""
+    return (1 + 0.06 * torch.rand(n, device=device)).to(dtype) * torch.where(
+        torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+
+
+def spaced(n, ulps, device):
+    """Shuffled magnitudes 1 + i * ulps float32 ulps with random signs: for ``ulps`` 4 or 64,
+    128 or 8 keys per bucket of the second (10-bit) digit."""
+    magnitudes = 1 + torch.randperm(n, device=device) * (ulps * 2.0**-23)
+    return magnitudes * torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+
+
+def with_ties(n, ties, device):
+    """Normal weights with ``ties`` entries of magnitude 0.5 spread over every chunk; also
+    returns the int amount that keeps 7 of those ties (the rest of the tie bucket is pruned)."""
+    w = torch.randn(n, device=device)
+    w[torch.randperm(n, device=device)[:ties]] = torch.tensor([-0.5, 0.5], device=device).repeat(ties)[:ties]
+    above = int((w.abs() > 0.5).sum())
+    return w, n - above - 7
+
+
+@budgets("all")
+def test_paths_when_every_bucket_fits(small_kernels, monkeypatch, seed):
+    """Gathered in pass 1; then decided in the buffer, or ties ranked across chunks from it;
+    amounts 0 and all exit before gathering."""
+    op = "global_magnitude_prune"
+    weights = [torch.randn(700, device=small_kernels)]
+    assert traced_paths(monkeypatch, op, weights, 0.3) == [("gather", "compact_done", "compact_done")]
+    tied, amount = with_ties(900, 60, small_kernels)
+    assert traced_paths(monkeypatch, op, [tied], amount) == [("gather", "compact", "compact")]
+    wide = [spaced(600, 4, small_kernels)]
+    assert traced_paths(monkeypatch, op, wide, 0.5) == [("gather", "compact", "compact_done")]
+    for amount in (0, 1.0):
+        assert traced_paths(monkeypatch, op, weights, amount) == [("write", "finished", "finished")]
+
+
+@budgets("small")
+def test_paths_when_narrow_buckets_fit(small_kernels, monkeypatch, seed):
+    """Gathered in pass 2; ties that never fit are ranked over the tensors; decided in pass 2
+    before gathering; layerwise segments of uneven sizes take different paths in one call."""
+    op = "global_magnitude_prune"
+    band = [spaced(1000, 64, small_kernels)]  # the 403rd smallest key is inside a bucket of 8
+    assert traced_paths(monkeypatch, op, band, 403) == [("scan", "gather", "compact_done")]
+    tied, amount = with_ties(900, 60, small_kernels)
+    assert traced_paths(monkeypatch, op, [tied], amount) == [("scan", "scan", "scan")]
+    assert traced_paths(monkeypatch, op, [spaced(1000, 4, small_kernels)], 0.5) == \
+        [("scan", "scan", "write")]
+    weights = [band[0], torch.randn(300, device=small_kernels),
+               torch.randn(37, device=small_kernels), tied]
+    paths = traced_paths(monkeypatch, "layerwise_magnitude_prune", weights, 0.403)
+    assert paths[0] == ("scan", "gather", "compact_done")
+    assert paths[1][0] == "gather"
+    assert paths[3][:2] == ("scan", "scan")
+
+
+@budgets("none")
+def test_paths_when_nothing_fits(small_kernels, monkeypatch, seed):
+    """Never gathered: decided in pass 1 (written by pass 2) or ranked over the tensors."""
+    op = "global_magnitude_prune"
+    assert traced_paths(monkeypatch, op, [narrow_band(1000, small_kernels)], 0.4) == \
+        [("scan", "write", "finished")]
+    band = [spaced(1000, 64, small_kernels)]
+    assert traced_paths(monkeypatch, op, band, 403) == [("scan", "scan", "write")]
+    tied, amount = with_ties(900, 60, small_kernels)
+    assert traced_paths(monkeypatch, op, [tied], amount) == [("scan", "scan", "scan")]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_narrow_digits(op, small_kernels, monkeypatch, seed):
+    """The 8-bit digit plan (Triton before 3.7): four passes, the buffer reached in pass 1 or 2."""
+    from swamp_kernels.triton import magnitude_prune
+    monkeypatch.setattr(magnitude_prune, "DIGITS", magnitude_prune.NARROW_DIGITS)
+    weights = mixed_weights(small_kernels) + [narrow_band(400, small_kernels, torch.bfloat16)]
+    tied, amount = with_ties(500, 40, small_kernels)
+    for amount_ in amounts(op, weights, None, floats=(0.3, 1.0)):
+        assert_matches(op, weights, None, amount_)
+    assert_matches("global_magnitude_prune", [tied], None, amount)
+    scores = signed_scores(weights, (torch.float32,) * len(weights))
+    assert_matches(op, weights, random_masks(weights, 0.7), 0.4, scores)
 
 
 # --------------------------------------------------------------------- models

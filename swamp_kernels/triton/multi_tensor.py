@@ -38,15 +38,20 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return host
 
 
-def chunk_map(numels: Sequence[int], chunk: int, device: torch.device) -> ChunkMap:
-    """Split tensors of the given lengths into chunks of ``chunk`` elements (last ones short)."""
+def chunk_arrays(numels: Sequence[int], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host arrays of a chunk map: tensor index (int32) and first element (int64) of each chunk."""
     sizes = np.asarray(numels, dtype=np.int64)
     per_tensor = (sizes + chunk - 1) // chunk
     tensor_of_chunk = np.repeat(np.arange(len(sizes), dtype=np.int32), per_tensor)
     first = np.repeat(np.cumsum(per_tensor) - per_tensor, per_tensor)
-    start = (np.arange(len(tensor_of_chunk), dtype=np.int64) - first) * chunk
-    return ChunkMap(_to_device(sizes, device), _to_device(tensor_of_chunk, device),
-                    _to_device(start, device), chunk)
+    return tensor_of_chunk, (np.arange(len(tensor_of_chunk), dtype=np.int64) - first) * chunk
+
+
+def chunk_map(numels: Sequence[int], chunk: int, device: torch.device) -> ChunkMap:
+    """Split tensors of the given lengths into chunks of ``chunk`` elements (last ones short)."""
+    tensor_of_chunk, start = chunk_arrays(numels, chunk)
+    return ChunkMap(_to_device(np.asarray(numels, dtype=np.int64), device),
+                    _to_device(tensor_of_chunk, device), _to_device(start, device), chunk)
 
 
 def int64_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
