@@ -10,9 +10,11 @@ One GEMM kernel serves all three products, each reading its operands through str
 - ``grad_b = g.sum(0)`` in torch.
 
 Tiles accumulate in float32 and are stored in the input dtype. float32 inputs use TF32
-tensor cores on the GPU when ``torch.get_float32_matmul_precision()`` allows it. The Triton interpreter (``TRITON_INTERPRET=1``) multiplies
-bfloat16 tiles as raw bits, so there tiles are upcast to float32 and multiplied exactly;
-it also gets a single small tile config, so autotuning costs nothing on the CPU.
+tensor cores on the GPU when ``torch.get_float32_matmul_precision()`` allows it. Autotuning
+times only configs that fit the H100's shared memory without spilling (:func:`_worth_timing`).
+The Triton interpreter (``TRITON_INTERPRET=1``) multiplies bfloat16 tiles as raw bits, so
+there tiles are upcast to float32 and multiplied exactly; it also gets a single small tile
+config, so autotuning costs nothing on the CPU.
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -
                          num_stages=stages, num_warps=warps)
 
 
-# Configs the autotuner cannot fit in shared memory (large float32 tiles) are skipped by it.
 _GPU_CONFIGS = [
     _config(128, 256, 64, 3, 8),
     _config(256, 128, 64, 3, 8),
@@ -43,10 +44,31 @@ _GPU_CONFIGS = [
     _config(32, 64, 64, 4, 4),
 ]
 _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
+_SHARED_MEMORY = 232448     # bytes per block on an H100 (sm_90, 227 KiB)
+_MASKED_B_TILE = 128 * 128  # largest output tile when the B tile passes through registers
+_IEEE_FP32_TILE = 64 * 128  # largest output tile of float32 products without tensor cores
+
+
+def _worth_timing(configs, named_args, **kwargs):
+    """The configs the autotuner times for a call (``early_config_prune``): the pipelined A and
+    B tiles fit the shared memory, and tiles stay small enough not to spill registers where
+    the compiled kernel needs more of them (found by compiling every config for sm_90:
+    tests/test_triton_aot.py): a masked B tile is loaded through registers to apply its
+    mask, and IEEE float32 dots run on CUDA cores. Keeps at least the smallest config."""
+    element = named_args["a_ptr"].element_size()
+    largest_tile = min(_MASKED_B_TILE if kwargs["MASK_B"] else math.inf,
+                       _IEEE_FP32_TILE if element == 4 and kwargs["PRECISION"] == "ieee" else math.inf)
+
+    def fits(config):
+        m, n, k = (config.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        return config.num_stages * (m * k + k * n) * element <= _SHARED_MEMORY and m * n <= largest_tile
+
+    return [config for config in configs if fits(config)] or configs[-1:]
 
 
 @triton.autotune(configs=_INTERPRETER_CONFIGS if _INTERPRETING else _GPU_CONFIGS,
-                 key=["M", "N", "K", "MASK_B", "MASK_C"])
+                 key=["M", "N", "K", "MASK_B", "MASK_C"],
+                 prune_configs_by={"early_config_prune": _worth_timing})
 @triton.jit
 def _masked_matmul_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, c_ptr, M, N, K,
                           stride_am, stride_ak, stride_bk, stride_bn,
@@ -135,7 +157,7 @@ def _masked_matmul(a: torch.Tensor, b: torch.Tensor, *, b_mask: torch.Tensor | N
     _masked_matmul_kernel[grid](
         a, b, mask, bias, c, m, n, k, *a.stride(), *b.stride(), *mask.stride(), *c.stride(),
         MASK_B=b_mask is not None, MASK_C=c_mask is not None, HAS_BIAS=bias is not None,
-        UPCAST=_INTERPRETING, PRECISION=_fp32_precision())
+        UPCAST=_INTERPRETING, PRECISION=_fp32_precision() if a.dtype == torch.float32 else "ieee")
     return c
 
 
