@@ -63,7 +63,7 @@ def particle_average(params, masks=None) -> list[torch.Tensor]:
     (``params[i][0]``'s strides when the particles are densely packed, else contiguous; see
     :func:`~swamp_kernels._tensors.particle_row_strides`)."""
     outs = [empty_particle_row(p) for p in params]
-    _average_into(*ElementwiseOperands([params, outs, masks or [None] * len(params)]).columns, 0)
+    swa_update_(outs, params, 0, masks)
     return outs
 
 
