@@ -1,4 +1,9 @@
-"""Turning one particle's (or the average's) state into a network: BN recomputation and accuracy."""
+"""Turning one particle's (or the average's) state into a network: BN recomputation and accuracy.
+
+Test evaluation may be split over the ranks of a :class:`Group`: each takes every n-th test
+batch (``shard``), counts its correct predictions, and one all-reduce of the counts gives the
+accuracy on the whole test set, exactly that of a single process.
+"""
 from __future__ import annotations
 
 import copy
@@ -8,7 +13,8 @@ from torch import nn
 
 from swamp.distributed import Group
 
-__all__ = ["network", "recompute_bn_", "test_probabilities", "accuracy"]
+__all__ = ["network", "recompute_bn_", "test_probabilities", "correct", "accuracy", "accuracies",
+           "test_accuracy"]
 
 
 def network(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -59,17 +65,40 @@ def _combine_ranks_(norms, group: Group) -> None:
         m.num_batches_tracked.copy_(counts[i])
 
 
-def test_probabilities(net: nn.Module, data, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax outputs on the test set, labels)."""
+def test_probabilities(net: nn.Module, data, batch_size: int,
+                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax outputs ``[N, classes]``, labels ``[N]``) on this ``shard``'s test batches
+    (``data.eval_batches``); ``N = 0`` when the shard has no batch."""
     net.eval()
-    probs, labels = [], []
+    probs = [torch.empty(0, data.num_classes, device=data.device)]
+    labels = [torch.empty(0, dtype=torch.long, device=data.device)]
     with torch.no_grad():
-        for x, y in data.eval_batches("test", batch_size):
+        for x, y in data.eval_batches("test", batch_size, shard=shard):
             probs.append(net(x).float().softmax(-1))
             labels.append(y)
     return torch.cat(probs), torch.cat(labels)
 
 
+def correct(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Number of rows whose argmax equals the label (an int64 scalar on their device)."""
+    return (probs.argmax(-1) == labels).sum()
+
+
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows whose argmax equals the label."""
-    return (probs.argmax(-1) == labels).float().mean().item()
+    return accuracies(correct(probs, labels).reshape(1), len(labels))[0]
+
+
+def accuracies(counts: torch.Tensor, examples: int, group: Group = Group.single()) -> list[float]:
+    """The accuracy of each entry of ``counts`` (correct predictions among this rank's
+    ``examples``), counts and examples summed over ``group`` (one all-reduce). The quotient
+    is taken in float32, as the mean of a float32 0/1 vector."""
+    totals = torch.cat([counts.reshape(-1), counts.new_tensor([examples])])
+    group.all_reduce_([totals])
+    return (totals[:-1].float() / totals[-1].float()).tolist()
+
+
+def test_accuracy(net: nn.Module, data, batch_size: int, group: Group = Group.single()) -> float:
+    """Accuracy on the whole test set, its batches split over the ranks of ``group``."""
+    probs, labels = test_probabilities(net, data, batch_size, shard=(group.index, group.size))
+    return accuracies(correct(probs, labels).reshape(1), len(labels), group)[0]

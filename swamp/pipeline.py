@@ -20,7 +20,8 @@ generators seeded by ``(seed, stage, particle, epoch)`` (see :mod:`swamp.train`)
 initialisation from ``seed``, so a resumed run ends bitwise equal to an uninterrupted one on the CPU.
 
 Under ``torchrun`` (see :mod:`swamp.distributed`) every rank runs this same code: particle
-groups train their particles, the level's average and evaluation go through collectives,
+groups train their particles, the level's average and evaluation go through collectives
+(test batches are split over ranks, accuracies summed from correct-prediction counts),
 every rank ends the level with rank 0's masks and weights, and rank 0 alone writes. The run
 directory must be readable by every rank (a shared filesystem) for ``swamp resume``.
 """
@@ -152,32 +153,37 @@ def _average(result, masks: dict, cross: Group = Group.single()) -> dict:
 def _evaluate_level(model, result, data, config: Config, masks: dict, placement: Placement, world: Group):
     """(final network, metrics) of a trained level: particles, their ensemble, their average.
 
-    Each rank evaluates its own particles (BN statistics over its group's ranks); the average
-    of all particles gets its BN statistics from every rank."""
+    Each rank evaluates its own particles (BN statistics over its group's ranks) on its data
+    rank's share of the test batches; ranks with the same data rank hold the same share, so the
+    ensemble sums their probabilities over ``cross``. The average of all particles gets its BN
+    statistics and its test batches from every rank. Accuracies come from correct-prediction
+    counts summed over ranks: the same as one process evaluating everything."""
     batch = config.train.batch_size
     local = next(iter(result.state.values())).shape[0]
     particles = local * placement.cross.size
+    shard = (placement.data.index, placement.data.size)
     probs, labels, nets = [], None, []
     for p in range(local):
         net = evaluate.network(model, {n: t[p] for n, t in result.state.items()})
         if result.swa:
             evaluate.recompute_bn_(net, data, batch, placement.data)
-        prob, labels = evaluate.test_probabilities(net, data, batch)
+        prob, labels = evaluate.test_probabilities(net, data, batch, shard)
         probs.append(prob)
         nets.append(net)
-    accuracies = [a for part in placement.cross.all_gather_object([evaluate.accuracy(p, labels) for p in probs])
-                  for a in part]
     ensemble = torch.stack(probs).sum(0)
     placement.cross.all_reduce_([ensemble])
+    counts = torch.stack([evaluate.correct(p, labels) for p in [*probs, ensemble / particles]])
+    *own, ensemble_acc = evaluate.accuracies(counts, len(labels), placement.data)
+    accuracies = [a for part in placement.cross.all_gather_object(own) for a in part]
     if particles > 1:
         final = evaluate.recompute_bn_(evaluate.network(model, _average(result, masks, placement.cross)),
                                        data, batch, world)
-        final_acc = evaluate.accuracy(*evaluate.test_probabilities(final, data, batch))
+        final_acc = evaluate.test_accuracy(final, data, batch, world)
     else:
         final, final_acc = nets[0], accuracies[0]
     world.broadcast_([t for t in final.state_dict().values()])
     metrics = {"test_accuracy": final_acc, "particle_test_accuracy": accuracies,
-               "ensemble_test_accuracy": evaluate.accuracy(ensemble / particles, labels)}
+               "ensemble_test_accuracy": ensemble_acc}
     return final, metrics
 
 

@@ -17,6 +17,7 @@ from swamp import distributed, evaluate, pipeline
 from swamp import config as C
 from swamp.data import load_data
 from swamp.models import build_model
+from swamp.train import TrainResult, stack_state
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -147,12 +148,25 @@ def test_a_failed_rank_ends_the_job_with_an_error(tmp_path, fault):
     assert not (tmp_path / "run" / "level_00" / "metrics.json").exists()
 
 
-def _collectives(rank: int, world: int, port: int, results) -> None:
-    """One rank of a 4-process gloo world as 2 particle groups x 2 data ranks."""
+def _on_ranks(body, world: int = 4) -> dict:
+    """{rank: ``body(topology)``} of a spawned gloo world of ``world`` processes as 2 particle groups."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank, args=(body, world, 29500 + os.getpid() % 1000, results), nprocs=world)
+        return dict(results)
+
+
+def _rank(rank: int, body, world: int, port: int, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    topology = distributed.setup(particle_groups=2, timeout_s=30, device="cpu")
+    results[rank] = body(distributed.setup(particle_groups=2, timeout_s=30, device="cpu"))
+    distributed.teardown()
+
+
+def _collectives(topology: distributed.Topology) -> dict:
+    """One rank's view of a 4-process world as 2 particle groups x 2 data ranks."""
+    rank = topology.world.index
     out = {"data": topology.data.ranks, "cross": topology.cross.ranks, "group": topology.group,
            "placement": topology.placement(4).particles, "single": topology.placement(1).particles}
     values = [torch.full((2, 3), float(rank)), torch.tensor([rank], dtype=torch.int64),
@@ -168,16 +182,12 @@ def _collectives(rank: int, world: int, port: int, results) -> None:
     net = build_model(C.ModelConfig(name="cifar_resnet_8"), data.input_shape, data.num_classes)
     evaluate.recompute_bn_(net, data, batch_size=6, group=topology.world)
     out["bn"] = {n: t.clone() for n, t in net.state_dict().items() if "running" in n or "tracked" in n}
-    results[rank] = out
-    distributed.teardown()
+    return out
 
 
 def test_group_collectives_and_batch_norm_statistics_over_ranks():
     world = 4
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_collectives, args=(world, 29500 + os.getpid() % 1000, results), nprocs=world)
-        results = dict(results)
+    results = _on_ranks(_collectives, world)
     assert [results[r]["data"] for r in range(world)] == [(0, 1), (0, 1), (2, 3), (2, 3)]
     assert [results[r]["cross"] for r in range(world)] == [(0, 2), (1, 3), (0, 2), (1, 3)]
     assert [results[r]["placement"] for r in range(world)] == [(0, 1), (0, 1), (2, 3), (2, 3)]
@@ -195,3 +205,83 @@ def test_group_collectives_and_batch_norm_statistics_over_ranks():
         assert results[r]["bn"].keys() == expected.keys()
         for name, value in expected.items():
             torch.testing.assert_close(results[r]["bn"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _test_data(test_size: int):
+    return load_data(C.DataConfig(name="synthetic", shape=[6], classes=3, train_size=12, test_size=test_size))
+
+
+def _mlp(data):
+    torch.manual_seed(0)
+    return build_model(C.ModelConfig(hidden=[16]), data.input_shape, data.num_classes)
+
+
+def test_sharded_test_counts_sum_to_the_unsharded_accuracy():
+    data = _test_data(27)    # batches of 6, 6, 6, 6, 3
+    net = _mlp(data)
+    probs, labels = evaluate.test_probabilities(net, data, 6)
+    assert evaluate.accuracy(probs, labels) == (probs.argmax(-1) == labels).float().mean().item()
+    batches = torch.arange(len(labels)).split(6)
+    for count in (2, 3, 7):  # 7 ranks: the last two have no batch
+        shards = [evaluate.test_probabilities(net, data, 6, shard=(i, count)) for i in range(count)]
+        for i, (shard_probs, shard_labels) in enumerate(shards):
+            rows = torch.cat([torch.zeros(0, dtype=torch.long), *batches[i::count]])
+            torch.testing.assert_close(shard_probs, probs[rows], rtol=0, atol=0)
+            assert torch.equal(shard_labels, labels[rows])
+        counts = sum(evaluate.correct(*shard) for shard in shards)
+        examples = sum(len(shard_labels) for _, shard_labels in shards)
+        assert evaluate.accuracies(counts, examples) == [evaluate.accuracy(probs, labels)]
+    assert evaluate.test_accuracy(net, data, 6) == evaluate.accuracy(probs, labels)
+
+
+# Test sets in batches of 6 over 2 particle groups x 2 data ranks: 16 examples are 3 batches
+# (data ranks take 2 and 1, the 4 ranks 1, 1, 1 and 0); 5 examples are one batch (data rank 1
+# and ranks 1-3 get none).
+TEST_SIZES = (16, 5)
+
+
+def _count_batches(data) -> list[str]:
+    """Grows by the split of each batch ``data.eval_batches`` yields from now on."""
+    seen, batches = [], data.eval_batches
+    def counted(split, batch_size, shard=(0, 1)):
+        for batch in batches(split, batch_size, shard):
+            seen.append(split)
+            yield batch
+    data.eval_batches = counted
+    return seen
+
+
+def _level_metrics(topology: distributed.Topology) -> dict:
+    """{(test size, particles): (metrics of _evaluate_level, test batches this rank evaluated)}
+    on fixed particles of an MLP (no BatchNorm: its statistics would be the same only to
+    rounding)."""
+    out = {}
+    for test_size in TEST_SIZES:
+        data = _test_data(test_size)
+        model = _mlp(data)
+        evaluated = _count_batches(data)
+        for particles in (4, 1):
+            noise = torch.Generator().manual_seed(1)
+            state = {n: t + 0.5 * torch.randn(t.shape, generator=noise)
+                     for n, t in stack_state(model, particles).items()}
+            placement = topology.placement(particles)
+            mine = {n: t[list(placement.particles)] for n, t in state.items()}
+            evaluated.clear()
+            _, metrics = pipeline._evaluate_level(model, TrainResult(mine, False, 0.0, 0, 0.0), data,
+                                                  C.from_dict({"train": {"batch_size": 6}}), {}, placement,
+                                                  topology.world)
+            out[test_size, particles] = metrics, evaluated.count("test")
+    return out
+
+
+def test_sharded_evaluation_gives_the_single_process_metrics():
+    single = distributed.setup(particle_groups=1, timeout_s=30, device="cpu")
+    expected = _level_metrics(single)
+    results = _on_ranks(_level_metrics)
+    # test batches evaluated by ranks 0-3: their particles' share, then their share of the average's
+    batches = {(16, 4): [2 * 2 + 1, 2 * 1 + 1, 2 * 2 + 1, 2 * 1 + 0], (16, 1): [2, 1, 2, 1],
+               (5, 4): [2 * 1 + 1, 0, 2 * 1 + 0, 0], (5, 1): [1, 0, 1, 0]}
+    for case, (metrics, _) in expected.items():
+        assert len(metrics["particle_test_accuracy"]) == case[1]
+        assert [results[r][case][0] for r in range(4)] == [metrics] * 4, case
+        assert [results[r][case][1] for r in range(4)] == batches[case], case
