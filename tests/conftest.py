@@ -1,4 +1,5 @@
-"""Test set-up: Triton runs on CPU tensors through its interpreter unless a GPU is here.
+"""Test set-up: without a GPU, Triton runs on CPU tensors through its interpreter and the CUDA
+backend through the host build of its kernels (tests/cuda_emulation).
 
 TRITON_INTERPRET must be set before triton is first imported, hence at the top of conftest.
 """
@@ -29,3 +30,14 @@ def device(request):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(autouse=True)
+def cuda_backend_on_cpu(request, monkeypatch):
+    """Without a GPU, a test parametrised with ``backend="cuda"`` runs the CUDA backend's
+    bindings, launchers and kernels on CPU tensors (tests/cuda_emulation)."""
+    callspec = getattr(request.node, "callspec", None)
+    if HAS_CUDA or callspec is None or callspec.params.get("backend") != "cuda":
+        return
+    import cuda_emulation
+    cuda_emulation.activate(monkeypatch)

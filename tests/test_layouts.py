@@ -5,8 +5,7 @@ of an index's operands when they agree (channels_last weights, grads, buffers an
 stacked particles with a per-particle channels_last layout and their masks) and stand-in
 copies only of the operands that differ. Checked: the views themselves, every backend that
 runs here against the torch reference on contiguous clones (values, exact zeros where
-masked, unchanged data pointers, no stand-ins), the CUDA backend's Python side against a
-stand-in of the compiled ops that enforces their contract, and MaskedSGD / ModuleEngine
+masked, unchanged data pointers, no stand-ins), and MaskedSGD / ModuleEngine
 on a channels_last conv model against a contiguous run.
 """
 from __future__ import annotations
@@ -154,53 +153,11 @@ def test_first_buffers_take_the_param_layout():
 
 
 # ------------------------------------------------------------------ every backend here
-class CompiledOpsStandIn:
-    """Stands in for ``torch.ops.swamp_kernels`` (the compiled CUDA ops, which cannot run here):
-    enforces their bindings' checks (csrc/*_op.cpp: contiguous operands, grads and buffers of
-    the param's shape, masks of its shape or that shape without dim 0, averages and their masks
-    of one particle's shape), then runs the reference on the very tensors it was given, as the
-    kernels would (first-step buffers are written, not read)."""
-
-    @staticmethod
-    def _contiguous(*columns):
-        for column in columns:
-            for t in column:
-                assert t is None or t.is_contiguous(), "the compiled ops take contiguous tensors"
-
-    def apply_masks_(self, xs, ms):
-        self._contiguous(xs, ms)
-        assert all(m.shape in (x.shape, x.shape[1:]) for x, m in zip(xs, ms))
-        reference.apply_masks_(xs, ms)
-
-    def swa_update_(self, outs, ps, n_averaged, ms):
-        self._contiguous(outs, ps, ms)
-        assert all(o.shape == p.shape[1:] for o, p in zip(outs, ps))
-        assert all(m is None or m.shape == o.shape for o, m in zip(outs, ms))
-        reference.swa_update_(outs, ps, n_averaged, ms)
-
-    def masked_sgd_step_(self, ps, gs, bs, first_step, ms, **hyper):
-        self._contiguous(ps, gs, bs, ms)
-        assert len(bs) == len(first_step) == (len(ps) if hyper["momentum"] != 0 else 0)
-        assert all(g.shape == p.shape for p, g in zip(ps, gs)) and all(b.shape == p.shape for p, b in zip(ps, bs))
-        assert all(m is None or m.shape in (p.shape, p.shape[1:]) for p, m in zip(ps, ms))
-        read = [None if first else b for b, first in zip(bs, first_step)] or [None] * len(ps)
-        reference.masked_sgd_step_(ps, gs, read, ms, **hyper)
-        for b, new, first in zip(bs, read, first_step):
-            if first:
-                b.copy_(new)
-
-
-@pytest.fixture(params=[*sk.BACKENDS, "cuda-bindings-stand-in"])
-def backend(request, monkeypatch):
-    """A backend name for ``backend=``; "cuda-bindings-stand-in" runs the CUDA backend's Python
-    side (swamp_kernels/cuda.py) on :class:`CompiledOpsStandIn` under the name "cuda"."""
-    if request.param != "cuda-bindings-stand-in":
-        skip_unless_runs("masked_sgd_step_", request.param, torch.device("cpu"))   # all three ops alike
-        return request.param
-    stand_in = CompiledOpsStandIn()
-    monkeypatch.setattr(cuda_backend, "_ops", lambda: stand_in)
-    monkeypatch.setattr(sk, "implementation", lambda op, backend, device: getattr(cuda_backend, op))
-    return "cuda"
+@pytest.fixture(params=sk.BACKENDS)
+def backend(request):
+    """Each backend that runs here (the CUDA one through its host build: tests/cuda_emulation)."""
+    skip_unless_runs("masked_sgd_step_", request.param, torch.device("cpu"))   # all three ops alike
+    return request.param
 
 
 def sgd_problem(seed: int, device):

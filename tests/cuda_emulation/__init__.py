@@ -1,0 +1,83 @@
+"""The CUDA backend's kernels on the CPU: a host build of swamp_kernels/csrc for tests without a GPU.
+
+The sources of ``swamp_kernels._C`` are compiled unchanged by the host compiler against the
+headers in ``include/``, which emulate the CUDA runtime, the device model (threads as fibers,
+warps, barriers, shared memory, atomics: ``include/emulated_device.h``) and the few c10 CUDA
+helpers the bindings use. Three spellings only nvcc reads are rewritten on the way in:
+``kernel<<<grid, block, shared, stream>>>(args)`` becomes a call of the emulated launch, and the
+bindings register for CPU tensors under the op namespace ``swamp_kernels_emulated`` (so the
+real extension can be loaded beside it). ``device_upload.cpp`` is replaced by a host copy.
+
+:func:`activate` then routes ``backend="cuda"`` to these ops for CPU tensors: the very
+bindings, launchers and kernels of the CUDA backend run under the backend tests' whole
+matrix. What only a GPU shows (data races, timing, memory errors) is left to ``pytest -m gpu``
+and compute-sanitizer.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "swamp_kernels" / "csrc"
+HERE = Path(__file__).resolve().parent
+BUILD = ROOT / "build" / "cuda_emulation"
+NAMESPACE = "swamp_kernels_emulated"
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.+?)>>>\(")
+_LIBRARY = re.compile(r"\b(TORCH_LIBRARY(?:_FRAGMENT|_IMPL)?)\(swamp_kernels\b")
+
+
+def host_source(path: Path) -> str:
+    """The text of csrc file ``path`` as the host build compiles it."""
+    text = path.read_text()
+    text = _LAUNCH.sub(r"::swamp_emu::launch(\1, \2)(", text)
+    text = _LIBRARY.sub(rf"\1({NAMESPACE}", text)
+    text = text.replace(f"TORCH_LIBRARY_IMPL({NAMESPACE}, CUDA,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,")
+    text = text.replace("device.is_cuda()", "device.is_cpu()")
+    for nvcc_only in ("<<<", "TORCH_LIBRARY(swamp_kernels,", "swamp_kernels, CUDA", "is_cuda()"):
+        if nvcc_only in text:
+            raise RuntimeError(f"{path.name}: the host build cannot rewrite {nvcc_only!r} here")
+    return text
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+@functools.cache
+def ops():
+    """``torch.ops.swamp_kernels_emulated``, building the host library first if needed."""
+    from torch.utils.cpp_extension import load
+
+    sources_dir = BUILD / "src"
+    sources_dir.mkdir(parents=True, exist_ok=True)
+    sources = [HERE / "device_upload.cpp"]
+    for path in sorted(CSRC.iterdir()):
+        if path.name == "device_upload.cpp" or path.suffix not in (".cpp", ".cu", ".cuh", ".h"):
+            continue
+        target = sources_dir / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
+        _write_if_changed(target, host_source(path))
+        if target.suffix == ".cpp":
+            sources.append(target)
+    load(name=NAMESPACE, sources=[str(s) for s in sources], build_directory=str(BUILD),
+         extra_include_paths=[str(HERE / "include"), str(sources_dir)],
+         extra_cflags=["-O2", "-Wno-unknown-pragmas", "-ffp-contract=off"],
+         is_python_module=False, verbose=False)
+    return getattr(torch.ops, NAMESPACE)
+
+
+def activate(monkeypatch) -> None:
+    """Until the test ends, ``backend="cuda"`` runs the host build on CPU tensors."""
+    from swamp_kernels import _dispatch, cuda
+
+    emulated = ops()
+    is_available, runs_on = _dispatch._is_available, _dispatch._runs_on
+    monkeypatch.setattr(_dispatch, "_is_available", lambda backend: backend == "cuda" or is_available(backend))
+    monkeypatch.setattr(_dispatch, "_runs_on",
+                        lambda backend, device: (backend == "cuda" and device.type == "cpu") or runs_on(backend, device))
+    monkeypatch.setattr(cuda, "_ops", lambda: emulated)

@@ -1,0 +1,476 @@
+// Host emulation of the CUDA execution model, for testing the kernels of swamp_kernels._C on
+// a machine without a GPU (tests only; see tests/cuda_emulation/__init__.py).
+//
+// A launch runs its blocks one after another; the threads of a block are fibers (ucontext)
+// on the calling OS thread, each running until it finishes or waits at a synchronising
+// intrinsic. When no thread can run, the scheduler completes what can complete:
+//   - a warp op with a mask (__ballot_sync, __match_any_sync, a group's shfl) once every lane
+//     of the mask waits at the same op with the same mask;
+//   - cooperative_groups::coalesced_threads() for the lanes of a warp waiting at one call site
+//     (on the device: the lanes that took the same branch together);
+//   - __syncthreads / __syncthreads_count / __syncthreads_or once every thread waits at one.
+// Anything else is a deadlock or undefined on the device (a barrier some threads skip, a mask
+// naming a lane that exited or waits elsewhere): the launch fails with a description of where each
+// thread waits, returned by cudaGetLastError(). __shared__ variables are function statics:
+// blocks never run at the same time. Atomics are plain read-modify-writes, atomic because
+// fibers switch only at synchronising intrinsics. What this cannot show: data races between
+// threads, timing, memory errors; compute-sanitizer on a GPU checks those.
+#pragma once
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cmath>   // the device's math functions are global (rint, ...)
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cuda_runtime_api.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __grid_constant__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __builtin_assume(condition) ((void)0)
+#define __isGlobal(pointer) true
+
+#define threadIdx (::swamp_emu::current_thread().index)
+#define blockIdx (::swamp_emu::current_block().index)
+#define blockDim (::swamp_emu::current_block().dim)
+#define gridDim (::swamp_emu::current_block().grid)
+
+namespace swamp_emu {
+
+enum class Wait { kRunnable, kBarrier, kWarp, kDone };
+enum class Barrier { kSync, kCount, kOr };
+enum class WarpOp { kBallot, kMatchAny, kShuffle, kCoalesce };
+
+inline const char* name(Barrier kind) {
+  return kind == Barrier::kSync ? "__syncthreads" : kind == Barrier::kCount ? "__syncthreads_count" : "__syncthreads_or";
+}
+
+inline const char* name(WarpOp op) {
+  switch (op) {
+    case WarpOp::kBallot:
+      return "__ballot_sync";
+    case WarpOp::kMatchAny:
+      return "__match_any_sync";
+    case WarpOp::kShuffle:
+      return "coalesced_group::shfl";
+    default:
+      return "coalesced_threads";
+  }
+}
+
+struct Thread {
+  ucontext_t context;
+  dim3 index;
+  Wait wait = Wait::kRunnable;
+  Barrier barrier = Barrier::kSync;  // at a barrier: which, and this thread's predicate
+  bool predicate = false;
+  WarpOp op = WarpOp::kBallot;       // at a warp op: which, over which lanes, with what
+  unsigned mask = 0;
+  uint64_t value = 0;                // ballot predicate, match value, shuffled value
+  int source = 0;                    // shuffle: the lane read
+  const char* file = "";             // the call site
+  int line = 0;
+  uint64_t result = 0;               // what the barrier or warp op returns
+};
+
+struct Block {
+  dim3 index, dim, grid;
+  std::vector<Thread> threads;
+  ucontext_t scheduler;
+  Thread* current = nullptr;
+  std::function<void()> body;  // the kernel call every thread makes
+  std::string error;
+};
+
+inline Block*& active_block() {
+  static Block* block = nullptr;
+  return block;
+}
+
+inline Block& current_block() { return *active_block(); }
+inline Thread& current_thread() { return *active_block()->current; }
+inline int lane_of(const Thread& t) { return static_cast<int>(t.index.x & 31u); }
+
+// Fiber stacks with a guard page below each, so an overflow faults instead of corrupting a
+// neighbour. One region, grown to the largest block seen.
+class Stacks {
+ public:
+  static constexpr size_t kBytes = size_t{64} << 10;
+
+  char* get(int threads) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    if (threads > count_) {
+      if (base_ != nullptr) {
+        munmap(base_, count_ * (kBytes + page));
+      }
+      const size_t bytes = threads * (kBytes + page);
+      void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (base == MAP_FAILED) {
+        throw std::bad_alloc();
+      }
+      base_ = static_cast<char*>(base);
+      count_ = threads;
+      for (int i = 0; i < threads; ++i) {
+        mprotect(base_ + i * (kBytes + page), page, PROT_NONE);
+      }
+    }
+    return base_;
+  }
+
+  static char* stack(char* base, int i) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return base + i * (kBytes + page) + page;
+  }
+
+ private:
+  char* base_ = nullptr;
+  int count_ = 0;
+};
+
+inline void run_thread() {
+  Block& b = current_block();
+  try {
+    b.body();
+  } catch (const std::exception& error) {
+    if (b.error.empty()) {
+      b.error = error.what();
+    }
+  }
+  b.current->wait = Wait::kDone;
+}  // returns to the scheduler (uc_link)
+
+// Parks the current thread until the scheduler completes its barrier or warp op.
+inline uint64_t wait_at(Wait wait) {
+  Thread& t = current_thread();
+  t.wait = wait;
+  swapcontext(&t.context, &current_block().scheduler);
+  return t.result;
+}
+
+inline int barrier(Barrier kind, bool predicate) {
+  Thread& t = current_thread();
+  t.barrier = kind;
+  t.predicate = predicate;
+  return static_cast<int>(wait_at(Wait::kBarrier));
+}
+
+inline uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int source, const char* file, int line) {
+  Thread& t = current_thread();
+  t.op = op;
+  t.mask = mask;
+  t.value = value;
+  t.source = source;
+  t.file = file;
+  t.line = line;
+  return wait_at(Wait::kWarp);
+}
+
+inline std::string where(const Thread& t) {
+  std::ostringstream out;
+  out << "thread " << t.index.x << ": ";
+  if (t.wait == Wait::kBarrier) {
+    out << name(t.barrier);
+  } else {
+    out << name(t.op) << " (mask 0x" << std::hex << t.mask << std::dec << ") at " << t.file << ":" << t.line;
+  }
+  return out.str();
+}
+
+inline void release(Thread& t, uint64_t result) {
+  t.result = result;
+  t.wait = Wait::kRunnable;
+}
+
+// Completes the warp ops that can complete (see the top of this file); false if none can
+// (or an op is invalid: b.error says why).
+inline bool resolve_warps(Block& b) {
+  bool progressed = false;
+  const int n = static_cast<int>(b.threads.size());
+  for (int first = 0; first < n; first += 32) {
+    Thread* warp = &b.threads[first];
+    const int lanes = n - first < 32 ? n - first : 32;
+    for (int l = 0; l < lanes; ++l) {
+      Thread& t = warp[l];
+      if (t.wait != Wait::kWarp) {
+        continue;
+      }
+      if (t.op == WarpOp::kCoalesce) {
+        unsigned group = 0;
+        for (int o = 0; o < lanes; ++o) {
+          const Thread& u = warp[o];
+          if (u.wait == Wait::kWarp && u.op == WarpOp::kCoalesce && u.line == t.line &&
+              std::strcmp(u.file, t.file) == 0) {
+            group |= 1u << o;
+          }
+        }
+        for (int o = 0; o < lanes; ++o) {
+          if (group >> o & 1u) {
+            release(warp[o], group);
+          }
+        }
+        progressed = true;
+        continue;
+      }
+      if (!(t.mask >> l & 1u)) {
+        b.error = where(t) + ": the calling lane is not in the mask";
+        return false;
+      }
+      bool ready = true;
+      for (int o = 0; o < 32 && ready; ++o) {
+        if (!(t.mask >> o & 1u)) {
+          continue;
+        }
+        if (o >= lanes || warp[o].wait == Wait::kDone) {
+          b.error = where(t) + ": lane " + std::to_string(o) + " of the mask has exited or does not exist";
+          return false;
+        }
+        const Thread& u = warp[o];
+        ready = u.wait == Wait::kWarp && u.op == t.op && u.mask == t.mask;
+      }
+      if (!ready) {
+        continue;
+      }
+      if (t.op == WarpOp::kShuffle && !(t.mask >> t.source & 1u)) {
+        b.error = where(t) + ": shuffles from lane " + std::to_string(t.source) + ", outside the group";
+        return false;
+      }
+      uint64_t ballot = 0;
+      for (int o = 0; o < 32; ++o) {
+        if ((t.mask >> o & 1u) && warp[o].value != 0) {
+          ballot |= uint64_t{1} << o;
+        }
+      }
+      const uint64_t shuffled = warp[t.source].value;
+      std::vector<uint64_t> results(32, 0);
+      for (int o = 0; o < 32; ++o) {
+        if (!(t.mask >> o & 1u)) {
+          continue;
+        }
+        if (t.op == WarpOp::kBallot) {
+          results[o] = ballot;
+        } else if (t.op == WarpOp::kShuffle) {
+          results[o] = shuffled;
+        } else {
+          for (int p = 0; p < 32; ++p) {
+            if ((t.mask >> p & 1u) && warp[p].value == warp[o].value) {
+              results[o] |= uint64_t{1} << p;
+            }
+          }
+        }
+      }
+      for (int o = 0; o < 32; ++o) {
+        if (t.mask >> o & 1u) {
+          release(warp[o], results[o]);
+        }
+      }
+      progressed = true;
+    }
+  }
+  return progressed;
+}
+
+// Completes a barrier every thread waits at; false if there is none. A barrier that threads
+// which have exited never reached is an error: CUDA allows barriers in conditional code only
+// when the whole block takes the same branch.
+inline bool resolve_barrier(Block& b) {
+  int waiting = 0;
+  int exited = 0;
+  uint64_t count = 0;
+  const Thread* first = nullptr;
+  for (const Thread& t : b.threads) {
+    if (t.wait == Wait::kDone) {
+      ++exited;
+      continue;
+    }
+    if (t.wait != Wait::kBarrier) {
+      return false;
+    }
+    if (first == nullptr) {
+      first = &t;
+    } else if (t.barrier != first->barrier) {
+      b.error = "threads wait at different barriers: " + where(*first) + ", " + where(t);
+      return false;
+    }
+    ++waiting;
+    count += t.predicate ? 1 : 0;
+  }
+  if (waiting == 0) {
+    return false;
+  }
+  if (exited > 0) {
+    b.error = "deadlock: " + std::to_string(exited) + " threads exited without reaching the barrier that " +
+              where(*first) + " and " + std::to_string(waiting - 1) + " others wait at";
+    return false;
+  }
+  const uint64_t result = first->barrier == Barrier::kOr ? (count > 0 ? 1 : 0) : count;
+  for (Thread& t : b.threads) {
+    if (t.wait == Wait::kBarrier) {
+      release(t, result);
+    }
+  }
+  return true;
+}
+
+inline std::string describe_deadlock(const Block& b) {
+  std::string text = "deadlock: no thread can go on;";
+  int shown = 0;
+  for (const Thread& t : b.threads) {
+    if (t.wait != Wait::kDone && shown++ < 8) {
+      text += " " + where(t) + ";";
+    }
+  }
+  return text;
+}
+
+// Runs every thread of block b.index to the end; b.error says why not.
+inline void run_block(Block& b, char* stacks) {
+  for (size_t i = 0; i < b.threads.size(); ++i) {
+    Thread& t = b.threads[i];
+    t = Thread{};
+    t.index = dim3(static_cast<unsigned>(i));
+    getcontext(&t.context);
+    t.context.uc_stack.ss_sp = Stacks::stack(stacks, static_cast<int>(i));
+    t.context.uc_stack.ss_size = Stacks::kBytes;
+    t.context.uc_link = &b.scheduler;
+    makecontext(&t.context, run_thread, 0);
+  }
+  while (b.error.empty()) {
+    bool alive = false;
+    for (Thread& t : b.threads) {
+      if (t.wait == Wait::kRunnable) {
+        b.current = &t;
+        swapcontext(&b.scheduler, &t.context);
+        if (!b.error.empty()) {
+          return;
+        }
+      }
+      alive = alive || t.wait != Wait::kDone;
+    }
+    if (!alive) {
+      return;
+    }
+    if (!resolve_warps(b) && b.error.empty() && !resolve_barrier(b) && b.error.empty()) {
+      b.error = describe_deadlock(b);
+    }
+  }
+}
+
+// kernel<<<grid, block, shared, stream>>>(args...) as launch(kernel, grid, block, shared, stream)(args...).
+template <typename... Params>
+class Launch {
+ public:
+  Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared)
+      : kernel_(kernel), grid_(grid), block_(block), shared_(shared) {}
+
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    LastError& last = last_error();
+    if (block_.x == 0 || block_.x > 1024 || block_.y != 1 || block_.z != 1 || grid_.x == 0 || grid_.y == 0 ||
+        grid_.z == 0 || shared_ != 0) {
+      last = {cudaErrorInvalidValue, "emulated launch: unsupported configuration (1-D blocks of at most "
+                                     "1024 threads, no dynamic shared memory)"};
+      return;
+    }
+    const std::tuple<std::decay_t<Args>...> copied(std::forward<Args>(args)...);
+    static Stacks stacks;
+    Block b;
+    b.dim = block_;
+    b.grid = grid_;
+    b.threads.resize(block_.x);
+    b.body = [&] { std::apply(kernel_, copied); };
+    active_block() = &b;
+    char* region = stacks.get(static_cast<int>(block_.x));
+    for (unsigned z = 0; z < grid_.z && b.error.empty(); ++z) {
+      for (unsigned y = 0; y < grid_.y && b.error.empty(); ++y) {
+        for (unsigned x = 0; x < grid_.x && b.error.empty(); ++x) {
+          b.index = dim3(x, y, z);
+          run_block(b, region);
+        }
+      }
+    }
+    active_block() = nullptr;
+    if (!b.error.empty()) {
+      std::ostringstream message;
+      message << "emulated kernel failed in block (" << b.index.x << ", " << b.index.y << ", " << b.index.z
+              << "): " << b.error;
+      last = {cudaErrorLaunchFailure, message.str()};
+    }
+  }
+
+ private:
+  void (*kernel_)(Params...);
+  dim3 grid_, block_;
+  size_t shared_;
+};
+
+template <typename... Params>
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared = 0,
+                         cudaStream_t = nullptr) {
+  return Launch<Params...>(kernel, grid, block, shared);
+}
+
+}  // namespace swamp_emu
+
+// ------------------------------------------------------------------------ intrinsics
+inline void __syncthreads() { swamp_emu::barrier(swamp_emu::Barrier::kSync, false); }
+inline int __syncthreads_count(int predicate) { return swamp_emu::barrier(swamp_emu::Barrier::kCount, predicate != 0); }
+inline int __syncthreads_or(int predicate) { return swamp_emu::barrier(swamp_emu::Barrier::kOr, predicate != 0); }
+
+inline unsigned __ballot_sync(unsigned mask, int predicate, const char* file = __builtin_FILE(),
+                              int line = __builtin_LINE()) {
+  return static_cast<unsigned>(swamp_emu::warp_op(swamp_emu::WarpOp::kBallot, mask, predicate != 0, 0, file, line));
+}
+
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T value, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  static_assert(std::is_integral_v<T> && sizeof(T) <= 8, "__match_any_sync takes 32- or 64-bit integers");
+  return static_cast<unsigned>(
+      swamp_emu::warp_op(swamp_emu::WarpOp::kMatchAny, mask, static_cast<uint64_t>(value), 0, file, line));
+}
+
+template <typename T, typename U>
+T atomicAdd(T* address, U value) {
+  static_assert(std::is_same_v<T, U>, "atomicAdd: the value has the address's type");
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
+template <typename T>
+T atomicCAS(T* address, T compare, T value) {
+  const T old = *address;
+  if (old == compare) {
+    *address = value;
+  }
+  return old;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+
+inline unsigned __float_as_uint(float x) {
+  unsigned bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+template <typename T>
+T min(T a, T b) {
+  return b < a ? b : a;
+}

@@ -1,0 +1,82 @@
+"""The host emulation of the CUDA device model (tests/cuda_emulation), on probe kernels: warp
+votes, coalesced groups and block barriers give the device's results, and the bugs that hang a
+GPU (a barrier some threads skip, a warp vote naming an exited lane) fail the launch with a
+message instead. The emulated CUDA backend itself runs under every backend test."""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import pytest
+
+from cuda_emulation import BUILD, HERE
+
+LAUNCH_FAILURE = 719  # cudaErrorLaunchFailure
+
+
+@pytest.fixture(scope="module")
+def probes():
+    BUILD.mkdir(parents=True, exist_ok=True)
+    library = BUILD / "probes.so"
+    subprocess.run(["c++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+                    f"-I{HERE / 'include'}", str(HERE / "probes.cpp"), "-o", str(library)], check=True)
+    lib = ctypes.CDLL(str(library))
+    lib.probe_message.restype = ctypes.c_char_p
+    return lib
+
+
+def ints(n: int):
+    return (ctypes.c_int * n)(*([-7] * n))
+
+
+def run(probes, name: str, out, *args) -> tuple[int, str]:
+    code = getattr(probes, f"probe_{name}")(out, *args)
+    return code, probes.probe_message().decode()
+
+
+@pytest.mark.parametrize("threads", [32, 64])
+def test_ballot_and_match_any_per_warp(probes, threads):
+    out = ints(2 * threads)
+    assert run(probes, "warp_votes", out, threads) == (0, "no error")
+    for t in range(threads):
+        base = t - t % 32
+        assert out[t] & 0xFFFFFFFF == sum(1 << lane for lane in range(32) if lane & 1)
+        assert out[threads + t] & 0xFFFFFFFF == sum(1 << lane for lane in range(32) if (base + lane) % 3 == t % 3)
+
+
+def test_a_full_mask_vote_in_a_partial_warp_fails_the_launch(probes):
+    code, message = run(probes, "warp_votes", ints(80), 40)
+    assert code == LAUNCH_FAILURE and "lane 8 of the mask has exited or does not exist" in message
+
+
+def test_coalesced_group_holds_the_lanes_of_the_branch(probes):
+    threads = 64
+    out = ints(3 * threads)
+    assert run(probes, "coalesced", out, threads) == (0, "no error")
+    for t in range(threads):
+        row = list(out[3 * t:3 * t + 3])
+        if t % 4 == 1:
+            assert row == [(t % 32) // 4, 8, t - t % 32 + 1]
+        else:
+            assert row == [-1, -1, -1]
+
+
+def test_block_barriers_share_memory_count_and_or(probes):
+    blocks, threads = 3, 96
+    out = ints(3 * blocks)
+    assert run(probes, "block_sync", out, blocks, threads, 95) == (0, "no error")
+    assert list(out) == [100, 48, 1, 101, 48, 1, 102, 48, 1]
+    assert run(probes, "block_sync", out, blocks, threads, 96) == (0, "no error")
+    assert list(out)[2::3] == [0, 0, 0]
+
+
+def test_a_barrier_some_threads_skip_fails_the_launch(probes):
+    code, message = run(probes, "divergent_barrier", ints(64), 64)
+    assert code == LAUNCH_FAILURE
+    assert "deadlock: 32 threads exited without reaching the barrier that thread 0: __syncthreads" in message
+
+
+def test_a_vote_naming_an_exited_lane_fails_the_launch(probes):
+    code, message = run(probes, "vote_after_exit", ints(32), 32)
+    assert code == LAUNCH_FAILURE
+    assert "__ballot_sync" in message and "lane 0 of the mask has exited" in message
