@@ -41,3 +41,16 @@ def cuda_backend_on_cpu(request, monkeypatch):
         return
     import cuda_emulation
     cuda_emulation.activate(monkeypatch)
+
+
+@pytest.fixture
+def cuda_device(monkeypatch):
+    """The device the CUDA backend's kernels run on here: the GPU (the extension must be built),
+    else the CPU through their host build (tests/cuda_emulation). Call the compiled ops as
+    ``swamp_kernels.cuda._ops().<op>``, which is either build's."""
+    if HAS_CUDA:
+        pytest.importorskip("swamp_kernels._C", reason="swamp_kernels._C is not built here")
+        return torch.device("cuda")
+    import cuda_emulation
+    cuda_emulation.activate(monkeypatch)
+    return torch.device("cpu")
