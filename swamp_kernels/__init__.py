@@ -109,7 +109,7 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
     """One ``torch.optim.SGD`` step on ``grad * mask``, then ``param *= mask``, in place.
 
     ``momentum_buffers`` is a list with one entry per param (None before the first step);
-    new buffers are stored into it. ``masks`` may be None, or hold None for unmasked params;
+    new buffers are stored into it (if the step raises, its None entries stay None). ``masks`` may be None, or hold None for unmasked params;
     a mask has the param's shape or, for stacked particles ``[P, *shape]``, ``shape``.
     Gradients may be float16/bfloat16 for float32 params; buffers have the param dtype.
     """
@@ -131,9 +131,15 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
                                           ("weight_decay", weight_decay)))
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
-    _run("masked_sgd_step_", backend, params[0].device, params, grads, momentum_buffers, masks,
-         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-         nesterov=bool(nesterov), maximize=bool(maximize))
+    new_buffers = [i for i, b in enumerate(momentum_buffers) if b is None]
+    try:
+        _run("masked_sgd_step_", backend, params[0].device, params, grads, momentum_buffers, masks,
+             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+             nesterov=bool(nesterov), maximize=bool(maximize))
+    except BaseException:
+        for i in new_buffers:   # a buffer the step never wrote must not look like a momentum state
+            momentum_buffers[i] = None
+        raise
 
 
 def _layer_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:

@@ -225,3 +225,19 @@ def test_bad_input_is_named(backend, device, case):
     with pytest.raises(error, match=message):
         sk.masked_sgd_step_(**kwargs, backend=backend)
     assert all(torch.equal(p, b) for p, b in zip(kwargs["params"], before)), "params changed before the error"
+
+
+def test_a_failed_step_leaves_no_new_buffer_behind(monkeypatch):
+    """A step that raises after its backend allocated first-step buffers (e.g. a failed kernel
+    launch) hands none of them back: unwritten memory must not become a momentum state."""
+    params = [torch.randn(5), torch.randn(3)]
+    kept = torch.zeros(3)
+    buffers = [None, kept]
+
+    def allocate_then_fail(params, grads, momentum_buffers, masks, **hyper):
+        momentum_buffers[0] = torch.empty_like(params[0])
+        raise RuntimeError("launch failed")
+    monkeypatch.setattr(sk, "implementation", lambda op, backend, device: allocate_then_fail)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        sk.masked_sgd_step_(params, [torch.ones_like(p) for p in params], buffers, None, lr=0.1, momentum=0.9)
+    assert buffers[0] is None and buffers[1] is kept
