@@ -16,7 +16,9 @@ and compute-sanitizer.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +56,8 @@ def ops():
     """``torch.ops.swamp_kernels_emulated``, building the host library first if needed."""
     from torch.utils.cpp_extension import load
 
+    # the venv's ninja (requirements-dev.txt), also when the venv is not on PATH
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     sources_dir = BUILD / "src"
     sources_dir.mkdir(parents=True, exist_ok=True)
     sources = [HERE / "device_upload.cpp"]
