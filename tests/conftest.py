@@ -14,9 +14,21 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _uses_the_gpu(item) -> bool:
+    """On a machine with a GPU: the test runs on it (a ``device`` of "cuda", or ``cuda_device``)."""
+    callspec = getattr(item, "callspec", None)
+    on_cuda = callspec is not None and str(callspec.params.get("device")) == "cuda"
+    return on_cuda or "cuda_device" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(tryfirst=True)   # before `-m` selects by marker
 def pytest_collection_modifyitems(config, items):
+    """``gpu`` marks every test that runs on the GPU here, so that ``pytest -m gpu`` on a GPU
+    machine also runs the backend tests on CUDA tensors; without a GPU, marked tests skip."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        if HAS_CUDA and _uses_the_gpu(item):
+            item.add_marker(pytest.mark.gpu)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
 
