@@ -1,7 +1,10 @@
 """The compiled extension swamp_kernels._C: it builds wherever a CUDA toolkit is, and its
-apply_masks_ kernel equals the torch reference bitwise on a GPU (also under compute-sanitizer).
+apply_masks_ kernel equals the torch reference bitwise.
 
-Without a GPU (CI) only the build and import are checked; the kernel tests are marked ``gpu``.
+The kernel tests run through the ``cuda_device`` fixture: on a GPU against the built extension,
+without one (CI) on CPU tensors through the host build of the same sources (tests/cuda_emulation).
+Only what needs the device itself is marked ``gpu``: launch counting with the CUDA profiler,
+compute-sanitizer, and inputs on two devices.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import pytest
 import torch
 
 import swamp_kernels as sk
-from swamp_kernels import reference
+from kernel_checks import cuda_launches
+from swamp_kernels import cuda as cuda_backend, reference
 from test_apply_masks import bits, make_case, special_values
 
 TESTS = Path(__file__).resolve().parent
@@ -54,7 +58,7 @@ def test_cuda_backend_imports_without_the_extension(monkeypatch):
         cuda.OPS["apply_masks_"]([torch.ones(3)], [torch.ones(3, dtype=torch.bool)])
 
 
-# ----------------------------------------------------------------------------- GPU
+# ----------------------------------------------------------------------------- kernel
 def _flat_slice(numel: int, offset: int, make) -> torch.Tensor:
     """``numel`` entries starting ``offset`` elements into a fresh buffer: contiguous, but
     not 16-byte aligned when offset > 0."""
@@ -112,31 +116,29 @@ def assert_cuda_matches_reference(tensors, masks) -> None:
 
 @pytest.fixture
 def extension():
+    """Skips unless swamp_kernels._C is built (tests that need the real extension, not its host build)."""
     try:
         importlib.import_module("swamp_kernels._C")
     except ImportError as error:
         pytest.skip(f"swamp_kernels._C is not built here: {error}")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kernel_matches_reference(extension, seed):
-    assert_cuda_matches_reference(*kernel_case(seed, "cuda"))
+def test_kernel_matches_reference(cuda_device, seed):
+    assert_cuda_matches_reference(*kernel_case(seed, cuda_device))
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("count", [1, 83, 84, 85, 86, 300])
-def test_table_inline_and_in_device_memory(extension, count):
+def test_table_inline_and_in_device_memory(cuda_device, count):
     # 84 MaskEntry rows fit in the kernel arguments; more go through a device buffer.
-    assert_cuda_matches_reference(*many_tensors(count, count, "cuda"))
+    assert_cuda_matches_reference(*many_tensors(count, count, cuda_device))
 
 
-@pytest.mark.gpu
-def test_nan_and_inf_at_masked_entries_end_at_plus_zero(extension):
-    tensors = [torch.full((n,), value, dtype=dtype, device="cuda")
+def test_nan_and_inf_at_masked_entries_end_at_plus_zero(cuda_device):
+    tensors = [torch.full((n,), value, dtype=dtype, device=cuda_device)
                for n, value, dtype in [(37, float("nan"), torch.float32), (4096, float("-inf"), torch.float16),
                                        (9, -0.0, torch.bfloat16), (CHUNK + 1, float("nan"), torch.bfloat16)]]
-    masks = [torch.arange(t.numel(), device="cuda") % 3 == 0 for t in tensors]
+    masks = [torch.arange(t.numel(), device=cuda_device) % 3 == 0 for t in tensors]
     sk.apply_masks_(tensors, masks, backend="cuda")
     for t, m in zip(tensors, masks):
         assert torch.equal(bits(t[~m]), torch.zeros_like(bits(t[~m])))
@@ -144,34 +146,32 @@ def test_nan_and_inf_at_masked_entries_end_at_plus_zero(extension):
 
 
 @pytest.mark.gpu
-def test_one_launch_for_all_dtypes(extension):
-    tensors, masks = many_tensors(120, 7, "cuda")  # three dtypes, past the inline table
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        sk.apply_masks_(tensors, masks, backend="cuda")
-        torch.cuda.synchronize()
-    launches = [e for e in prof.events() if "apply_masks_kernel" in e.name]
-    assert len(launches) == 1, [e.name for e in prof.events()]
+def test_one_launch_for_all_dtypes(cuda_device):
+    tensors, masks = many_tensors(120, 7, cuda_device)  # three dtypes, past the inline table
+    launches = cuda_launches(lambda: sk.apply_masks_(tensors, masks, backend="cuda"), "apply_masks_kernel")
+    assert len(launches) == 1, launches
 
 
-BINDING_ERRORS = {
-    "count": (lambda t, m: ([t, t], [m]), r"apply_masks_: 2 tensors but 1 masks"),
-    "non-contiguous": (lambda t, m: ([t, t.view(4, 4).t()], [m, m.view(4, 4)]),
-                       r"apply_masks_: tensors\[1\] must be contiguous"),
-    "dtype": (lambda t, m: ([t.double()], [m]), r"apply_masks_: tensors\[0\] has dtype Double"),
-    "mask dtype": (lambda t, m: ([t], [m.float()]), r"apply_masks_: masks\[0\] has dtype Float; expected bool"),
-    "mask shape": (lambda t, m: ([t], [m[:8]]), r"apply_masks_: masks\[0\] has shape \[8\]"),
-    "mask device": (lambda t, m: ([t], [m.cpu()]), r"apply_masks_: masks\[0\] is on cpu, expected cuda"),
-}
+BINDING_ERRORS = [  # (arguments made from valid ones t, m; error message)
+    pytest.param(lambda t, m: ([t, t], [m]), r"apply_masks_: 2 tensors but 1 masks", id="count"),
+    pytest.param(lambda t, m: ([t, t.view(4, 4).t()], [m, m.view(4, 4)]),
+                 r"apply_masks_: tensors\[1\] must be contiguous", id="non-contiguous"),
+    pytest.param(lambda t, m: ([t.double()], [m]), r"apply_masks_: tensors\[0\] has dtype Double", id="dtype"),
+    pytest.param(lambda t, m: ([t], [m.float()]), r"apply_masks_: masks\[0\] has dtype Float; expected bool",
+                 id="mask dtype"),
+    pytest.param(lambda t, m: ([t], [m[:8]]), r"apply_masks_: masks\[0\] has shape \[8\]", id="mask shape"),
+    # a mask on a second device: the host build has only the CPU
+    pytest.param(lambda t, m: ([t], [m.cpu()]), r"apply_masks_: masks\[0\] is on cpu, expected cuda",
+                 id="mask device", marks=pytest.mark.gpu),
+]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", BINDING_ERRORS, ids=list(BINDING_ERRORS))
-def test_compiled_op_checks_its_input(extension, case):
-    make_args, message = BINDING_ERRORS[case]
-    t = torch.ones(16, device="cuda")
-    m = torch.ones(16, dtype=torch.bool, device="cuda")
+@pytest.mark.parametrize("make_args, message", BINDING_ERRORS)
+def test_compiled_op_checks_its_input(cuda_device, make_args, message):
+    t = torch.ones(16, device=cuda_device)
+    m = torch.ones(16, dtype=torch.bool, device=cuda_device)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.swamp_kernels.apply_masks_(*make_args(t, m))
+        cuda_backend._ops().apply_masks_(*make_args(t, m))
 
 
 SANITIZED_SCRIPT = """
