@@ -1,31 +1,45 @@
-// Global / layerwise magnitude pruning: a multi-tensor radix select (one launch per pass,
-// the tensors read in place through the table of multi_tensor.cuh, never concatenated).
+// Global / layerwise magnitude pruning: a multi-tensor radix select that reads the tensors
+// about twice (the tensors read in place through the table of multi_tensor.cuh, never
+// concatenated).
 //
 // Keys: each candidate's float32 bit pattern (exact for float16/bfloat16) mapped to a
-// uint32 whose order is the float order: |w| shifts the sign bit out; a score folds -0.0
-// into +0.0, then flips negatives and sets the sign bit of non-negatives. A segment is every
-// tensor (global) or one tensor (layerwise); each finds its k-th largest key, k = n - n_prune.
+// uint32 whose order is the float order: |w| shifts the sign bit out (so a 12-bit first
+// digit is the 8 exponent bits and 4 mantissa bits: buckets of 1/16 octave); a score folds
+// -0.0 into +0.0, then flips negatives and sets the sign bit of non-negatives. A segment is
+// every tensor (global) or one tensor (layerwise); each finds its k-th largest key,
+// k = n - n_prune (n_prune from n and `amount` on the device: rint, half to even).
 //
-// - Passes: four 8-bit digits, most significant first. A pass adds per-block shared
-//   histograms of the next digit over the keys inside the segment's bucket (the keys
-//   sharing the digits fixed so far) into the segment's global histogram; pick_kernel (a
-//   block per segment) then narrows the bucket to the digit holding the k-th largest key
-//   and updates k, on the device. n_prune comes from n and `amount` there too (rint: half
-//   to even). Each thread loads kItems elements of a tile before using any (ILP).
-// - Compaction: once a bucket fits in the free part of the compact buffer, the next pass
-//   over the tensors also copies its keys (with their chunk numbers) there; later passes
+// - Digits: 12, 10, 10 bits, most significant first. A digit pass adds per-block shared
+//   histograms (4096 / 1024 bins, one shared atomic per distinct digit of a warp) of the
+//   next digit over the keys of the segment's bucket [lo, hi] into its global histogram;
+//   pick_kernel then narrows the bucket to the digit holding the k-th largest key, updates
+//   k and sets the segment's next mode, on the device.
+// - Gathering: pass 0 leaves typically 1-3% of normal weights in the bucket of a 20%
+//   quantile, so a buffer region of n_s / 16 keys per segment (at least min(n_s, 4096))
+//   holds it. The next pass over the tensors then writes the final mask of every element
+//   outside the bucket (above: kept; below or not a candidate: pruned), writes 0 for the
+//   bucket's keys and copies them with their positions to the buffer (staged in shared
+//   memory: one global atomic per chunk). Later digits, the tie counts and the final write
 //   read only the buffer.
-// - Early exit: a segment is done as soon as its bucket is to be kept whole (or n_prune is
-//   0 or n); otherwise after four digits the bucket is one key value: the threshold.
-// - Masks: keys above the bucket are kept; keys inside it are kept whole, or (ties at the
-//   threshold) in global index order while their rank is below k. A tie's rank is the
-//   exclusive scan over chunks (chunk order is global order) of per-chunk tie counts
-//   (counted from the buffer when compacted) plus an in-block scan.
-// Nothing waits for the device: the caller reads `status` (counts, NaN/Inf flags) once.
+// - Early exits: a bucket to be kept or pruned whole is emptied (hi < lo: keep the keys
+//   above hi); the next pass over the tensors (or the final kernel) writes those masks.
+// - Ties at the final key are kept in global index order while their rank is below k. The
+//   rank is the segment's ties in earlier chunks (exclusive scan of per-chunk tie counts;
+//   chunk order is global order) plus an in-chunk rank. Only one chunk of a gathered
+//   segment straddles k: its block ranks its ties by re-reading that chunk; the other
+//   gathered ties are kept or pruned with their chunk. A bucket that never fits the buffer
+//   (heavy ties, all-equal keys) is ranked over the tensors.
+//
+// Bytes per element (keys of b bytes, masks of m = 0 or 1 byte, output 1 byte; floor
+// b + m + 1): typical inputs read keys + masks twice (pass 0, gathering pass 1) and write
+// the masks once: 2(b + m) + 1, plus ~12 bytes per gathered key (1-3% of elements) a few
+// times. float32 unmasked: 9 / 5 = 1.8x the floor (was ~3.5x). Heavy ties: up to five
+// reads. Launches per call, fixed: 2 memsets, the context store, 3 x (digit pass + pick),
+// tie counts, their scan and the final kernel = 12; buffer work rides in the launches
+// over the tensors. Nothing waits for the device: the caller reads `status` (counts,
+// NaN/Inf flags) once.
 #include <cuda_fp16.h>
 #include <cooperative_groups.h>
-
-#include <climits>
 
 #include "magnitude_prune.h"
 #include "multi_tensor.cuh"
@@ -35,41 +49,57 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int64_t kChunk = 16384;                 // elements per chunk of a pass over the tensors
-constexpr int kThreads = 256;                     // threads per block (a multiple of 32)
-constexpr int kItems = 4;                         // elements per thread per tile, loaded up front
+constexpr int64_t kChunk = 16384;        // elements per chunk of a pass over the tensors
+constexpr int kThreads = 256;            // threads per block (a multiple of 32)
+constexpr int kWarps = kThreads / 32;
+constexpr int kItems = 4;                // elements per thread per tile, loaded up front
 constexpr int64_t kTile = int64_t{kThreads} * kItems;
-constexpr int kBins = 256;                        // 8-bit digits
-constexpr int kScanThreads = 1024;                // the single block scanning the chunk tie counts
-constexpr int64_t kCompactCapacity = int64_t{1} << 21;  // compact-buffer keys, shared by segments
-constexpr int kBufferBlocks = 256;                // blocks over the compact buffer, shared by segments
-constexpr long long kAll = LLONG_MAX;             // quota: every key of the bucket is kept
+constexpr int kPasses = 3;               // digits: 12, 10, 10 bits
+constexpr int kMaxBins = 4096;
+constexpr int kStage = 2048;             // gathered keys staged per block (>= kTile)
+constexpr int kPickThreads = 256;        // kMaxBins / kPickThreads bins per thread of the pick
+constexpr int kScanThreads = 1024;       // the single block scanning the chunk tie counts
+constexpr long long kBufferDivisor = 16;
+constexpr long long kBufferMin = 4096;
+static_assert(kStage >= kTile && kMaxBins % kPickThreads == 0, "stage or pick sizes");
 
-// Search state of a segment.
-enum Mode : int { kScan = 0, kGather = 1, kCompact = 2, kDone = 3 };
+__host__ __device__ constexpr int digit_shift(int pass) { return pass == 0 ? 20 : pass == 1 ? 10 : 0; }
+__host__ __device__ constexpr int digit_bins(int pass) { return pass == 0 ? 4096 : 1024; }
+
+// Buffer keys of a segment of `numel` elements: numel / 16, at least min(numel, 4096).
+__host__ __device__ constexpr long long buffer_capacity(long long numel) {
+  return numel / kBufferDivisor > kBufferMin ? numel / kBufferDivisor : (numel < kBufferMin ? numel : kBufferMin);
+}
+
+// What a segment does next.
+enum Mode : int {
+  kScan = 0,      // bucket in the tensors; the next pass narrows it
+  kGather = 1,    // the next pass over the tensors writes the masks and gathers the bucket
+  kWrite = 2,     // bucket decided (empty) before gathering; masks not yet written
+  kCompact = 3,   // bucket in the buffer, the other masks written
+  kCompactDone = 4,  // as kCompact, bucket decided (empty)
+  kFinished = 5,  // masks written
+};
 
 struct SegmentState {
-  unsigned long long hist[kBins];  // counts of the next digit inside the bucket (zeroed by pick)
-  unsigned long long buf_count;    // keys gathered into the segment's buffer region so far
-  long long buf_begin;             // the region: buf_key/buf_chunk[buf_begin, + buf_size)
-  long long buf_size;
-  long long keep;                  // keys still to keep inside the bucket
-  long long quota;                 // kDone: bucket keys kept: kAll, or the first `quota` by index
-  unsigned prefix;                 // the bucket: keys whose top 8 * depth bits equal prefix
-  int depth;
+  unsigned long long hist[kMaxBins];  // counts of the next digit inside the bucket (zeroed by pick)
+  unsigned long long numel;           // elements of the segment's tensors (pass 0)
+  unsigned long long buf_begin;       // buffer region: buf_key/buf_pos[buf_begin, + buf_count)
+  unsigned long long buf_count;
+  long long first_chunk;              // launch-wide number of the segment's first chunk
+  long long lo, hi;                   // bucket: keys in [lo, hi]; hi < lo: empty, keys > hi kept
+  long long keep;                     // keys still to keep inside the bucket
   int mode;
-  int need_rank;                   // kDone with 0 < quota < bucket size: ties ranked by index
-  int compacted;                   // the final bucket's keys are all in the buffer region
 };
 
 struct Context {
   SegmentState* seg;
   long long* status;               // [segments] candidate counts, then [tensors] NaN/Inf flags
-  unsigned long long* ties;        // per chunk: tie count, then its exclusive scan
+  unsigned long long* ties;        // [chunks + 1]: per chunk tie count, then its exclusive scan
+  uint8_t** chunk_out;             // per chunk of a gathering segment: its first mask byte
   unsigned* buf_key;
-  unsigned* buf_chunk;
-  long long buf_capacity;
-  unsigned long long buf_used;     // buffer keys handed out to segments (at most capacity)
+  unsigned long long* buf_pos;     // launch-wide chunk * kChunk + offset in the chunk
+  unsigned long long buf_used;     // buffer keys handed out to segments
   long long num_chunks;
   double amount;
   int num_segments;
@@ -83,7 +113,6 @@ struct PruneEntry {
   const uint8_t* mask;
   uint8_t* out;
   int64_t numel;
-  Context* ctx;
   int64_t first_chunk;  // the launch-wide number of this tensor's first chunk
   int32_t tensor;       // index in the caller's list
   int32_t dtype;
@@ -107,7 +136,7 @@ __device__ __forceinline__ bool is_nonfinite(uint32_t bits) {
 
 __device__ __forceinline__ uint32_t order_key(uint32_t bits, bool signed_keys) {
   if (!signed_keys) {
-    return bits << 1;  // |w|: the sign bit dropped, so the first digit holds 8 exponent bits
+    return bits << 1;  // |w|: the sign bit dropped
   }
   if (bits == 0x80000000u) {
     bits = 0;
@@ -119,17 +148,16 @@ __device__ __forceinline__ bool is_candidate(const PruneEntry& e, int64_t i) {
   return e.mask == nullptr || e.mask[i] != 0;
 }
 
-// The bucket of `key` after `depth` digits (0 for every key at depth 0).
-__device__ __forceinline__ uint32_t bucket_of(uint32_t key, int depth) {
-  return depth == 0 ? 0u : key >> (32 - 8 * depth);
+__device__ __forceinline__ bool in_range(uint32_t key, long long lo, long long hi) {
+  return lo <= static_cast<long long>(key) && static_cast<long long>(key) <= hi;
 }
 
-__device__ __forceinline__ uint32_t digit_of(uint32_t key, int depth) {
-  return (key >> (24 - 8 * depth)) & (kBins - 1);
+__device__ __forceinline__ SegmentState& segment_of(const Context& ctx, const PruneEntry& e) {
+  return ctx.seg[ctx.layerwise ? e.tensor : 0];
 }
 
-__device__ __forceinline__ SegmentState& segment_of(const PruneEntry& e) {
-  return e.ctx->seg[e.ctx->layerwise ? e.tensor : 0];
+__device__ __forceinline__ long long chunk_of(const PruneEntry& e, int64_t start) {
+  return e.first_chunk + start / kChunk;
 }
 
 // This thread's elements of the tile at chunk offset `base`: item j is element
@@ -158,21 +186,22 @@ __device__ __forceinline__ Items load_items(const PruneEntry& e, int64_t start, 
   return items;
 }
 
-// ------------------------------------------------------------------- histograms
+// -------------------------------------------------------------- block primitives
 // Adds 1 to hist[digit] for every lane with `counted`, one shared atomic per distinct digit
 // of the warp. All 32 lanes must call it.
 __device__ __forceinline__ void count_digit(unsigned* hist, bool counted, uint32_t digit) {
-  const uint32_t value = counted ? digit : kBins;
+  const uint32_t value = counted ? digit : kMaxBins;
   const unsigned peers = __match_any_sync(0xffffffffu, value);
   if (counted && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
     atomicAdd(&hist[digit], static_cast<unsigned>(__popc(peers)));
   }
 }
 
-// Adds the block's shared histogram into st's (if any) and zeroes it. Block-uniform.
-__device__ __forceinline__ void flush_histogram(unsigned* hist, SegmentState* st) {
+// Adds the first `bins` counts of the block's shared histogram into st's (if any) and
+// zeroes them. Block-uniform.
+__device__ __forceinline__ void flush_histogram(unsigned* hist, int bins, SegmentState* st) {
   __syncthreads();
-  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
+  for (int b = threadIdx.x; b < bins; b += kThreads) {
     if (st != nullptr && hist[b] != 0) {
       atomicAdd(&st->hist[b], static_cast<unsigned long long>(hist[b]));
     }
@@ -181,89 +210,26 @@ __device__ __forceinline__ void flush_histogram(unsigned* hist, SegmentState* st
   __syncthreads();
 }
 
-// One pass over the tensors for every segment still scanning: the histogram of its next
-// digit inside its bucket; in gather mode also the bucket's keys into the buffer. The first
-// pass (depth 0) also flags tensors with a NaN/Inf candidate.
-__global__ void __launch_bounds__(kThreads)
-    histogram_kernel(const __grid_constant__ TensorTable<PruneEntry> table) {
-  __shared__ unsigned hist[kBins];
-  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
-    hist[b] = 0;
+// The number of threads before this one (in thread order) with `flag`, and in `total` the
+// block's count. Block-uniform; warp_counts: kWarps shared words.
+__device__ __forceinline__ unsigned block_rank(bool flag, unsigned* warp_counts, unsigned& total) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) {
+    warp_counts[warp] = __popc(ballot);
   }
   __syncthreads();
-  SegmentState* pending = nullptr;  // the segment whose counts `hist` holds
-  for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
-    const Context& ctx = *e.ctx;
-    SegmentState& st = segment_of(e);
-    const int mode = st.mode;
-    if (mode != kScan && mode != kGather) {
-      return;
-    }
-    if (&st != pending) {
-      flush_histogram(hist, pending);
-      pending = &st;
-    }
-    const int depth = st.depth;
-    const uint32_t prefix = st.prefix;
-    const unsigned chunk = static_cast<unsigned>(e.first_chunk + start / kChunk);
-    bool nonfinite = false;
-    for (int64_t base = 0; base < len; base += kTile) {
-      const Items items = load_items(e, start, len, base);
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) {
-        nonfinite |= items.candidate[j] && is_nonfinite(items.bits[j]);
-        const uint32_t key = order_key(items.bits[j], ctx.signed_keys != 0);
-        const bool in_bucket = items.candidate[j] && bucket_of(key, depth) == prefix;
-        count_digit(hist, in_bucket, digit_of(key, depth));
-        if (mode == kGather && in_bucket) {
-          const cg::coalesced_group group = cg::coalesced_threads();
-          unsigned long long slot = 0;
-          if (group.thread_rank() == 0) {
-            slot = atomicAdd(&st.buf_count, static_cast<unsigned long long>(group.size()));
-          }
-          slot = group.shfl(slot, 0) + group.thread_rank();
-          if (slot < static_cast<unsigned long long>(st.buf_size)) {
-            ctx.buf_key[st.buf_begin + slot] = key;
-            ctx.buf_chunk[st.buf_begin + slot] = chunk;
-          }
-        }
-      }
-    }
-    if (depth == 0 && __syncthreads_or(nonfinite) && threadIdx.x == 0) {
-      ctx.status[ctx.num_segments + e.tensor] = 1;
-    }
-  });
-  flush_histogram(hist, pending);
-}
-
-// The same histogram for every segment whose bucket lies in the compact buffer.
-// Grid: (blocks per segment, segments), segments strided over gridDim.y.
-__global__ void __launch_bounds__(kThreads) buffer_histogram_kernel(Context* ctx) {
-  __shared__ unsigned hist[kBins];
-  for (int b = threadIdx.x; b < kBins; b += blockDim.x) {
-    hist[b] = 0;
+  unsigned before = __popc(ballot & ((1u << lane) - 1u));
+  total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0u;
+    total += warp_counts[w];
   }
   __syncthreads();
-  for (int s = blockIdx.y; s < ctx->num_segments; s += gridDim.y) {
-    SegmentState& st = ctx->seg[s];
-    if (st.mode != kCompact) {
-      continue;
-    }
-    const int depth = st.depth;
-    const uint32_t prefix = st.prefix;
-    const long long count = static_cast<long long>(st.buf_count);
-    const unsigned* keys = ctx->buf_key + st.buf_begin;
-    for (long long base = static_cast<long long>(blockIdx.x) * blockDim.x; base < count;
-         base += static_cast<long long>(gridDim.x) * blockDim.x) {
-      const long long i = base + threadIdx.x;
-      const uint32_t key = i < count ? keys[i] : 0u;
-      count_digit(hist, i < count && bucket_of(key, depth) == prefix, digit_of(key, depth));
-    }
-    flush_histogram(hist, &st);
-  }
+  return before;
 }
 
-// ---------------------------------------------------------------------------- scans
 // Inclusive prefix sum over the block, in place in shared `scan` (Hillis-Steele): thread
 // t < kN (all kN threads of the block take part) stores `value` at scan[t], and on return
 // scan[t] holds the values of threads 0 .. t. Block-uniform; ends synchronised.
@@ -279,134 +245,293 @@ __device__ __forceinline__ void block_inclusive_scan(unsigned long long* scan, i
   }
 }
 
+// ------------------------------------------------------------------- gathering
+// Bucket keys on their way to a segment's buffer region, in shared memory.
+struct Stage {
+  unsigned key[kStage];
+  unsigned long long pos[kStage];
+  unsigned fill;        // staged entries
+  unsigned count;       // entries being flushed, at base
+  unsigned long long base;
+};
+
+// Moves the staged entries to st's buffer region (one global atomic). Block-uniform.
+__device__ __forceinline__ void flush_stage(Stage& stage, SegmentState& st, const Context& ctx) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    stage.count = stage.fill;
+    stage.base = st.buf_begin + atomicAdd(&st.buf_count, static_cast<unsigned long long>(stage.fill));
+    stage.fill = 0;
+  }
+  __syncthreads();
+  for (unsigned i = threadIdx.x; i < stage.count; i += kThreads) {
+    ctx.buf_key[stage.base + i] = stage.key[i];
+    ctx.buf_pos[stage.base + i] = stage.pos[i];
+  }
+  __syncthreads();
+}
+
+// Stages `key` at launch-wide position `pos`; one shared atomic per warp.
+__device__ __forceinline__ void stage_key(Stage& stage, uint32_t key, unsigned long long pos) {
+  const cg::coalesced_group group = cg::coalesced_threads();
+  unsigned slot = 0;
+  if (group.thread_rank() == 0) {
+    slot = atomicAdd(&stage.fill, static_cast<unsigned>(group.size()));
+  }
+  slot = group.shfl(slot, 0) + static_cast<unsigned>(group.thread_rank());
+  stage.key[slot] = key;
+  stage.pos[slot] = pos;
+}
+
+// ------------------------------------------------------------------- digit passes
+// Digit pass `pass` for every segment: over the tensors, the histogram of the digit inside
+// the bucket (kScan, kGather), the masks (kGather, kWrite) and the bucket's keys copied to
+// the buffer (kGather); over the buffer, the histogram for kCompact segments. Pass 0 also
+// flags tensors with a NaN/Inf candidate and records each segment's size and first chunk.
+__global__ void __launch_bounds__(kThreads)
+    digit_pass_kernel(const __grid_constant__ TensorTable<PruneEntry> table, Context* ctx_ptr, int pass) {
+  __shared__ unsigned hist[kMaxBins];
+  __shared__ Stage stage;
+  const Context& ctx = *ctx_ptr;
+  const int shift = digit_shift(pass);
+  const int bins = digit_bins(pass);
+  for (int b = threadIdx.x; b < kMaxBins; b += kThreads) {
+    hist[b] = 0;
+  }
+  if (threadIdx.x == 0) {
+    stage.fill = 0;
+  }
+  __syncthreads();
+  SegmentState* pending = nullptr;  // the segment whose counts `hist` holds
+  for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
+    SegmentState& st = segment_of(ctx, e);
+    const int mode = st.mode;
+    if (mode != kScan && mode != kGather && mode != kWrite) {
+      return;
+    }
+    if (pass == 0 && start == 0 && threadIdx.x == 0) {
+      atomicAdd(&st.numel, static_cast<unsigned long long>(e.numel));
+      if (ctx.layerwise) {
+        st.first_chunk = e.first_chunk;
+      }
+    }
+    if (mode != kWrite && &st != pending) {
+      flush_histogram(hist, bins, pending);
+      pending = &st;
+    }
+    const long long lo = st.lo;
+    const long long hi = st.hi;
+    const long long chunk = chunk_of(e, start);
+    if (mode == kGather && threadIdx.x == 0) {
+      ctx.chunk_out[chunk] = e.out + start;
+    }
+    bool nonfinite = false;
+    for (int64_t base = 0; base < len; base += kTile) {
+      if (mode == kGather) {  // room for a whole tile
+        __syncthreads();
+        if (__syncthreads_or(threadIdx.x == 0 && stage.fill > kStage - kTile)) {
+          flush_stage(stage, st, ctx);
+        }
+      }
+      const Items items = load_items(e, start, len, base);
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        const bool candidate = items.candidate[j];
+        const uint32_t key = order_key(items.bits[j], ctx.signed_keys != 0);
+        const bool in_bucket = candidate && (pass == 0 || in_range(key, lo, hi));
+        if (mode != kWrite) {
+          count_digit(hist, in_bucket, (key >> shift) & static_cast<uint32_t>(bins - 1));
+        }
+        const int64_t local = item_offset(base, j);
+        if (mode != kScan && local < len) {
+          e.out[start + local] = candidate && static_cast<long long>(key) > hi ? 1 : 0;
+        }
+        if (mode == kGather && in_bucket) {
+          stage_key(stage, key, static_cast<unsigned long long>(chunk * kChunk + local));
+        }
+        nonfinite |= candidate && is_nonfinite(items.bits[j]);
+      }
+    }
+    if (mode == kGather) {
+      flush_stage(stage, st, ctx);
+    }
+    if (pass == 0 && __syncthreads_or(nonfinite) && threadIdx.x == 0) {
+      ctx.status[ctx.num_segments + e.tensor] = 1;
+    }
+  });
+  flush_histogram(hist, bins, pending);
+  for (int s = 0; s < ctx.num_segments; ++s) {  // buckets gathered in an earlier pass
+    SegmentState& st = ctx.seg[s];
+    const long long count = static_cast<long long>(st.buf_count);
+    if (st.mode != kCompact || static_cast<long long>(blockIdx.x) * kThreads >= count) {
+      continue;
+    }
+    const long long lo = st.lo;
+    const long long hi = st.hi;
+    const unsigned* keys = ctx.buf_key + st.buf_begin;
+    for (long long base = static_cast<long long>(blockIdx.x) * kThreads; base < count;
+         base += static_cast<long long>(gridDim.x) * kThreads) {
+      const long long i = base + threadIdx.x;
+      const uint32_t key = i < count ? keys[i] : 0u;
+      count_digit(hist, i < count && in_range(key, lo, hi), (key >> shift) & static_cast<uint32_t>(bins - 1));
+    }
+    flush_histogram(hist, bins, &st);
+  }
+}
+
 // ------------------------------------------------------------------------ selection
-// Blocks of kBins threads, segments strided over the blocks: n and k on the first pass,
-// then the digit holding the k-th largest key of the bucket, and the segment's next mode.
-__global__ void __launch_bounds__(kBins) pick_kernel(Context* ctx) {
-  __shared__ unsigned long long scan[kBins];
-  __shared__ long long shared_keep;
-  __shared__ int shared_active;
+// Blocks of kPickThreads threads, segments strided over the blocks: after pass `pass`, n and
+// k (first pass), then the digit holding the k-th largest key of the bucket, the new bucket
+// and k, and the segment's next mode (see Mode). Invariant: the bucket holds >= k keys.
+__global__ void __launch_bounds__(kPickThreads) pick_kernel(Context* ctx, int pass) {
+  constexpr int kMaxPer = kMaxBins / kPickThreads;
+  __shared__ unsigned long long scan[kPickThreads];
+  __shared__ long long shared_wanted;
   const int t = threadIdx.x;
-  const uint32_t digit = kBins - 1 - t;  // thread t holds the t-th largest digit
+  const int shift = digit_shift(pass);
+  const int bins = digit_bins(pass);
+  const int per = bins / kPickThreads;  // thread t holds digits bins-1-t*per down to bins-per-t*per
   for (int s = blockIdx.x; s < ctx->num_segments; s += gridDim.x) {
     SegmentState& st = ctx->seg[s];
     const int mode = st.mode;
-    if (mode == kDone) {
+    const long long old_lo = st.lo;
+    const long long old_hi = pass == 0 ? 0xffffffffll : st.hi;
+    __syncthreads();  // every thread has read the state before it changes
+    if (mode == kWrite) {  // the pass just done wrote the masks
+      if (t == 0) {
+        st.mode = kFinished;
+      }
       continue;
     }
-    const unsigned long long h = st.hist[digit];
-    st.hist[digit] = 0;
-    block_inclusive_scan<kBins>(scan, t, h);
-    const unsigned long long inclusive = scan[t];  // keys with a digit >= this thread's
+    if (mode != kScan && mode != kGather && mode != kCompact) {
+      continue;
+    }
+    unsigned long long counts[kMaxPer];
+    unsigned long long sum = 0;
+#pragma unroll
+    for (int i = 0; i < kMaxPer; ++i) {
+      counts[i] = 0;
+      if (i < per) {
+        const int digit = bins - 1 - (t * per + i);
+        counts[i] = st.hist[digit];
+        st.hist[digit] = 0;
+        sum += counts[i];
+      }
+    }
+    block_inclusive_scan<kPickThreads>(scan, t, sum);
     if (t == 0) {
-      long long keep = st.keep;
-      int active = 1;
-      if (st.depth == 0) {
-        const long long n = static_cast<long long>(scan[kBins - 1]);
+      long long wanted = st.keep;
+      if (pass == 0) {
+        const long long n = static_cast<long long>(scan[kPickThreads - 1]);
         ctx->status[s] = n;
         const long long n_prune = ctx->amount_is_count
                                       ? min(static_cast<long long>(ctx->amount), n)
                                       : static_cast<long long>(rint(ctx->amount * static_cast<double>(n)));
-        keep = n - n_prune;
-        if (keep == 0 || keep == n) {  // all candidates pruned / all kept
-          st.mode = kDone;
-          st.quota = keep == 0 ? 0 : kAll;
-          active = 0;
-        }
+        wanted = n - n_prune;
       }
-      shared_keep = keep;
-      shared_active = active;
+      shared_wanted = wanted;
     }
     __syncthreads();
-    const long long keep = shared_keep;
-    const long long exclusive = static_cast<long long>(inclusive - h);
-    if (shared_active && exclusive < keep && keep <= static_cast<long long>(inclusive)) {
-      const long long left = keep - exclusive;
-      const int depth = st.depth + 1;
-      st.prefix = (st.prefix << 8) | digit;
-      st.depth = depth;
-      st.keep = left;
-      if (left == static_cast<long long>(h)) {
-        st.mode = kDone;
-        st.quota = kAll;
-      } else if (depth == 4) {
-        st.mode = kDone;
-        st.quota = left;
-        st.need_rank = 1;
-      } else if (mode == kGather) {
-        st.mode = kCompact;
-      } else if (mode == kScan && static_cast<long long>(h) <= ctx->buf_capacity) {
-        // First come, first served: a region that does not fit leaves the segment scanning
-        // (and takes nothing, so later, smaller regions may still fit).
-        const auto capacity = static_cast<unsigned long long>(ctx->buf_capacity);
-        unsigned long long begin = *static_cast<volatile unsigned long long*>(&ctx->buf_used);
-        while (begin + h <= capacity) {
-          const unsigned long long seen = atomicCAS(&ctx->buf_used, begin, begin + h);
-          if (seen == begin) {
+    const long long wanted = shared_wanted;
+    const bool gathered = mode != kScan;
+    const int decided = gathered ? kCompactDone : kWrite;
+    if (wanted == 0 && t == 0) {  // none of the bucket kept
+      st.lo = old_hi + 1;
+      st.hi = old_hi;
+      st.keep = 0;
+      st.mode = decided;
+    }
+    long long above = static_cast<long long>(scan[t] - sum);  // keys with a larger digit
+#pragma unroll
+    for (int i = 0; i < kMaxPer; ++i) {
+      const long long in_digit = static_cast<long long>(counts[i]);
+      if (i < per && above < wanted && wanted <= above + in_digit) {
+        const long long left = wanted - above;
+        const long long lo = old_lo + (static_cast<long long>(bins - 1 - (t * per + i)) << shift);
+        st.lo = lo;
+        st.keep = left;
+        if (left == in_digit) {  // all of the new bucket kept
+          st.hi = lo - 1;
+          st.mode = decided;
+        } else {
+          st.hi = lo + (1ll << shift) - 1;
+          if (gathered) {
+            st.mode = kCompact;
+          } else if (pass + 1 < kPasses && in_digit <= buffer_capacity(static_cast<long long>(st.numel))) {
+            // Regions sum to at most the buffer: each segment takes one, within its capacity.
+            st.buf_begin = atomicAdd(&ctx->buf_used, static_cast<unsigned long long>(in_digit));
             st.mode = kGather;
-            st.compacted = 1;
-            st.buf_begin = static_cast<long long>(begin);
-            st.buf_size = static_cast<long long>(h);
-            break;
+          } else {
+            st.mode = kScan;
           }
-          begin = seen;
         }
       }
+      above += i < per ? in_digit : 0;
     }
     __syncthreads();
   }
 }
 
 // ---------------------------------------------------------------------------- ties
-// Per chunk of a segment with ranked ties that were not compacted: how many ties it holds.
-__global__ void __launch_bounds__(kThreads) tie_count_kernel(const __grid_constant__ TensorTable<PruneEntry> table) {
+// The segment's ties in chunks before `chunk`, and in `count` the chunk's own.
+__device__ __forceinline__ long long ties_before(const Context& ctx, const SegmentState& st, long long chunk,
+                                                 long long& count) {
+  count = static_cast<long long>(ctx.ties[chunk + 1] - ctx.ties[chunk]);
+  return static_cast<long long>(ctx.ties[chunk] - ctx.ties[st.first_chunk]);
+}
+
+// Per chunk, the keys of the final bucket of segments still searching: counted over the
+// tensors (kScan) or from the buffer (kCompact).
+__global__ void __launch_bounds__(kThreads)
+    tie_count_kernel(const __grid_constant__ TensorTable<PruneEntry> table, Context* ctx_ptr) {
+  const Context& ctx = *ctx_ptr;
   for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
-    const Context& ctx = *e.ctx;
-    const SegmentState& st = segment_of(e);
-    if (!st.need_rank || st.compacted) {
+    const SegmentState& st = segment_of(ctx, e);
+    if (st.mode != kScan) {
       return;
     }
-    const uint32_t threshold = st.prefix;
+    const long long lo = st.lo;
+    const long long hi = st.hi;
     unsigned long long count = 0;
     for (int64_t base = 0; base < len; base += kTile) {
       const Items items = load_items(e, start, len, base);
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
-        const bool tie = items.candidate[j] && order_key(items.bits[j], ctx.signed_keys != 0) == threshold;
+        const bool tie = items.candidate[j] && in_range(order_key(items.bits[j], ctx.signed_keys != 0), lo, hi);
         count += static_cast<unsigned long long>(__syncthreads_count(tie));
       }
     }
     if (threadIdx.x == 0) {
-      ctx.ties[e.first_chunk + start / kChunk] = count;
+      ctx.ties[chunk_of(e, start)] = count;
     }
   });
-}
-
-// The same counts from the compact buffer, for segments whose ties all lie there.
-__global__ void __launch_bounds__(kThreads) buffer_tie_count_kernel(Context* ctx) {
-  for (int s = blockIdx.y; s < ctx->num_segments; s += gridDim.y) {
-    const SegmentState& st = ctx->seg[s];
-    if (!st.need_rank || !st.compacted) {
+  for (int s = 0; s < ctx.num_segments; ++s) {
+    const SegmentState& st = ctx.seg[s];
+    const long long count = static_cast<long long>(st.buf_count);
+    if (st.mode != kCompact) {
       continue;
     }
-    const long long count = static_cast<long long>(st.buf_count);
-    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-         i += static_cast<long long>(gridDim.x) * blockDim.x) {
-      if (ctx->buf_key[st.buf_begin + i] == st.prefix) {
-        atomicAdd(&ctx->ties[ctx->buf_chunk[st.buf_begin + i]], 1ull);
+    for (long long base = static_cast<long long>(blockIdx.x) * kThreads; base < count;
+         base += static_cast<long long>(gridDim.x) * kThreads) {
+      const long long i = base + threadIdx.x;
+      const bool tie = i < count && in_range(ctx.buf_key[st.buf_begin + i], st.lo, st.hi);
+      const unsigned long long chunk = tie ? ctx.buf_pos[st.buf_begin + i] / kChunk : ~0ull;
+      const unsigned peers = __match_any_sync(0xffffffffu, chunk);
+      if (tie && static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1) {
+        atomicAdd(&ctx.ties[chunk], static_cast<unsigned long long>(__popc(peers)));
       }
     }
   }
 }
 
-// One block: ties[c] becomes the number of ties in chunks before c.
+// One block: ties[c] becomes the number of ties in chunks before c, for c <= chunks.
 __global__ void __launch_bounds__(kScanThreads) scan_ties_kernel(Context* ctx) {
   __shared__ unsigned long long sums[kScanThreads];
   const int t = threadIdx.x;
-  const long long chunks = ctx->num_chunks;
-  const long long per_thread = (chunks + kScanThreads - 1) / kScanThreads;
-  const long long lo = min(chunks, t * per_thread);
-  const long long hi = min(chunks, lo + per_thread);
+  const long long entries = ctx->num_chunks + 1;
+  const long long per_thread = (entries + kScanThreads - 1) / kScanThreads;
+  const long long lo = min(entries, t * per_thread);
+  const long long hi = min(entries, lo + per_thread);
   unsigned long long sum = 0;
   for (long long c = lo; c < hi; ++c) {
     sum += ctx->ties[c];
@@ -421,54 +546,79 @@ __global__ void __launch_bounds__(kScanThreads) scan_ties_kernel(Context* ctx) {
 }
 
 // --------------------------------------------------------------------------- masks
-// out = candidate and (key above the bucket, or inside it and within the quota by rank).
-__global__ void __launch_bounds__(kThreads) write_masks_kernel(const __grid_constant__ TensorTable<PruneEntry> table) {
-  constexpr int kWarps = kThreads / 32;
-  __shared__ unsigned warp_ties[kWarps];
-  for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
-    const Context& ctx = *e.ctx;
-    const SegmentState& st = segment_of(e);
-    const int depth = st.depth;
-    const uint32_t prefix = st.prefix;
-    const long long quota = st.quota;
-    const bool ranked = st.need_rank != 0;
-    long long rank = 0;  // ties of the segment before this tile
-    if (ranked) {
-      const int64_t segment_first_chunk = ctx.layerwise ? e.first_chunk : 0;
-      rank = static_cast<long long>(ctx.ties[e.first_chunk + start / kChunk] - ctx.ties[segment_first_chunk]);
-    }
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    for (int64_t base = 0; base < len; base += kTile) {
-      const Items items = load_items(e, start, len, base);
+// Writes the chunk's masks: candidate and (key > hi, or a tie, key in [lo, hi], of rank
+// below `quota`), ties ranked in index order from `rank`. ties_only: only ties are written
+// (the other masks are final). Block-uniform.
+__device__ __forceinline__ void write_ranked(const Context& ctx, const PruneEntry& e, int64_t start, int64_t len,
+                                             const SegmentState& st, long long rank, bool ties_only,
+                                             unsigned* warp_counts) {
+  const long long lo = st.lo;
+  const long long hi = st.hi;
+  const long long quota = st.keep;
+  const bool ranked = lo <= hi;
+  for (int64_t base = 0; base < len; base += kTile) {
+    const Items items = load_items(e, start, len, base);
 #pragma unroll
-      for (int j = 0; j < kItems; ++j) {  // item j of the block: the next kThreads elements
-        const uint32_t bucket = bucket_of(order_key(items.bits[j], ctx.signed_keys != 0), depth);
-        bool keep = items.candidate[j] && bucket > prefix;
-        const bool tie = items.candidate[j] && bucket == prefix;
-        if (ranked) {
-          const unsigned ballot = __ballot_sync(0xffffffffu, tie);
-          if (lane == 0) {
-            warp_ties[warp] = __popc(ballot);
-          }
-          __syncthreads();
-          long long before = rank + __popc(ballot & ((1u << lane) - 1u));
-          for (int w = 0; w < kWarps; ++w) {
-            before += w < warp ? warp_ties[w] : 0u;
-            rank += warp_ties[w];
-          }
-          __syncthreads();
-          keep = keep || (tie && before < quota);
-        } else {
-          keep = keep || (tie && quota != 0);
-        }
-        const int64_t local = item_offset(base, j);
-        if (local < len) {
-          e.out[start + local] = keep ? 1 : 0;
-        }
+    for (int j = 0; j < kItems; ++j) {  // item j of the block: the next kThreads elements
+      const uint32_t key = order_key(items.bits[j], ctx.signed_keys != 0);
+      const bool tie = items.candidate[j] && in_range(key, lo, hi);
+      bool keep = items.candidate[j] && static_cast<long long>(key) > hi;
+      if (ranked) {
+        unsigned total = 0;
+        const long long tie_rank = rank + block_rank(tie, warp_counts, total);
+        keep = keep || (tie && tie_rank < quota);
+        rank += total;
+      }
+      const int64_t local = item_offset(base, j);
+      if (local < len && (!ties_only || tie)) {
+        e.out[start + local] = keep ? 1 : 0;
+      }
+    }
+  }
+}
+
+// The masks not written yet: whole chunks of segments still in the tensors (kScan: ranked;
+// kWrite), the ties of the one chunk straddling k of a kCompact segment, and the kept keys
+// of the gathered buckets (their masks hold 0).
+__global__ void __launch_bounds__(kThreads)
+    finish_kernel(const __grid_constant__ TensorTable<PruneEntry> table, Context* ctx_ptr) {
+  __shared__ unsigned warp_counts[kWarps];
+  const Context& ctx = *ctx_ptr;
+  for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
+    const SegmentState& st = segment_of(ctx, e);
+    const int mode = st.mode;
+    if (mode == kWrite) {
+      write_ranked(ctx, e, start, len, st, 0, false, warp_counts);
+    } else if (mode == kScan || mode == kCompact) {
+      long long count = 0;
+      const long long before = ties_before(ctx, st, chunk_of(e, start), count);
+      if (mode == kScan) {
+        write_ranked(ctx, e, start, len, st, before, false, warp_counts);
+      } else if (before < st.keep && st.keep < before + count) {
+        write_ranked(ctx, e, start, len, st, before, true, warp_counts);
       }
     }
   });
+  for (int s = 0; s < ctx.num_segments; ++s) {
+    const SegmentState& st = ctx.seg[s];
+    if (st.mode != kCompact && st.mode != kCompactDone) {
+      continue;
+    }
+    const long long count = static_cast<long long>(st.buf_count);
+    for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < count;
+         i += static_cast<long long>(gridDim.x) * kThreads) {
+      const long long key = ctx.buf_key[st.buf_begin + i];
+      const unsigned long long pos = ctx.buf_pos[st.buf_begin + i];
+      bool keep = key > st.hi;
+      if (!keep && key >= st.lo) {  // a tie: kept with its chunk when all of the chunk's ties are
+        long long ties = 0;
+        keep = ties_before(ctx, st, static_cast<long long>(pos / kChunk), ties) + ties <= st.keep;
+      }
+      if (keep) {
+        ctx.chunk_out[pos / kChunk][pos % kChunk] = 1;
+      }
+    }
+  }
 }
 
 __global__ void store_context_kernel(Context value, Context* ctx) { *ctx = value; }
@@ -480,7 +630,7 @@ struct Layout {
   int64_t num_chunks = 0;
   int64_t capacity = 0;
   int segments = 0;
-  size_t seg = 0, ties = 0, buf_key = 0, buf_chunk = 0, bytes = 0;  // byte offsets, total
+  size_t seg = 0, ties = 0, chunk_out = 0, buf_key = 0, buf_pos = 0, bytes = 0;  // byte offsets, total
 };
 
 Layout plan(const std::vector<PruneTensor>& tensors, bool layerwise) {
@@ -489,14 +639,16 @@ Layout plan(const std::vector<PruneTensor>& tensors, bool layerwise) {
   for (const PruneTensor& t : tensors) {
     l.num_chunks += (t.numel + kChunk - 1) / kChunk;
     total += t.numel;
+    l.capacity += layerwise ? buffer_capacity(t.numel) : 0;
   }
-  l.capacity = std::min(kCompactCapacity, total);
+  l.capacity = layerwise ? l.capacity : buffer_capacity(total);
   l.segments = layerwise ? static_cast<int>(tensors.size()) : 1;
   l.seg = align_up(sizeof(Context));
   l.ties = l.seg + align_up(sizeof(SegmentState) * l.segments);
-  l.buf_key = l.ties + align_up(sizeof(unsigned long long) * l.num_chunks);
-  l.buf_chunk = l.buf_key + align_up(sizeof(unsigned) * l.capacity);
-  l.bytes = l.buf_chunk + align_up(sizeof(unsigned) * l.capacity);
+  l.chunk_out = l.ties + align_up(sizeof(unsigned long long) * (l.num_chunks + 1));
+  l.buf_key = l.chunk_out + align_up(sizeof(uint8_t*) * l.num_chunks);
+  l.buf_pos = l.buf_key + align_up(sizeof(unsigned) * l.capacity);
+  l.bytes = l.buf_pos + align_up(sizeof(unsigned long long) * l.capacity);
   return l;
 }
 
@@ -518,9 +670,9 @@ cudaError_t launch_magnitude_prune(const std::vector<PruneTensor>& tensors, cons
   value.seg = reinterpret_cast<SegmentState*>(ws + l.seg);
   value.status = reinterpret_cast<long long*>(status);
   value.ties = reinterpret_cast<unsigned long long*>(ws + l.ties);
+  value.chunk_out = reinterpret_cast<uint8_t**>(ws + l.chunk_out);
   value.buf_key = reinterpret_cast<unsigned*>(ws + l.buf_key);
-  value.buf_chunk = reinterpret_cast<unsigned*>(ws + l.buf_chunk);
-  value.buf_capacity = l.capacity;
+  value.buf_pos = reinterpret_cast<unsigned long long*>(ws + l.buf_pos);
   value.num_chunks = l.num_chunks;
   value.amount = params.amount;
   value.num_segments = l.segments;
@@ -534,35 +686,26 @@ cudaError_t launch_magnitude_prune(const std::vector<PruneTensor>& tensors, cons
   for (size_t t = 0; t < tensors.size(); ++t) {
     const PruneTensor& x = tensors[t];
     if (x.numel > 0) {
-      entries.push_back({x.keys, x.mask, x.out, x.numel, ctx, first_chunk, static_cast<int32_t>(t), x.dtype});
+      entries.push_back({x.keys, x.mask, x.out, x.numel, first_chunk, static_cast<int32_t>(t), x.dtype});
       first_chunk += (x.numel + kChunk - 1) / kChunk;
     }
   }
 
-  // Search states and tie counts start at zero (kScan, depth 0); status too.
-  SWAMP_CUDA_TRY(cudaMemsetAsync(ws + l.seg, 0, l.buf_key - l.seg, stream));
+  // Search states (kScan, empty histograms) and tie counts start at zero; status too.
+  SWAMP_CUDA_TRY(cudaMemsetAsync(ws + l.seg, 0, l.chunk_out - l.seg, stream));
   SWAMP_CUDA_TRY(cudaMemsetAsync(status, 0, sizeof(int64_t) * (l.segments + tensors.size()), stream));
   store_context_kernel<<<1, 1, 0, stream>>>(value, ctx);
   SWAMP_CUDA_TRY(cudaGetLastError());
-
-  const dim3 buffer_grid(std::max(1, kBufferBlocks / l.segments), std::min(l.segments, 65535));
-  for (int depth = 0; depth < 4; ++depth) {
-    SWAMP_CUDA_TRY(launch_multi_tensor(histogram_kernel, entries, kChunk, kThreads, device, stream));
-    if (depth >= 2) {  // a bucket gathered in pass depth - 1 is read from the buffer from here on
-      buffer_histogram_kernel<<<buffer_grid, kThreads, 0, stream>>>(ctx);
-      SWAMP_CUDA_TRY(cudaGetLastError());
-    }
-    pick_kernel<<<std::min(l.segments, 65535), kBins, 0, stream>>>(ctx);
+  const int pick_blocks = std::min(l.segments, 65535);
+  for (int pass = 0; pass < kPasses; ++pass) {
+    SWAMP_CUDA_TRY(launch_multi_tensor(digit_pass_kernel, entries, kChunk, kThreads, device, stream, ctx, pass));
+    pick_kernel<<<pick_blocks, kPickThreads, 0, stream>>>(ctx, pass);
     SWAMP_CUDA_TRY(cudaGetLastError());
   }
-  SWAMP_CUDA_TRY(launch_multi_tensor(tie_count_kernel, entries, kChunk, kThreads, device, stream));
-  buffer_tie_count_kernel<<<buffer_grid, kThreads, 0, stream>>>(ctx);
+  SWAMP_CUDA_TRY(launch_multi_tensor(tie_count_kernel, entries, kChunk, kThreads, device, stream, ctx));
+  scan_ties_kernel<<<1, kScanThreads, 0, stream>>>(ctx);
   SWAMP_CUDA_TRY(cudaGetLastError());
-  if (l.num_chunks > 0) {
-    scan_ties_kernel<<<1, kScanThreads, 0, stream>>>(ctx);
-    SWAMP_CUDA_TRY(cudaGetLastError());
-  }
-  return launch_multi_tensor(write_masks_kernel, entries, kChunk, kThreads, device, stream);
+  return launch_multi_tensor(finish_kernel, entries, kChunk, kThreads, device, stream, ctx);
 }
 
 }  // namespace swamp
