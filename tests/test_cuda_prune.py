@@ -4,7 +4,7 @@ call and clean under compute-sanitizer memcheck on a GPU.
 
 Tests take the ``cuda_device`` fixture: on a GPU they run the built extension, without one
 the host build of the same kernels on CPU tensors (tests/cuda_emulation), so sizes stay
-small (~2 us per element there). Only what needs the device itself (sync counting,
+moderate (~0.2 us per element there). Only what needs the device itself (sync counting,
 compute-sanitizer, full-size ResNet-50 and 10^8-element lists) is marked ``gpu``.
 
 Cases are aimed at the kernels' constants and paths (csrc/magnitude_prune.cu): 16384-element
