@@ -1,7 +1,7 @@
 """The host emulation of the CUDA device model (tests/cuda_emulation), on probe kernels: warp
-votes, coalesced groups and block barriers give the device's results, and the bugs that hang a
-GPU (a barrier some threads skip, a warp vote naming an exited lane) fail the launch with a
-message instead. The emulated CUDA backend itself runs under every backend test."""
+votes, coalesced groups and block barriers give the device's results, threads run in shuffled
+orders (a missing barrier shows), and the bugs that hang a GPU (a barrier some threads skip, a
+warp vote naming an exited lane) fail the launch with a message instead. The emulated CUDA backend itself runs under every backend test."""
 from __future__ import annotations
 
 import ctypes
@@ -68,6 +68,13 @@ def test_block_barriers_share_memory_count_and_or(probes):
     assert list(out) == [100, 48, 1, 101, 48, 1, 102, 48, 1]
     assert run(probes, "block_sync", out, blocks, threads, 96) == (0, "no error")
     assert list(out)[2::3] == [0, 0, 0]
+
+
+def test_threads_run_in_shuffled_orders_so_a_missing_barrier_shows(probes):
+    out = ints(64)
+    assert run(probes, "missing_barrier", out, 64) == (0, "no error")
+    seen = list(out)
+    assert seen[0] == 42 and 0 in seen and seen.count(42) > 1, seen   # some read before the write
 
 
 def test_a_barrier_some_threads_skip_fails_the_launch(probes):

@@ -47,6 +47,19 @@ __global__ void block_sync(int* out, int needle) {
   }
 }
 
+// Thread 0 publishes a value that the others read without the barrier they need.
+__global__ void missing_barrier(int* out) {
+  __shared__ int value;
+  if (threadIdx.x == 0) {
+    value = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    value = 42;
+  }
+  out[threadIdx.x] = value;
+}
+
 // Threads of the upper half of the block skip the barrier: a deadlock on a GPU.
 __global__ void divergent_barrier(int* out) {
   if (threadIdx.x < blockDim.x / 2) {
@@ -89,6 +102,11 @@ int probe_coalesced(int* out, int threads) {
 
 int probe_block_sync(int* out, int blocks, int threads, int needle) {
   swamp_emu::launch(block_sync, blocks, threads)(out, needle);
+  return finish();
+}
+
+int probe_missing_barrier(int* out, int threads) {
+  swamp_emu::launch(missing_barrier, 1, threads)(out);
   return finish();
 }
 

@@ -2,8 +2,8 @@
 // a machine without a GPU (tests only; see tests/cuda_emulation/__init__.py).
 //
 // A launch runs its blocks one after another; the threads of a block are fibers on the calling
-// OS thread, each running until it finishes or waits at a synchronising
-// intrinsic. When no thread can run, the scheduler completes what can complete:
+// OS thread, each running until it finishes or waits at a synchronising intrinsic, in a
+// shuffled order after every synchronisation. When no thread can run, the scheduler completes what can complete:
 //   - a warp op with a mask (__ballot_sync, __match_any_sync, a group's shfl) once every lane
 //     of the mask waits at the same op with the same mask;
 //   - cooperative_groups::coalesced_threads() for the lanes of a warp waiting at one call site
@@ -401,9 +401,22 @@ inline void run_block(Block& b, char* stacks) {
     t.index = dim3(static_cast<unsigned>(i));
     t.fiber.start(Stacks::stack(stacks, static_cast<int>(i)), Stacks::kBytes, run_thread);
   }
+  // Threads run in a new pseudo-random order after every synchronisation (seeded by the block
+  // index, so runs repeat): code that needs a barrier it lacks (a read of shared memory before
+  // another thread's write) sees the write missing in some order, as on the device.
+  std::vector<Thread*> order;
+  for (Thread& t : b.threads) {
+    order.push_back(&t);
+  }
+  uint64_t state = 0x9e3779b97f4a7c15ull ^ (b.index.x + 65536ull * (b.index.y + 65536ull * b.index.z));
   while (b.error.empty()) {
+    for (size_t i = order.size(); i > 1; --i) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      std::swap(order[i - 1], order[(state >> 33) % i]);
+    }
     bool alive = false;
-    for (Thread& t : b.threads) {
+    for (Thread* runnable : order) {
+      Thread& t = *runnable;
       if (t.wait == Wait::kRunnable) {
         b.current = &t;
         switch_fiber(b.scheduler, t.fiber);
