@@ -194,6 +194,12 @@ class Stacks {
   int count_ = 0;
 };
 
+// The stacks every launch uses (launches never overlap).
+inline Stacks& fiber_stacks() {
+  static Stacks stacks;
+  return stacks;
+}
+
 // A fiber's whole life: the kernel call, then back to the scheduler for good.
 inline void run_thread() {
   Block& b = current_block();
@@ -312,7 +318,7 @@ inline bool resolve_warps(Block& b) {
         }
       }
       const uint64_t shuffled = warp[t.source].value;
-      std::vector<uint64_t> results(32, 0);
+      uint64_t results[32] = {};
       for (int o = 0; o < 32; ++o) {
         if (!(t.mask >> o & 1u)) {
           continue;
@@ -452,14 +458,13 @@ class Launch {
       return;
     }
     const std::tuple<std::decay_t<Args>...> copied(std::forward<Args>(args)...);
-    static Stacks stacks;
     Block b;
     b.dim = block_;
     b.grid = grid_;
     b.threads.resize(block_.x);
     b.body = [&] { std::apply(kernel_, copied); };
     active_block() = &b;
-    char* region = stacks.get(static_cast<int>(block_.x));
+    char* region = fiber_stacks().get(static_cast<int>(block_.x));
     for (unsigned z = 0; z < grid_.z && b.error.empty(); ++z) {
       for (unsigned y = 0; y < grid_.y && b.error.empty(); ++y) {
         for (unsigned x = 0; x < grid_.x && b.error.empty(); ++x) {
