@@ -9,6 +9,7 @@ share a dense layout such as channels_last); pruning runs on contiguous stand-in
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import numbers
 
@@ -18,10 +19,25 @@ from swamp_kernels._tensors import ElementwiseOperands, allocate_first_buffers, 
 from swamp_kernels._validate import prune_count, raise_if_nonfinite
 
 
+@functools.cache
 def _ops():
     """``torch.ops.swamp_kernels`` with the compiled ops registered."""
     importlib.import_module("swamp_kernels._C")
+    register_fake_kernels("swamp_kernels")
     return torch.ops.swamp_kernels
+
+
+def register_fake_kernels(namespace: str) -> None:
+    """Shape functions of the prune ops under ``namespace`` (FakeTensor, meta, torch.compile).
+
+    The in-place ops return nothing and need none. The prune ops return contiguous bool masks
+    of the keys' shapes and the int64 status [n per segment..., NaN/Inf flag per tensor]."""
+    for op, layerwise in (("global_magnitude_prune", False), ("layerwise_magnitude_prune", True)):
+        def fake(keys, masks, amount, amount_is_count, signed_keys, layerwise=layerwise):
+            segments = len(keys) if layerwise else 1
+            out = [torch.empty(k.shape, dtype=torch.bool, device=k.device) for k in keys]
+            return out, keys[0].new_empty(segments + len(keys), dtype=torch.long)
+        torch.library.register_fake(f"{namespace}::{op}", fake)
 
 
 def apply_masks_(tensors, masks) -> None:
