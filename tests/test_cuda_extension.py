@@ -78,7 +78,9 @@ def kernel_case(seed: int, device) -> tuple[list[torch.Tensor], list[torch.Tenso
     cases += [(s, True, 0, 0) for s in [(3, 5), (4, 8), (2, 7, 3), (5, 64, 3, 3), (3, 1), (2, CHUNK + 5),
                                          (3, 4, 4), (1, 4099), (6, 2, 2)]]
     cases += [((1001,), False, 1, 0), ((1001,), False, 0, 1), ((4, 16), True, 1, 1),
-              ((CHUNK + 9,), False, 3, 0), ((3, 40), True, 0, 2)]
+              ((CHUNK + 9,), False, 3, 0), ((3, 40), True, 0, 2),
+              # only the tensor misaligned: the mask alone would allow vectors
+              ((1024,), False, 1, 0), ((1024,), False, 2, 0), ((3, 64), True, 3, 0)]
     cases += [((0,), False, 0, 0), ((3, 0), True, 0, 0), ((), False, 0, 0)]
     tensors, masks = make_case(seed, device)
     for i, (shape, per_particle, t_off, m_off) in enumerate(cases):

@@ -10,7 +10,9 @@ real extension can be loaded beside it). ``device_upload.cpp`` is replaced by a 
 
 :func:`activate` then routes ``backend="cuda"`` to these ops for CPU tensors: the very
 bindings, launchers and kernels of the CUDA backend run under the backend tests' whole
-matrix. What only a GPU shows (data races, timing, memory errors) is left to ``pytest -m gpu``
+matrix. With ``SWAMP_CUDA_EMULATION_SANITIZE`` the build is instrumented by the compiler's
+sanitizers, which then catch out-of-bounds and misaligned accesses (tests/test_cuda_sanitizers.py).
+What only a GPU shows (data races, timing, the device's memory model) is left to ``pytest -m gpu``
 and compute-sanitizer.
 """
 from __future__ import annotations
@@ -26,8 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "swamp_kernels" / "csrc"
 HERE = Path(__file__).resolve().parent
-BUILD = ROOT / "build" / "cuda_emulation"
 NAMESPACE = "swamp_kernels_emulated"
+# Compiler sanitizers for the host build, e.g. "address,undefined" (tests/test_cuda_sanitizers.py
+# sets it for a child process; an AddressSanitizer build needs libasan preloaded).
+SANITIZE = os.environ.get("SWAMP_CUDA_EMULATION_SANITIZE", "")
+BUILD = ROOT / "build" / ("cuda_emulation" + (f"-{SANITIZE.replace(',', '-')}" if SANITIZE else ""))
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.+?)>>>\(")
 _LIBRARY = re.compile(r"\b(TORCH_LIBRARY(?:_FRAGMENT|_IMPL)?)\(swamp_kernels\b")
@@ -68,10 +73,11 @@ def ops():
         _write_if_changed(target, host_source(path))
         if target.suffix == ".cpp":
             sources.append(target)
+    sanitize = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if SANITIZE else []
     load(name=NAMESPACE, sources=[str(s) for s in sources], build_directory=str(BUILD),
          extra_include_paths=[str(HERE / "include"), str(sources_dir)],
-         extra_cflags=["-O2", "-Wno-unknown-pragmas", "-ffp-contract=off"],
-         is_python_module=False, verbose=False)
+         extra_cflags=["-O1" if SANITIZE else "-O2", "-Wno-unknown-pragmas", "-ffp-contract=off", *sanitize],
+         extra_ldflags=sanitize[:1], is_python_module=False, verbose=False)
     from swamp_kernels.cuda import register_fake_kernels
     register_fake_kernels(NAMESPACE)
     return getattr(torch.ops, NAMESPACE)

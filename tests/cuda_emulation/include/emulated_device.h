@@ -14,9 +14,12 @@
 // thread waits, returned by cudaGetLastError(). __shared__ variables are function statics:
 // blocks never run at the same time. Atomics are plain read-modify-writes, atomic because
 // fibers switch only at synchronising intrinsics. What this cannot show: data races between
-// threads, timing, memory errors; compute-sanitizer on a GPU checks those.
+// threads, timing, the device's memory model; compute-sanitizer on a GPU checks those. Memory
+// errors show when the build is instrumented with AddressSanitizer (tests/test_cuda_sanitizers.py),
+// which is told of every fiber switch.
 #pragma once
 
+#include <sanitizer/asan_interface.h>  // no-ops unless built with -fsanitize=address
 #include <sys/mman.h>
 #include <unistd.h>
 #if !defined(__x86_64__)
@@ -81,10 +84,15 @@ inline const char* name(WarpOp op) {
 #if defined(__x86_64__)
 struct Fiber {
   void* sp = nullptr;
+  const void* stack = nullptr;  // the fiber's stack, for AddressSanitizer
+  size_t bytes = 0;
 
   // Prepares the fiber to run entry() (which must never return) on [stack, stack + bytes).
-  void start(char* stack, size_t bytes, void (*entry)()) {
-    auto top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15};
+  void start(char* base, size_t size, void (*entry)()) {
+    stack = base;
+    bytes = size;
+    ASAN_UNPOISON_MEMORY_REGION(base, size);  // an earlier fiber's frames left poison here
+    auto top = reinterpret_cast<uintptr_t>(base + size) & ~uintptr_t{15};
     void** frame = reinterpret_cast<void**>(top);
     *--frame = nullptr;                           // entry's return address: never used
     *--frame = reinterpret_cast<void*>(entry);    // where the first switch returns to
@@ -108,22 +116,41 @@ __attribute__((naked)) inline void switch_stacks(void** /*from*/, void* /*to*/) 
       "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret");
 }
 
-inline void switch_fiber(Fiber& from, Fiber& to) { switch_stacks(&from.sp, to.sp); }
+inline void switch_context(Fiber& from, Fiber& to) { switch_stacks(&from.sp, to.sp); }
 #else
 struct Fiber {
   ucontext_t context;
+  const void* stack = nullptr;  // the fiber's stack, for AddressSanitizer
+  size_t bytes = 0;
 
-  void start(char* stack, size_t bytes, void (*entry)()) {
+  void start(char* base, size_t size, void (*entry)()) {
+    stack = base;
+    bytes = size;
+    ASAN_UNPOISON_MEMORY_REGION(base, size);  // an earlier fiber's frames left poison here
     getcontext(&context);
-    context.uc_stack.ss_sp = stack;
-    context.uc_stack.ss_size = bytes;
+    context.uc_stack.ss_sp = base;
+    context.uc_stack.ss_size = size;
     context.uc_link = nullptr;
     makecontext(&context, entry, 0);
   }
 };
 
-inline void switch_fiber(Fiber& from, Fiber& to) { swapcontext(&from.context, &to.context); }
+inline void switch_context(Fiber& from, Fiber& to) { swapcontext(&from.context, &to.context); }
 #endif
+
+// Resumes `to`; returns when a switch resumes `from` (never, when `from_exits`). AddressSanitizer
+// (tests/test_cuda_sanitizers.py) is told of every switch, so it knows which stack runs.
+inline void switch_fiber(Fiber& from, Fiber& to, bool from_exits = false) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(from_exits ? nullptr : &fake_stack, to.stack, to.bytes);
+  switch_context(from, to);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  (void)from_exits;
+  switch_context(from, to);
+#endif
+}
 
 struct Thread {
   Fiber fiber;
@@ -162,7 +189,11 @@ inline int lane_of(const Thread& t) { return static_cast<int>(t.index.x & 31u); 
 // neighbour. One region, grown to the largest block seen.
 class Stacks {
  public:
+#if defined(__SANITIZE_ADDRESS__)
+  static constexpr size_t kBytes = size_t{256} << 10;  // instrumented frames are larger
+#else
   static constexpr size_t kBytes = size_t{64} << 10;
+#endif
 
   char* get(int threads) {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -203,6 +234,9 @@ inline Stacks& fiber_stacks() {
 // A fiber's whole life: the kernel call, then back to the scheduler for good.
 inline void run_thread() {
   Block& b = current_block();
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &b.scheduler.stack, &b.scheduler.bytes);  // the launching stack
+#endif
   try {
     b.body();
   } catch (const std::exception& error) {
@@ -212,7 +246,7 @@ inline void run_thread() {
   }
   Thread& t = *b.current;
   t.wait = Wait::kDone;
-  switch_fiber(t.fiber, b.scheduler);
+  switch_fiber(t.fiber, b.scheduler, /*from_exits=*/true);
   __builtin_unreachable();
 }
 
