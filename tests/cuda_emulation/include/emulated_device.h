@@ -78,20 +78,29 @@ inline const char* name(WarpOp op) {
   }
 }
 
+// The stack a fiber runs on, for AddressSanitizer; a start clears the poison that an earlier
+// fiber's frames left there.
+struct FiberStack {
+  const void* stack = nullptr;
+  size_t bytes = 0;
+
+  void use(char* base, size_t size) {
+    stack = base;
+    bytes = size;
+    ASAN_UNPOISON_MEMORY_REGION(base, size);
+  }
+};
+
 // A saved execution context. On x86-64 a switch saves the callee-saved registers and the
 // floating-point control words on the stack and swaps stack pointers (~25 ns); elsewhere it is
 // ucontext's swapcontext (~600 ns: it also saves the signal mask, a system call).
 #if defined(__x86_64__)
-struct Fiber {
+struct Fiber : FiberStack {
   void* sp = nullptr;
-  const void* stack = nullptr;  // the fiber's stack, for AddressSanitizer
-  size_t bytes = 0;
 
-  // Prepares the fiber to run entry() (which must never return) on [stack, stack + bytes).
+  // Prepares the fiber to run entry() (which must never return) on [base, base + size).
   void start(char* base, size_t size, void (*entry)()) {
-    stack = base;
-    bytes = size;
-    ASAN_UNPOISON_MEMORY_REGION(base, size);  // an earlier fiber's frames left poison here
+    use(base, size);
     auto top = reinterpret_cast<uintptr_t>(base + size) & ~uintptr_t{15};
     void** frame = reinterpret_cast<void**>(top);
     *--frame = nullptr;                           // entry's return address: never used
@@ -118,15 +127,11 @@ __attribute__((naked)) inline void switch_stacks(void** /*from*/, void* /*to*/) 
 
 inline void switch_context(Fiber& from, Fiber& to) { switch_stacks(&from.sp, to.sp); }
 #else
-struct Fiber {
+struct Fiber : FiberStack {
   ucontext_t context;
-  const void* stack = nullptr;  // the fiber's stack, for AddressSanitizer
-  size_t bytes = 0;
 
   void start(char* base, size_t size, void (*entry)()) {
-    stack = base;
-    bytes = size;
-    ASAN_UNPOISON_MEMORY_REGION(base, size);  // an earlier fiber's frames left poison here
+    use(base, size);
     getcontext(&context);
     context.uc_stack.ss_sp = base;
     context.uc_stack.ss_size = size;
