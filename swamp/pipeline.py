@@ -254,47 +254,53 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
     masks = model_masks(model)
     total_weights = sum(m.numel() for m in masks.values())
     summary = {"method": config.method, "levels": []}
-    for level in tqdm(range(levels + 1), desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
+    def run_level(level: int, masks: dict) -> tuple[dict, dict]:
+        """Level ``level`` (read back when its directory is complete, else trained, averaged,
+        evaluated and written): its metrics and final (averaged) state. What training held
+        (the particles, their average) is freed on return, before the next level trains."""
         directory = level_dir(out, level)
         if (directory / "metrics.json").exists():
-            metrics = json.loads((directory / "metrics.json").read_text())
-            final_state = torch.load(directory / "model.pt", map_location=device)
-            masks = torch.load(directory / "mask.pt", map_location=device)
-        else:
-            started = time.perf_counter()
-            set_masks(model, masks)
-            local = len(placement.particles)
-            start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
-                     for n, t in rewind_state.items()}
-            result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
-                                     swa=swa, placement=placement, checkpoint=checkpoint,
-                                     resume=_stage_checkpoint(out, level),
-                                     log=lambda line: log(f"level {level} {line}"),
-                                     progress=progress(f"level {level}"))
-            final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)
-            final_state = final.state_dict()
-            kept = sum(int(m.sum()) for m in masks.values())
-            metrics = {"level": level, "density": kept / total_weights, **metrics,
-                       "train_loss": result.train_loss, "seconds": time.perf_counter() - started,
-                       "images_per_second": result.images / max(result.seconds, 1e-9)}
-            stacked = (placement.cross.gather_cat(list(result.state.values()))
-                       if particles > 1 and placement.data.index == 0 else None)
-            if writer:
-                directory.mkdir(exist_ok=True)
-                _save(directory / "mask.pt", masks)
-                _save(directory / "model.pt", final_state)
-                if stacked is not None:
-                    _save(directory / "particles.pt", dict(zip(result.state, stacked)))
-                _write_json(directory / "metrics.json", metrics)
-                log(f"level {level} density {metrics['density']:.4f} "
-                    f"test_accuracy {metrics['test_accuracy']:.4f}")
-            finish_stage()
+            return (json.loads((directory / "metrics.json").read_text()),
+                    torch.load(directory / "model.pt", map_location=device))
+        started = time.perf_counter()
+        set_masks(model, masks)
+        local = len(placement.particles)
+        start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
+                 for n, t in rewind_state.items()}
+        result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
+                                 swa=swa, placement=placement, checkpoint=checkpoint,
+                                 resume=_stage_checkpoint(out, level),
+                                 log=lambda line: log(f"level {level} {line}"),
+                                 progress=progress(f"level {level}"))
+        final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)
+        final_state = final.state_dict()
+        kept = sum(int(m.sum()) for m in masks.values())
+        metrics = {"level": level, "density": kept / total_weights, **metrics,
+                   "train_loss": result.train_loss, "seconds": time.perf_counter() - started,
+                   "images_per_second": result.images / max(result.seconds, 1e-9)}
+        stacked = (placement.cross.gather_cat(list(result.state.values()))
+                   if particles > 1 and placement.data.index == 0 else None)
+        if writer:
+            directory.mkdir(exist_ok=True)
+            _save(directory / "mask.pt", masks)
+            _save(directory / "model.pt", final_state)
+            if stacked is not None:
+                _save(directory / "particles.pt", dict(zip(result.state, stacked)))
+            _write_json(directory / "metrics.json", metrics)
+            log(f"level {level} density {metrics['density']:.4f} "
+                f"test_accuracy {metrics['test_accuracy']:.4f}")
+        finish_stage()
+        return metrics, final_state
+
+    for level in tqdm(range(levels + 1), desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
+        metrics, final_state = run_level(level, masks)
         summary["levels"].append(metrics)
         if writer:
             _write_json(out / "summary.json", summary)
         if level < levels:
             masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
             topology.world.broadcast_(list(masks.values()))
+        del final_state  # the next level trains without this one's weights held
     if log_file:
         log_file.close()
     return summary

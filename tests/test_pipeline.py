@@ -1,4 +1,5 @@
 """swamp.pipeline end to end on digits: every method, run layout, densities, averaging, BN, resume after kill -9."""
+import gc
 import json
 import os
 import signal
@@ -89,6 +90,31 @@ def test_report_table_and_plot(runs, tmp_path, capsys):
     plot = tmp_path / "p.png"
     assert cli.main(["report", *dirs, "--plot", str(plot)]) == 0
     assert plot.read_bytes()[:4] == b"\x89PNG" and "| level |" in capsys.readouterr().out
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every tensor storage reachable now (each storage once)."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_memory_does_not_grow_across_levels(tmp_path, monkeypatch):
+    """Every level starts training with the tensors level 0 started with: nothing of an earlier
+    level (its particles, their average, its masks) is still held, however many levels run."""
+    at_start = {}
+
+    def measured(*args, stage, **kwargs):
+        at_start[stage] = _live_tensor_bytes()
+        return train_particles(*args, stage=stage, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_particles", measured)
+    pipeline.run(tiny("swamp", levels=3, particles=3), tmp_path / "run", quiet=True)
+    assert sorted(at_start) == [-1, 0, 1, 2, 3]
+    assert [at_start[level] for level in (1, 2, 3)] == [at_start[0]] * 3, at_start
 
 
 def test_averaged_model_is_the_mean_of_particle_swa_weights():
