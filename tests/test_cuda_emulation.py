@@ -1,6 +1,6 @@
 """The host emulation of the CUDA device model (tests/cuda_emulation), on probe kernels: warp
 votes, coalesced groups and block barriers give the device's results, threads run in shuffled
-orders (a missing barrier shows), and the bugs that hang a GPU (a barrier some threads skip, a
+orders (a missing barrier shows), shared memory starts as garbage in every block, and the bugs that hang a GPU (a barrier some threads skip, a
 warp vote naming an exited lane) fail the launch with a message instead. The emulated CUDA backend itself runs under every backend test."""
 from __future__ import annotations
 
@@ -75,6 +75,14 @@ def test_threads_run_in_shuffled_orders_so_a_missing_barrier_shows(probes):
     assert run(probes, "missing_barrier", out, 64) == (0, "no error")
     seen = list(out)
     assert seen[0] == 42 and 0 in seen and seen.count(42) > 1, seen   # some read before the write
+
+
+def test_every_block_finds_garbage_in_shared_memory(probes):
+    """As on the device, not zeros nor what the block before wrote: a kernel that reads shared
+    memory before writing it computes garbage here too."""
+    out = ints(4)
+    assert run(probes, "unwritten_shared", out, 4) == (0, "no error")
+    assert 0 not in list(out) and len(set(out)) == 4, list(out)
 
 
 def test_a_barrier_some_threads_skip_fails_the_launch(probes):

@@ -60,6 +60,15 @@ __global__ void missing_barrier(int* out) {
   out[threadIdx.x] = value;
 }
 
+// Reads shared memory before any write: out[block] = what the block found there.
+__global__ void unwritten_shared(int* out) {
+  __shared__ int found;
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = found;
+    found = 0;
+  }
+}
+
 // Threads of the upper half of the block skip the barrier: a deadlock on a GPU.
 __global__ void divergent_barrier(int* out) {
   if (threadIdx.x < blockDim.x / 2) {
@@ -107,6 +116,11 @@ int probe_block_sync(int* out, int blocks, int threads, int needle) {
 
 int probe_missing_barrier(int* out, int threads) {
   swamp_emu::launch(missing_barrier, 1, threads)(out);
+  return finish();
+}
+
+int probe_unwritten_shared(int* out, int blocks) {
+  swamp_emu::launch(unwritten_shared, blocks, 32)(out);
   return finish();
 }
 

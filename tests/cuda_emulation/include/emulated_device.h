@@ -11,8 +11,9 @@
 //   - __syncthreads / __syncthreads_count / __syncthreads_or once every thread waits at one.
 // Anything else is a deadlock or undefined on the device (a barrier some threads skip, a mask
 // naming a lane that exited or waits elsewhere): the launch fails with a description of where each
-// thread waits, returned by cudaGetLastError(). __shared__ variables are function statics:
-// blocks never run at the same time. Atomics are plain read-modify-writes, atomic because
+// thread waits, returned by cudaGetLastError(). __shared__ variables are function statics
+// (blocks never run at the same time) in one section, filled with a garbage byte before every
+// block, as the device leaves them: a read before the block's first write gives garbage. Atomics are plain read-modify-writes, atomic because
 // fibers switch only at synchronising intrinsics. What this cannot show: data races between
 // threads, timing, the device's memory model; compute-sanitizer on a GPU checks those. Memory
 // errors show when the build is instrumented with AddressSanitizer (tests/test_cuda_sanitizers.py),
@@ -46,7 +47,11 @@
 #define __forceinline__ inline
 #define __grid_constant__
 #define __launch_bounds__(...)
-#define __shared__ static
+#if defined(__SANITIZE_ADDRESS__)
+#define __shared__ static  // AddressSanitizer guards globals only outside named sections
+#else
+#define __shared__ static __attribute__((section("swamp_emu_shared")))
+#endif
 #define __builtin_assume(condition) ((void)0)
 #define __isGlobal(pointer) true
 
@@ -438,8 +443,22 @@ inline std::string describe_deadlock(const Block& b) {
   return text;
 }
 
+// The __shared__ variables of every kernel (the linker names the section's ends).
+extern "C" char __start_swamp_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_swamp_emu_shared[] __attribute__((weak, visibility("hidden")));
+
+// Shared memory as a new block finds it: a different garbage byte everywhere for every block.
+inline void fill_shared_memory() {
+  static unsigned char garbage = 0x5b;
+  garbage = static_cast<unsigned char>(garbage * 13 + 101);
+  if (__start_swamp_emu_shared != nullptr) {
+    std::memset(__start_swamp_emu_shared, garbage, __stop_swamp_emu_shared - __start_swamp_emu_shared);
+  }
+}
+
 // Runs every thread of block b.index to the end; b.error says why not.
 inline void run_block(Block& b, char* stacks) {
+  fill_shared_memory();
   for (size_t i = 0; i < b.threads.size(); ++i) {
     Thread& t = b.threads[i];
     t = Thread{};
