@@ -50,9 +50,11 @@ def cuda_backend_on_cpu(request, monkeypatch):
     bindings, launchers and kernels on CPU tensors (tests/cuda_emulation)."""
     callspec = getattr(request.node, "callspec", None)
     if HAS_CUDA or callspec is None or callspec.params.get("backend") != "cuda":
+        yield
         return
     import cuda_emulation
-    cuda_emulation.activate(monkeypatch)
+    with cuda_emulation.emulating(monkeypatch):
+        yield
 
 
 @pytest.fixture
@@ -62,7 +64,8 @@ def cuda_device(monkeypatch):
     ``swamp_kernels.cuda._ops().<op>``, which is either build's."""
     if HAS_CUDA:
         pytest.importorskip("swamp_kernels._C", reason="swamp_kernels._C is not built here")
-        return torch.device("cuda")
+        yield torch.device("cuda")
+        return
     import cuda_emulation
-    cuda_emulation.activate(monkeypatch)
-    return torch.device("cpu")
+    with cuda_emulation.emulating(monkeypatch):
+        yield torch.device("cpu")

@@ -8,7 +8,7 @@ helpers the bindings use. Three spellings only nvcc reads are rewritten on the w
 bindings register for CPU tensors under the op namespace ``swamp_kernels_emulated`` (so the
 real extension can be loaded beside it). ``device_upload.cpp`` is replaced by a host copy.
 
-:func:`activate` then routes ``backend="cuda"`` to these ops for CPU tensors: the very
+:func:`emulating` then routes ``backend="cuda"`` to these ops for CPU tensors: the very
 bindings, launchers and kernels of the CUDA backend run under the backend tests' whole
 matrix. With ``SWAMP_CUDA_EMULATION_SANITIZE`` the build is instrumented by the compiler's
 sanitizers, which then catch out-of-bounds and misaligned accesses (tests/test_cuda_sanitizers.py).
@@ -17,6 +17,7 @@ and compute-sanitizer.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.utils.deterministic
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "swamp_kernels" / "csrc"
@@ -83,8 +85,12 @@ def ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-def activate(monkeypatch) -> None:
-    """Until the test ends, ``backend="cuda"`` runs the host build on CPU tensors."""
+@contextlib.contextmanager
+def emulating(monkeypatch):
+    """Inside, ``backend="cuda"`` runs the host build on CPU tensors, and new tensors
+    (``torch.empty``, in Python and in the bindings) are filled with NaN or the largest integer,
+    as a GPU's allocator hands out memory holding old data: a kernel that leaves an output entry
+    unwritten, or reads a workspace it did not clear, fails its test."""
     from swamp_kernels import _dispatch, cuda
 
     emulated = ops()
@@ -93,3 +99,10 @@ def activate(monkeypatch) -> None:
     monkeypatch.setattr(_dispatch, "_runs_on",
                         lambda backend, device: (backend == "cuda" and device.type == "cpu") or runs_on(backend, device))
     monkeypatch.setattr(cuda, "_ops", lambda: emulated)
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # fill_uninitialized_memory acts in this mode only
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
