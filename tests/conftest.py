@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.utils.deterministic
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,6 +43,32 @@ def device(request):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+def _runs_swamp_kernels(item) -> bool:
+    """The test runs the Triton or CUDA kernels (not only the torch reference)."""
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    return (backend in ("triton", "cuda") or "cuda_device" in getattr(item, "fixturenames", ())
+            or item.module.__name__.startswith("test_triton_"))
+
+
+@pytest.fixture(autouse=True)
+def new_memory_holds_garbage(request, monkeypatch):
+    """In the kernel tests, new tensors (``torch.empty``, in Python and in the CUDA bindings)
+    are filled with NaN or the largest integer, as a GPU's allocator hands out memory holding
+    old data: a kernel that leaves an output entry unwritten, or reads a workspace it did not
+    clear, fails its test. (torch fills only in deterministic mode; warn_only keeps every op.)"""
+    if not _runs_swamp_kernels(request.node):
+        yield
+        return
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    mode = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
 
 
 @pytest.fixture(autouse=True)
