@@ -5,6 +5,7 @@ warp vote naming an exited lane) fail the launch with a message instead. The emu
 from __future__ import annotations
 
 import ctypes
+import re
 import subprocess
 
 import pytest
@@ -14,15 +15,35 @@ from cuda_emulation import BUILD, HERE
 LAUNCH_FAILURE = 719  # cudaErrorLaunchFailure
 
 
+COMPILE = ["c++", "-std=c++17", "-O1", "-fPIC", "-Wno-unknown-pragmas", f"-I{HERE / 'include'}"]
+
+
+def _load(library):
+    lib = ctypes.CDLL(str(library))
+    lib.probe_message.restype = ctypes.c_char_p
+    return lib
+
+
 @pytest.fixture(scope="module")
 def probes():
     BUILD.mkdir(parents=True, exist_ok=True)
     library = BUILD / "probes.so"
-    subprocess.run(["c++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-                    f"-I{HERE / 'include'}", str(HERE / "probes.cpp"), "-o", str(library)], check=True)
-    lib = ctypes.CDLL(str(library))
-    lib.probe_message.restype = ctypes.c_char_p
-    return lib
+    subprocess.run([*COMPILE, "-shared", str(HERE / "probes.cpp"), "-o", str(library)], check=True)
+    return _load(library)
+
+
+@pytest.fixture(scope="module")
+def racechecked_probes():
+    """The probes built as the racecheck build builds kernels: instrumented by -fsanitize=thread,
+    with racecheck.cpp's hooks (uninstrumented) linked in instead of ThreadSanitizer's runtime."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    objects = [BUILD / "probes-racecheck.o", BUILD / "racecheck.o"]
+    subprocess.run([*COMPILE, "-g", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-c",
+                    str(HERE / "probes.cpp"), "-o", str(objects[0])], check=True)
+    subprocess.run([*COMPILE, "-c", str(HERE / "racecheck.cpp"), "-o", str(objects[1])], check=True)
+    library = BUILD / "probes-racecheck.so"
+    subprocess.run(["c++", "-shared", *map(str, objects), "-o", str(library)], check=True)
+    return _load(library)
 
 
 def ints(n: int):
@@ -95,3 +116,21 @@ def test_a_vote_naming_an_exited_lane_fails_the_launch(probes):
     code, message = run(probes, "vote_after_exit", ints(32), 32)
     assert code == LAUNCH_FAILURE
     assert "__ballot_sync" in message and "lane 0 of the mask has exited" in message
+
+
+def test_racecheck_reports_threads_sharing_memory_between_barriers(racechecked_probes):
+    code, message = run(racechecked_probes, "missing_barrier", ints(64), 64)
+    assert code == LAUNCH_FAILURE
+    # thread 0 writes what the others read between the same two barriers (which comes first
+    # depends on the shuffled order)
+    assert re.search(r"shared-memory race \((read after write|write after read)\): thread \d+ and", message), message
+    assert "thread 0 " in message and "missing_barrier" in message and "probes.cpp:" in message, message
+
+
+def test_racecheck_accepts_barrier_ordered_and_atomic_sharing(racechecked_probes):
+    out = ints(9)
+    assert run(racechecked_probes, "block_sync", out, 3, 96, 95) == (0, "no error")
+    assert list(out) == [100, 48, 1, 101, 48, 1, 102, 48, 1]
+    out = ints(2)
+    assert run(racechecked_probes, "atomic_count", out, 2, 64) == (0, "no error")
+    assert list(out) == [64, 64]

@@ -10,17 +10,20 @@ real extension can be loaded beside it). ``device_upload.cpp`` is replaced by a 
 
 :func:`emulating` then routes ``backend="cuda"`` to these ops for CPU tensors: the very
 bindings, launchers and kernels of the CUDA backend run under the backend tests' whole
-matrix. With ``SWAMP_CUDA_EMULATION_SANITIZE`` the build is instrumented by the compiler's
-sanitizers, which then catch out-of-bounds and misaligned accesses (tests/test_cuda_sanitizers.py).
-What only a GPU shows (data races, timing, the device's memory model) is left to ``pytest -m gpu``
-and compute-sanitizer.
+matrix. With ``SWAMP_CUDA_EMULATION_SANITIZE`` the build is instrumented: by the compiler's
+sanitizers, which catch out-of-bounds and misaligned accesses, or for racecheck.cpp, which
+catches shared-memory races (tests/test_cuda_sanitizers.py). What only a GPU shows (races
+through global memory, timing, the device's memory model) is left to ``pytest -m gpu`` and
+compute-sanitizer.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "swamp_kernels" / "csrc"
 HERE = Path(__file__).resolve().parent
 NAMESPACE = "swamp_kernels_emulated"
-# Compiler sanitizers for the host build, e.g. "address,undefined" (tests/test_cuda_sanitizers.py
-# sets it for a child process; an AddressSanitizer build needs libasan preloaded).
+# Compiler sanitizers for the host build, e.g. "address,undefined" (an AddressSanitizer build
+# needs libasan preloaded), or "racecheck" (racecheck.cpp); tests/test_cuda_sanitizers.py sets it
+# for a child process.
 SANITIZE = os.environ.get("SWAMP_CUDA_EMULATION_SANITIZE", "")
 BUILD = ROOT / "build" / ("cuda_emulation" + (f"-{SANITIZE.replace(',', '-')}" if SANITIZE else ""))
 
@@ -57,6 +61,27 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+def _instrumented_objects(kernels: list[Path], include_dirs: list[Path]) -> list[Path]:
+    """The kernel files compiled apart with GCC's -fsanitize=thread instrumentation, whose hooks
+    racecheck.cpp implements (the bindings stay uninstrumented: torch's atomics would call more).
+    Each object is named by a digest of its inputs, so that a change relinks the library."""
+    flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wno-unknown-pragmas", "-ffp-contract=off", "-fsanitize=thread",
+             "--param=tsan-instrument-func-entry-exit=0",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             *(f"-I{d}" for d in include_dirs)]
+    headers = "".join(h.read_text() for d in include_dirs for h in sorted(d.rglob("*")) if h.suffix in (".h", ".cuh"))
+    objects = []
+    for source in kernels:
+        digest = hashlib.sha256("\0".join([*flags, headers, source.read_text()]).encode()).hexdigest()[:16]
+        target = BUILD / f"{source.stem}-{digest}.o"
+        if not target.exists():
+            for stale in BUILD.glob(f"{source.stem}-*.o"):
+                stale.unlink()
+            subprocess.run(["c++", *flags, "-c", str(source), "-o", str(target)], check=True)
+        objects.append(target)
+    return objects
+
+
 @functools.cache
 def ops():
     """``torch.ops.swamp_kernels_emulated``, building the host library first if needed."""
@@ -74,11 +99,17 @@ def ops():
         _write_if_changed(target, host_source(path))
         if target.suffix == ".cpp":
             sources.append(target)
-    sanitize = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if SANITIZE else []
+    cflags, ldflags = ["-O2", "-Wno-unknown-pragmas", "-ffp-contract=off"], []
+    if SANITIZE == "racecheck":
+        kernels = [s for s in sources if (CSRC / f"{s.stem}.cu").exists()]
+        sources = [s for s in sources if s not in kernels] + [HERE / "racecheck.cpp"]
+        ldflags = [str(o) for o in _instrumented_objects(kernels, [HERE / "include", sources_dir])]
+    elif SANITIZE:
+        sanitize = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cflags, ldflags = ["-O1", *cflags[1:], *sanitize], sanitize[:1]
     load(name=NAMESPACE, sources=[str(s) for s in sources], build_directory=str(BUILD),
-         extra_include_paths=[str(HERE / "include"), str(sources_dir)],
-         extra_cflags=["-O1" if SANITIZE else "-O2", "-Wno-unknown-pragmas", "-ffp-contract=off", *sanitize],
-         extra_ldflags=sanitize[:1], is_python_module=False, verbose=False)
+         extra_include_paths=[str(HERE / "include"), str(sources_dir)], extra_cflags=cflags,
+         extra_ldflags=ldflags, is_python_module=False, verbose=False)
     from swamp_kernels.cuda import register_fake_kernels
     register_fake_kernels(NAMESPACE)
     return getattr(torch.ops, NAMESPACE)

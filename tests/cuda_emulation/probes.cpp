@@ -60,6 +60,20 @@ __global__ void missing_barrier(int* out) {
   out[threadIdx.x] = value;
 }
 
+// Every thread adds 1 to a shared counter atomically; thread 0 reads it after a barrier.
+__global__ void atomic_count(int* out) {
+  __shared__ int count;
+  if (threadIdx.x == 0) {
+    count = 0;
+  }
+  __syncthreads();
+  atomicAdd(&count, 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = count;
+  }
+}
+
 // Reads shared memory before any write: out[block] = what the block found there.
 __global__ void unwritten_shared(int* out) {
   __shared__ int found;
@@ -116,6 +130,11 @@ int probe_block_sync(int* out, int blocks, int threads, int needle) {
 
 int probe_missing_barrier(int* out, int threads) {
   swamp_emu::launch(missing_barrier, 1, threads)(out);
+  return finish();
+}
+
+int probe_atomic_count(int* out, int blocks, int threads) {
+  swamp_emu::launch(atomic_count, blocks, threads)(out);
   return finish();
 }
 

@@ -13,11 +13,12 @@
 // naming a lane that exited or waits elsewhere): the launch fails with a description of where each
 // thread waits, returned by cudaGetLastError(). __shared__ variables are function statics
 // (blocks never run at the same time) in one section, filled with a garbage byte before every
-// block, as the device leaves them: a read before the block's first write gives garbage. Atomics are plain read-modify-writes, atomic because
-// fibers switch only at synchronising intrinsics. What this cannot show: data races between
-// threads, timing, the device's memory model; compute-sanitizer on a GPU checks those. Memory
-// errors show when the build is instrumented with AddressSanitizer (tests/test_cuda_sanitizers.py),
-// which is told of every fiber switch.
+// block, as the device leaves them: a read before the block's first write gives garbage.
+// Atomics are plain read-modify-writes, atomic because fibers switch only at synchronising
+// intrinsics. Instrumented builds (tests/test_cuda_sanitizers.py) show more: AddressSanitizer
+// (told of every fiber switch) memory errors, racecheck.cpp shared-memory races between the
+// threads of a block. What this cannot show: races through global memory, timing, the device's
+// memory model; compute-sanitizer on a GPU checks those.
 #pragma once
 
 #include <sanitizer/asan_interface.h>  // no-ops unless built with -fsanitize=address
@@ -184,6 +185,8 @@ struct Block {
   Thread* current = nullptr;
   std::function<void()> body;  // the kernel call every thread makes
   std::string error;
+  uint64_t run = 0;    // which block run this is, launch-wide (racecheck.cpp)
+  unsigned epoch = 1;  // 1 + the barriers completed in this run (racecheck.cpp)
 };
 
 inline Block*& active_block() {
@@ -429,6 +432,7 @@ inline bool resolve_barrier(Block& b) {
       release(t, result);
     }
   }
+  ++b.epoch;
   return true;
 }
 
@@ -458,6 +462,9 @@ inline void fill_shared_memory() {
 
 // Runs every thread of block b.index to the end; b.error says why not.
 inline void run_block(Block& b, char* stacks) {
+  static uint64_t runs = 0;
+  b.run = ++runs;
+  b.epoch = 1;
   fill_shared_memory();
   for (size_t i = 0; i < b.threads.size(); ++i) {
     Thread& t = b.threads[i];
@@ -571,16 +578,28 @@ unsigned __match_any_sync(unsigned mask, T value, const char* file = __builtin_F
       swamp_emu::warp_op(swamp_emu::WarpOp::kMatchAny, mask, static_cast<uint64_t>(value), 0, file, line));
 }
 
+// Atomics tell the racecheck build (racecheck.cpp) of their accesses themselves: threads may
+// update a word atomically between two barriers, but not also read or write it plainly.
+#if defined(__SANITIZE_THREAD__)
+extern "C" void swamp_emu_racecheck_atomic(const void* address, size_t bytes, const void* call_site);
+#define SWAMP_EMU_ATOMIC(address) \
+  swamp_emu_racecheck_atomic(address, sizeof(*(address)), __builtin_return_address(0))
+#else
+#define SWAMP_EMU_ATOMIC(address) ((void)0)
+#endif
+
 template <typename T, typename U>
-T atomicAdd(T* address, U value) {
+__attribute__((no_sanitize_thread)) T atomicAdd(T* address, U value) {
   static_assert(std::is_same_v<T, U>, "atomicAdd: the value has the address's type");
+  SWAMP_EMU_ATOMIC(address);
   const T old = *address;
   *address = old + value;
   return old;
 }
 
 template <typename T>
-T atomicCAS(T* address, T compare, T value) {
+__attribute__((no_sanitize_thread)) T atomicCAS(T* address, T compare, T value) {
+  SWAMP_EMU_ATOMIC(address);
   const T old = *address;
   if (old == compare) {
     *address = value;
