@@ -23,9 +23,15 @@ for part in $PARTS; do
         echo "build: $(( $(date +%s) - start )) s" ;;
     tests)
         # every test on CUDA tensors (conftest marks them gpu); stopped before the call's limit
-        # (TESTS_TIMEOUT_S) so the log comes back; PYTEST_ARGS narrows the files for a second call
+        # (TESTS_TIMEOUT_S) so the log comes back; PYTEST_ARGS narrows the files for a second call.
+        # With pytest-xdist (the GPU image has it), PYTEST_WORKERS processes share the GPU and
+        # compile Triton kernels in parallel, one test file each at a time.
+        workers=""
+        if python3 -c 'import xdist' 2> /dev/null; then
+            workers="-n ${PYTEST_WORKERS:-8} --dist loadfile"
+        fi
         timeout "${TESTS_TIMEOUT_S:-540}" python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
-            ${PYTEST_ARGS:-tests} > "$OUT/gpu_tests.log" 2>&1
+            $workers ${PYTEST_ARGS:-tests} > "$OUT/gpu_tests.log" 2>&1
         echo "gpu tests rc=$?"; grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -40; tail -30 "$OUT/gpu_tests.log" ;;
     bench)
         python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
