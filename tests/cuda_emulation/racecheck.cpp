@@ -43,7 +43,8 @@ struct Cell {
   int updater = kNone;  // kSeveral: more than one thread updated it atomically in atomic_epoch
 };
 
-// The thread of `seen` (a thread or kSeveral, in `epoch`) once `me` has also been seen then.
+// Who has accessed a byte in interval `epoch` once `me` does too, given who had (`seen`, a
+// thread or kSeveral, recorded in `seen_epoch`): `me` alone, or kSeveral.
 int joined(unsigned seen_epoch, int seen, unsigned epoch, int me) {
   return seen_epoch != epoch || seen == me ? me : kSeveral;
 }
