@@ -123,8 +123,9 @@ def test_racecheck_reports_threads_sharing_memory_between_barriers(racechecked_p
     assert code == LAUNCH_FAILURE
     # thread 0 writes what the others read between the same two barriers (which comes first
     # depends on the shuffled order)
-    assert re.search(r"shared-memory race \((read after write|write after read)\): thread \d+ and", message), message
-    assert "thread 0 " in message and "missing_barrier" in message and "probes.cpp:" in message, message
+    assert re.search(r"race \((read after write|write after read)\): thread \d+ of block 0 and", message), message
+    assert "thread 0 " in message and "of __shared__ memory" in message, message
+    assert "missing_barrier" in message and "probes.cpp:" in message, message   # the function and line
 
 
 def test_racecheck_accepts_barrier_ordered_and_atomic_sharing(racechecked_probes):
@@ -134,3 +135,12 @@ def test_racecheck_accepts_barrier_ordered_and_atomic_sharing(racechecked_probes
     out = ints(2)
     assert run(racechecked_probes, "atomic_count", out, 2, 64) == (0, "no error")
     assert list(out) == [64, 64]
+
+
+def test_racecheck_reports_blocks_sharing_global_memory(racechecked_probes):
+    out = (ctypes.c_int * 1)(0)
+    assert run(racechecked_probes, "global_counter", out, 3, 0) == (0, "no error") and out[0] == 3
+    code, message = run(racechecked_probes, "global_counter", out, 3, 1)
+    assert code == LAUNCH_FAILURE
+    assert "race (read after write): thread 0 of block 1 and thread 0 of block 0 access global memory" in message
+    assert "global_counter" in message, message

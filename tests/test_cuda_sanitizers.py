@@ -7,12 +7,12 @@ instrumented host build of swamp_kernels/csrc (tests/cuda_emulation, ``SWAMP_CUD
 - ``address,undefined``: a read or write past a tensor, past a ``__shared__`` array or past a
   thread's local array, a misaligned vector access (a fault on the device), a signed overflow or
   an out-of-range shift, in a kernel or in its launcher, fails the run;
-- ``racecheck``: a shared-memory hazard between the threads of a block (two accesses to one
-  byte between the same two barriers, one of them a plain write, or a plain access beside an
-  atomic one) fails the run, naming the line.
+- ``racecheck``: a race (two accesses to one byte, one of them a plain write, or a plain one
+  beside an atomic one, that nothing orders: threads of a block between the same two barriers,
+  in shared or global memory, or two blocks of one launch) fails the run, naming both lines.
 
-What stays with ``pytest -m gpu`` and compute-sanitizer on a GPU: races through global memory,
-the device's own memory model, and launches too large to emulate.
+What stays with ``pytest -m gpu`` and compute-sanitizer on a GPU: the device's own memory model
+(visibility without fences), timing, and launches too large to emulate.
 """
 from __future__ import annotations
 
@@ -65,6 +65,6 @@ def test_cuda_kernels_are_clean_under_address_and_undefined_behaviour_sanitizers
 
 
 def test_cuda_kernels_are_clean_under_racecheck():
-    """No two threads of a block touch the same byte of shared memory between the same two
-    barriers with a write among them (atomics aside): tests/cuda_emulation/racecheck.cpp."""
+    """No two unordered accesses to one byte with a plain write among them, or a plain access
+    beside an atomic one, in shared or global memory: tests/cuda_emulation/racecheck.cpp."""
     run_kernel_tests("racecheck")

@@ -12,9 +12,8 @@ real extension can be loaded beside it). ``device_upload.cpp`` is replaced by a 
 bindings, launchers and kernels of the CUDA backend run under the backend tests' whole
 matrix. With ``SWAMP_CUDA_EMULATION_SANITIZE`` the build is instrumented: by the compiler's
 sanitizers, which catch out-of-bounds and misaligned accesses, or for racecheck.cpp, which
-catches shared-memory races (tests/test_cuda_sanitizers.py). What only a GPU shows (races
-through global memory, timing, the device's memory model) is left to ``pytest -m gpu`` and
-compute-sanitizer.
+catches races between threads and blocks (tests/test_cuda_sanitizers.py). What only a GPU shows
+(timing, the device's memory model) is left to ``pytest -m gpu`` and compute-sanitizer.
 """
 from __future__ import annotations
 

@@ -74,6 +74,18 @@ __global__ void atomic_count(int* out) {
   }
 }
 
+// Thread 0 of every block adds 1 to out[0]: atomically, or (racy) by a plain read and write,
+// which nothing orders between blocks.
+__global__ void global_counter(int* out, int racy) {
+  if (threadIdx.x == 0) {
+    if (racy) {
+      out[0] += 1;
+    } else {
+      atomicAdd(&out[0], 1);
+    }
+  }
+}
+
 // Reads shared memory before any write: out[block] = what the block found there.
 __global__ void unwritten_shared(int* out) {
   __shared__ int found;
@@ -135,6 +147,11 @@ int probe_missing_barrier(int* out, int threads) {
 
 int probe_atomic_count(int* out, int blocks, int threads) {
   swamp_emu::launch(atomic_count, blocks, threads)(out);
+  return finish();
+}
+
+int probe_global_counter(int* out, int blocks, int racy) {
+  swamp_emu::launch(global_counter, blocks, 32)(out, racy);
   return finish();
 }
 

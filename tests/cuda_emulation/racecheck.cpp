@@ -3,18 +3,25 @@
 // which calls a hook before every load and store; this file implements those hooks in place
 // of ThreadSanitizer's runtime (it is not instrumented itself).
 //
-// Accesses to __shared__ memory (the swamp_emu_shared section of emulated_device.h) are checked
-// per byte against the block's barrier intervals, as compute-sanitizer's racecheck does: two
-// threads of a block touching the same byte between the same two barriers, at least one of
-// them writing, is a hazard, except when both accesses are atomic. The first hazard fails the
-// launch, naming the threads, the kind and the source line (addr2line). The emulated atomics
-// are not instrumented; they report themselves (swamp_emu_racecheck_atomic).
+// Every byte a kernel thread touches is checked for a race: two accesses of which at least one
+// is a plain write, or one plain and one atomic, that nothing orders. Threads of one block are
+// ordered by barriers only (warp votes and shuffles exchange registers, not memory order);
+// blocks of one launch by nothing; launches run in stream order.
+// So a race is two such accesses by threads of one block between the same two barriers
+// (__shared__ memory, the swamp_emu_shared section of emulated_device.h, and global memory,
+// as compute-sanitizer's racecheck checks shared memory), or by two blocks of one launch
+// (global memory). The first race fails the launch, naming both threads, the kind and both
+// source lines (addr2line). The emulated atomics are not instrumented; they report themselves
+// (swamp_emu_racecheck_atomic). The emulation's own memory is not checked: the fiber stacks
+// (each thread's own), the block's thread table and the block.
 #include <dlfcn.h>
 
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "emulated_device.h"
@@ -31,27 +38,58 @@ const char* name(Access access) {
   return access == Access::kRead ? "read" : access == Access::kWrite ? "write" : "atomic";
 }
 
-// Who last wrote, who read and who updated atomically a byte of shared memory, in which barrier
-// interval of which block run; an entry of an older run is stale.
-struct Cell {
-  uint64_t run = 0;
-  unsigned write_epoch = 0;
-  unsigned read_epoch = 0;
-  unsigned atomic_epoch = 0;
-  int writer = kNone;
-  int reader = kNone;   // kSeveral: more than one thread read it in read_epoch
-  int updater = kNone;  // kSeveral: more than one thread updated it atomically in atomic_epoch
+// Who accessed a byte in one way last: a block (or kSeveral blocks) and, within that block,
+// a thread (or kSeveral) in barrier interval `epoch`.
+struct Last {
+  int block = kNone;
+  int thread = kNone;
+  unsigned epoch = 0;
+  const void* site = nullptr;  // the return address of the last such access's hook
+
+  // Whether an access by `thread` of `block` in `now` may run at the same time as these.
+  bool concurrent_with(int block_, int thread_, unsigned now) const {
+    return block != kNone && (block != block_ || (epoch == now && thread != thread_));
+  }
+
+  void add(int block_, int thread_, unsigned now, const void* site_) {
+    site = site_;
+    if (block != kNone && block != block_) {
+      block = kSeveral;
+    } else {
+      thread = block == block_ && epoch == now && thread != thread_ ? kSeveral : thread_;
+      block = block_;
+      epoch = now;
+    }
+  }
 };
 
-// Who has accessed a byte in interval `epoch` once `me` does too, given who had (`seen`, a
-// thread or kSeveral, recorded in `seen_epoch`): `me` alone, or kSeveral.
-int joined(unsigned seen_epoch, int seen, unsigned epoch, int me) {
-  return seen_epoch != epoch || seen == me ? me : kSeveral;
-}
+// The accesses to one byte in one scope (a block run for shared memory, a launch for global
+// memory); an entry of an older scope is stale.
+struct Cell {
+  uint64_t scope = 0;
+  Last write, read, atomic;
+};
 
-std::vector<Cell>& cells() {
+std::vector<Cell>& shared_cells() {
   static std::vector<Cell> shadow(static_cast<size_t>(__stop_swamp_emu_shared - __start_swamp_emu_shared));
   return shadow;
+}
+
+// The cell of global byte `at`, in shadow pages allocated as they are first touched.
+Cell& global_cell(uintptr_t at) {
+  constexpr uintptr_t kPage = 4096;
+  static std::unordered_map<uintptr_t, std::unique_ptr<Cell[]>> pages;
+  static uintptr_t last_page = ~uintptr_t{0};  // kernels mostly touch one page after another
+  static Cell* last = nullptr;
+  if (at / kPage != last_page) {
+    std::unique_ptr<Cell[]>& page = pages[at / kPage];
+    if (!page) {
+      page.reset(new Cell[kPage]);
+    }
+    last_page = at / kPage;
+    last = page.get();
+  }
+  return last[at % kPage];
 }
 
 // "function at file:line" of the instruction before `return_address`, from addr2line.
@@ -76,68 +114,84 @@ std::string source_of(const void* return_address) {
   return text.empty() ? std::string(info.dli_fname) + "+" + std::to_string(offset) : text;
 }
 
-std::string thread_name(int thread) {
-  return thread == kSeveral ? std::string("other threads") : "thread " + std::to_string(thread);
+std::string who(const Last& last) {
+  if (last.block == kSeveral) {
+    return "threads of other blocks";
+  }
+  const std::string block = " of block " + std::to_string(last.block);
+  return last.thread == kSeveral ? "other threads" + block : "thread " + std::to_string(last.thread) + block;
 }
 
-void report(Block& b, const std::string& kind, int other, size_t offset, const void* return_address) {
-  if (!b.error.empty()) {
-    return;
-  }
+int block_number(const Block& b) { return static_cast<int>(b.index.x + b.grid.x * (b.index.y + b.grid.y * b.index.z)); }
+
+// The byte at `position`: an offset into __shared__ memory, or a global address.
+std::string describe(bool shared, uintptr_t position) {
   std::ostringstream out;
-  out << "shared-memory race (" << kind << "): thread " << b.current->index.x << " and " << thread_name(other)
-      << " access byte " << offset << " of __shared__ memory between the same two barriers, in "
-      << source_of(return_address);
-  b.error = out.str();
+  if (shared) {
+    out << "byte " << position << " of __shared__ memory";
+  } else {
+    out << "global memory at 0x" << std::hex << position;
+  }
+  return out.str();
+}
+
+void check_byte(Cell& c, uint64_t scope, Block& b, Access access, bool shared, uintptr_t position,
+                const void* return_address) {
+  if (c.scope != scope) {
+    c = Cell{};
+    c.scope = scope;
+  }
+  const int block = block_number(b);
+  const int me = static_cast<int>(b.current->index.x);
+  // the earlier accesses this one races with: any write; a read, unless this reads too; an
+  // atomic update, unless this is one too
+  const Last* earlier = nullptr;
+  const char* kind = nullptr;
+  if (c.write.concurrent_with(block, me, b.epoch)) {
+    earlier = &c.write;
+    kind = "write";
+  } else if (access != Access::kRead && c.read.concurrent_with(block, me, b.epoch)) {
+    earlier = &c.read;
+    kind = "read";
+  } else if (access != Access::kAtomic && c.atomic.concurrent_with(block, me, b.epoch)) {
+    earlier = &c.atomic;
+    kind = "atomic";
+  }
+  if (earlier != nullptr && b.error.empty()) {
+    std::ostringstream out;
+    out << "race (" << name(access) << " after " << kind << "): thread " << me << " of block " << block << " and "
+        << who(*earlier) << " access " << describe(shared, position) << " unordered, in "
+        << source_of(return_address) << "; the " << kind << " (the last one) in " << source_of(earlier->site);
+    b.error = out.str();
+  }
+  Last& mine = access == Access::kWrite ? c.write : access == Access::kRead ? c.read : c.atomic;
+  mine.add(block, me, b.epoch, return_address);
 }
 
 void check(const void* address, size_t bytes, Access access, const void* return_address) {
-  const char* p = static_cast<const char*>(address);
-  if (p < __start_swamp_emu_shared || p >= __stop_swamp_emu_shared) {
-    return;
-  }
+  static thread_local bool busy = false;  // the emulation's inline functions may be instrumented
   Block* b = active_block();
-  if (b == nullptr || b->current == nullptr) {
+  if (busy || b == nullptr || b->current == nullptr) {
     return;
   }
-  const int me = static_cast<int>(b->current->index.x);
-  const unsigned now = b->epoch;
-  const size_t first = static_cast<size_t>(p - __start_swamp_emu_shared);
-  std::vector<Cell>& shadow = cells();
-  for (size_t i = first; i < first + bytes && i < shadow.size(); ++i) {
-    Cell& c = shadow[i];
-    if (c.run != b->run) {
-      c = Cell{};
-      c.run = b->run;
+  busy = true;
+  const char* p = static_cast<const char*>(address);
+  const char* threads = reinterpret_cast<const char*>(b->threads.data());
+  const bool emulation = fiber_stacks().hold(p) || (p >= threads && p < threads + b->threads.size() * sizeof(Thread)) ||
+                         (p >= reinterpret_cast<const char*>(b) && p < reinterpret_cast<const char*>(b + 1));
+  if (p >= __start_swamp_emu_shared && p < __stop_swamp_emu_shared) {
+    std::vector<Cell>& shadow = shared_cells();
+    const size_t first = static_cast<size_t>(p - __start_swamp_emu_shared);
+    for (size_t i = first; i < first + bytes && i < shadow.size(); ++i) {
+      check_byte(shadow[i], b->run, *b, access, true, i, return_address);
     }
-    // an earlier access of another thread in this interval that this one conflicts with:
-    // any write; a read, unless this reads too; an atomic update, unless this is one too
-    const char* earlier = nullptr;
-    int other = kNone;
-    if (c.write_epoch == now && c.writer != me) {
-      earlier = "write";
-      other = c.writer;
-    } else if (access != Access::kRead && c.read_epoch == now && c.reader != me) {
-      earlier = "read";
-      other = c.reader;
-    } else if (access != Access::kAtomic && c.atomic_epoch == now && c.updater != me) {
-      earlier = "atomic";
-      other = c.updater;
-    }
-    if (earlier != nullptr) {
-      report(*b, std::string(name(access)) + " after " + earlier, other, i, return_address);
-    }
-    if (access == Access::kWrite) {
-      c.writer = me;
-      c.write_epoch = now;
-    } else if (access == Access::kRead) {
-      c.reader = joined(c.read_epoch, c.reader, now, me);
-      c.read_epoch = now;
-    } else {
-      c.updater = joined(c.atomic_epoch, c.updater, now, me);
-      c.atomic_epoch = now;
+  } else if (!emulation) {
+    for (size_t i = 0; i < bytes; ++i) {
+      const auto at = reinterpret_cast<uintptr_t>(p + i);
+      check_byte(global_cell(at), b->launch, *b, access, false, at, return_address);
     }
   }
+  busy = false;
 }
 
 }  // namespace

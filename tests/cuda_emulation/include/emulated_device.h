@@ -16,9 +16,8 @@
 // block, as the device leaves them: a read before the block's first write gives garbage.
 // Atomics are plain read-modify-writes, atomic because fibers switch only at synchronising
 // intrinsics. Instrumented builds (tests/test_cuda_sanitizers.py) show more: AddressSanitizer
-// (told of every fiber switch) memory errors, racecheck.cpp shared-memory races between the
-// threads of a block. What this cannot show: races through global memory, timing, the device's
-// memory model; compute-sanitizer on a GPU checks those.
+// (told of every fiber switch) memory errors, racecheck.cpp races between threads and blocks.
+// What this cannot show: timing and the device's memory model (visibility without fences).
 #pragma once
 
 #include <sanitizer/asan_interface.h>  // no-ops unless built with -fsanitize=address
@@ -185,8 +184,9 @@ struct Block {
   Thread* current = nullptr;
   std::function<void()> body;  // the kernel call every thread makes
   std::string error;
-  uint64_t run = 0;    // which block run this is, launch-wide (racecheck.cpp)
-  unsigned epoch = 1;  // 1 + the barriers completed in this run (racecheck.cpp)
+  uint64_t launch = 0;  // which launch this is, process-wide (racecheck.cpp)
+  uint64_t run = 0;     // which block run this is, process-wide (racecheck.cpp)
+  unsigned epoch = 1;   // 1 + the barriers completed in this run (racecheck.cpp)
 };
 
 inline Block*& active_block() {
@@ -220,6 +220,7 @@ class Stacks {
         throw std::bad_alloc();
       }
       base_ = static_cast<char*>(base);
+      bytes_ = bytes;
       count_ = threads;
       for (int i = 0; i < threads; ++i) {
         mprotect(base_ + i * (kBytes + page), page, PROT_NONE);
@@ -233,8 +234,14 @@ class Stacks {
     return base + i * (kBytes + page) + page;
   }
 
+  bool hold(const void* address) const {
+    const auto* p = static_cast<const char*>(address);
+    return p >= base_ && p < base_ + bytes_;
+  }
+
  private:
   char* base_ = nullptr;
+  size_t bytes_ = 0;
   int count_ = 0;
 };
 
@@ -491,6 +498,7 @@ inline void run_block(Block& b, char* stacks) {
       if (t.wait == Wait::kRunnable) {
         b.current = &t;
         switch_fiber(b.scheduler, t.fiber);
+        b.current = nullptr;  // the scheduler runs: no thread's accesses
         if (!b.error.empty()) {
           return;
         }
@@ -504,6 +512,12 @@ inline void run_block(Block& b, char* stacks) {
       b.error = describe_deadlock(b);
     }
   }
+}
+
+// Numbers the launches of every kernel in the process (a static of Launch would count per kernel).
+inline uint64_t next_launch() {
+  static uint64_t launches = 0;
+  return ++launches;
 }
 
 // kernel<<<grid, block, shared, stream>>>(args...) as launch(kernel, grid, block, shared, stream)(args...).
@@ -524,6 +538,7 @@ class Launch {
     }
     const std::tuple<std::decay_t<Args>...> copied(std::forward<Args>(args)...);
     Block b;
+    b.launch = next_launch();
     b.dim = block_;
     b.grid = grid_;
     b.threads.resize(block_.x);
@@ -579,7 +594,7 @@ unsigned __match_any_sync(unsigned mask, T value, const char* file = __builtin_F
 }
 
 // Atomics tell the racecheck build (racecheck.cpp) of their accesses themselves: threads may
-// update a word atomically between two barriers, but not also read or write it plainly.
+// update a word atomically at the same time, but not also read or write it plainly.
 #if defined(__SANITIZE_THREAD__)
 extern "C" void swamp_emu_racecheck_atomic(const void* address, size_t bytes, const void* call_site);
 #define SWAMP_EMU_ATOMIC(address) \
