@@ -55,11 +55,13 @@ def _runs_swamp_kernels(item) -> bool:
 
 @pytest.fixture(autouse=True)
 def new_memory_holds_garbage(request, monkeypatch):
-    """In the kernel tests, new tensors (``torch.empty``, in Python and in the CUDA bindings)
-    are filled with NaN or the largest integer, as a GPU's allocator hands out memory holding
-    old data: a kernel that leaves an output entry unwritten, or reads a workspace it did not
-    clear, fails its test. (torch fills only in deterministic mode; warn_only keeps every op.)"""
-    if not _runs_swamp_kernels(request.node):
+    """Without a GPU, in the kernel tests, new tensors (``torch.empty``, in Python and in the
+    emulated CUDA bindings) are filled with NaN or the largest integer, as a GPU's allocator
+    hands out memory holding old data: a kernel that leaves an output entry unwritten, or reads
+    a workspace it did not clear, fails its test. (torch fills only in deterministic mode;
+    warn_only keeps every op. On a GPU the fills would be kernel launches of their own, which
+    the launch-counting tests would see.)"""
+    if HAS_CUDA or not _runs_swamp_kernels(request.node):
         yield
         return
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
