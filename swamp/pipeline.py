@@ -254,14 +254,15 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
     masks = model_masks(model)
     total_weights = sum(m.numel() for m in masks.values())
     summary = {"method": config.method, "levels": []}
-    def run_level(level: int, masks: dict) -> tuple[dict, dict]:
+    def run_level(level: int, masks: dict) -> tuple[dict, dict, dict]:
         """Level ``level`` (read back when its directory is complete, else trained, averaged,
-        evaluated and written): its metrics and final (averaged) state. What training held
-        (the particles, their average) is freed on return, before the next level trains."""
+        evaluated and written): its metrics, final (averaged) state and masks. What training
+        held (the particles, their average) is freed on return, before the next level trains."""
         directory = level_dir(out, level)
         if (directory / "metrics.json").exists():
             return (json.loads((directory / "metrics.json").read_text()),
-                    torch.load(directory / "model.pt", map_location=device))
+                    torch.load(directory / "model.pt", map_location=device),
+                    torch.load(directory / "mask.pt", map_location=device))
         started = time.perf_counter()
         set_masks(model, masks)
         local = len(placement.particles)
@@ -290,10 +291,10 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
             log(f"level {level} density {metrics['density']:.4f} "
                 f"test_accuracy {metrics['test_accuracy']:.4f}")
         finish_stage()
-        return metrics, final_state
+        return metrics, final_state, masks
 
     for level in tqdm(range(levels + 1), desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
-        metrics, final_state = run_level(level, masks)
+        metrics, final_state, masks = run_level(level, masks)
         summary["levels"].append(metrics)
         if writer:
             _write_json(out / "summary.json", summary)

@@ -109,8 +109,9 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
     """One ``torch.optim.SGD`` step on ``grad * mask``, then ``param *= mask``, in place.
 
     ``momentum_buffers`` is a list with one entry per param (None before the first step);
-    new buffers are stored into it (if the step raises, its None entries stay None). ``masks`` may be None, or hold None for unmasked params;
-    a mask has the param's shape or, for stacked particles ``[P, *shape]``, ``shape``.
+    new buffers are stored into it (if the step raises, its None entries stay None). ``masks``
+    may be None, or hold None for unmasked params; a mask has the param's shape or, for stacked
+    particles ``[P, *shape]``, ``shape``.
     Gradients may be float16/bfloat16 for float32 params; buffers have the param dtype.
     """
     params = check.float_tensors("params", params)

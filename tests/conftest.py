@@ -45,11 +45,15 @@ def seed():
     return 0
 
 
+def _backend(item) -> str | None:
+    """The ``backend`` the test is parametrised with, if any."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("backend") if callspec is not None else None
+
+
 def _runs_swamp_kernels(item) -> bool:
     """The test runs the Triton or CUDA kernels (not only the torch reference)."""
-    callspec = getattr(item, "callspec", None)
-    backend = callspec.params.get("backend") if callspec is not None else None
-    return (backend in ("triton", "cuda") or "cuda_device" in getattr(item, "fixturenames", ())
+    return (_backend(item) in ("triton", "cuda") or "cuda_device" in getattr(item, "fixturenames", ())
             or item.module.__name__.startswith("test_triton_"))
 
 
@@ -77,13 +81,9 @@ def new_memory_holds_garbage(request, monkeypatch):
 def cuda_backend_on_cpu(request, monkeypatch):
     """Without a GPU, a test parametrised with ``backend="cuda"`` runs the CUDA backend's
     bindings, launchers and kernels on CPU tensors (tests/cuda_emulation)."""
-    callspec = getattr(request.node, "callspec", None)
-    if HAS_CUDA or callspec is None or callspec.params.get("backend") != "cuda":
-        yield
-        return
-    import cuda_emulation
-    with cuda_emulation.emulating(monkeypatch):
-        yield
+    if not HAS_CUDA and _backend(request.node) == "cuda":
+        import cuda_emulation
+        cuda_emulation.activate(monkeypatch)
 
 
 @pytest.fixture
@@ -93,8 +93,7 @@ def cuda_device(monkeypatch):
     ``swamp_kernels.cuda._ops().<op>``, which is either build's."""
     if HAS_CUDA:
         pytest.importorskip("swamp_kernels._C", reason="swamp_kernels._C is not built here")
-        yield torch.device("cuda")
-        return
+        return torch.device("cuda")
     import cuda_emulation
-    with cuda_emulation.emulating(monkeypatch):
-        yield torch.device("cpu")
+    cuda_emulation.activate(monkeypatch)
+    return torch.device("cpu")

@@ -10,12 +10,12 @@ import subprocess
 
 import pytest
 
-from cuda_emulation import BUILD, HERE
+from cuda_emulation import BUILD, HERE, HOST_FLAGS, RACECHECK_FLAGS
 
 LAUNCH_FAILURE = 719  # cudaErrorLaunchFailure
 
 
-COMPILE = ["c++", "-std=c++17", "-O1", "-fPIC", "-Wno-unknown-pragmas", f"-I{HERE / 'include'}"]
+COMPILE = ["c++", "-std=c++17", "-O1", "-fPIC", *HOST_FLAGS, f"-I{HERE / 'include'}"]
 
 
 def _load(library):
@@ -38,8 +38,7 @@ def racechecked_probes():
     with racecheck.cpp's hooks (uninstrumented) linked in instead of ThreadSanitizer's runtime."""
     BUILD.mkdir(parents=True, exist_ok=True)
     objects = [BUILD / "probes-racecheck.o", BUILD / "racecheck.o"]
-    subprocess.run([*COMPILE, "-g", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-c",
-                    str(HERE / "probes.cpp"), "-o", str(objects[0])], check=True)
+    subprocess.run([*COMPILE, *RACECHECK_FLAGS, "-c", str(HERE / "probes.cpp"), "-o", str(objects[0])], check=True)
     subprocess.run([*COMPILE, "-c", str(HERE / "racecheck.cpp"), "-o", str(objects[1])], check=True)
     library = BUILD / "probes-racecheck.so"
     subprocess.run(["c++", "-shared", *map(str, objects), "-o", str(library)], check=True)

@@ -8,7 +8,7 @@ helpers the bindings use. Three spellings only nvcc reads are rewritten on the w
 bindings register for CPU tensors under the op namespace ``swamp_kernels_emulated`` (so the
 real extension can be loaded beside it). ``device_upload.cpp`` is replaced by a host copy.
 
-:func:`emulating` then routes ``backend="cuda"`` to these ops for CPU tensors: the very
+:func:`activate` then routes ``backend="cuda"`` to these ops for CPU tensors: the very
 bindings, launchers and kernels of the CUDA backend run under the backend tests' whole
 matrix. With ``SWAMP_CUDA_EMULATION_SANITIZE`` the build is instrumented: by the compiler's
 sanitizers, which catch out-of-bounds and misaligned accesses, or for racecheck.cpp, which
@@ -17,7 +17,6 @@ catches races between threads and blocks (tests/test_cuda_sanitizers.py). What o
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -37,6 +36,9 @@ NAMESPACE = "swamp_kernels_emulated"
 # for a child process.
 SANITIZE = os.environ.get("SWAMP_CUDA_EMULATION_SANITIZE", "")
 BUILD = ROOT / "build" / ("cuda_emulation" + (f"-{SANITIZE.replace(',', '-')}" if SANITIZE else ""))
+HOST_FLAGS = ["-Wno-unknown-pragmas", "-ffp-contract=off"]  # every host build of CUDA sources
+# GCC's ThreadSanitizer instrumentation without its runtime: racecheck.cpp implements the hooks
+RACECHECK_FLAGS = ["-g", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<(.+?)>>>\(")
 _LIBRARY = re.compile(r"\b(TORCH_LIBRARY(?:_FRAGMENT|_IMPL)?)\(swamp_kernels\b")
@@ -64,8 +66,7 @@ def _instrumented_objects(kernels: list[Path], include_dirs: list[Path]) -> list
     """The kernel files compiled apart with GCC's -fsanitize=thread instrumentation, whose hooks
     racecheck.cpp implements (the bindings stay uninstrumented: torch's atomics would call more).
     Each object is named by a digest of its inputs, so that a change relinks the library."""
-    flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wno-unknown-pragmas", "-ffp-contract=off", "-fsanitize=thread",
-             "--param=tsan-instrument-func-entry-exit=0",
+    flags = ["-std=c++17", "-O1", "-fPIC", *HOST_FLAGS, *RACECHECK_FLAGS,
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *(f"-I{d}" for d in include_dirs)]
     headers = "".join(h.read_text() for d in include_dirs for h in sorted(d.rglob("*")) if h.suffix in (".h", ".cuh"))
@@ -98,14 +99,14 @@ def ops():
         _write_if_changed(target, host_source(path))
         if target.suffix == ".cpp":
             sources.append(target)
-    cflags, ldflags = ["-O2", "-Wno-unknown-pragmas", "-ffp-contract=off"], []
+    cflags, ldflags = ["-O2", *HOST_FLAGS], []
     if SANITIZE == "racecheck":
         kernels = [s for s in sources if (CSRC / f"{s.stem}.cu").exists()]
         sources = [s for s in sources if s not in kernels] + [HERE / "racecheck.cpp"]
         ldflags = [str(o) for o in _instrumented_objects(kernels, [HERE / "include", sources_dir])]
     elif SANITIZE:
         sanitize = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-        cflags, ldflags = ["-O1", *cflags[1:], *sanitize], sanitize[:1]
+        cflags, ldflags = ["-O1", *HOST_FLAGS, *sanitize], sanitize[:1]
     load(name=NAMESPACE, sources=[str(s) for s in sources], build_directory=str(BUILD),
          extra_include_paths=[str(HERE / "include"), str(sources_dir)], extra_cflags=cflags,
          extra_ldflags=ldflags, is_python_module=False, verbose=False)
@@ -114,9 +115,8 @@ def ops():
     return getattr(torch.ops, NAMESPACE)
 
 
-@contextlib.contextmanager
-def emulating(monkeypatch):
-    """Inside, ``backend="cuda"`` runs the host build on CPU tensors."""
+def activate(monkeypatch) -> None:
+    """Until the test ends, ``backend="cuda"`` runs the host build on CPU tensors."""
     from swamp_kernels import _dispatch, cuda
 
     emulated = ops()
@@ -125,4 +125,3 @@ def emulating(monkeypatch):
     monkeypatch.setattr(_dispatch, "_runs_on",
                         lambda backend, device: (backend == "cuda" and device.type == "cpu") or runs_on(backend, device))
     monkeypatch.setattr(cuda, "_ops", lambda: emulated)
-    yield

@@ -122,7 +122,14 @@ std::string who(const Last& last) {
   return last.thread == kSeveral ? "other threads" + block : "thread " + std::to_string(last.thread) + block;
 }
 
-int block_number(const Block& b) { return static_cast<int>(b.index.x + b.grid.x * (b.index.y + b.grid.y * b.index.z)); }
+// One access of a kernel thread: who (block, thread), when (barrier interval), how, from where.
+struct Accessor {
+  int block;
+  int thread;
+  unsigned epoch;
+  Access access;
+  const void* site;
+};
 
 // The byte at `position`: an offset into __shared__ memory, or a global address.
 std::string describe(bool shared, uintptr_t position) {
@@ -135,37 +142,42 @@ std::string describe(bool shared, uintptr_t position) {
   return out.str();
 }
 
-void check_byte(Cell& c, uint64_t scope, Block& b, Access access, bool shared, uintptr_t position,
-                const void* return_address) {
+void check_byte(Cell& c, uint64_t scope, const Accessor& a, bool shared, uintptr_t position, Block& b) {
   if (c.scope != scope) {
     c = Cell{};
     c.scope = scope;
   }
-  const int block = block_number(b);
-  const int me = static_cast<int>(b.current->index.x);
   // the earlier accesses this one races with: any write; a read, unless this reads too; an
   // atomic update, unless this is one too
   const Last* earlier = nullptr;
   const char* kind = nullptr;
-  if (c.write.concurrent_with(block, me, b.epoch)) {
+  if (c.write.concurrent_with(a.block, a.thread, a.epoch)) {
     earlier = &c.write;
     kind = "write";
-  } else if (access != Access::kRead && c.read.concurrent_with(block, me, b.epoch)) {
+  } else if (a.access != Access::kRead && c.read.concurrent_with(a.block, a.thread, a.epoch)) {
     earlier = &c.read;
     kind = "read";
-  } else if (access != Access::kAtomic && c.atomic.concurrent_with(block, me, b.epoch)) {
+  } else if (a.access != Access::kAtomic && c.atomic.concurrent_with(a.block, a.thread, a.epoch)) {
     earlier = &c.atomic;
     kind = "atomic";
   }
   if (earlier != nullptr && b.error.empty()) {
     std::ostringstream out;
-    out << "race (" << name(access) << " after " << kind << "): thread " << me << " of block " << block << " and "
-        << who(*earlier) << " access " << describe(shared, position) << " unordered, in "
-        << source_of(return_address) << "; the " << kind << " (the last one) in " << source_of(earlier->site);
+    out << "race (" << name(a.access) << " after " << kind << "): thread " << a.thread << " of block " << a.block
+        << " and " << who(*earlier) << " access " << describe(shared, position) << " unordered, in "
+        << source_of(a.site) << "; the " << kind << " (the last one) in " << source_of(earlier->site);
     b.error = out.str();
   }
-  Last& mine = access == Access::kWrite ? c.write : access == Access::kRead ? c.read : c.atomic;
-  mine.add(block, me, b.epoch, return_address);
+  Last& mine = a.access == Access::kWrite ? c.write : a.access == Access::kRead ? c.read : c.atomic;
+  mine.add(a.block, a.thread, a.epoch, a.site);
+}
+
+// Whether `p` is the emulation's own memory: the fiber stacks, the thread table, the block.
+bool emulation_memory(const char* p, const Block& b) {
+  const auto* threads = reinterpret_cast<const char*>(b.threads.data());
+  const auto* block = reinterpret_cast<const char*>(&b);
+  return fiber_stacks().hold(p) || (p >= threads && p < threads + b.threads.size() * sizeof(Thread)) ||
+         (p >= block && p < block + sizeof(Block));
 }
 
 void check(const void* address, size_t bytes, Access access, const void* return_address) {
@@ -175,20 +187,19 @@ void check(const void* address, size_t bytes, Access access, const void* return_
     return;
   }
   busy = true;
+  const Accessor a{static_cast<int>(b->index.x + b->grid.x * (b->index.y + b->grid.y * b->index.z)),
+                   static_cast<int>(b->current->index.x), b->epoch, access, return_address};
   const char* p = static_cast<const char*>(address);
-  const char* threads = reinterpret_cast<const char*>(b->threads.data());
-  const bool emulation = fiber_stacks().hold(p) || (p >= threads && p < threads + b->threads.size() * sizeof(Thread)) ||
-                         (p >= reinterpret_cast<const char*>(b) && p < reinterpret_cast<const char*>(b + 1));
   if (p >= __start_swamp_emu_shared && p < __stop_swamp_emu_shared) {
     std::vector<Cell>& shadow = shared_cells();
     const size_t first = static_cast<size_t>(p - __start_swamp_emu_shared);
     for (size_t i = first; i < first + bytes && i < shadow.size(); ++i) {
-      check_byte(shadow[i], b->run, *b, access, true, i, return_address);
+      check_byte(shadow[i], b->run, a, true, i, *b);
     }
-  } else if (!emulation) {
+  } else if (!emulation_memory(p, *b)) {
     for (size_t i = 0; i < bytes; ++i) {
       const auto at = reinterpret_cast<uintptr_t>(p + i);
-      check_byte(global_cell(at), b->launch, *b, access, false, at, return_address);
+      check_byte(global_cell(at), b->launch, a, false, at, *b);
     }
   }
   busy = false;
