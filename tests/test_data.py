@@ -96,6 +96,12 @@ def test_image_folder(tmp_path):
     assert len(batches) == 2 and batches[0][0].shape == (2, 3, 3, 16, 16) and batches[0][1].shape == (2, 3)
     x, y = next(data.eval_batches("test", 4))
     assert x.shape == (4, 3, 16, 16) and y.tolist() == [0, 0, 0, 1]
+    # workers hand over uint8; the device-side normalisation equals torchvision's float pipeline
+    from torchvision import datasets, transforms
+    reference = datasets.ImageFolder(str(tmp_path / "val"), transforms.Compose([
+        transforms.Resize(18), transforms.CenterCrop(16), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]))
+    assert torch.equal(x, torch.stack([reference[i][0] for i in range(4)]))
     whole = [y.tolist() for _, y in data.eval_batches("train", 2)]
     shards = [[y.tolist() for _, y in data.eval_batches("train", 2, shard=(i, 2))] for i in range(2)]
     assert shards == [whole[0::2], whole[1::2]]
