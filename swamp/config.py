@@ -50,6 +50,7 @@ class ModelConfig:
 @dataclass
 class PruneConfig:
     exclude: list[str] = field(default_factory=list)   # module names (or globs) kept dense
+    scope: str = "global"                # global: one threshold over all layers | layerwise: per layer
 
 
 @dataclass
@@ -193,6 +194,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(config.particles >= 1, "particles", f"must be >= 1, got {config.particles}")
     _require(0.0 < config.prune_fraction < 1.0, "prune_fraction",
              f"must lie in (0, 1), got {config.prune_fraction}")
+    _require(config.prune.scope in ("global", "layerwise"), "prune.scope",
+             f"must be global or layerwise, got {config.prune.scope!r}")
     _require(config.levels >= 0, "levels", f"must be >= 0, got {config.levels}")
     _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
     _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")

@@ -128,13 +128,15 @@ def _distributed(config: Config, body: Callable[[Topology], dict]) -> dict:
 
 
 def _prune(config: Config, level: int, state: dict, masks: dict) -> dict:
-    """The next masks: ``prune_fraction`` of the remaining weights, by magnitude or at random."""
+    """The next masks: ``prune_fraction`` of the remaining weights (of all layers together, or
+    of each layer: ``prune.scope``), by magnitude or at random."""
     names = list(masks)
     weights = [state[n] for n in names]
     scores = (swamp_kernels.random_scores(weights, seed=derive_seed(config.seed, level))
               if config.method == "random" else None)
-    new = swamp_kernels.global_magnitude_prune(weights, [masks[n] for n in names],
-                                               config.prune_fraction, scores=scores)
+    prune = (swamp_kernels.global_magnitude_prune if config.prune.scope == "global"
+             else swamp_kernels.layerwise_magnitude_prune)
+    new = prune(weights, [masks[n] for n in names], config.prune_fraction, scores=scores)
     return dict(zip(names, new))
 
 

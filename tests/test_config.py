@@ -54,6 +54,7 @@ def test_dump_round_trips(tmp_path):
     ("data: {name: npz}\n", [], "data.path"),
     ("train: {schedule: linear}\n", [], "train.schedule"),
     ("swa: {start: 1.0}\n", [], "swa.start"),
+    ("", ["prune.scope=per_layer"], "prune.scope"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, overrides, key):
     with pytest.raises(C.ConfigError, match=f"'{key.replace('[', '.').replace(']', '.')}'"):

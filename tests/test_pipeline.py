@@ -82,6 +82,22 @@ def test_random_pruning_differs_from_magnitude_pruning(runs):
     assert any(not torch.equal(imp[n], rand[n]) for n in imp)
 
 
+@pytest.mark.parametrize("method", ["imp", "random"])
+def test_layerwise_scope_prunes_the_fraction_of_every_layer(method):
+    gen = torch.Generator().manual_seed(5)
+    # layers of very different scales: a global threshold would empty the small one
+    state = {"a.weight": torch.randn(40, 30, generator=gen) * 0.01, "b.weight": torch.randn(77, generator=gen)}
+    masks = {n: torch.rand(t.shape, generator=gen) < 0.9 for n, t in state.items()}
+    scopes = {scope: pipeline._prune(tiny(method, prune={"scope": scope}), 1, state, masks)
+              for scope in ("global", "layerwise")}
+    for name, new in scopes["layerwise"].items():
+        remaining = int(masks[name].sum())
+        assert int(new.sum()) == remaining - round(FRACTION * remaining)
+        assert not (new & ~masks[name]).any()
+    if method == "imp":
+        assert int(scopes["global"]["a.weight"].sum()) < int(scopes["layerwise"]["a.weight"].sum())
+
+
 def test_report_table_and_plot(runs, tmp_path, capsys):
     dirs = [str(runs[m][0]) for m in ("dense", "imp", "swamp")]
     table = report.markdown_table(report.load_runs(dirs))
