@@ -195,7 +195,9 @@ EXTRA_COLUMNS: dict[str, tuple[bool, list[tuple[str, str, Callable[[float], str]
     "masked_conv2d": (True, [("extra_bytes_per_weight", "+B/weight", _bytes)]),
     "masked_linear": (True, [("extra_bytes_per_weight", "+B/weight", _bytes)]),
     "particles_train_step": (False, [("images_per_second", "img/s", _rate),
-                                     ("speedup_concurrent_over_sequential", "concurrent/sequential", _ratio)]),
+                                     ("speedup_concurrent_over_sequential", "concurrent/sequential", _ratio),
+                                     ("speedup_compiled_concurrent_over_sequential",
+                                      "compiled concurrent/sequential", _ratio)]),
     "resnet50_train_step": (False, [("images_per_second", "img/s", _rate),
                                     ("throughput_ratio_to_dense", "img/s vs dense", _ratio)]),
 }

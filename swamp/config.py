@@ -79,7 +79,7 @@ class TrainConfig:
     precision: str = "fp32"              # fp32 | bf16 (autocast)
     label_smoothing: float = 0.0         # of the cross-entropy loss (0: OpenLTH parity)
     channels_last: bool = False          # 4-D activations and weights in channels_last (one particle per process)
-    compile: bool = False                # torch.compile the model (one particle per process)
+    compile: bool = False                # torch.compile the training step (module or vmapped particles)
     checkpoint_every: int = 1            # epochs between checkpoints inside a level; 0: only whole levels
 
 

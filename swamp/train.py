@@ -8,6 +8,7 @@ process holds:
   forward and backward of all particles at once (BatchNorm statistics are stacked buffers, so
   each particle keeps its own), data-parallel ranks average the stacked gradients in one
   all-reduce per dtype, then one fused :func:`swamp_kernels.masked_sgd_step_` updates all of them.
+  ``train.compile`` compiles the vmapped forward and backward (once per process and model).
 * :class:`ModuleEngine` (one): a copy of the model itself, optionally channels_last and
   ``torch.compile``'d, wrapped in DDP over the data-parallel ranks; the same fused step.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import time
@@ -42,8 +44,8 @@ from swamp.config import Config, TrainConfig
 from swamp.data import epoch_generator
 from swamp.distributed import Group, Placement
 
-__all__ = ["TrainResult", "StackedEngine", "ModuleEngine", "learning_rate", "split_state", "stack_state",
-           "train_particles"]
+__all__ = ["TrainResult", "StackedEngine", "ModuleEngine", "learning_rate", "particle_grads", "split_state",
+           "stack_state", "train_particles"]
 
 
 def learning_rate(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
@@ -77,8 +79,8 @@ def _mask_of(masks: dict, name: str):
     return masks.get(name[:-len("weight")] + "weight_mask") if name.endswith("weight") else None
 
 
-def _autocast(device: torch.device, train: TrainConfig):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 class _Engine:
@@ -125,8 +127,30 @@ class _Engine:
         return contextlib.nullcontext()
 
 
+def _particle_loss(params, buffers, x, y, *, model, masks, bf16: bool, smoothing: float):
+    with _autocast(x.device, bf16):
+        out = functional_call(model, (params, buffers, masks), (x,))
+    return F.cross_entropy(out.float(), y, label_smoothing=smoothing)
+
+
+def particle_grads(model: nn.Module, masks: dict, bf16: bool, smoothing: float,
+                   params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor):
+    """(gradients by name, losses) of every particle: vmap over dim 0 of the stacked
+    ``params``, ``buffers`` (updated in place: BatchNorm statistics), ``x`` and ``y``."""
+    loss = functools.partial(_particle_loss, model=model, masks=masks, bf16=bf16, smoothing=smoothing)
+    return vmap(grad_and_value(loss))(params, buffers, x, y)
+
+
+@functools.cache
+def compiled_particle_grads() -> Callable:
+    """:func:`particle_grads` under ``torch.compile``, one wrapper per process: engines of the
+    same model and settings (every level of a run) reuse its compiled graph."""
+    return torch.compile(particle_grads)
+
+
 class StackedEngine(_Engine):
-    """Several particles in one process: vmap over ``functional_call`` on stacked tensors."""
+    """Several particles in one process: vmap over ``functional_call`` on stacked tensors
+    (``train.compile``: the whole vmapped forward and backward compiled)."""
 
     def __init__(self, model: nn.Module, state: dict[str, torch.Tensor], config: Config, data: Group):
         params, _, masks = split_state(model)
@@ -136,14 +160,9 @@ class StackedEngine(_Engine):
         self.buffers = {n: t for n, t in state.items() if n not in params}
         self.masks = [_mask_of(masks, n) for n in self.names]
         self.momentum = [None] * len(self.names)
-        autocast = _autocast(self.params[0].device, config.train)
-        smoothing = config.train.label_smoothing
-
-        def loss_fn(p, b, x, y):
-            with autocast:
-                out = functional_call(model, (p, b, masks), (x,))
-            return F.cross_entropy(out.float(), y, label_smoothing=smoothing)
-        self._step = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0))
+        grads = compiled_particle_grads() if config.train.compile else particle_grads
+        self._step = functools.partial(grads, model, masks, config.train.precision == "bf16",
+                                       config.train.label_smoothing)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         grads, losses = self._step(dict(zip(self.names, self.params)), self.buffers, x, y)
@@ -207,7 +226,7 @@ class ModuleEngine(_Engine):
             net = DistributedDataParallel(net, process_group=data.handle, **_NO_FORWARD_BUFFER_SYNC,
                                           device_ids=[self.device] if self.device.type == "cuda" else None)
         self.net = torch.compile(net) if train.compile else net
-        self.autocast = _autocast(self.device, train)
+        self.autocast = _autocast(self.device, train.precision == "bf16")
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         x, y = x[0], y[0]

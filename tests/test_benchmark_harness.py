@@ -17,8 +17,9 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from benchmarks import cases, memory, projection, render, results, run, shapes, timing, workload
-from benchmarks.cases import prune, train_resnet50
+from benchmarks.cases import prune, train_particles, train_resnet50
 from benchmarks.workload import Workload
+from swamp.config import Config
 from swamp_kernels._dispatch import triton_interpreting
 
 
@@ -104,6 +105,14 @@ def test_smoke_training_rows_count_images_per_second(smoke_dir):
     assert ips == pytest.approx({n: per_step[n] * batch / (times[n] / 1e3) for n in per_step})
     assert particles["extra"]["speedup_concurrent_over_sequential"] == pytest.approx(
         ips["concurrent_P4"] / ips["sequential_4xP1"])
+    assert particles["extra"]["speedup_compiled_concurrent_over_sequential"] is None   # GPU only
+    # compiled (GPU only) is compared with sequential training compiled alike
+    step_ms = {"concurrent_P4": 2.0, "concurrent_P4_compiled": 1.0, "sequential_4xP1_compiled": 3.0,
+               "sequential_4xP1": 5.0}
+    x = {"images": dict.fromkeys(step_ms, 40), "steps": 2, "config": Config()}
+    extra = train_particles._extra(x, "concurrent_P4", step_ms)
+    assert extra["speedup_concurrent_over_sequential"] == pytest.approx(2.5)
+    assert extra["speedup_compiled_concurrent_over_sequential"] == pytest.approx(3.0)
     (resnet,) = _smoke_rows(smoke_dir, "resnet50_train_step")
     assert resnet["backend"] == "masked" and set(resnet["baselines"]) == {"dense"}
     assert resnet["extra"]["images_per_second"] == pytest.approx(

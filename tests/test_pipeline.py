@@ -110,11 +110,12 @@ def test_report_table_and_plot(runs, tmp_path, capsys):
 
 def _live_tensor_bytes() -> int:
     """Bytes of every plain tensor storage reachable now (each storage once; earlier tests'
-    fake tensors, left in torch.compile's caches, hold no memory)."""
+    fake tensors and vmap wrappers, left in torch.compile's caches, hold no memory)."""
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
-        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type != "meta":
+        if (type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type != "meta"
+                and not torch._C._functorch.is_functorch_wrapped_tensor(obj)):
             storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
     return sum(storages.values())
 
