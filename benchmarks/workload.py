@@ -8,7 +8,6 @@ same ``benchmarks.run`` loop and the same results schema.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -17,6 +16,7 @@ import torch
 import swamp_kernels
 from benchmarks import timing
 from swamp_kernels import BackendError
+from swamp.train import cudnn_autotuned
 from swamp_kernels._dispatch import implementation
 
 Inputs = dict
@@ -64,13 +64,6 @@ class Workload:
         return True
 
 
-def _cudnn_autotuned(device: torch.device):
-    """cuDNN picks its fastest conv algorithms, as ImageNet trainers set it."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.backends.cudnn.flags(enabled=True, benchmark=True)
-
-
 def _time_step_ms(factory: Factory, x: Inputs, steps: int, device: torch.device,
                   timing_args: dict) -> tuple[float, int | None]:
     """Per-step milliseconds of ``factory(x)``'s call and, on CUDA, its peak allocated bytes.
@@ -102,7 +95,7 @@ def measure(work: Workload, device: torch.device, timing_args: dict, smoke: bool
     if not rows_to_run:
         return []
     step_ms, peaks, errors = {}, {}, {}
-    with _cudnn_autotuned(device):
+    with cudnn_autotuned(device):
         x = work.setup(device, smoke)
         steps = work.steps(x)
         for name, factory in work.baselines.items():

@@ -44,7 +44,7 @@ from swamp.config import Config, TrainConfig
 from swamp.data import epoch_generator
 from swamp.distributed import Group, Placement
 
-__all__ = ["TrainResult", "StackedEngine", "ModuleEngine", "learning_rate", "particle_grads", "split_state",
+__all__ = ["TrainResult", "StackedEngine", "ModuleEngine", "cudnn_autotuned", "learning_rate", "particle_grads", "split_state",
            "stack_state", "train_particles"]
 
 
@@ -81,6 +81,22 @@ def _mask_of(masks: dict, name: str):
 
 def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@contextlib.contextmanager
+def cudnn_autotuned(device: torch.device):
+    """On CUDA, inside: cuDNN times its convolution algorithms once per new shape and keeps the
+    fastest (``cudnn.benchmark``, as ImageNet trainers set it; training shapes are fixed, since
+    partial batches are dropped). The previous setting is restored on exit."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 class _Engine:
@@ -347,7 +363,7 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
     lr, mean_loss = 0.0, float("nan")
     started = time.perf_counter()
     bar = progress(last_epoch - first_epoch) if progress else contextlib.nullcontext()
-    with bar as pbar, engine.context():
+    with bar as pbar, engine.context(), cudnn_autotuned(device):
         for epoch in range(first_epoch, last_epoch):
             generators = [epoch_generator(config.seed, stage, p, epoch) for p in placement.particles]
             in_swa = swa and epoch >= swa_epoch

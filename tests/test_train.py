@@ -12,7 +12,7 @@ from swamp.data import epoch_generator, load_data
 from swamp.distributed import Group
 from swamp.models import build_model
 from swamp.sparsify import set_masks, sparsify
-from swamp.train import ModuleEngine, StackedEngine, stack_state, train_particles
+from swamp.train import ModuleEngine, StackedEngine, cudnn_autotuned, stack_state, train_particles
 
 
 def setup(model: str, **train):
@@ -89,6 +89,20 @@ def test_compiled_engines_match_eager(engine, particles):
                 torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
             for a, b in zip(*(e.state().values() for e in engines)):   # BatchNorm statistics too
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_autotunes_cudnn_on_cuda_only_and_restores_the_setting():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with cudnn_autotuned(torch.device("cpu")):
+            assert not torch.backends.cudnn.benchmark
+        with pytest.raises(RuntimeError), cudnn_autotuned(torch.device("cuda")):
+            assert torch.backends.cudnn.benchmark
+            raise RuntimeError
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @pytest.mark.parametrize("particles", [1, 2])
