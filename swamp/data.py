@@ -28,13 +28,18 @@ Shard = tuple[int, int]   # (this rank, ranks sharing the batches)
 SYNTHETIC_POOL = 512      # synthetic inputs stored; longer training sets repeat them cyclically
 
 
-def _shard_slice(batch_size: int, shard: Shard) -> slice:
+def _epoch_batch(batch_size: int, num_train: int, shard: Shard) -> tuple[int, slice]:
+    """(the batch of an epoch, this rank's part of it): ``batch_size``, or the whole training
+    set when that is smaller."""
     index, count = shard
-    if batch_size % count:
-        raise ValueError(f"a batch of {batch_size} does not split over {count} data-parallel ranks; "
-                         f"make train.batch_size a multiple of {count}")
-    size = batch_size // count
-    return slice(index * size, (index + 1) * size)
+    batch = min(batch_size, num_train)
+    if batch % count:
+        what = (f"train.batch_size {batch_size}" if batch == batch_size else
+                f"the training set of {num_train} examples, smaller than train.batch_size, is one batch that")
+        raise ValueError(f"{what} does not split over {count} data-parallel ranks; "
+                         f"make it a multiple of {count}")
+    size = batch // count
+    return batch, slice(index * size, (index + 1) * size)
 
 
 def derive_seed(*keys: int) -> int:
@@ -115,8 +120,7 @@ class TensorData:
                       augment: bool = True, shard: Shard = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of ``(x [P, B/n, ...], y [P, B/n])``: this rank's part of every batch;
         particle p's order comes from ``generators[p]``."""
-        batch_size = min(batch_size, self.num_train)
-        part = _shard_slice(batch_size, shard)
+        batch_size, part = _epoch_batch(batch_size, self.num_train, shard)
         plans = [self._epoch_plan(g, augment) for g in generators]
         for step in range(self.steps_per_epoch(batch_size)):
             xs, ys = [], []
@@ -142,8 +146,29 @@ class TensorData:
             yield x[rows], y[start:stop]
 
 
+class _Seeded(torch.utils.data.Dataset):
+    """``dataset`` read by (seed, index): the random transforms of the sample draw from torch's
+    generator seeded by ``seed`` (forked: the caller's state is kept), so a sample's
+    augmentation depends on its seed alone, not on the loader worker or process reading it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        seed, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 class FolderData:
     """ImageFolder ``train/`` and ``val/`` under a directory, streamed through DataLoaders.
+
+    Particle p's order and every sample's random crop and flip come from its generator (a seed
+    per position in the epoch), the same for any number of ranks and loader workers.
 
     The loader workers decode and crop to uint8 (a quarter of float32's bytes through shared
     and pinned memory); each batch is copied to the device as it is, then stacked over particles
@@ -182,24 +207,27 @@ class FolderData:
         x = images.to(self.device, non_blocking=True).float().div_(255)
         return x.sub_(self._mean).div_(self._std)
 
-    def _loader(self, dataset, batch_size, sampler=None, generator=None, drop_last=False):
+    def _loader(self, dataset, batch_size, sampler, drop_last=False):
+        """A DataLoader over ``sampler``; its own generator (the workers' base seed, which no
+        sample uses) leaves torch's global one untouched."""
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, generator=generator, drop_last=drop_last,
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=torch.Generator(),
             num_workers=self.workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
 
-    def _rank_order(self, generator: torch.Generator, batch_size: int, part: slice) -> list[int]:
-        """This rank's part of every full batch of the particle's epoch permutation."""
+    def _rank_samples(self, generator: torch.Generator, batch_size: int, part: slice) -> list[tuple[int, int]]:
+        """(augmentation seed, index) of this rank's part of every full batch of the particle's
+        epoch: a permutation, and one seed per position in it."""
         order = torch.randperm(self.num_train, generator=generator)
         steps = self.steps_per_epoch(batch_size)
-        return order[:steps * batch_size].view(steps, batch_size)[:, part].reshape(-1).tolist()
+        seeds = torch.randint(2 ** 62, (steps * batch_size,), generator=generator)
+        pairs = torch.stack([seeds, order[:steps * batch_size]], dim=1).view(steps, batch_size, 2)
+        return [tuple(pair) for pair in pairs[:, part].reshape(-1, 2).tolist()]
 
     def train_batches(self, generators, batch_size: int, augment: bool = True, shard: Shard = (0, 1)):
-        batch_size = min(batch_size, self.num_train)
-        part = _shard_slice(batch_size, shard)
-        dataset = self.train if augment else self.train_plain
-        loaders = [self._loader(dataset, part.stop - part.start, self._rank_order(g, batch_size, part),
-                                torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g))),
+        batch_size, part = _epoch_batch(batch_size, self.num_train, shard)
+        dataset = _Seeded(self.train if augment else self.train_plain)
+        loaders = [self._loader(dataset, part.stop - part.start, self._rank_samples(g, batch_size, part),
                                 drop_last=True)
                    for g in generators]
         for batches in zip(*loaders):   # pinned batches copied as they are, stacked on the device

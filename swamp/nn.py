@@ -26,9 +26,9 @@ Design: weights are stored masked.
   zero gradient cannot: weight decay, momentum or Adam state from before pruning, and
   optimizers that do not act entry-wise. No user call is needed, and optimizers holding no
   masked weight are untouched; :class:`swamp.optim.MaskedSGD` steps already applying a layer's
-  own mask are skipped (``optimizer.masks_in_step(weight, mask)``). Optimizers that do not subclass ``torch.optim.Optimizer`` are
-  not seen by the hook: call :func:`zero_pruned_` after their step. A compiled
-  ``optimizer.step`` is not covered either.
+  own mask are skipped (``optimizer.masks_in_step(weight, mask)``). Optimizers that do not
+  subclass ``torch.optim.Optimizer`` are not seen by the hook: call :func:`zero_pruned_` after
+  their step. A compiled ``optimizer.step`` is not covered either.
 
 State dicts. Loading masks the loaded weight with the loaded mask. A plain ``nn.Linear`` /
 ``nn.Conv2d`` state_dict lacks ``weight_mask``: strict loading reports it as a missing key,

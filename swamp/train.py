@@ -44,8 +44,8 @@ from swamp.config import Config, TrainConfig
 from swamp.data import epoch_generator
 from swamp.distributed import Group, Placement
 
-__all__ = ["TrainResult", "StackedEngine", "ModuleEngine", "cudnn_autotuned", "learning_rate", "particle_grads", "split_state",
-           "stack_state", "train_particles"]
+__all__ = ["TrainResult", "StackedEngine", "ModuleEngine", "cudnn_autotuned", "learning_rate", "particle_grads",
+           "split_state", "stack_state", "train_particles"]
 
 
 def learning_rate(step: int, steps_per_epoch: int, train: TrainConfig) -> float:

@@ -112,6 +112,40 @@ def test_image_folder(tmp_path):
     assert torch.equal(torch.cat([halves[0][0], halves[1][0]], dim=1), full[0])
 
 
+def test_image_folder_augmentation_follows_the_particle_seed(tmp_path):
+    """A sample's crop and flip depend on the particle's generator and its position only: not on
+    the loader workers, the rank count or torch's global generator (which is left untouched)."""
+    from PIL import Image
+    rng = np.random.default_rng(4)
+    for split in ("train", "val"):
+        (tmp_path / split / "c").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(tmp_path / split / "c" / f"{i}.png")
+
+    def epoch(particle: int, workers: int, shard=(0, 1)):
+        data = load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=12, workers=workers))
+        return [x for x, _ in data.train_batches([epoch_generator(0, 0, particle, 0)], 4, shard=shard)]
+
+    before = torch.get_rng_state()
+    reference = epoch(0, workers=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    two_ranks = [torch.cat(pair, dim=1) for pair in zip(epoch(0, 0, (0, 2)), epoch(0, 2, (1, 2)))]
+    for other in (epoch(0, workers=2), two_ranks):
+        assert len(other) == len(reference) == 2
+        assert all(torch.equal(a, b) for a, b in zip(reference, other))
+    assert not any(torch.equal(a, b) for a, b in zip(reference, epoch(1, workers=0)))
+
+
+def test_a_training_set_smaller_than_a_batch_is_one_batch():
+    data = indexed_data(n=10, crop_padding=0)
+    (x, _), = data.train_batches([epoch_generator(0, 0, 0, 0)], 64, shard=(1, 2))
+    assert x.shape[1] == 5
+    with pytest.raises(ValueError, match="training set of 10 examples, smaller than train.batch_size"):
+        next(data.train_batches([epoch_generator(0, 0, 0, 0)], 64, shard=(0, 4)))
+    with pytest.raises(ValueError, match="train.batch_size 6 does not split over 4"):
+        next(data.train_batches([epoch_generator(0, 0, 0, 0)], 6, shard=(0, 4)))
+
+
 def test_data_parallel_shards_split_every_batch_whatever_the_rank_count():
     data = indexed_data(n=48, crop_padding=0)
     generators = lambda: [epoch_generator(0, 3, p, 1) for p in range(2)]
