@@ -5,7 +5,8 @@ particle groups of ``D = W / G`` data-parallel ranks each: rank ``r`` is data ra
 group ``r // D``. Group ``g`` trains particles ``[g * P/G, (g + 1) * P/G)``; its ``D`` ranks split
 every batch of those particles and average gradients (DDP, or one all-reduce for stacked
 particles). Ranks with the same data rank form a *cross* group, one rank per particle group:
-particle means, ensembles and checkpoints of all particles go through it.
+particle means, ensembles and checkpoints of all particles go through it. A stage of one
+particle (pre-training) is trained by the whole world as its data-parallel ranks.
 
 A single process is the same layout with ``W = G = D = 1``: every :class:`Group` then has size
 one and its collectives return their input, so the pipeline has one code path.
@@ -194,10 +195,10 @@ class Topology:
 
     def placement(self, particles: int) -> Placement:
         """Placement for a stage of ``particles`` particles: group g takes its contiguous share;
-        a single particle (pre-training, IMP) is trained by every group alone (the same
-        computation as one group; rank 0's result is then broadcast)."""
+        a single particle (pre-training, IMP) is trained by all ranks of the world as its
+        data-parallel ranks (in lock-step, so none runs ahead; rank 0 alone checkpoints)."""
         if particles == 1:
-            return Placement((0,), self.data, Group.single())
+            return Placement((0,), self.world, Group.single())
         if particles % self.groups:
             raise ValueError(f"{particles} particles do not split over {self.groups} particle groups")
         share = particles // self.groups

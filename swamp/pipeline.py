@@ -189,14 +189,21 @@ def _evaluate_level(model, result, data, config: Config, masks: dict, placement:
     return final, metrics
 
 
-def _stage_checkpoint(out: Path, stage: int) -> dict | None:
+def _stage_checkpoint(out: Path, stage: int, world: Group) -> dict | None:
     """The saved checkpoint of ``stage``, if the last run was killed inside it; memory-mapped on
-    the CPU, so each rank reads only the particles it trains."""
+    the CPU, so each rank reads only the particles it trains.
+
+    Rank 0 decides for every rank (another rank looking on its own could find the file of the
+    stage before, being deleted, or a newer one); the file then stays until every rank of the
+    stage has trained on, since no rank can finish an epoch of it alone."""
     path = out / "checkpoint.pt"
-    if not path.is_file():
+
+    def saved() -> dict | None:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True) if path.is_file() else None
+    checkpoint = saved() if world.index == 0 else None
+    if not world.broadcast_object(checkpoint is not None and checkpoint["stage"] == stage):
         return None
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    return checkpoint if checkpoint["stage"] == stage else None
+    return checkpoint if world.index == 0 else saved()
 
 
 def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict:
@@ -215,9 +222,11 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
                           "training iterations")
     levels = 0 if config.method == "dense" else config.levels
     particles = config.particles if config.method == "swamp" else 1
-    if config.train.batch_size % topology.data.size:
-        raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} does not split over "
-                          f"the {topology.data.size} data-parallel ranks of a particle group")
+    for ranks, what in ((topology.data.size, "data-parallel ranks of a particle group"),
+                        (topology.world.size if rewind else 1, "ranks that pre-train together")):
+        if config.train.batch_size % ranks:
+            raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} does not split over "
+                              f"the {ranks} {what}")
     log_file = open(out / "log.txt", "a") if writer else None
 
     def log(line: str) -> None:
@@ -242,7 +251,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
         if rewind:
             state = train_particles(model, state, data, config, stage=-1, begin=0, end=rewind, swa=False,
                                     placement=topology.placement(1), checkpoint=checkpoint,
-                                    resume=_stage_checkpoint(out, -1),
+                                    resume=_stage_checkpoint(out, -1, topology.world),
                                     log=lambda line: log(f"pretrain {line}"),
                                     progress=progress("pretrain")).state
         topology.world.broadcast_(list(state.values()))
@@ -272,7 +281,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
                  for n, t in rewind_state.items()}
         result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
                                  swa=swa, placement=placement, checkpoint=checkpoint,
-                                 resume=_stage_checkpoint(out, level),
+                                 resume=_stage_checkpoint(out, level, topology.world),
                                  log=lambda line: log(f"level {level} {line}"),
                                  progress=progress(f"level {level}"))
         final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)

@@ -22,10 +22,11 @@ from swamp.train import TrainResult, stack_state
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
-# SWAMP: 2 particles, as 2 particle groups of one rank each. (An MLP: with BatchNorm, the float
-# differences between vmapped and plain convolutions grow chaotically over a level; BatchNorm
-# across ranks is checked by test_batch_norm_statistics_over_ranks.)
-GROUPS = {"method": "swamp", "levels": 2, "prune_fraction": 0.3, "particles": 2, "rewind": {"iterations": 4},
+# SWAMP: 2 particles, as 2 particle groups of one rank each; pre-training (30 iterations: more than
+# the 22 of an epoch, so it checkpoints too) on both ranks as data-parallel ranks. (An MLP: with
+# BatchNorm, the float differences between vmapped and plain convolutions grow chaotically over a
+# level; BatchNorm across ranks is checked by test_batch_norm_statistics_over_ranks.)
+GROUPS = {"method": "swamp", "levels": 2, "prune_fraction": 0.3, "particles": 2, "rewind": {"iterations": 30},
           "model": {"hidden": [32]}, "swa": {"start": 0.5, "lr": 0.02},
           "train": {"epochs": 4, "batch_size": 64, "lr": 0.05, "milestones": [2]}, "device": "cpu",
           "distributed": {"particle_groups": 2, "timeout_s": 30}}
@@ -104,7 +105,8 @@ def test_rank_zero_alone_writes(groups_runs):
     assert names == ["config.yaml", "level_00", "level_01", "level_02", "log.txt", "rewind.pt", "summary.json"]
     assert not list((root / "distributed").rglob(".*tmp*")), "a temporary file was left behind"
     log = (root / "distributed" / "log.txt").read_text()
-    assert log.count("level 1 stage 1 epoch 1/4") == 1   # one writer, not one per rank
+    assert log.count("level 1 stage 1 epoch 2/4") == 1   # one writer, not one per rank
+    assert log.count("pretrain stage -1 epoch 1/4") == 1
 
 
 def test_data_parallel_ranks_match_the_same_global_batch(tmp_path):
@@ -168,7 +170,8 @@ def _collectives(topology: distributed.Topology) -> dict:
     """One rank's view of a 4-process world as 2 particle groups x 2 data ranks."""
     rank = topology.world.index
     out = {"data": topology.data.ranks, "cross": topology.cross.ranks, "group": topology.group,
-           "placement": topology.placement(4).particles, "single": topology.placement(1).particles}
+           "placement": topology.placement(4).particles, "single": topology.placement(1).particles,
+           "single_data": topology.placement(1).data.ranks}
     values = [torch.full((2, 3), float(rank)), torch.tensor([rank], dtype=torch.int64),
               torch.tensor([rank % 2 == 0])]
     topology.data.all_reduce_(values[:2], mean=False)
@@ -191,7 +194,7 @@ def test_group_collectives_and_batch_norm_statistics_over_ranks():
     assert [results[r]["data"] for r in range(world)] == [(0, 1), (0, 1), (2, 3), (2, 3)]
     assert [results[r]["cross"] for r in range(world)] == [(0, 2), (1, 3), (0, 2), (1, 3)]
     assert [results[r]["placement"] for r in range(world)] == [(0, 1), (0, 1), (2, 3), (2, 3)]
-    assert all(results[r]["single"] == (0,) for r in range(world))
+    assert all(results[r]["single"] == (0,) and results[r]["single_data"] == (0, 1, 2, 3) for r in range(world))
     assert results[2]["sums"] == [[[5.0] * 3] * 2, [5]]
     assert all(results[r]["broadcast"] == [[[5.0] * 3] * 2, [5], [False]] for r in range(world))  # rank 3 after its sums
     assert results[0]["gathered"] == [[[0.0, 0.0], [2.0, 2.0]]] and results[1]["gathered"] == [[[1.0, 1.0], [3.0, 3.0]]]
@@ -278,9 +281,10 @@ def test_sharded_evaluation_gives_the_single_process_metrics():
     single = distributed.setup(particle_groups=1, timeout_s=30, device="cpu")
     expected = _level_metrics(single)
     results = _on_ranks(_level_metrics)
-    # test batches evaluated by ranks 0-3: their particles' share, then their share of the average's
-    batches = {(16, 4): [2 * 2 + 1, 2 * 1 + 1, 2 * 2 + 1, 2 * 1 + 0], (16, 1): [2, 1, 2, 1],
-               (5, 4): [2 * 1 + 1, 0, 2 * 1 + 0, 0], (5, 1): [1, 0, 1, 0]}
+    # test batches evaluated by ranks 0-3: their particles' share, then their share of the average's;
+    # one particle: the world's ranks are its data-parallel ranks
+    batches = {(16, 4): [2 * 2 + 1, 2 * 1 + 1, 2 * 2 + 1, 2 * 1 + 0], (16, 1): [1, 1, 1, 0],
+               (5, 4): [2 * 1 + 1, 0, 2 * 1 + 0, 0], (5, 1): [1, 0, 0, 0]}
     for case, (metrics, _) in expected.items():
         assert len(metrics["particle_test_accuracy"]) == case[1]
         assert [results[r][case][0] for r in range(4)] == [metrics] * 4, case
