@@ -206,8 +206,13 @@ class Topology:
 
 
 def _device(name: str, local_rank: int) -> torch.device:
+    """The device of config key ``device`` for this process: under torchrun, each rank's
+    ``cuda:LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if launched() and name.startswith("cuda:"):
+        raise ValueError(f"config key 'device': {name} would put every rank of the torchrun job on one GPU; "
+                         "use cuda or auto (rank i uses cuda:LOCAL_RANK)")
     if name == "cuda" and launched():
         return torch.device("cuda", local_rank)
     return torch.device(name)

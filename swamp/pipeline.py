@@ -113,13 +113,21 @@ def resume(out: str | Path, quiet: bool = False) -> dict:
     return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
 
 
+def _failed_collective(error: RuntimeError) -> bool:
+    """NCCL's errors are DistErrors; gloo's (DDP's gradient all-reduce) plain RuntimeErrors
+    raised from its sources."""
+    return isinstance(error, DistError) or "gloo" in str(error)
+
+
 def _distributed(config: Config, body: Callable[[Topology], dict]) -> dict:
     """``body(topology)`` in this process's place of the (possibly single-process) job."""
     topology = distributed.setup(config.distributed.particle_groups, config.distributed.timeout_s,
                                  config.device)
     try:
         summary = body(topology)
-    except DistError as error:   # NCCL's own errors, raised outside our collectives
+    except RuntimeError as error:   # of collectives outside ours: NCCL's, gloo's under DDP
+        if isinstance(error, distributed.DistributedError) or not _failed_collective(error):
+            raise
         raise distributed.collective_failure(
             f"rank {topology.world.index} of {topology.world.size}: a collective",
             config.distributed.timeout_s, error) from error

@@ -1,15 +1,17 @@
 """``torchrun`` entry point for tests: the ``swamp`` command line, with a fault on rank 1.
 
-    torchrun ... tests/distributed_worker.py {stall,crash} swamp-arguments...
+    torchrun ... tests/distributed_worker.py {stall,crash,stall_in_step} swamp-arguments...
 
 ``stall`` makes rank 1 sleep forever and ``crash`` makes it exit, when it first evaluates a
 network (after the first level's training): the other ranks are then waiting in a collective.
+``stall_in_step`` makes it sleep forever at its third training step of a one-particle stage:
+its data-parallel partners then wait in DDP's gradient all-reduce.
 """
 import os
 import sys
 import time
 
-from swamp import cli, evaluate
+from swamp import cli, evaluate, train
 
 
 def _fault(kind: str):
@@ -22,6 +24,13 @@ def _fault(kind: str):
 
 if __name__ == "__main__":
     kind = sys.argv[1]
-    if os.environ.get("RANK") == "1":
+    if os.environ.get("RANK") == "1" and kind == "stall_in_step":
+        step, steps = train.ModuleEngine.step, []
+
+        def stalling_step(self, *args):
+            steps.append(1)
+            return _fault("stall")() if len(steps) == 3 else step(self, *args)
+        train.ModuleEngine.step = stalling_step
+    elif os.environ.get("RANK") == "1":
         evaluate.test_probabilities = _fault(kind)
     sys.exit(cli.main(sys.argv[2:]))

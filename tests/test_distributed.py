@@ -133,11 +133,13 @@ def test_killed_distributed_run_resumes(groups_runs, tmp_path):
     assert_same_run(root / "single", out, atol=2e-5)
 
 
-@pytest.mark.parametrize("fault", ["stall", "crash"])
+@pytest.mark.parametrize("fault", ["stall", "crash", "stall_in_step"])
 def test_a_failed_rank_ends_the_job_with_an_error(tmp_path, fault):
     timeout = 5
-    values = {**GROUPS, "levels": 0, "rewind": {"iterations": 0}, "train": {**GROUPS["train"], "epochs": 1},
-              "distributed": {"particle_groups": 2, "timeout_s": timeout}}
+    # stall_in_step: one network on 2 data-parallel ranks (DDP); else 2 particle groups
+    base, groups = (DATA_PARALLEL, 1) if fault == "stall_in_step" else (GROUPS, 2)
+    values = {**base, "levels": 0, "rewind": {"iterations": 0}, "train": {**base["train"], "epochs": 1},
+              "distributed": {"particle_groups": groups, "timeout_s": timeout}}
     config = write_config(tmp_path, values)
     started = time.time()
     process = torchrun(str(ROOT / "tests" / "distributed_worker.py"), fault, "run", str(config),
@@ -145,9 +147,16 @@ def test_a_failed_rank_ends_the_job_with_an_error(tmp_path, fault):
     output, _ = process.communicate(timeout=120)
     assert process.returncode != 0
     assert time.time() - started < 60
-    if fault == "stall":
+    if fault != "crash":
         assert "another rank died or stalled" in output and f"timeout_s = {timeout}" in output, output[-3000:]
     assert not (tmp_path / "run" / "level_00" / "metrics.json").exists()
+
+
+def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="'device': cuda:1 would put every rank"):
+        distributed.setup(particle_groups=1, timeout_s=5, device="cuda:1")
 
 
 def _on_ranks(body, world: int = 4) -> dict:
