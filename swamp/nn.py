@@ -97,20 +97,39 @@ class MaskedLayer(nn.Module):
 
     def _add_mask(self) -> None:
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
+        # built on the meta device: after ``to_empty`` the mask is uninitialised memory, which
+        # the first reset_parameters (torch's recipe for such modules) fills with True
+        self._mask_unset = self.weight.is_meta
         _LIVE.add(self)
 
     def reset_parameters(self) -> None:
-        """Re-initialise ``weight`` and ``bias`` as the dense layer does, keeping the mask."""
+        """Re-initialise ``weight`` and ``bias`` as the dense layer does, keeping the mask
+        (all True on a layer built on the meta device that no mask was loaded into since)."""
         super().reset_parameters()
-        if "weight_mask" in self._buffers:  # absent while the dense __init__ runs
-            _zero_pruned([self])
+        if "weight_mask" not in self._buffers:  # absent while the dense __init__ runs
+            return
+        if self._mask_unset:
+            with torch.no_grad():
+                self.weight_mask.fill_(True)
+            self._mask_unset = False
+        _zero_pruned([self])
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def load_mask_(self, mask: torch.Tensor) -> None:
+        """In place: the mask becomes a copy of the bool ``mask`` (of the weight's shape). The
+        weight is not touched: zero it afterwards (:func:`zero_pruned_`, or set_masks does)."""
+        with torch.no_grad():
+            self.weight_mask.copy_(mask)
+        self._mask_unset = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight_mask" in state_dict:
+            self._mask_unset = False
         _zero_pruned([self])
 
     def __setstate__(self, state) -> None:  # deepcopy and unpickling
         super().__setstate__(state)
+        self.__dict__.setdefault("_mask_unset", False)   # pickled before the attribute existed
         _LIVE.add(self)
 
 
@@ -143,6 +162,9 @@ def to_masked_(layer: nn.Module) -> MaskedLayer:
     if type(layer) not in _MASKED_CLASS:
         raise TypeError(f"cannot mask a {type(layer).__name__}: only nn.Linear and nn.Conv2d "
                         "(exactly these types; subclasses may use their weight outside forward)")
+    if "weight_orig" in layer._parameters or "weight_mask" in layer._buffers:
+        raise TypeError(f"cannot mask a {type(layer).__name__} pruned by torch.nn.utils.prune: call "
+                        "prune.remove(layer, 'weight') first (its zeros stay; set_masks can keep them pruned)")
     layer.__class__ = _MASKED_CLASS[type(layer)]
     layer._add_mask()
     return layer
@@ -162,19 +184,25 @@ def to_dense_(layer: MaskedLayer) -> nn.Module:
 
 
 def _zero_pruned(layers: Iterable[MaskedLayer]) -> None:
-    """Zero the pruned weights of ``layers``: one ``apply_masks_`` call per device."""
-    by_device: dict[torch.device, list[MaskedLayer]] = {}
+    """Zero the pruned weights of ``layers``: one ``apply_masks_`` call per device. A weight
+    shared by several layers is zeroed once, where any of their masks is False."""
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in layers:
-        by_device.setdefault(layer.weight.device, []).append(layer)
+        weight, mask = layer.weight, layer.weight_mask
+        if id(weight) in weights:
+            mask = weights[id(weight)][1] & mask
+        weights[id(weight)] = weight, mask
+    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for weight, mask in weights.values():
+        by_device.setdefault(weight.device, []).append((weight, mask))
     with torch.no_grad():
         for group in by_device.values():
-            kernel = [layer for layer in group if layer.weight.dtype in FLOAT_DTYPES]
+            kernel = [(w, m) for w, m in group if w.dtype in FLOAT_DTYPES]
             if kernel:
-                swamp_kernels.apply_masks_([layer.weight for layer in kernel],
-                                           [layer.weight_mask for layer in kernel])
-            for layer in group:
-                if layer.weight.dtype not in FLOAT_DTYPES:  # float64: no kernel, plain torch
-                    layer.weight.masked_fill_(~layer.weight_mask, 0)
+                swamp_kernels.apply_masks_([w for w, _ in kernel], [m for _, m in kernel])
+            for weight, mask in group:
+                if weight.dtype not in FLOAT_DTYPES:  # float64: no kernel, plain torch
+                    weight.masked_fill_(~mask, 0)
 
 
 def zero_pruned_(model: nn.Module) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch.optim.sgd import sgd as torch_sgd
 
 import swamp_kernels
 from swamp_kernels import _validate as check
@@ -20,6 +21,12 @@ class MaskedSGD(torch.optim.Optimizer):
       reference, so pruning them in place takes effect at the next step.
     - ``backend``: the :mod:`swamp_kernels` backend of :func:`swamp_kernels.masked_sgd_step_`.
 
+    ``foreach`` and ``fused`` are accepted as torch's SGD takes them and change nothing (the step
+    is always one fused call per dtype group); ``differentiable=True`` is not supported.
+    float64 params (no kernel) step through torch's own SGD on ``grad * mask``. With float32
+    params and float16/bfloat16 gradients (AMP), the momentum buffer is float32 (torch's SGD keeps
+    it in the gradient's dtype when ``weight_decay`` is 0).
+
     The state has torch's layout (``state[param]["momentum_buffer"]``), so state dicts move
     between ``torch.optim.SGD`` and ``MaskedSGD`` both ways. Masks are not in the state dict:
     give them again (constructor or :meth:`set_masks`) after loading.
@@ -27,7 +34,10 @@ class MaskedSGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None, differentiable: bool = False,
                  masks=None, backend: str = "auto"):
+        if differentiable:
+            raise ValueError("MaskedSGD does not support differentiable=True; use torch.optim.SGD")
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if value < 0.0:
                 raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
@@ -97,16 +107,33 @@ class MaskedSGD(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("MaskedSGD does not support sparse gradients")
-            momentum = group["momentum"]
-            buffers = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
-            masks = [self._masks.get(p) for p in params]
-            swamp_kernels.masked_sgd_step_(
-                params, [p.grad for p in params], buffers,
-                masks if any(m is not None for m in masks) else None,
-                lr=group["lr"], momentum=momentum, dampening=group["dampening"],
-                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                maximize=group["maximize"], backend=self.backend)
-            if momentum != 0:
-                for p, buffer in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buffer
+            fused = [p for p in params if p.dtype in check.FLOAT_DTYPES]
+            others = [p for p in params if p.dtype not in check.FLOAT_DTYPES]
+            for chunk, step in ((fused, self._fused_step), (others, _torch_step)):
+                if not chunk:
+                    continue
+                momentum = group["momentum"]
+                buffers = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in chunk]
+                step(chunk, buffers, [self._masks.get(p) for p in chunk], group)
+                if momentum != 0:
+                    for p, buffer in zip(chunk, buffers):
+                        self.state[p]["momentum_buffer"] = buffer
         return loss
+
+    def _fused_step(self, params, buffers, masks, group) -> None:
+        swamp_kernels.masked_sgd_step_(
+            params, [p.grad for p in params], buffers, masks if any(m is not None for m in masks) else None,
+            **_hyper(group), backend=self.backend)
+
+
+def _hyper(group: dict) -> dict:
+    return {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
+
+
+def _torch_step(params, buffers, masks, group) -> None:
+    """torch's SGD on ``grad * mask``, then pruned entries zeroed: for dtypes without a kernel."""
+    grads = [p.grad if m is None else torch.where(m, p.grad, 0) for p, m in zip(params, masks)]
+    torch_sgd(params, grads, buffers, foreach=False, **_hyper(group))
+    for p, m in zip(params, masks):
+        if m is not None:
+            p.masked_fill_(~m, 0)

@@ -134,9 +134,8 @@ def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         if tuple(mask.shape) != expected:
             raise ValueError(f"masks[{key!r}] has shape {tuple(mask.shape)}, expected {expected} "
                              "like the layer's weight")
-    with torch.no_grad():
-        for key, mask in masks.items():
-            layers[key].weight_mask.copy_(mask)
+    for key, mask in masks.items():
+        layers[key].load_mask_(mask)
     zero_pruned_(model)
 
 

@@ -60,6 +60,7 @@ def random_scores(weights, seed: int) -> list[torch.Tensor]:
 
     The same seed gives the same scores on every device (drawn on the CPU, then moved).
     """
+    weights = check.tensor_list("weights", weights)
     generator = torch.Generator().manual_seed(seed)
     return [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
 
@@ -82,6 +83,7 @@ def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -
     params = check.particle_params("params", params)
     shapes = [p[0] for p in params]
     swa = check.companions("swa", swa, "params[:, ...]", shapes, dtypes=check.FLOAT_DTYPES)
+    check.distinct("swa", swa)
     masks = check.bool_masks(masks, "params[:, ...]", shapes, optional=True)
     n_averaged = check.non_negative_int("n_averaged", n_averaged)
     _run("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
@@ -93,14 +95,19 @@ def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
     ``masks[i]`` has the shape of ``tensors[i]`` or of ``tensors[i][0]`` (broadcast over particles).
     """
     tensors = check.float_tensors("tensors", tensors)
+    check.distinct("tensors", tensors)
     masks = check.companions("masks", masks, "tensors", tensors, dtypes=(torch.bool,), particle_dim=True)
     _run("apply_masks_", backend, tensors[0].device, tensors, masks)
 
 
 def _real(name: str, value, low: float = 0.0) -> float:
+    """A finite float >= ``low`` from a number or a one-element tensor (as torch.optim takes lr)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+        bound = f" >= {low}" if math.isfinite(low) else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return float(value)
 
 
@@ -115,6 +122,7 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
     Gradients may be float16/bfloat16 for float32 params; buffers have the param dtype.
     """
     params = check.float_tensors("params", params)
+    check.distinct("params", params)
     grads = check.companions("grads", grads, "params", params, dtypes=check.FLOAT_DTYPES)
     if not isinstance(momentum_buffers, list) or len(momentum_buffers) != len(params):
         raise ValueError("momentum_buffers must be a list with one entry (tensor or None) per param")
@@ -127,9 +135,8 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
             raise TypeError(f"momentum_buffers[{i}] has dtype {b.dtype}, expected {p.dtype} like params[{i}]")
     masks = check.bool_masks(masks, "params", params, particle_dim=True, optional=True)
     lr = _real("lr", lr)
-    momentum, dampening, weight_decay = (_real(k, v) for k, v in
-                                         (("momentum", momentum), ("dampening", dampening),
-                                          ("weight_decay", weight_decay)))
+    momentum, weight_decay = _real("momentum", momentum), _real("weight_decay", weight_decay)
+    dampening = _real("dampening", dampening, low=-math.inf)   # any finite value, as torch.optim.SGD
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
     new_buffers = [i for i, b in enumerate(momentum_buffers) if b is None]

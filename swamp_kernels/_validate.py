@@ -37,6 +37,19 @@ def float_tensors(name: str, xs) -> list[torch.Tensor]:
     return xs
 
 
+def distinct(name: str, xs: Sequence[torch.Tensor]) -> None:
+    """Raise if two tensors written in place start at the same memory (a tied weight listed
+    twice): their updates would race on the GPU."""
+    seen: dict[int, int] = {}
+    for i, x in enumerate(xs):
+        if x.numel() == 0:
+            continue
+        j = seen.setdefault(x.data_ptr(), i)
+        if j != i:
+            raise ValueError(f"{name}[{i}] is the memory of {name}[{j}] (a shared weight listed twice?); "
+                             "list it once, with its masks combined (&)")
+
+
 def _shape(t) -> tuple:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
 

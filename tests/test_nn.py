@@ -330,6 +330,49 @@ def test_reset_parameters_keeps_the_mask():
     assert torch.count_nonzero(layer.weight[~mask]) == 0
 
 
+def test_meta_device_recipe_gives_a_full_mask():
+    """Built on the meta device, then to_empty + reset_parameters (torch's recipe): the mask is
+    all True, not uninitialised memory; masks set or loaded in between are kept."""
+    with torch.device("meta"):
+        layers = [MaskedLinear(8, 6) for _ in range(3)]
+    mask = torch.rand(6, 8) < 0.5
+    for i, layer in enumerate(layers):
+        layer.to_empty(device="cpu")
+        with torch.no_grad():
+            layer.weight_mask.view(torch.uint8).fill_(0)   # what uninitialised memory may hold
+        if i == 1:
+            swamp.set_masks(layer, {"weight": mask})
+        if i == 2:
+            layer.load_state_dict({**MaskedLinear(8, 6).state_dict(), "weight_mask": mask})
+        layer.reset_parameters()
+        assert torch.equal(layer.weight_mask, mask if i else torch.ones(6, 8, dtype=torch.bool))
+    layer = MaskedLinear(8, 6)
+    swamp.set_masks(layer, {"weight": mask})
+    layer.reset_parameters()
+    assert torch.equal(layer.weight_mask, mask)
+
+
+def test_weight_shared_by_two_layers_is_zeroed_where_either_mask_is_false():
+    first, second = MaskedLinear(8, 6), MaskedLinear(8, 6)
+    second.weight = first.weight
+    masks = [torch.rand(6, 8) < 0.6, torch.rand(6, 8) < 0.6]
+    model = nn.Sequential(first, second)
+    swamp.set_masks(model, {"0.weight": masks[0], "1.weight": masks[1]})
+    torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1).step()   # hook: one entry, not two
+    AddOne(model.parameters()).step()
+    assert torch.equal(first.weight != 0, masks[0] & masks[1])
+
+
+def test_layers_pruned_by_torch_prune_are_refused():
+    from torch.nn.utils import prune
+    layer = nn.Linear(4, 3)
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    with pytest.raises(TypeError, match=r"prune.remove\(layer, 'weight'\)"):
+        to_masked_(layer)
+    with pytest.raises(TypeError, match="torch.nn.utils.prune"):
+        swamp.sparsify(nn.Sequential(layer))
+
+
 def test_to_masked_and_back():
     conv = nn.Conv2d(2, 3, 3)
     weight = conv.weight

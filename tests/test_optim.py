@@ -83,6 +83,42 @@ def test_matches_torch_sgd(device, backend, options):
             assert (p[~m.expand(p.shape)] == 0).all()
 
 
+def test_float64_params_step_as_torch_sgd():
+    """No kernel takes float64: those params step through torch's own SGD, masked alike, next to
+    float32 ones in the same group."""
+    torch.manual_seed(3)
+    theirs, masks = make_model("cpu")
+    theirs = [torch.nn.Parameter(p.detach().double()) if i % 2 else p for i, p in enumerate(theirs)]
+    ours = copy_params(theirs)
+    options = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    ours_opt, theirs_opt = MaskedSGD(ours, masks=masks, **options), torch.optim.SGD(theirs, **options)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in theirs]
+        set_grads(ours, grads)
+        ours_opt.step()
+        oracle_step(theirs_opt, theirs, grads, masks)
+    assert {p.dtype for p in ours} == {torch.float32, torch.float64}
+    assert_same_training(ours, theirs, ours_opt, theirs_opt)
+
+
+def test_takes_what_torch_sgd_takes():
+    """A tensor lr, foreach/fused flags and a negative dampening, as torch.optim.SGD."""
+    torch.manual_seed(4)
+    theirs, masks = make_model("cpu")
+    ours = copy_params(theirs)
+    ours_opt = MaskedSGD(ours, lr=torch.tensor(0.1), momentum=0.5, dampening=-0.5, foreach=True, fused=None,
+                         masks=masks)
+    theirs_opt = torch.optim.SGD(theirs, lr=torch.tensor(0.1), momentum=0.5, dampening=-0.5)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in theirs]
+        set_grads(ours, grads)
+        ours_opt.step()
+        oracle_step(theirs_opt, theirs, grads, masks)
+    assert_same_training(ours, theirs, ours_opt, theirs_opt)
+    with pytest.raises(ValueError, match="differentiable=True"):
+        MaskedSGD(ours, lr=0.1, differentiable=True)
+
+
 def test_param_groups_dict_masks_and_closure(device):
     """Two groups with their own hyperparameters, masks as a dict, params without grads skipped."""
     skip_unless_runs("masked_sgd_step_", "triton", device)

@@ -178,6 +178,9 @@ SWA_ERRORS = {
                    ValueError, r"swa\[0\] is on meta"),
     "swa not a list": (lambda d: dict(swa=torch.zeros(4, device=d)), TypeError,
                        r"swa must be a list or tuple"),
+    "swa twice": (lambda d: (lambda t: dict(params=[torch.randn(2, 4, device=d)] * 2, swa=[t, t]))(
+                      torch.zeros(4, device=d)),
+                  ValueError, r"swa\[1\] is the memory of swa\[0\]"),
     "negative count": (lambda d: dict(n_averaged=-1), ValueError, r"n_averaged must be an int >= 0, got -1"),
     "float count": (lambda d: dict(n_averaged=1.5), ValueError, r"n_averaged must be an int >= 0, got 1.5"),
     "bool count": (lambda d: dict(n_averaged=True), ValueError, r"n_averaged must be an int >= 0, got True"),

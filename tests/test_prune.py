@@ -358,6 +358,13 @@ def test_layerwise_int_amount_names_the_short_tensor(backend, device):
         sk.layerwise_magnitude_prune(_weights(device), masks, 3, backend=backend)
 
 
+def test_random_scores_take_a_list_of_weights():
+    with pytest.raises(TypeError, match="weights must be a list or tuple of tensors, got Tensor"):
+        sk.random_scores(torch.ones(3, 4), seed=0)
+    with pytest.raises(TypeError, match=r"weights\[1\] is a int, not a tensor"):
+        sk.random_scores([torch.ones(3), 4], seed=0)
+
+
 # --------------------------------------------------------------------------- scale
 def test_reference_global_prune_scales_without_a_full_sort(monkeypatch):
     """2*10^7 candidates in mixed sizes and dtypes; no sort/argsort/topk over a large input."""

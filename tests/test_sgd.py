@@ -160,6 +160,14 @@ def _args(device, **change):
     return args | change
 
 
+_SHARED = {}
+
+
+def _shared(device):
+    """One tensor per device, the same object at every call."""
+    return _SHARED.setdefault(str(device), torch.randn(4, device=device))
+
+
 def _half(device):
     return [torch.randn(4, dtype=torch.bfloat16, device=device)]
 
@@ -210,8 +218,11 @@ BAD_INPUTS = {
     "negative momentum": (lambda d: _args(d, momentum=-0.9), ValueError, r"momentum must be a finite number"),
     "infinite weight decay": (lambda d: _args(d, weight_decay=float("inf")), ValueError,
                               r"weight_decay must be a finite number"),
-    "negative dampening": (lambda d: _args(d, dampening=-1.0), ValueError,
-                           r"dampening must be a finite number"),
+    "infinite dampening": (lambda d: _args(d, dampening=float("-inf")), ValueError,
+                           r"dampening must be a finite number, got -inf"),
+    "param twice": (lambda d: _args(d, params=[_shared(d), _shared(d)], masks=None,
+                                    grads=[torch.ones(4, device=d)] * 2), ValueError,
+                    r"params\[1\] is the memory of params\[0\] \(a shared weight listed twice\?\)"),
 }
 
 
