@@ -63,6 +63,16 @@ def assert_same_training(ours, theirs, ours_opt, theirs_opt):
             assert_rel_close(a, b)
 
 
+def train_side_by_side(ours, theirs, ours_opt, theirs_opt, masks, steps: int) -> None:
+    """``steps`` steps of MaskedSGD and of the torch.optim.SGD oracle on the same random grads."""
+    for _ in range(steps):
+        grads = [torch.randn_like(p) for p in theirs]
+        set_grads(ours, grads)
+        ours_opt.step()
+        oracle_step(theirs_opt, theirs, grads, masks)
+    assert_same_training(ours, theirs, ours_opt, theirs_opt)
+
+
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_torch_sgd(device, backend, options):
@@ -72,12 +82,7 @@ def test_matches_torch_sgd(device, backend, options):
     ours = copy_params(theirs)
     ours_opt = MaskedSGD(ours, masks=masks, backend=backend, **options)
     theirs_opt = torch.optim.SGD(theirs, **options)
-    for _ in range(4):
-        grads = [torch.randn_like(p) for p in theirs]
-        set_grads(ours, grads)
-        ours_opt.step()
-        oracle_step(theirs_opt, theirs, grads, masks)
-    assert_same_training(ours, theirs, ours_opt, theirs_opt)
+    train_side_by_side(ours, theirs, ours_opt, theirs_opt, masks, steps=4)
     for p, m in zip(ours, masks):
         if m is not None:
             assert (p[~m.expand(p.shape)] == 0).all()
@@ -92,13 +97,8 @@ def test_float64_params_step_as_torch_sgd():
     ours = copy_params(theirs)
     options = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)
     ours_opt, theirs_opt = MaskedSGD(ours, masks=masks, **options), torch.optim.SGD(theirs, **options)
-    for _ in range(3):
-        grads = [torch.randn_like(p) for p in theirs]
-        set_grads(ours, grads)
-        ours_opt.step()
-        oracle_step(theirs_opt, theirs, grads, masks)
     assert {p.dtype for p in ours} == {torch.float32, torch.float64}
-    assert_same_training(ours, theirs, ours_opt, theirs_opt)
+    train_side_by_side(ours, theirs, ours_opt, theirs_opt, masks, steps=3)
 
 
 def test_takes_what_torch_sgd_takes():
@@ -109,12 +109,7 @@ def test_takes_what_torch_sgd_takes():
     ours_opt = MaskedSGD(ours, lr=torch.tensor(0.1), momentum=0.5, dampening=-0.5, foreach=True, fused=None,
                          masks=masks)
     theirs_opt = torch.optim.SGD(theirs, lr=torch.tensor(0.1), momentum=0.5, dampening=-0.5)
-    for _ in range(2):
-        grads = [torch.randn_like(p) for p in theirs]
-        set_grads(ours, grads)
-        ours_opt.step()
-        oracle_step(theirs_opt, theirs, grads, masks)
-    assert_same_training(ours, theirs, ours_opt, theirs_opt)
+    train_side_by_side(ours, theirs, ours_opt, theirs_opt, masks, steps=2)
     with pytest.raises(ValueError, match="differentiable=True"):
         MaskedSGD(ours, lr=0.1, differentiable=True)
 
