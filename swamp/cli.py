@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             runs = report.load_runs(args.dirs)
             print(report.markdown_table(runs))
             print(f"\nplot: {report.plot(runs, args.plot)}")
-    except (cfg.ConfigError, FileExistsError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:   # bad input (ConfigError is one), files, directories
         print(f"swamp {args.command}: error: {error}", file=sys.stderr)
         return 2
     except DistributedError as error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", 
 METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
 PATH_DATASETS = ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet")
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -115,11 +119,15 @@ def _check_type(key: str, hint, value):
             raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
         return [_check_type(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
+        if value is None:   # a section left empty: its defaults
+            value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
         return _build(hint, value, key + ".")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)   # 5e-4: YAML 1.1 (PyYAML) reads exponents without a dot as strings
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, "
                           f"got {type(value).__name__} {value!r}")
@@ -155,11 +163,16 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
         node = values
         *parents, leaf = key.split(".")
         for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
+            if node.get(part) is None:   # absent, or a section left empty
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"config key {'.'.join(parents[:i + 1])!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({error})") from error
     return values
 
 
@@ -169,7 +182,10 @@ def load(path: str | Path, overrides: Sequence[str] = (), check_paths: bool = Tr
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     config = from_dict(apply_overrides(values, overrides))
@@ -218,10 +234,15 @@ def validate(config: Config, check_paths: bool = True) -> None:
     trained = config.particles if config.method == "swamp" else 1
     _require(groups == 1 or trained % groups == 0, "distributed.particle_groups",
              f"{groups} groups cannot share the {trained} particles method {config.method} trains")
-    _require(config.device == "auto" or config.device.split(":")[0] in ("cpu", "cuda"), "device",
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "device",
              f"must be auto, cpu or cuda[:N], got {config.device!r}")
     _require(bool(config.model.hidden) or config.model.name != "mlp", "model.hidden",
              "mlp needs at least one hidden layer")
+    _require(all(h >= 1 for h in config.model.hidden), "model.hidden",
+             f"layer widths must be >= 1, got {config.model.hidden}")
+    _require(train.gamma > 0, "train.gamma", f"must be > 0, got {train.gamma}")
+    _require(all(m >= 0 for m in train.milestones), "train.milestones",
+             f"epochs must be >= 0, got {train.milestones}")
 
 
 def dump(config: Config) -> str:

@@ -269,7 +269,13 @@ def _digits() -> TensorData:
 
 
 def _npz(path: Path) -> TensorData:
-    with np.load(path) as arrays:
+    try:
+        arrays = np.load(path)
+    except (OSError, ValueError, EOFError) as error:
+        raise ConfigError(f"data.path {str(path)!r} is not a readable .npz file ({error})") from error
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ConfigError(f"data.path {str(path)!r} holds one array, not an .npz of x_train, y_train, x_test, y_test")
+    with arrays:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
         if missing:
             raise ConfigError(f"data.path {str(path)!r}: the npz lacks arrays {', '.join(missing)} "

@@ -210,6 +210,8 @@ def _device(name: str, local_rank: int) -> torch.device:
     ``cuda:LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"config key 'device': {name}, but torch sees no CUDA device here; use auto or cpu")
     if launched() and name.startswith("cuda:"):
         raise ValueError(f"config key 'device': {name} would put every rank of the torchrun job on one GPU; "
                          "use cuda or auto (rank i uses cuda:LOCAL_RANK)")

@@ -96,10 +96,7 @@ def run(config: Config, out: str | Path, quiet: bool = False) -> dict:
         exists = topology.world.broadcast_object((out / "config.yaml").exists() if topology.is_writer else None)
         if exists:
             raise FileExistsError(f"{out} already holds a run; continue it with `swamp resume {out}`")
-        if topology.is_writer:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
-        return _execute(config, out, quiet, topology)
+        return _execute(config, out, quiet, topology, new=True)
     return _distributed(config, start)
 
 
@@ -214,7 +211,9 @@ def _stage_checkpoint(out: Path, stage: int, world: Group) -> dict | None:
     return checkpoint if world.index == 0 else saved()
 
 
-def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict:
+def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bool = False) -> dict:
+    """Run (or, unless ``new``, continue) the run of ``config`` in ``out``. A new run's directory
+    and ``config.yaml`` are written once data, model and config have passed every check."""
     device, writer = topology.device, topology.is_writer
     quiet = quiet or not writer
     data = load_data(config.data).to(device)
@@ -235,6 +234,9 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology) -> dict
         if config.train.batch_size % ranks:
             raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} does not split over "
                               f"the {ranks} {what}")
+    if new and writer:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
     log_file = open(out / "log.txt", "a") if writer else None
 
     def log(line: str) -> None:

@@ -5,33 +5,50 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from swamp.config import load
+from swamp.pipeline import atomic_write
+
 __all__ = ["load_runs", "markdown_table", "plot"]
 
 
 def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
-    """``{label: summary}`` for each run directory (label: the directory name)."""
+    """``{label: summary}`` for each run directory (label: the directory name); a run that has
+    not finished a level yet has no levels."""
     runs = {}
     for directory in directories:
         path = Path(directory) / "summary.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory} holds no summary.json (not a run, or no level done yet)")
+        if path.is_file():
+            summary = json.loads(path.read_text())
+        elif (Path(directory) / "config.yaml").is_file():
+            summary = {"method": load(Path(directory) / "config.yaml", check_paths=False).method, "levels": []}
+        else:
+            raise FileNotFoundError(f"{directory} is not a run directory (no config.yaml)")
         label, n = Path(directory).resolve().name, 2
         while label in runs:
             label, n = f"{Path(directory).resolve().name}#{n}", n + 1
-        runs[label] = json.loads(path.read_text())
+        runs[label] = summary
     return runs
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
 def markdown_table(runs: dict[str, dict]) -> str:
-    """Rows: levels; columns: density (of the first run with that level) and accuracy per run."""
+    """Rows: levels; columns: density and accuracy per run. Where the runs' densities at a level
+    differ (other prune fractions), the density column says so and each cell holds its own."""
     depth = max(len(s["levels"]) for s in runs.values())
     header = ["level", "density"] + [f"{label} ({s['method']})" for label, s in runs.items()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for level in range(depth):
         rows = [s["levels"][level] if level < len(s["levels"]) else None for s in runs.values()]
-        density = next(r["density"] for r in rows if r is not None)
-        cells = [f"{100 * r['test_accuracy']:.2f}%" if r else "" for r in rows]
-        lines.append("| " + " | ".join([str(level), f"{100 * density:.2f}%", *cells]) + " |")
+        densities = {_percent(r["density"]) for r in rows if r is not None}
+        shared = len(densities) == 1
+        cells = ["" if r is None else _percent(r["test_accuracy"]) if shared
+                 else f"{_percent(r['test_accuracy'])} at {_percent(r['density'])}" for r in rows]
+        lines.append("| " + " | ".join([str(level), densities.pop() if shared else "differs", *cells]) + " |")
+    if depth == 0:
+        lines.append("| – | – |" + " |" * len(runs))
     return "\n".join(lines)
 
 
@@ -42,6 +59,9 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    runs = {label: s for label, s in runs.items() if s["levels"]}
+    if not runs:
+        raise ValueError("no run has finished a level yet: nothing to plot")
     dense = [s["levels"][0]["test_accuracy"] for s in runs.values() if s["method"] == "dense"] or \
         [s["levels"][0]["test_accuracy"] for s in runs.values()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -65,6 +85,6 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda t: fig.savefig(t, dpi=120, format="png"))
     plt.close(fig)
     return path

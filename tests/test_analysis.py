@@ -247,3 +247,20 @@ def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):
     assert cli.main(["analyze", "barrier", str(swamp_run / "level_09"), str(swamp_run / "level_00"),
                      "--out", str(tmp_path)]) == 2
     assert "no complete level directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["hessian", "{run}", "--k", "0"], "argument --k: must be >= 1, got 0"),
+    (["levels", "{run}", "--points", "1"], "argument --points: must be >= 2, got 1"),
+    (["hessian", "{run}", "--trace-samples", "x"], "argument --trace-samples: 'x' is not an integer"),
+    (["instability", "{run}", "--level", "1", "--seeds", "3", "3"], "--seeds must be two different seeds"),
+    (["levels", "{tmp}/typo"], "typo is not a run directory"),
+])
+def test_cli_names_bad_arguments_and_writes_nothing(swamp_run, tmp_path, capsys, argv, message):
+    argv = [a.format(run=swamp_run, tmp=tmp_path) for a in argv]
+    try:
+        code = cli.main(["analyze", *argv])
+    except SystemExit as exit:   # argparse
+        code = exit.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()

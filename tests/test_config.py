@@ -29,6 +29,23 @@ def test_overrides_set_nested_keys_with_types(tmp_path):
     assert isinstance(config.train.weight_decay, float)
 
 
+def test_exponents_without_a_dot_and_empty_sections(tmp_path):
+    """YAML 1.1 (PyYAML) reads 5e-4 as a string: a float key takes it as the number; a section
+    left empty (``prune:``) keeps its defaults."""
+    config = C.load(write(tmp_path, "train: {weight_decay: 5e-4}\nprune:\nswa:\n"), ["train.lr=1e-3", "swa.lr=0.1"])
+    assert config.train.weight_decay == 5e-4 and config.train.lr == 1e-3 and config.prune == C.PruneConfig()
+    assert config.swa.lr == 0.1
+    with pytest.raises(C.ConfigError, match="'train.lr' must be of type float, got str '1e-3x'"):
+        C.load(write(tmp_path, ""), ["train.lr=1e-3x"])
+
+
+def test_broken_yaml_names_the_file(tmp_path):
+    with pytest.raises(C.ConfigError, match="c.yaml' is not valid YAML"):
+        C.load(write(tmp_path, "train: {epochs: 3\n"))
+    with pytest.raises(C.ConfigError, match="override 'train.lr=\\[1': the value is not valid YAML"):
+        C.load(write(tmp_path, ""), ["train.lr=[1"])
+
+
 def test_dump_round_trips(tmp_path):
     config = C.load(write(tmp_path, "seed: 3\nprune: {exclude: [fc]}\n"))
     assert C.load(write(tmp_path, C.dump(config))) == config
@@ -55,6 +72,10 @@ def test_dump_round_trips(tmp_path):
     ("train: {schedule: linear}\n", [], "train.schedule"),
     ("swa: {start: 1.0}\n", [], "swa.start"),
     ("", ["prune.scope=per_layer"], "prune.scope"),
+    ("", ["device=cuda:x"], "device"),
+    ("", ["model.hidden=[8, -3]"], "model.hidden"),
+    ("", ["train.gamma=-1"], "train.gamma"),
+    ("", ["train.milestones=[-5]"], "train.milestones"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, overrides, key):
     with pytest.raises(C.ConfigError, match=f"'{key.replace('[', '.').replace(']', '.')}'"):
@@ -74,3 +95,22 @@ def test_presets_are_valid(tmp_path, preset):
     assert config.method in ("imp", "swamp")
     if config.method == "swamp":
         assert config.particles == 4 and config.swa == C.SWAConfig(start=0.75, lr=config.swa.lr)
+
+
+def test_errors_found_while_setting_up_leave_no_run_behind(tmp_path, capsys):
+    """Checks that need the data or the model fail before the run directory is written, so the
+    same command with the value fixed starts the run."""
+    out = tmp_path / "run"
+    config = write(tmp_path, "method: dense\nmodel: {hidden: [8]}\ntrain: {epochs: 1}\nrewind: {iterations: 0}\n"
+                             "device: cpu\n")
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet", "--set", "rewind.iterations=500"]) == 2
+    assert "'rewind.iterations': 500 is not below" in capsys.readouterr().err and not out.exists()
+    bad = tmp_path / "x.npz"
+    bad.write_text("not an npz")
+    assert cli.main(["run", str(config), "--out", str(out), "--set", "data.name=npz",
+                     "--set", f"data.path={bad}"]) == 2
+    assert "is not a readable .npz file" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "afile" / "sub"), "--quiet"]) == 2
+    assert "afile/sub" in capsys.readouterr().err
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0

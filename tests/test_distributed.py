@@ -155,8 +155,15 @@ def test_a_failed_rank_ends_the_job_with_an_error(tmp_path, fault):
 def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="'device': cuda:1 would put every rank"):
         distributed.setup(particle_groups=1, timeout_s=5, device="cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ValueError, match="'device': cuda, but torch sees no CUDA device here"):
+        distributed.setup(particle_groups=1, timeout_s=5, device="cuda")
 
 
 def _on_ranks(body, world: int = 4) -> dict:

@@ -13,6 +13,19 @@ from swamp.pipeline import atomic_write
 __all__ = ["add_parser", "main"]
 
 
+def _at_least(minimum: int):
+    """An argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def add_parser(commands) -> None:
     """Add ``analyze`` and its subcommands to the ``swamp`` subparsers ``commands``."""
     analyze = commands.add_parser("analyze", help="loss-landscape analysis of run directories")
@@ -30,19 +43,19 @@ def add_parser(commands) -> None:
                   run_dir=False)
     barrier.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
     barrier.add_argument("level_b", help="level directory (of the same run or a run of the same config)")
-    barrier.add_argument("--points", type=int, default=11)
+    barrier.add_argument("--points", type=_at_least(2), default=11)
     unstable = sub("instability", "train a level twice with different data orders; their barrier")
-    unstable.add_argument("--level", type=int, required=True)
+    unstable.add_argument("--level", type=_at_least(0), required=True)
     unstable.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
-    unstable.add_argument("--points", type=int, default=11)
+    unstable.add_argument("--points", type=_at_least(2), default=11)
     levels = sub("levels", "barriers between successive levels, and among SWAMP particles")
-    levels.add_argument("--points", type=int, default=11)
+    levels.add_argument("--points", type=_at_least(2), default=11)
     hessian = sub("hessian", "top Hessian eigenvalues (and trace) of every level, on its mask")
-    hessian.add_argument("--k", type=int, default=1)
-    hessian.add_argument("--batches", type=int, default=4, help="training batches the loss averages")
-    hessian.add_argument("--iters", type=int, default=100)
+    hessian.add_argument("--k", type=_at_least(1), default=1)
+    hessian.add_argument("--batches", type=_at_least(1), default=4, help="training batches the loss averages")
+    hessian.add_argument("--iters", type=_at_least(1), default=100)
     hessian.add_argument("--tol", type=float, default=1e-4)
-    hessian.add_argument("--trace-samples", type=int, default=0, help="Hutchinson probes (0: no trace)")
+    hessian.add_argument("--trace-samples", type=_at_least(0), default=0, help="Hutchinson probes (0: no trace)")
     masks = sub("masks", "mask overlap (Jaccard) and weight distance between two level directories",
                 run_dir=False)
     masks.add_argument("level_a")
@@ -100,6 +113,10 @@ def _level_path(level_dir: str) -> tuple[Path, int]:
 def main(args) -> list[Path]:
     """Run the analysis ``args`` names; returns the files written."""
     run_dir = Path(args.dir) if hasattr(args, "dir") else _level_path(args.level_a)[0]
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    if args.analysis == "instability" and args.seeds[0] == args.seeds[1]:
+        raise ValueError(f"--seeds must be two different seeds, got {args.seeds[0]} twice")
     out = Path(args.out) if args.out else run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     if args.analysis in ("barrier", "masks"):

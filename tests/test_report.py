@@ -1,0 +1,42 @@
+"""swamp.report on hand-written summaries: densities that differ between runs, unfinished runs."""
+import json
+
+import pytest
+
+from swamp import cli, report
+from swamp import config as C
+
+
+def level(n: int, density: float, accuracy: float) -> dict:
+    return {"level": n, "density": density, "test_accuracy": accuracy}
+
+
+def write_run(directory, method: str, levels: list[dict] | None) -> str:
+    directory.mkdir()
+    (directory / "config.yaml").write_text(C.dump(C.Config(method=method)))
+    if levels is not None:
+        (directory / "summary.json").write_text(json.dumps({"method": method, "levels": levels}))
+    return str(directory)
+
+
+def test_each_cell_shows_its_density_where_runs_differ(tmp_path):
+    runs = report.load_runs([
+        write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)]),
+        write_run(tmp_path / "b", "imp", [level(0, 1.0, 0.91), level(1, 0.5, 0.8)]),
+        write_run(tmp_path / "c", "swamp", None)])   # no level finished yet
+    lines = report.markdown_table(runs).splitlines()
+    assert lines[0] == "| level | density | a (imp) | b (imp) | c (swamp) |"
+    assert lines[2] == "| 0 | 100.00% | 90.00% | 91.00% |  |"
+    assert lines[3] == "| 1 | differs | 85.00% at 80.00% | 80.00% at 50.00% |  |"
+
+
+def test_report_cli_plots_atomically_and_skips_unfinished_runs(tmp_path, capsys):
+    dirs = [write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)]),
+            write_run(tmp_path / "b", "swamp", None)]
+    plot = tmp_path / "p.png"
+    assert cli.main(["report", *dirs, "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*tmp*"))
+    assert cli.main(["report", dirs[1], "--plot", str(tmp_path / "q.png")]) == 2
+    assert "no run has finished a level yet" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        report.load_runs([tmp_path / "typo"])
