@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "digits"
     path: str = ""                       # file (npz) or directory (the others); unused by digits/synthetic
-    augment: bool = True                 # the dataset's standard augmentation (crop+flip for CIFAR)
+    augment: bool = True                 # the dataset's standard augmentation (CIFAR, ImageNet; none for MNIST)
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])   # synthetic only
     classes: int = 10                    # synthetic only
     train_size: int = 1024               # synthetic only
@@ -49,6 +49,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [300, 100])   # mlp only
+    init: str = "openlth"                # openlth: kaiming-normal weights, BatchNorm scale ~ U[0, 1) | torch
 
 
 @dataclass
@@ -238,6 +239,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
              f"must be auto, cpu or cuda[:N], got {config.device!r}")
     _require(bool(config.model.hidden) or config.model.name != "mlp", "model.hidden",
              "mlp needs at least one hidden layer")
+    _require(config.model.init in ("openlth", "torch"), "model.init",
+             f"must be openlth or torch, got {config.model.init!r}")
     _require(all(h >= 1 for h in config.model.hidden), "model.hidden",
              f"layer widths must be >= 1, got {config.model.hidden}")
     _require(train.gamma > 0, "train.gamma", f"must be > 0, got {train.gamma}")

@@ -63,11 +63,12 @@ class TensorData:
     """
 
     def __init__(self, x_train, y_train, x_test, y_test, num_classes: int, *,
-                 crop_padding: int = 0, flip: bool = False):
+                 crop_padding: int = 0, flip: bool = False, pad_value: torch.Tensor | float = 0.0):
         self.x_train, self.y_train = x_train, y_train.long()
         self.x_test, self.y_test = x_test, y_test.long()
         self.num_classes = num_classes
         self.crop_padding, self.flip = crop_padding, flip
+        self.pad_value = torch.as_tensor(pad_value, dtype=x_train.dtype).reshape(1, -1, 1, 1)   # per channel
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -84,7 +85,7 @@ class TensorData:
     def to(self, device) -> "TensorData":
         return TensorData(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
                           self.y_test.to(device), self.num_classes,
-                          crop_padding=self.crop_padding, flip=self.flip)
+                          crop_padding=self.crop_padding, flip=self.flip, pad_value=self.pad_value)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Full batches per epoch (the last partial batch is dropped; at least one batch)."""
@@ -104,8 +105,9 @@ class TensorData:
     def _augment(self, x, offsets, flips):
         if offsets is not None:
             pad = self.crop_padding
-            b, _, h, w = x.shape
-            padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+            b, c, h, w = x.shape
+            padded = self.pad_value.to(x.device).expand(b, c, h + 2 * pad, w + 2 * pad).clone()
+            padded[:, :, pad:pad + h, pad:pad + w] = x
             offsets = offsets.to(x.device)
             rows = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
             cols = (offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -244,7 +246,8 @@ class FolderData:
 
 
 def _normalised(x_train: np.ndarray, x_test: np.ndarray):
-    """Float tensors scaled by 1/255 if uint8, then normalised per channel (dim 1) with train stats."""
+    """Float tensors scaled by 1/255 if uint8, then normalised per channel (dim 1) with train
+    stats; and the value a black (0) pixel takes, per channel (for crop padding)."""
     def as_float(x):
         x = torch.from_numpy(np.ascontiguousarray(x))
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -255,7 +258,7 @@ def _normalised(x_train: np.ndarray, x_test: np.ndarray):
     else:
         mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True)
     std = torch.where(std > 0, std, torch.ones_like(std))
-    return (x_train - mean) / std, (x_test - mean) / std
+    return (x_train - mean) / std, (x_test - mean) / std, (-mean / std).flatten()
 
 
 def _digits() -> TensorData:
@@ -264,7 +267,7 @@ def _digits() -> TensorData:
     x = x.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
     order = np.random.RandomState(0).permutation(len(y))   # fixed split, independent of the run seed
     test, train = order[:360], order[360:]
-    x_train, x_test = _normalised(x[train], x[test])
+    x_train, x_test, _ = _normalised(x[train], x[test])
     return TensorData(x_train, torch.from_numpy(y[train]), x_test, torch.from_numpy(y[test]), 10)
 
 
@@ -281,7 +284,7 @@ def _npz(path: Path) -> TensorData:
             raise ConfigError(f"data.path {str(path)!r}: the npz lacks arrays {', '.join(missing)} "
                               "(it needs x_train, y_train, x_test, y_test)")
         x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    x_train, x_test = _normalised(x_train, x_test)
+    x_train, x_test, _ = _normalised(x_train, x_test)
     classes = int(max(y_train.max(), y_test.max())) + 1
     return TensorData(x_train, torch.from_numpy(y_train.astype(np.int64)), x_test,
                       torch.from_numpy(y_test.astype(np.int64)), classes)
@@ -298,7 +301,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
-def _mnist(root: Path, folder: str, augment: bool) -> TensorData:
+def _mnist(root: Path, folder: str) -> TensorData:
     candidates = [root, root / folder / "raw", root / "raw"]
     for directory in candidates:
         files = {k: next((p for p in (directory / n, directory / f"{n}.gz") if p.is_file()), None)
@@ -310,10 +313,9 @@ def _mnist(root: Path, folder: str, augment: bool) -> TensorData:
                           f"{', '.join(n + '[.gz]' for n in _IDX.values())} either directly in it "
                           f"or in {root / folder / 'raw'} (torchvision's layout)")
     arrays = {k: _read_idx(p) for k, p in files.items()}
-    x_train, x_test = _normalised(arrays["train_x"][:, None], arrays["test_x"][:, None])
+    x_train, x_test, _ = _normalised(arrays["train_x"][:, None], arrays["test_x"][:, None])
     return TensorData(x_train, torch.from_numpy(arrays["train_y"].astype(np.int64)), x_test,
-                      torch.from_numpy(arrays["test_y"].astype(np.int64)), 10,
-                      crop_padding=2 if augment else 0)
+                      torch.from_numpy(arrays["test_y"].astype(np.int64)), 10)   # no augmentation (OpenLTH)
 
 
 def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
@@ -333,9 +335,9 @@ def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
         x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
         return x, np.concatenate([np.asarray(p[label_key]) for p in parts]).astype(np.int64)
     (x_train, y_train), (x_test, y_test) = read(train_files), read([test_file])
-    x_train, x_test = _normalised(x_train, x_test)
+    x_train, x_test, black = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes,
-                      crop_padding=4 if augment else 0, flip=augment)
+                      crop_padding=4 if augment else 0, flip=augment, pad_value=black)   # black padding
 
 
 def _synthetic(config: DataConfig) -> TensorData:
@@ -378,7 +380,7 @@ def load_data(config: DataConfig):
     if name == "npz":
         return _npz(root)
     if name in ("mnist", "fashion_mnist"):
-        return _mnist(root, "MNIST" if name == "mnist" else "FashionMNIST", config.augment)
+        return _mnist(root, "MNIST" if name == "mnist" else "FashionMNIST")
     if name in ("cifar10", "cifar100"):
         return _cifar(root, 10 if name == "cifar10" else 100, config.augment)
     if name == "imagenet":

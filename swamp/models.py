@@ -2,7 +2,8 @@
 
 Names: ``mlp`` (``hidden`` sizes; LeNet-300-100 is ``[300, 100]``), ``lenet5`` (small CNN),
 OpenLTH ``cifar_resnet_D[_W]`` (D = 6n + 2, width W, default 16), ``wrn_D_k`` (pre-activation
-wide ResNet, D = 6n + 4), ``cifar_vgg_{11,13,16,19}``, torchvision ``resnet50``.
+wide ResNet, D = 6n + 4), ``cifar_vgg_{11,13,16,19}``, torchvision ``resnet50``. ``model.init``
+``openlth`` (the default) initialises them all as OpenLTH does; ``torch`` keeps PyTorch's.
 """
 from __future__ import annotations
 
@@ -137,7 +138,27 @@ class _CifarVGG(nn.Module):
 
 
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The dense model ``config.name`` for inputs ``[N, *input_shape]`` and ``num_classes`` outputs."""
+    """The dense model ``config.name`` for inputs ``[N, *input_shape]`` and ``num_classes`` outputs,
+    initialised as ``config.init`` says."""
+    model = _architecture(config, input_shape, num_classes)
+    if config.init == "openlth":
+        _openlth_init_(model)
+    return model
+
+
+def _openlth_init_(model: nn.Module) -> None:
+    """OpenLTH's default initialisation (every model of its registry): conv and linear weights
+    kaiming-normal (fan in, ReLU gain; biases as PyTorch made them), BatchNorm scales uniform in
+    [0, 1) and shifts 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(module.weight)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _architecture(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     name = config.name
     image = len(input_shape) == 3
     if name == "mlp":

@@ -48,6 +48,14 @@ def test_cifar10_torchvision_layout(tmp_path):
     assert data.num_classes == 10 and data.crop_padding == 4 and data.flip
     plain = load_data(DataConfig(name="cifar10", path=str(tmp_path), augment=False))
     assert plain.crop_padding == 0 and not plain.flip
+    # padding is black: per channel the normalisation is affine in the raw value, so extrapolate it to 0
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        raw = torch.from_numpy(pickle.load(f)[b"data"][0].reshape(3, -1).astype(np.float32))
+    normalised = data.x_train[0].reshape(3, -1)
+    a, b = raw.argmin(1), raw.argmax(1)
+    pick = lambda t, i: t.gather(1, i[:, None])[:, 0]
+    slope = (pick(normalised, b) - pick(normalised, a)) / (pick(raw, b) - pick(raw, a))
+    torch.testing.assert_close(data.pad_value.flatten(), pick(normalised, a) - slope * pick(raw, a))
 
 
 def write_idx(path, array):
@@ -67,6 +75,7 @@ def test_fashion_mnist_idx_files(tmp_path, layout):
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.arange(5))
     data = load_data(DataConfig(name="fashion_mnist", path=str(tmp_path)))
     assert data.x_train.shape == (12, 1, 28, 28) and data.y_train.tolist() == [i % 10 for i in range(12)]
+    assert data.crop_padding == 0 and not data.flip   # no augmentation for MNIST, as OpenLTH
     assert data.y_test.tolist() == list(range(5))
 
 
@@ -200,10 +209,13 @@ def test_last_partial_batch_is_dropped():
 
 
 def test_crop_and_flip_are_windows_of_the_padded_image():
+    """Padding with each channel's value of a black pixel, as cropping before normalising does."""
     torch.manual_seed(0)
     x = torch.randn(40, 2, 4, 5)
-    data = TensorData(x, torch.arange(40), x[:2], torch.zeros(2), 40, crop_padding=1, flip=True)
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    black = torch.tensor([-1.5, -0.25])
+    data = TensorData(x, torch.arange(40), x[:2], torch.zeros(2), 40, crop_padding=1, flip=True, pad_value=black)
+    padded = torch.nn.functional.pad(x - black[:, None, None], (1, 1, 1, 1)) + black[:, None, None]
+    padded[:, :, 1:-1, 1:-1] = x
     flipped_any = shifted_any = False
     for xb, yb in data.train_batches([epoch_generator(5, 0, 0, 0)], 8):
         for image, label in zip(xb[0], yb[0]):

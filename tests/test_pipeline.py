@@ -217,6 +217,22 @@ def test_model_registry_takes_shape_and_classes_from_data(name, shape):
     assert model(torch.randn(2, *shape)).shape == (2, 5)
 
 
+def test_openlth_initialisation():
+    """kaiming-normal conv/linear weights (std sqrt(2 / fan_in)), BatchNorm scales in [0, 1) with
+    shifts 0; init: torch keeps PyTorch's (kaiming-uniform with a = sqrt(5), scales 1)."""
+    torch.manual_seed(0)
+    ours, theirs = (build_model(C.ModelConfig(name="cifar_resnet_20", init=init), (3, 32, 32), 10)
+                    for init in ("openlth", "torch"))
+    conv = ours.blocks[8].conv2.weight   # 64 x 64 x 3 x 3: fan in 576
+    assert conv.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.02)
+    assert theirs.blocks[8].conv2.weight.std().item() == pytest.approx((1 / (3 * 576)) ** 0.5, rel=0.02)
+    norms = [m for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    scales = torch.cat([m.weight.detach() for m in norms])
+    assert 0 <= scales.min() and scales.max() < 1 and scales.std() > 0.2
+    assert all(not m.bias.any() for m in norms)
+    assert all((m.weight == 1).all() for m in theirs.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_bad_model_names_fail():
     for name in ("cifar_resnet_21", "wrn_27_2", "cifar_vgg_12", "alexnet"):
         with pytest.raises(C.ConfigError, match=name):
