@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # One batch for a lent GPU machine (its own image: system python3 with torch, triton, no network):
-# build the extension, run the GPU tests, then the benchmarks. Logs and results go under $OUT;
-# copy $OUT/results/*.json into benchmarks/results/ and run `make bench-render` afterwards.
+# build the extension, run the GPU tests, then the benchmarks. Logs and results go under $OUT.
+# Afterwards, here: `python -m benchmarks.collect FILES...` with every call's $OUT/results/*.json
+# (merges them into benchmarks/results/; copying would keep only the last call's cases), then
+# `make bench-render`.
+#
+# A session's device time is short and each call stops at 10 minutes, so split by PARTS/BENCH_ARGS,
+# most needed first, one process per group (a kernel fault then loses only its group):
+#   PARTS="build tests"
+#   PARTS="build bench" BENCH_ARGS="--ops prune,swa,average,sgd,masks"
+#   PARTS="build bench" BENCH_ARGS="--ops resnet50,particles,linear"
+#   PARTS="build bench" BENCH_ARGS="--ops conv"        (then --compile for the torch.compile rows)
 set -uo pipefail
+export PYTHONUNBUFFERED=1   # logs of a call stopped at its limit keep their last lines
 OUT=${OUT:-/tmp/swamp-gpu}
 mkdir -p "$OUT/results"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -34,8 +44,10 @@ for part in $PARTS; do
             $workers ${PYTEST_ARGS:-tests} > "$OUT/gpu_tests.log" 2>&1
         echo "gpu tests rc=$?"; grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -40; tail -30 "$OUT/gpu_tests.log" ;;
     bench)
-        python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-        echo "bench rc=$?"; tail -40 "$OUT/bench.log" ;;
+        # stopped before the call's limit (BENCH_TIMEOUT_S); every finished case is already saved
+        timeout "${BENCH_TIMEOUT_S:-540}" python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} \
+            > "$OUT/bench.log" 2>&1
+        echo "bench rc=$?"; grep -E "FAILED" "$OUT/bench.log" | head -20; tail -40 "$OUT/bench.log" ;;
     *)
         echo "unknown part $part (build, tests, bench)"; exit 2 ;;
     esac

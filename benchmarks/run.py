@@ -58,15 +58,21 @@ def _baseline_times(case: Case, x: dict, device: torch.device, timing_args: dict
 
 
 def measure(case: Case, backends: list[str], device: torch.device, bandwidth_gbs: float,
-            timing_args: dict, smoke: bool) -> list[dict]:
-    """One result per backend for ``case``; the baselines are timed once and shared."""
+            timing_args: dict, smoke: bool) -> tuple[list[dict], dict[str, str]]:
+    """(one result per backend for ``case``, {failed backend: error}); the baselines are timed
+    once and shared. A failing backend leaves the others' results standing."""
     x = case.setup(device, smoke)
     nbytes = case.bytes_moved(x)
     floor = timing.floor_ms(nbytes, bandwidth_gbs)
     baselines, errors = _baseline_times(case, x, device, timing_args)
-    rows = []
+    rows, failed = [], {}
     for backend in backends:
-        ms = timing.time_ms(case.swamp(x, backend), device, **timing_args)
+        try:
+            ms = timing.time_ms(case.swamp(x, backend), device, **timing_args)
+        except Exception as err:  # noqa: BLE001 -- reported with the other failures of the run
+            failed[backend] = f"{type(err).__name__}: {err}"
+            print(f"  {backend:16s} FAILED: {failed[backend]}")
+            continue
         extra = {"bytes": nbytes, "achieved_gbs": nbytes / (ms * 1e6),
                  "pct_of_copy_bandwidth": 100 * floor / ms}
         if errors:
@@ -74,7 +80,7 @@ def measure(case: Case, backends: list[str], device: torch.device, bandwidth_gbs
         rows.append({"op": case.op, "case": case.name, "backend": backend, "time_ms": ms,
                      "floor_ms": floor, "baselines": baselines, "extra": extra})
         print(f"  {backend:16s} {ms:10.3f} ms  {ms / floor:6.2f}x floor")
-    return rows
+    return rows, failed
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -84,6 +90,8 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--backends", help="comma-separated swamp backends to time in op cases "
                         f"(default: {','.join(GPU_BACKENDS)}; torch with --smoke)")
     parser.add_argument("--quick", action="store_true", help="fewer runs, no large cases")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the torch.compile variants of the training workloads (minutes each)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results folder (default: {results.RESULTS_DIR})")
     parser.add_argument("--smoke", action="store_true",
@@ -124,17 +132,17 @@ def main(argv=None) -> int:
         print(f"{case.op} {case.name}")
         try:
             if isinstance(case, Workload):
-                rows = workload.measure(case, device, timing_args, args.smoke)
+                rows, failed = workload.measure(case, device, timing_args, args.smoke, compile=args.compile)
             else:
                 runnable = _runnable(case.op, backends, device)
-                rows = measure(case, runnable, device, bandwidth, timing_args, args.smoke) if runnable else []
-        except Exception as err:  # noqa: BLE001 -- a failing kernel must not lose the other cases
-            failures.append(f"{case.op} {case.name}: {type(err).__name__}: {err}")
-            print(f"  FAILED: {failures[-1]}")
-            continue
+                rows, failed = (measure(case, runnable, device, bandwidth, timing_args, args.smoke)
+                                if runnable else ([], {}))
+        except Exception as err:  # noqa: BLE001 -- a failing set-up must not lose the other cases
+            rows, failed = [], {"set-up": f"{type(err).__name__}: {err}"}
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        failures += [f"{case.op} {case.name} {name}: {error}" for name, error in failed.items()]
         if rows:
             results.save({**header, "results": rows}, out)
     if failures:

@@ -51,13 +51,15 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, budget_ms: float 
             warmup: int = 2, min_runs: int = 3, max_runs: int = 200) -> float:
     """Median milliseconds of one ``fn()`` call on ``device``.
 
-    Up to ``warmup`` runs come first (compilation, autotuning, allocator; later warm-ups are
-    skipped once one takes ``budget_ms``); the last of them sets how many timed runs fill
-    about ``budget_ms``, clamped to ``[min_runs, max_runs]``.
+    One first call compiles, autotunes and allocates; then up to ``warmup`` runs (later ones
+    skipped once one takes ``budget_ms``), the last of which sets how many timed runs fill
+    about ``budget_ms``, clamped to ``[min_runs, max_runs]``. (Sizing the runs from the first
+    call would give a kernel that JIT-compiles ``min_runs`` runs.)
     """
     def runs_ms(n: int) -> list[float]:
         return _cuda_runs_ms(fn, device, n) if device.type == "cuda" else _cpu_runs_ms(fn, n)
 
+    runs_ms(1)
     last_warmup = runs_ms(1)[0]
     for _ in range(warmup - 1):
         if last_warmup >= budget_ms:

@@ -37,8 +37,9 @@ class Workload:
     ``op`` is implemented on it (others are skipped with a note). ``baselines`` are timed once
     and shared by the rows. One call runs ``steps(inputs)`` steps; times are per step.
     ``extra(inputs, row, step_ms)`` gives the row's ``extra`` from the per-step times of every
-    variant and baseline that ran. ``gpu_only`` variants or baselines (torch.compile) are
-    skipped off CUDA. ``large`` workloads are skipped by ``--quick``.
+    variant and baseline that ran. ``compiled`` variants or baselines (torch.compile) run only
+    on CUDA and when asked for (``--compile``: minutes of compilation each). ``large``
+    workloads are skipped by ``--quick``.
     """
     op: str
     name: str
@@ -47,13 +48,17 @@ class Workload:
     baselines: Mapping[str, Factory] = field(default_factory=dict)
     steps: Callable[[Inputs], int] = lambda inputs: 1
     extra: Callable[[Inputs, str, Mapping[str, float]], dict] = _no_extra
-    gpu_only: frozenset[str] = frozenset()
+    compiled: frozenset[str] = frozenset()
     large: bool = False
 
-    def runs_on(self, name: str, device: torch.device) -> bool:
-        """Whether variant or baseline ``name`` can run on ``device`` (prints why not)."""
-        if name in self.gpu_only and device.type != "cuda":
+    def runs_on(self, name: str, device: torch.device, compile: bool = True) -> bool:
+        """Whether variant or baseline ``name`` can run on ``device`` (prints why not); with
+        ``compile`` False the compiled ones are left out."""
+        if name in self.compiled and device.type != "cuda":
             print(f"  skip {name}: needs CUDA")
+            return False
+        if name in self.compiled and not compile:
+            print(f"  skip {name}: torch.compile variants run with --compile")
             return False
         if name in swamp_kernels.BACKENDS:
             try:
@@ -84,34 +89,36 @@ def _time_step_ms(factory: Factory, x: Inputs, steps: int, device: torch.device,
     return ms, peak
 
 
-def measure(work: Workload, device: torch.device, timing_args: dict, smoke: bool) -> list[dict]:
-    """One result per runnable variant of ``work``; the baselines are timed once and shared.
+def measure(work: Workload, device: torch.device, timing_args: dict, smoke: bool,
+            compile: bool = False) -> tuple[list[dict], dict[str, str]]:
+    """(one result per runnable variant of ``work``, {failed variant: error}); the baselines
+    are timed once and shared (``compile``: the compiled ones too).
 
     A baseline that fails is left out with its error in ``extra.baseline_errors``; a failing
-    variant raises. On CUDA ``extra.peak_memory_bytes`` holds each variant's and baseline's
-    peak allocated memory while it ran (inputs of the whole workload included).
+    variant is left out and reported. On CUDA ``extra.peak_memory_bytes`` holds each variant's
+    and baseline's peak allocated memory while it ran (inputs of the whole workload included).
     """
-    rows_to_run = [n for n in work.variants if work.runs_on(n, device)]
+    rows_to_run = [n for n in work.variants if work.runs_on(n, device, compile)]
     if not rows_to_run:
-        return []
-    step_ms, peaks, errors = {}, {}, {}
+        return [], {}
+    step_ms, peaks, errors, failed = {}, {}, {}, {}
     with cudnn_autotuned(device):
         x = work.setup(device, smoke)
         steps = work.steps(x)
-        for name, factory in work.baselines.items():
-            if not work.runs_on(name, device):
+        for name, factory in [*work.baselines.items(), *((n, work.variants[n]) for n in rows_to_run)]:
+            if name in work.baselines and not work.runs_on(name, device, compile):
                 continue
             try:
                 step_ms[name], peaks[name] = _time_step_ms(factory, x, steps, device, timing_args)
-            except Exception as err:  # noqa: BLE001 -- any baseline failure is reported, not fatal
-                errors[name] = f"{type(err).__name__}: {err}"
-            print(f"  {name:20s} " + (f"{step_ms[name]:10.3f} ms/step" if name in step_ms else errors[name]))
-        for name in rows_to_run:
-            step_ms[name], peaks[name] = _time_step_ms(work.variants[name], x, steps, device, timing_args)
-            print(f"  {name:20s} {step_ms[name]:10.3f} ms/step")
+            except Exception as err:  # noqa: BLE001 -- reported, not fatal to the other runs
+                (errors if name in work.baselines else failed)[name] = f"{type(err).__name__}: {err}"
+            print(f"  {name:20s} " + (f"{step_ms[name]:10.3f} ms/step" if name in step_ms
+                                      else f"FAILED: {errors.get(name) or failed[name]}"))
     baselines = {n: ms for n, ms in step_ms.items() if n in work.baselines}
     rows = []
     for name in rows_to_run:
+        if name in failed:
+            continue
         extra = work.extra(x, name, step_ms)
         if device.type == "cuda":
             extra["peak_memory_bytes"] = peaks
@@ -119,4 +126,4 @@ def measure(work: Workload, device: torch.device, timing_args: dict, smoke: bool
             extra["baseline_errors"] = errors
         rows.append({"op": work.op, "case": work.name, "backend": name, "time_ms": step_ms[name],
                      "floor_ms": None, "baselines": baselines, "extra": extra})
-    return rows
+    return rows, failed

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ import swamp_kernels
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from benchmarks import cases, memory, projection, render, results, run, shapes, timing, workload
+from benchmarks import cases, collect, memory, projection, render, results, run, shapes, timing, workload
 from benchmarks.cases import prune, train_particles, train_resnet50
+from benchmarks.case import Case
 from benchmarks.workload import Workload
 from swamp.config import Config
 from swamp_kernels._dispatch import triton_interpreting
@@ -79,7 +81,7 @@ def test_smoke_run_has_every_workload_with_its_baselines(smoke_dir, op):
     for r in rows:
         work = works[r["case"]]
         assert r["floor_ms"] is None and "baseline_errors" not in r["extra"], r["extra"].get("baseline_errors")
-        assert set(r["baselines"]) == set(work.baselines) - work.gpu_only
+        assert set(r["baselines"]) == set(work.baselines) - work.compiled
     table = (smoke_dir / "cpu-smoke.md").read_text()
     assert all(f"| `{op}` | `{r['case']}` | `{r['backend']}` |" in table for r in rows)
 
@@ -314,15 +316,17 @@ def _workload(**changes) -> Workload:
                   variants={"mine": counting("mine"), "cuda": counting("cuda")},
                   baselines={"ok": counting("ok"), "broken": failing, "compiled": counting("compiled")},
                   steps=lambda x: 4, extra=lambda x, row, ms: {"row": row, "seen": sorted(ms)},
-                  gpu_only=frozenset({"compiled"}))
+                  compiled=frozenset({"compiled"}))
     return Workload(**{**fields, **changes}), calls
 
 
 def test_workload_rows_share_baselines_and_skip_what_cannot_run(capsys):
     work, calls = _workload()
-    rows = workload.measure(work, torch.device("cpu"), run.SMOKE_TIMING, smoke=True)
+    rows, failed = workload.measure(work, torch.device("cpu"), run.SMOKE_TIMING, smoke=True)
     out = capsys.readouterr().out
-    assert "skip compiled: needs CUDA" in out and "skip cuda" in out
+    assert "skip compiled: needs CUDA" in out and "skip cuda" in out and failed == {}
+    assert not work.runs_on("compiled", torch.device("cuda"), compile=False)
+    assert "torch.compile variants run with --compile" in capsys.readouterr().out
     assert [r["backend"] for r in rows] == ["mine"] and set(calls) == {"mine", "ok"}
     (row,) = rows
     results.validate(_doc(rows=rows))
@@ -334,18 +338,52 @@ def test_workload_rows_share_baselines_and_skip_what_cannot_run(capsys):
 def test_workload_times_are_per_step(monkeypatch):
     monkeypatch.setattr(timing, "time_ms", lambda call, device, **kw: 10.0)
     work, _ = _workload(baselines={})
-    (row,) = workload.measure(work, torch.device("cpu"), run.SMOKE_TIMING, smoke=True)
+    (row,), _ = workload.measure(work, torch.device("cpu"), run.SMOKE_TIMING, smoke=True)
     assert row["time_ms"] == 2.5
 
 
-def test_failing_workload_variant_fails_the_case_not_the_run(tmp_path, monkeypatch, capsys):
+def test_a_failing_variant_or_backend_loses_only_its_own_row(tmp_path, monkeypatch, capsys):
+    """The run fails (exit 1, the errors listed), but every other row of the case is recorded."""
     def broken(x):
         raise RuntimeError("kernel crashed")
-    work, _ = _workload(variants={"mine": broken})
+    work, _ = _workload(variants={"mine": broken, "theirs": lambda x: (lambda: None)})
     monkeypatch.setattr(cases, "WORKLOADS", (work,))
-    assert run.main(["--smoke", "--ops", "masked_linear,masks", "--out", str(tmp_path)]) == 1
-    assert "masked_linear w: RuntimeError: kernel crashed" in capsys.readouterr().err
-    assert {r["op"] for r in results.load(tmp_path / "cpu-smoke.json")["results"]} == {"apply_masks_"}
+    real_swamp = Case.swamp
+
+    def swamp(case, x, backend):
+        if backend == "triton":
+            raise RuntimeError("illegal address")
+        return real_swamp(case, x, backend)
+    monkeypatch.setattr(Case, "swamp", swamp)
+    assert run.main(["--smoke", "--backends", "torch,triton", "--ops", "masked_linear,masks",
+                     "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "masked_linear w mine: RuntimeError: kernel crashed" in err
+    assert "apply_masks_ resnet50_convfc_fp32_pruned80 triton: RuntimeError: illegal address" in err
+    recorded = results.load(tmp_path / "cpu-smoke.json")["results"]
+    assert {(r["op"], r["backend"]) for r in recorded} == {("apply_masks_", "torch"), ("masked_linear", "theirs")}
+
+
+def test_collect_merges_the_files_of_several_calls(tmp_path):
+    first, second, merged = tmp_path / "1", tmp_path / "2", tmp_path / "merged"
+    results.save(_doc(rows=[_row(case="a"), _row(case="b", time_ms=5.0)]), first)
+    results.save(_doc(rows=[_row(case="b", time_ms=3.0), _row(case="c")], commit="new"), second)
+    files = [next(d.glob("*.json")) for d in (first, second)]
+    assert collect.main([*map(str, files), "--out", str(merged)]) == 0
+    doc = results.load(next(merged.glob("*.json")))
+    assert [(r["case"], r["time_ms"]) for r in doc["results"]] == [("a", 2.0), ("b", 3.0), ("c", 2.0)]
+    assert doc["commit"] == "new" and next(merged.glob("*.md")).is_file()
+
+
+def test_sizing_the_timed_runs_ignores_the_compiling_first_call():
+    calls = []
+
+    def op():
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.05)   # JIT compilation
+    timing.time_ms(op, torch.device("cpu"), budget_ms=20.0, warmup=2, min_runs=3, max_runs=50)
+    assert len(calls) == 1 + 2 + 50
 
 
 def test_owned_bytes_counts_parameters_buffers_and_tensor_attributes_once():
@@ -429,7 +467,7 @@ def test_time_ms_runs_warmup_then_the_clamped_number_of_runs():
     calls = []
     ms = timing.time_ms(lambda: calls.append(1), torch.device("cpu"), budget_ms=0.0, warmup=1,
                         min_runs=4, max_runs=10)
-    assert len(calls) == 1 + 4 and ms > 0
+    assert len(calls) == 1 + 1 + 4 and ms > 0   # the first call, a warm-up, the timed runs
 
 
 def test_floor_ms_is_bytes_over_bandwidth():
@@ -461,6 +499,8 @@ def test_resnet50_conv_geometry_matches_torchvision():
 def test_select_by_alias_and_quick():
     assert {c.op for c in cases.select(["prune", "masked_sgd_step_"])} == {
         "global_magnitude_prune", "masked_sgd_step_"}
+    ordered = [c.op for c in cases.select(["resnet50", "sgd", "prune"])]   # in the order asked
+    assert list(dict.fromkeys(ordered)) == ["resnet50_train_step", "masked_sgd_step_", "global_magnitude_prune"]
     assert any(c.large for c in cases.select(None)) and not any(c.large for c in cases.select(None, quick=True))
     with pytest.raises(ValueError, match="unknown ops"):
         cases.select(["prunee"])

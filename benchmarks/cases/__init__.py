@@ -25,13 +25,14 @@ OP_ALIASES = {
 
 
 def select(ops: list[str] | None = None, *, quick: bool = False) -> list[Benchmark]:
-    """The cases and workloads of ``ops`` (op names or aliases; all when None), without large
-    ones if ``quick``."""
+    """The cases and workloads of ``ops`` (op names or aliases; all when None) in the order
+    ``ops`` names them (the most needed first, should a run be cut short), without large ones
+    if ``quick``."""
     everything = (*CASES, *WORKLOADS)
-    known = dict.fromkeys(c.op for c in everything)
-    wanted = set(known) if ops is None else {OP_ALIASES.get(o, o) for o in ops}
-    unknown = wanted - set(known)
+    known = list(dict.fromkeys(c.op for c in everything))
+    wanted = known if ops is None else list(dict.fromkeys(OP_ALIASES.get(o, o) for o in ops))
+    unknown = set(wanted) - set(known)
     if unknown:
         raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(known)} "
                          f"or aliases {', '.join(OP_ALIASES)}")
-    return [c for c in everything if c.op in wanted and not (quick and c.large)]
+    return [c for op in wanted for c in everything if c.op == op and not (quick and c.large)]

@@ -92,5 +92,5 @@ CASES = (
              variants={"concurrent_P4": _training("concurrent_P4", PARTICLES, 1)},
              baselines={"one_particle_P1": _training("one_particle_P1", 1, 1),
                         "sequential_4xP1": _training("sequential_4xP1", 1, PARTICLES), **COMPILED},
-             steps=lambda x: x["steps"], extra=_extra, gpu_only=frozenset(COMPILED)),
+             steps=lambda x: x["steps"], extra=_extra, compiled=frozenset(COMPILED)),
 )

@@ -89,5 +89,5 @@ CASES = (
              baselines={"dense": _training_step(masked=False),
                         "masked_compiled": _training_step(masked=True, compiled=True),
                         "dense_compiled": _training_step(masked=False, compiled=True)},
-             extra=_extra, gpu_only=frozenset({"masked_compiled", "dense_compiled"})),
+             extra=_extra, compiled=frozenset({"masked_compiled", "dense_compiled"})),
 )
