@@ -343,7 +343,8 @@ def test_module_engine_channels_last_steps_match_contiguous_ones(monkeypatch, re
     from swamp.train import ModuleEngine, stack_state
     from test_train import batches, setup as train_setup
     monkeypatch.setenv("SWAMP_KERNELS_BACKEND", "triton")
-    config, data, net = train_setup("cifar_resnet_8")
+    # PyTorch's init: OpenLTH's BatchNorm scales near 0 amplify the reordered convs' rounding
+    config, data, net = train_setup("cifar_resnet_8", init="torch")
     last_config = C.from_dict({**C.to_dict(config), "train": {**C.to_dict(config)["train"], "channels_last": True}})
     plain = ModuleEngine(net, stack_state(net, 1), config, Group.single())
     last = ModuleEngine(net, stack_state(net, 1), last_config, Group.single())

@@ -15,9 +15,9 @@ from swamp.sparsify import set_masks, sparsify
 from swamp.train import ModuleEngine, StackedEngine, cudnn_autotuned, stack_state, train_particles
 
 
-def setup(model: str, **train):
+def setup(model: str, init: str = "openlth", **train):
     torch.set_num_threads(1)
-    config = C.from_dict({"model": {"name": model, "hidden": [24]}, "device": "cpu",
+    config = C.from_dict({"model": {"name": model, "hidden": [24], "init": init}, "device": "cpu",
                           "data": {"name": "synthetic", "shape": [3, 8, 8], "classes": 5, "train_size": 96,
                                    "test_size": 16},
                           "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "milestones": [2], **train},
