@@ -68,7 +68,8 @@ class TensorData:
         self.x_test, self.y_test = x_test, y_test.long()
         self.num_classes = num_classes
         self.crop_padding, self.flip = crop_padding, flip
-        self.pad_value = torch.as_tensor(pad_value, dtype=x_train.dtype).reshape(1, -1, 1, 1)   # per channel
+        self.pad_value = torch.as_tensor(pad_value, dtype=x_train.dtype,   # per channel, with the data
+                                         device=x_train.device).reshape(1, -1, 1, 1)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -106,7 +107,7 @@ class TensorData:
         if offsets is not None:
             pad = self.crop_padding
             b, c, h, w = x.shape
-            padded = self.pad_value.to(x.device).expand(b, c, h + 2 * pad, w + 2 * pad).clone()
+            padded = self.pad_value.expand(b, c, h + 2 * pad, w + 2 * pad).clone()
             padded[:, :, pad:pad + h, pad:pad + w] = x
             offsets = offsets.to(x.device)
             rows = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]

@@ -109,10 +109,10 @@ class MaskedSGD(torch.optim.Optimizer):
                     raise RuntimeError("MaskedSGD does not support sparse gradients")
             fused = [p for p in params if p.dtype in check.FLOAT_DTYPES]
             others = [p for p in params if p.dtype not in check.FLOAT_DTYPES]
+            momentum = group["momentum"]
             for chunk, step in ((fused, self._fused_step), (others, _torch_step)):
                 if not chunk:
                     continue
-                momentum = group["momentum"]
                 buffers = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in chunk]
                 step(chunk, buffers, [self._masks.get(p) for p in chunk], group)
                 if momentum != 0:

@@ -18,13 +18,13 @@ Times are per step (of all particles in the call). Particle-images per call come
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import swamp
 from benchmarks import inputs
 from benchmarks.workload import Workload
-import dataclasses
-
 from swamp.config import Config, DataConfig, ModelConfig, TrainConfig
 from swamp.data import load_data
 from swamp.models import build_model
