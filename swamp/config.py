@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class RewindConfig:
 class SWAConfig:
     start: float = 0.75                  # SWA over the last (1 - start) of each level's epochs
     lr: float = 0.05                     # constant learning rate during SWA
+    anneal_epochs: int = 0               # cosine anneal from the scheduled lr to swa.lr (torch's SWALR)
 
 
 @dataclass
@@ -218,6 +220,10 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")
     _require(config.swa.lr > 0, "swa.lr", "must be > 0")
     train = config.train
+    swa_epochs = train.epochs - math.floor(config.swa.start * train.epochs)
+    _require(0 <= config.swa.anneal_epochs <= swa_epochs, "swa.anneal_epochs",
+             f"must lie in [0, {swa_epochs}] (the SWA epochs of train.epochs {train.epochs} "
+             f"from swa.start {config.swa.start}), got {config.swa.anneal_epochs}")
     _require(train.epochs >= 1, "train.epochs", "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", "must be >= 1")
     _require(train.lr > 0, "train.lr", "must be > 0")

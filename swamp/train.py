@@ -13,8 +13,9 @@ process holds:
   ``torch.compile``'d, wrapped in DDP over the data-parallel ranks; the same fused step.
 
 Both show their state stacked, so SWA, checkpoints and the pipeline see one layout. With SWA,
-the last ``1 - swa.start`` of the epochs run at the constant ``swa.lr`` and each particle's
-weights are averaged at the end of every such epoch.
+the last ``1 - swa.start`` of the epochs run at the constant ``swa.lr`` (reached by a cosine anneal
+over the first ``swa.anneal_epochs`` of them, if any) and each particle's weights are averaged at
+the end of every such epoch.
 
 Determinism: particle p's batch order and augmentation in epoch e come from a generator seeded
 by ``(seed, stage, p, e)``, whatever the number of ranks. Every ``train.checkpoint_every``
@@ -58,6 +59,18 @@ def learning_rate(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
         total = train.epochs * steps_per_epoch
         return 0.5 * train.lr * (1 + math.cos(math.pi * (step - warmup) / max(1.0, total - warmup)))
     return train.lr * train.gamma ** sum(epoch >= m for m in train.milestones)
+
+
+def swa_learning_rate(step: int, steps_per_epoch: int, config: Config) -> float:
+    """The learning rate at ``step`` of the SWA epochs: ``swa.lr``, approached over the first
+    ``swa.anneal_epochs`` from the scheduled rate at the SWA start by a cosine anneal (torch's
+    ``SWALR`` with ``anneal_strategy="cos"``, stepped per iteration)."""
+    start = math.floor(config.swa.start * config.train.epochs) * steps_per_epoch
+    anneal = config.swa.anneal_epochs * steps_per_epoch
+    if step >= start + anneal:
+        return config.swa.lr
+    scheduled = learning_rate(start, steps_per_epoch, config.train)
+    return config.swa.lr + (scheduled - config.swa.lr) * (1 + math.cos(math.pi * (step - start) / anneal)) / 2
 
 
 def split_state(model: nn.Module) -> tuple[dict, dict, dict]:
@@ -375,7 +388,8 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
                     continue
                 if step >= end:
                     break
-                lr = config.swa.lr if in_swa else learning_rate(step, steps_per_epoch, train)
+                lr = (swa_learning_rate(step, steps_per_epoch, config) if in_swa
+                      else learning_rate(step, steps_per_epoch, train))
                 loss_sum += engine.step(x, y, lr)
                 loss_count += 1
                 images += x.shape[0] * x.shape[1]

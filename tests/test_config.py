@@ -71,6 +71,8 @@ def test_dump_round_trips(tmp_path):
     ("data: {name: npz}\n", [], "data.path"),
     ("train: {schedule: linear}\n", [], "train.schedule"),
     ("swa: {start: 1.0}\n", [], "swa.start"),
+    ("swa: {anneal_epochs: -1}\n", [], "swa.anneal_epochs"),
+    ("train: {epochs: 8}\nswa: {start: 0.75, anneal_epochs: 3}\n", [], "swa.anneal_epochs"),  # 2 SWA epochs
     ("", ["prune.scope=per_layer"], "prune.scope"),
     ("", ["device=cuda:x"], "device"),
     ("", ["model.hidden=[8, -3]"], "model.hidden"),

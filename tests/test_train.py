@@ -1,5 +1,7 @@
 """swamp.train: the two engines agree, channels_last / label smoothing / torch.compile, and a
-stage resumed from any epoch checkpoint ends bitwise equal to an uninterrupted one."""
+stage resumed from any epoch checkpoint ends bitwise equal to an uninterrupted one; the learning
+rates against torch's schedulers."""
+import dataclasses
 import shutil
 
 import pytest
@@ -12,7 +14,8 @@ from swamp.data import epoch_generator, load_data
 from swamp.distributed import Group
 from swamp.models import build_model
 from swamp.sparsify import set_masks, sparsify
-from swamp.train import ModuleEngine, StackedEngine, cudnn_autotuned, stack_state, train_particles
+from swamp.train import (ModuleEngine, StackedEngine, cudnn_autotuned, learning_rate, stack_state, swa_learning_rate,
+                         train_particles)
 
 
 def setup(model: str, init: str = "openlth", **train):
@@ -118,6 +121,59 @@ def test_resuming_from_each_epoch_checkpoint_is_bitwise_equal(particles):
         assert resumed.state.keys() == full.state.keys() and resumed.images == full.images
         assert all(torch.equal(resumed.state[n], full.state[n]) for n in full.state)
         assert resumed.train_loss == full.train_loss
+
+
+def _torch_rates(scheduler, steps: int, every: int = 1) -> list[float]:
+    """The learning rate of ``scheduler``'s optimizer at each of ``steps`` steps, the scheduler
+    stepped after every ``every``-th."""
+    rates = []
+    for step in range(steps):
+        rates.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()  # no gradients: moves nothing, keeps the schedulers' call order
+        if (step + 1) % every == 0:
+            scheduler.step()
+    return rates
+
+
+def _optimizer(lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+
+
+def test_learning_rates_follow_torch_schedulers():
+    steps_per_epoch = 7
+    step = C.TrainConfig(epochs=6, lr=0.1, milestones=[2, 5], gamma=0.3)
+    assert [learning_rate(i, steps_per_epoch, step) for i in range(42)] == pytest.approx(_torch_rates(
+        torch.optim.lr_scheduler.MultiStepLR(_optimizer(0.1), [2, 5], 0.3), 42, every=steps_per_epoch), rel=1e-12)
+    cosine = C.TrainConfig(epochs=6, lr=0.1, schedule="cosine")
+    assert [learning_rate(i, steps_per_epoch, cosine) for i in range(42)] == pytest.approx(_torch_rates(
+        torch.optim.lr_scheduler.CosineAnnealingLR(_optimizer(0.1), 42), 42), rel=1e-9)
+
+
+@pytest.mark.parametrize("anneal_epochs", [0, 1, 3])
+def test_swa_learning_rate_anneals_like_torch_swalr(anneal_epochs):
+    """From the scheduled rate at the SWA start (epoch 4 of 8: 0.1 * 0.3 after milestone 2) to
+    swa.lr, as SWALR(anneal_strategy="cos") stepped once per iteration."""
+    steps_per_epoch = 5
+    config = C.from_dict({"train": {"epochs": 8, "lr": 0.1, "milestones": [2], "gamma": 0.3},
+                          "swa": {"start": 0.5, "lr": 0.01, "anneal_epochs": anneal_epochs}})
+    start, scheduled = 4 * steps_per_epoch, 0.1 * 0.3
+    swalr = torch.optim.swa_utils.SWALR(_optimizer(scheduled), swa_lr=0.01,
+                                        anneal_epochs=anneal_epochs * steps_per_epoch, anneal_strategy="cos")
+    ours = [swa_learning_rate(start + i, steps_per_epoch, config) for i in range(20)]
+    expected = _torch_rates(swalr, 20) if anneal_epochs else [0.01] * 20
+    assert ours == pytest.approx(expected, rel=1e-9)
+    assert ours[-1] == 0.01 and (anneal_epochs == 0 or ours[0] == pytest.approx(scheduled))
+
+
+def test_training_uses_the_swa_anneal():
+    config, data, net = setup("mlp", epochs=4)
+    lines = []
+    annealed = dataclasses.replace(config, swa=dataclasses.replace(config.swa, start=0.5, anneal_epochs=1))
+    train_particles(net, stack_state(net, 1), data, annealed, stage=0, begin=0, end=12, swa=True, log=lines.append)
+    rates = [float(line.split(" lr ")[1].split()[0]) for line in lines]
+    # epochs 1-2 on the schedule (0.05), epoch 3 inside the anneal from the schedule's 0.005
+    # (after milestone 2) towards swa.lr 0.02, epoch 4 at swa.lr
+    assert rates[:2] == [0.05, 0.05] and 0.005 < rates[2] < 0.02 and rates[3] == 0.02
 
 
 def test_dry_run_needs_no_data(tmp_path, capsys):
