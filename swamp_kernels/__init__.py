@@ -26,6 +26,20 @@ def _run(op: str, backend: str, device: torch.device, *args, **kwargs):
     return implementation(op, backend, device)(*args, **kwargs)
 
 
+def _run_outside_autograd(op: str, backend: str, device: torch.device, *args, **kwargs):
+    """Run an op that has no autograd formula under ``no_grad`` (as torch.optim steps run), so
+    that every backend returns plain tensors and writes into parameters that require grad."""
+    with torch.no_grad():
+        return _run(op, backend, device, *args, **kwargs)
+
+
+def _modified(tensors) -> None:
+    """Tell autograd that ``tensors`` changed in place: the Triton and CUDA kernels write through
+    raw pointers, which autograd cannot see, so a graph that saved one of them would silently
+    use the new values in its backward instead of failing as after torch's own in-place ops."""
+    torch.autograd.graph.increment_version([t for t in tensors if t is not None])
+
+
 def _prune_inputs(weights, masks, amount, scores):
     weights = check.float_tensors("weights", weights)
     masks = check.bool_masks(masks, "weights", weights)
@@ -45,14 +59,14 @@ def global_magnitude_prune(weights, masks=None, amount=0.2, *, scores=None,
     logical row-major order). The result is a subset of ``masks``.
     """
     weights, masks, scores = _prune_inputs(weights, masks, amount, scores)
-    return _run("global_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
+    return _run_outside_autograd("global_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
 
 
 def layerwise_magnitude_prune(weights, masks=None, amount=0.2, *, scores=None,
                               backend: str = "auto") -> list[torch.Tensor]:
     """:func:`global_magnitude_prune` applied to each tensor on its own."""
     weights, masks, scores = _prune_inputs(weights, masks, amount, scores)
-    return _run("layerwise_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
+    return _run_outside_autograd("layerwise_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
 
 
 def random_scores(weights, seed: int) -> list[torch.Tensor]:
@@ -72,7 +86,7 @@ def particle_average(params, masks=None, *, backend: str = "auto") -> list[torch
     """
     params = check.particle_params("params", params)
     masks = check.bool_masks(masks, "params", [p[0] for p in params], optional=True)
-    return _run("particle_average", backend, params[0].device, params, masks)
+    return _run_outside_autograd("particle_average", backend, params[0].device, params, masks)
 
 
 def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -> None:
@@ -86,7 +100,8 @@ def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -
     check.distinct("swa", swa)
     masks = check.bool_masks(masks, "params[:, ...]", shapes, optional=True)
     n_averaged = check.non_negative_int("n_averaged", n_averaged)
-    _run("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
+    _run_outside_autograd("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
+    _modified(swa)
 
 
 def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
@@ -97,7 +112,8 @@ def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
     tensors = check.float_tensors("tensors", tensors)
     check.distinct("tensors", tensors)
     masks = check.companions("masks", masks, "tensors", tensors, dtypes=(torch.bool,), particle_dim=True)
-    _run("apply_masks_", backend, tensors[0].device, tensors, masks)
+    _run_outside_autograd("apply_masks_", backend, tensors[0].device, tensors, masks)
+    _modified(tensors)
 
 
 def _real(name: str, value, low: float = 0.0) -> float:
@@ -127,6 +143,7 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
     if not isinstance(momentum_buffers, list) or len(momentum_buffers) != len(params):
         raise ValueError("momentum_buffers must be a list with one entry (tensor or None) per param")
     check.companions("momentum_buffers", momentum_buffers, "params", params, optional=True)
+    check.distinct("momentum_buffers", momentum_buffers)
     for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
         if g.dtype != p.dtype and p.dtype != torch.float32:
             raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "
@@ -141,13 +158,14 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
         raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
     new_buffers = [i for i, b in enumerate(momentum_buffers) if b is None]
     try:
-        _run("masked_sgd_step_", backend, params[0].device, params, grads, momentum_buffers, masks,
-             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-             nesterov=bool(nesterov), maximize=bool(maximize))
+        _run_outside_autograd("masked_sgd_step_", backend, params[0].device, params, grads, momentum_buffers,
+                              masks, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                              nesterov=bool(nesterov), maximize=bool(maximize))
     except BaseException:
         for i in new_buffers:   # a buffer the step never wrote must not look like a momentum state
             momentum_buffers[i] = None
         raise
+    _modified([*params, *momentum_buffers])
 
 
 def _layer_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:

@@ -39,15 +39,17 @@ def float_tensors(name: str, xs) -> list[torch.Tensor]:
 
 def distinct(name: str, xs: Sequence[torch.Tensor]) -> None:
     """Raise if two tensors written in place start at the same memory (a tied weight listed
-    twice): their updates would race on the GPU."""
+    twice, a momentum buffer shared by two params): their updates would race on the GPU.
+    None entries (buffers not made yet) are skipped."""
     seen: dict[int, int] = {}
     for i, x in enumerate(xs):
-        if x.numel() == 0:
+        if x is None or x.numel() == 0:
             continue
         j = seen.setdefault(x.data_ptr(), i)
         if j != i:
             raise ValueError(f"{name}[{i}] is the memory of {name}[{j}] (a shared weight listed twice?); "
-                             "list it once, with its masks combined (&)")
+                             "tensors written in place must not share memory: list a shared weight once, "
+                             "with its masks combined (&)")
 
 
 def _shape(t) -> tuple:
@@ -145,8 +147,9 @@ def particle_params(name: str, params) -> list[torch.Tensor]:
 
 
 def non_negative_int(name: str, value) -> int:
+    """An int in [0, 2**63 - 1): ``value + 1`` still fits the kernels' int64."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63 - 1:
+        raise ValueError(f"{name} must be an int in [0, 2**63 - 1), got {value!r}")
     return int(value)

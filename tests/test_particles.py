@@ -164,6 +164,7 @@ PARAM_ERRORS = {
                    ValueError, r"masks has 1 tensors but params.* has 2"),
 }
 
+COUNT_RANGE = r"n_averaged must be an int in \[0, 2\*\*63 - 1\)"
 SWA_ERRORS = {
     "swa shape": (lambda d: dict(swa=[torch.zeros(4, device=d), torch.zeros(3, 2, device=d)]),
                   ValueError, r"swa\[1\] has shape \(3, 2\), expected \(2, 3\)"),
@@ -181,9 +182,10 @@ SWA_ERRORS = {
     "swa twice": (lambda d: (lambda t: dict(params=[torch.randn(2, 4, device=d)] * 2, swa=[t, t]))(
                       torch.zeros(4, device=d)),
                   ValueError, r"swa\[1\] is the memory of swa\[0\]"),
-    "negative count": (lambda d: dict(n_averaged=-1), ValueError, r"n_averaged must be an int >= 0, got -1"),
-    "float count": (lambda d: dict(n_averaged=1.5), ValueError, r"n_averaged must be an int >= 0, got 1.5"),
-    "bool count": (lambda d: dict(n_averaged=True), ValueError, r"n_averaged must be an int >= 0, got True"),
+    "negative count": (lambda d: dict(n_averaged=-1), ValueError, rf"{COUNT_RANGE}, got -1"),
+    "float count": (lambda d: dict(n_averaged=1.5), ValueError, rf"{COUNT_RANGE}, got 1.5"),
+    "bool count": (lambda d: dict(n_averaged=True), ValueError, rf"{COUNT_RANGE}, got True"),
+    "count past int64": (lambda d: dict(n_averaged=2**63 - 1), ValueError, rf"{COUNT_RANGE}, got {2**63 - 1}"),
 }
 
 

@@ -76,16 +76,19 @@ def test_matches_reference(x_shape, n_out, bias, dtype):
 
 
 def test_non_contiguous_inputs_and_broadcast_grad(seed):
-    """Transposed/strided x, transposed weight and mask; out.sum() gives a stride-0 grad_out."""
+    """Transposed/strided x, transposed weight and mask, strided and stride-0 bias; out.sum()
+    gives a stride-0 grad_out."""
     k, n = 33, 17
     weight = torch.randn(k, n, device=DEVICE).t()
     mask = (torch.rand(k, n, device=DEVICE) < 0.5).t()
-    bias = torch.randn(n, device=DEVICE)
+    biases = (torch.randn(n, device=DEVICE), torch.randn(2 * n, device=DEVICE)[::2],
+              torch.randn(1, device=DEVICE).expand(n))
     for x in (torch.randn(k, 9, device=DEVICE).t(),                     # 2-D transposed
               torch.randn(3, 5, 2 * k, device=DEVICE)[..., ::2],         # K stride 2, viewable
               torch.randn(k, 5, 3, device=DEVICE).permute(2, 1, 0)):     # needs a copy
         assert not x.is_contiguous()
-        assert_like_reference(x, weight, mask, bias, TOL[torch.float32])
+        for bias in biases:
+            assert_like_reference(x, weight, mask, bias, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("bias", [True, False])

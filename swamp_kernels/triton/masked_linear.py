@@ -72,7 +72,7 @@ def _worth_timing(configs, named_args, **kwargs):
 @triton.jit
 def _masked_matmul_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, c_ptr, M, N, K,
                           stride_am, stride_ak, stride_bk, stride_bn,
-                          stride_mask0, stride_mask1, stride_cm, stride_cn,
+                          stride_mask0, stride_mask1, stride_cm, stride_cn, stride_bias,
                           MASK_B: tl.constexpr, MASK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -119,7 +119,7 @@ def _masked_matmul_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, c_ptr, M, N, K,
         b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + bn).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + bn * stride_bias).to(tl.float32)[None, :]
     cm = rm.to(tl.int64)
     cn = rn.to(tl.int64)
     inside = (rm[:, None] < M) & (rn[None, :] < N)
@@ -141,7 +141,7 @@ def _masked_matmul(a: torch.Tensor, b: torch.Tensor, *, b_mask: torch.Tensor | N
                    c_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ where(b_mask, b, 0)`` or ``where(c_mask, a @ b, 0)``, plus ``bias``: a new contiguous [M, N].
 
-    ``a`` [M, K] and ``b`` [K, N] share a float dtype and may have any strides; exactly one
+    ``a`` [M, K], ``b`` [K, N] and ``bias`` [N] share a float dtype and may have any strides; exactly one
     of ``b_mask`` (shape of ``b``) and ``c_mask`` ([M, N]) is given.
     """
     (m, k), n = a.shape, b.shape[1]
@@ -156,6 +156,7 @@ def _masked_matmul(a: torch.Tensor, b: torch.Tensor, *, b_mask: torch.Tensor | N
 
     _masked_matmul_kernel[grid](
         a, b, mask, bias, c, m, n, k, *a.stride(), *b.stride(), *mask.stride(), *c.stride(),
+        0 if bias is None else bias.stride(0),
         MASK_B=b_mask is not None, MASK_C=c_mask is not None, HAS_BIAS=bias is not None,
         UPCAST=_INTERPRETING, PRECISION=_fp32_precision() if a.dtype == torch.float32 else "ieee")
     return c
