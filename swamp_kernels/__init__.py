@@ -136,6 +136,9 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
     may be None, or hold None for unmasked params; a mask has the param's shape or, for stacked
     particles ``[P, *shape]``, ``shape``.
     Gradients may be float16/bfloat16 for float32 params; buffers have the param dtype.
+    The Triton and CUDA kernels compute in float32 and round once per stored value, where
+    torch's float16/bfloat16 SGD rounds every intermediate: results differ by about an ulp, and
+    stay finite where an intermediate such as ``grad + weight_decay * param`` overflows float16.
     """
     params = check.float_tensors("params", params)
     check.distinct("params", params)
