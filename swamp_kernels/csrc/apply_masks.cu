@@ -51,10 +51,14 @@ __device__ __forceinline__ void mask_range(Bits* x, const uint8_t* mask, int64_t
 template <typename Bits>
 __device__ __forceinline__ void mask_chunk(const MaskEntry& e, int64_t start, int64_t len) {
   constexpr int N = 16 / sizeof(Bits);
-  const bool aligned = vector_aligned<Bits, N>(e.data) && vector_aligned<uint8_t, N>(e.mask) && e.mask_numel % N == 0;
-  vectors_then_singles<N>(aligned, start, len, [&](auto width, int64_t from, int64_t count) {
-    mask_range<Bits, decltype(width)::value>(static_cast<Bits*>(e.data) + from, e.mask, e.mask_numel, from, count);
-  });
+  Bits* x = static_cast<Bits*>(e.data) + start;
+  int64_t vector_len = 0;
+  if (reinterpret_cast<uintptr_t>(e.data) % 16 == 0 && reinterpret_cast<uintptr_t>(e.mask) % N == 0 &&
+      e.mask_numel % N == 0) {
+    vector_len = len / N * N;
+    mask_range<Bits, N>(x, e.mask, e.mask_numel, start, vector_len);
+  }
+  mask_range<Bits, 1>(x + vector_len, e.mask, e.mask_numel, start + vector_len, len - vector_len);
 }
 
 __global__ void __launch_bounds__(kThreads)

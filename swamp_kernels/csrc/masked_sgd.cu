@@ -72,12 +72,14 @@ __device__ __forceinline__ void sgd_range(const SgdEntry& e, int64_t first, int6
 template <typename T, typename G>
 __device__ __forceinline__ void sgd_chunk(const SgdEntry& e, int64_t start, int64_t len, const SgdOptions& s) {
   constexpr int N = 16 / (sizeof(T) > sizeof(G) ? sizeof(T) : sizeof(G));
-  const bool aligned = vector_aligned<T, N>(e.param) && vector_aligned<G, N>(e.grad) &&
-                       (!s.use_momentum || vector_aligned<T, N>(e.momentum_buffer)) &&
-                       (e.mask == nullptr || vector_aligned<uint8_t, N>(e.mask)) && (e.rows == 1 || e.numel % N == 0);
-  vectors_then_singles<N>(aligned, start, len, [&](auto width, int64_t from, int64_t count) {
-    sgd_range<T, G, decltype(width)::value>(e, from, count, s);
-  });
+  int64_t vector_len = 0;
+  if (vector_aligned<T, N>(e.param) && vector_aligned<G, N>(e.grad) &&
+      (!s.use_momentum || vector_aligned<T, N>(e.momentum_buffer)) &&
+      (e.mask == nullptr || vector_aligned<uint8_t, N>(e.mask)) && (e.rows == 1 || e.numel % N == 0)) {
+    vector_len = len / N * N;
+    sgd_range<T, G, N>(e, start, vector_len, s);
+  }
+  sgd_range<T, G, 1>(e, start + vector_len, len - vector_len, s);
 }
 
 template <typename T, typename G>

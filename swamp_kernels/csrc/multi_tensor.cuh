@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -138,18 +137,6 @@ __device__ __forceinline__ T* global_ptr(T* p) {
 template <typename T, int N>
 __host__ __device__ __forceinline__ bool vector_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(AlignedVec<T, N>) == 0;
-}
-
-// Runs range(width, start, len) over elements [start, start + len) of a chunk: in vectors of N
-// (width = std::integral_constant<int, N>) when `vectorisable`, then one element at a time for
-// the rest (the tail, or everything when not vectorisable).
-template <int N, typename Range>
-__device__ __forceinline__ void vectors_then_singles(bool vectorisable, int64_t start, int64_t len, Range&& range) {
-  const int64_t vector_len = vectorisable ? len / N * N : 0;
-  if (vector_len > 0) {
-    range(std::integral_constant<int, N>{}, start, vector_len);
-  }
-  range(std::integral_constant<int, 1>{}, start + vector_len, len - vector_len);
 }
 
 template <typename T>

@@ -65,12 +65,13 @@ template <typename P, typename O>
 __device__ __forceinline__ void average_chunk(const AverageEntry& e, int64_t start, int64_t len,
                                               const AverageScalars& s) {
   constexpr int N = 16 / (sizeof(P) > sizeof(O) ? sizeof(P) : sizeof(O));
-  const bool aligned = vector_aligned<P, N>(e.params) && vector_aligned<O, N>(e.out) &&
-                       (e.mask == nullptr || vector_aligned<uint8_t, N>(e.mask)) &&
-                       (s.particles == 1 || e.numel % N == 0);
-  vectors_then_singles<N>(aligned, start, len, [&](auto width, int64_t from, int64_t count) {
-    average_range<P, O, decltype(width)::value>(e, from, count, s);
-  });
+  int64_t vector_len = 0;
+  if (vector_aligned<P, N>(e.params) && vector_aligned<O, N>(e.out) &&
+      (e.mask == nullptr || vector_aligned<uint8_t, N>(e.mask)) && (s.particles == 1 || e.numel % N == 0)) {
+    vector_len = len / N * N;
+    average_range<P, O, N>(e, start, vector_len, s);
+  }
+  average_range<P, O, 1>(e, start + vector_len, len - vector_len, s);
 }
 
 template <typename P, typename O>
