@@ -12,6 +12,7 @@ from swamp import config as cfg
 from swamp import pipeline, report
 from swamp.analysis import commands as analyze
 from swamp.distributed import DistributedError
+from swamp_kernels import BackendError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,12 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help=f"synthetic data at the dataset's shapes, one epoch of {pipeline.DRY_RUN_STEPS} "
                           "steps: measures throughput without the data set")
-    resume = commands.add_parser("resume", help="continue a run from its last complete level")
-    resume.add_argument("dir")
-    resume.add_argument("--quiet", action="store_true")
+    resume = commands.add_parser("resume", help="continue a killed or preempted run from its last epoch "
+                                                "checkpoint (a finished run: its table again)")
+    resume.add_argument("dir", help="run directory (the --out of swamp run)")
+    resume.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = commands.add_parser("report", help="table and plot comparing run directories")
-    rep.add_argument("dirs", nargs="+")
-    rep.add_argument("--plot", default="accuracy_vs_density.png", help="where to write the plot")
+    rep.add_argument("dirs", nargs="+", help="run directories (unfinished runs are skipped)")
+    rep.add_argument("--plot", default="accuracy_vs_density.png",
+                     help="where to write the plot (default: accuracy_vs_density.png here)")
     analyze.add_parser(commands)
     return parser
 
@@ -62,12 +65,17 @@ def main(argv=None) -> int:
             runs = report.load_runs(args.dirs)
             print(report.markdown_table(runs))
             print(f"\nplot: {report.plot(runs, args.plot)}")
-    except (ValueError, OSError) as error:   # bad input (ConfigError is one), files, directories
+    except (ValueError, OSError, BackendError) as error:   # bad input (ConfigError is one), files, backends
         print(f"swamp {args.command}: error: {error}", file=sys.stderr)
         return 2
     except DistributedError as error:
         print(f"swamp {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        run_dir = getattr(args, "out", None) or getattr(args, "dir", None)
+        hint = f"; continue with `swamp resume {run_dir}`" if args.command in ("run", "resume") else ""
+        print(f"\nswamp {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from swamp.config import ConfigError, ModelConfig
 
@@ -141,9 +143,21 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
     """The dense model ``config.name`` for inputs ``[N, *input_shape]`` and ``num_classes`` outputs,
     initialised as ``config.init`` says."""
     model = _architecture(config, input_shape, num_classes)
+    _check_input_fits(model, config.name, input_shape)
     if config.init == "openlth":
         _openlth_init_(model)
     return model
+
+
+def _check_input_fits(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
+    """Raise ConfigError unless ``model`` takes a batch of ``input_shape`` (a forward pass on the
+    meta device: shapes only, no memory, no compute)."""
+    state = {n: torch.empty_like(t, device="meta") for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    try:
+        functional_call(model, state, (torch.empty(2, *input_shape, device="meta"),))
+    except RuntimeError as error:
+        raise ConfigError(f"config key 'model.name': {name} does not take the data's inputs of shape "
+                          f"{list(input_shape)} ({error})") from None
 
 
 def _openlth_init_(model: nn.Module) -> None:

@@ -90,6 +90,7 @@ def run(config: Config, out: str | Path, quiet: bool = False) -> dict:
 
     Under ``torchrun`` every rank calls this with the same arguments."""
     validate(config)
+    swamp_kernels.preferred_backend()   # a bad SWAMP_KERNELS_BACKEND fails before the run starts
     out = Path(out)
 
     def start(topology: Topology) -> dict:
@@ -107,6 +108,7 @@ def resume(out: str | Path, quiet: bool = False) -> dict:
         raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
     config = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
     validate(config)
+    swamp_kernels.preferred_backend()
     return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
 
 

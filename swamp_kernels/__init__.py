@@ -12,10 +12,10 @@ import numbers
 import torch
 
 from swamp_kernels import _validate as check
-from swamp_kernels._dispatch import BACKENDS, BackendError, available_backends, implementation
+from swamp_kernels._dispatch import BACKENDS, BackendError, available_backends, implementation, preferred_backend
 
 __all__ = [
-    "BACKENDS", "BackendError", "available_backends",
+    "BACKENDS", "BackendError", "available_backends", "preferred_backend",
     "global_magnitude_prune", "layerwise_magnitude_prune", "random_scores",
     "particle_average", "swa_update_", "apply_masks_", "masked_sgd_step_",
     "masked_linear", "masked_conv2d",

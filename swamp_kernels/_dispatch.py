@@ -103,12 +103,21 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
         raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     if backend != "auto":
         return _explicit(op, backend, device)
+    preferred = preferred_backend()
+    if preferred != "auto" and op in _ops(preferred) and _runs_on(preferred, device):
+        return _ops(preferred)[op]
+    return _auto(op, device)
+
+
+def preferred_backend() -> str:
+    """The backend ``SWAMP_KERNELS_BACKEND`` makes ``auto`` prefer ("auto" when unset).
+
+    Raises BackendError when it names no backend, or one that is not available here (a long
+    run checks this before it starts)."""
     preferred = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if preferred not in ("auto", *BACKENDS):
         raise BackendError(f"{ENV_VAR}={preferred!r} is not one of auto, {', '.join(BACKENDS)}")
-    if preferred != "auto":
-        if not _is_available(preferred):
-            return _explicit(op, preferred, device)  # raises: the variable names a missing backend
-        if op in _ops(preferred) and _runs_on(preferred, device):
-            return _ops(preferred)[op]
-    return _auto(op, device)
+    if preferred != "auto" and not _is_available(preferred):
+        raise BackendError(f"{ENV_VAR}={preferred}: backend {preferred!r} is not available here; "
+                           f"available backends: {', '.join(available_backends())}")
+    return preferred

@@ -1,5 +1,6 @@
 """swamp.analysis: Hessian eigenvalues/trace against closed forms, barriers, mask overlap, run analyses and CLI."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -249,12 +250,24 @@ def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):
     assert "no complete level directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("analysis", ["levels", "hessian"])
+def test_cli_refuses_a_run_without_complete_levels(swamp_run, tmp_path, capsys, analysis):
+    started = tmp_path / "started"
+    started.mkdir()
+    shutil.copy(swamp_run / "config.yaml", started)
+    assert cli.main(["analyze", analysis, str(started)]) == 2
+    assert "has no complete level yet" in capsys.readouterr().err and not (started / "analysis").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["hessian", "{run}", "--k", "0"], "argument --k: must be >= 1, got 0"),
     (["levels", "{run}", "--points", "1"], "argument --points: must be >= 2, got 1"),
     (["hessian", "{run}", "--trace-samples", "x"], "argument --trace-samples: 'x' is not an integer"),
     (["instability", "{run}", "--level", "1", "--seeds", "3", "3"], "--seeds must be two different seeds"),
     (["levels", "{tmp}/typo"], "typo is not a run directory"),
+    (["levels", "{run}", "--device", "gpu"], "argument --device: must be cpu, auto or cuda[:N], got 'gpu'"),
+    (["levels", "{run}", "--device", f"cuda:{torch.cuda.device_count()}"],
+     f"torch sees {torch.cuda.device_count()} CUDA device(s) here; use cpu"),
 ])
 def test_cli_names_bad_arguments_and_writes_nothing(swamp_run, tmp_path, capsys, argv, message):
     argv = [a.format(run=swamp_run, tmp=tmp_path) for a in argv]

@@ -107,6 +107,9 @@ def test_errors_found_while_setting_up_leave_no_run_behind(tmp_path, capsys):
                              "device: cpu\n")
     assert cli.main(["run", str(config), "--out", str(out), "--quiet", "--set", "rewind.iterations=500"]) == 2
     assert "'rewind.iterations': 500 is not below" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet", "--set", "model.name=cifar_vgg_16"]) == 2
+    assert ("'model.name': cifar_vgg_16 does not take the data's inputs of shape [1, 8, 8]"
+            in capsys.readouterr().err and not out.exists())
     bad = tmp_path / "x.npz"
     bad.write_text("not an npz")
     assert cli.main(["run", str(config), "--out", str(out), "--set", "data.name=npz",
@@ -115,4 +118,18 @@ def test_errors_found_while_setting_up_leave_no_run_behind(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert cli.main(["run", str(config), "--out", str(tmp_path / "afile" / "sub"), "--quiet"]) == 2
     assert "afile/sub" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SWAMP_KERNELS_BACKEND", "fastest")
+        assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    assert "SWAMP_KERNELS_BACKEND='fastest' is not one of" in capsys.readouterr().err and not out.exists()
     assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "runs/a"], ["resume", "runs/a"]])
+def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, capsys, argv):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C, "load", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli.pipeline, argv[0], interrupted)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"swamp {argv[0]}: interrupted; continue with `swamp resume runs/a`"

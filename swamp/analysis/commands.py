@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+import torch
 
 from swamp.analysis.landscape import l2_distance, mask_overlap
 from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
@@ -26,6 +29,19 @@ def _at_least(minimum: int):
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse type: cpu, auto (cuda when torch sees one) or cuda[:N] on a GPU torch sees."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"must be cpu, auto or cuda[:N], got {text!r}")
+    gpus = torch.cuda.device_count()
+    if text == "auto":
+        return "cuda" if gpus else "cpu"
+    index = int(text[len("cuda:"):]) if text.startswith("cuda:") else 0
+    if text.startswith("cuda") and index >= gpus:
+        raise argparse.ArgumentTypeError(f"{text}, but torch sees {gpus} CUDA device(s) here; use cpu")
+    return text
+
+
 def add_parser(commands) -> None:
     """Add ``analyze`` and its subcommands to the ``swamp`` subparsers ``commands``."""
     analyze = commands.add_parser("analyze", help="loss-landscape analysis of run directories")
@@ -36,7 +52,7 @@ def add_parser(commands) -> None:
         if run_dir:
             parser.add_argument("dir", help="run directory")
         parser.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
-        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda[:N] or auto")
         return parser
 
     barrier = sub("barrier", "error along the segment between two levels' solutions (of runs of one config)",
@@ -115,6 +131,8 @@ def main(args) -> list[Path]:
     run_dir = Path(args.dir) if hasattr(args, "dir") else _level_path(args.level_a)[0]
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    if args.analysis in ("levels", "hessian") and not any(run_dir.glob("level_*/metrics.json")):
+        raise ValueError(f"{run_dir} has no complete level yet (no level_XX/metrics.json): nothing to analyse")
     if args.analysis == "instability" and args.seeds[0] == args.seeds[1]:
         raise ValueError(f"--seeds must be two different seeds, got {args.seeds[0]} twice")
     out = Path(args.out) if args.out else run_dir / "analysis"

@@ -1,0 +1,54 @@
+"""The README's Python examples of the masked layers, MaskedSGD and the ops run as written, given
+the names they take as the user's own (``model``; stacked ``particles``, ``params``, ``grads``,
+``buffers``)."""
+import re
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks(section: str) -> list[str]:
+    """The ```python blocks of the README section headed ``## section``."""
+    text = README.read_text()
+    assert f"\n## {section}\n" in text, f"the README has no section {section!r}"
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
+    assert blocks, f"README section {section!r} has no python example"
+    return blocks
+
+
+def run_blocks(section: str, names: dict) -> dict:
+    for block in python_blocks(section):
+        exec(compile(block, f"README.md ({section})", "exec"), names)
+    return names
+
+
+def test_masked_layers_example():
+    torch.manual_seed(0)
+    names = run_blocks("Masked layers", {"model": torchvision.models.resnet18(num_classes=10)})
+    model, opt = names["model"], names["opt"]
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    pruned = [~m for m in names["swamp"].masks(model).values()]
+    weights = [p for n, p in model.named_parameters() if n in names["swamp"].masks(model)]
+    assert any(p.any() for p in pruned) and all(torch.all(w[p] == 0) for w, p in zip(weights, pruned))
+    assert "fc.weight" not in names["swamp"].masks(model)   # exclude=["fc"]
+
+
+def test_ops_example():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    stacked = [m.weight.detach().unsqueeze(0).repeat(2, *[1] * m.weight.dim())
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = run_blocks("The ops", {"model": model, "particles": stacked, "params": [p.clone() for p in stacked],
+                                   "grads": [torch.randn_like(p) for p in stacked],
+                                   "buffers": [None] * len(stacked)})
+    masks, swa = names["masks"], names["swa"]
+    assert all(b is not None for b in names["buffers"])
+    for mask, average, particle, param in zip(masks, swa, stacked, names["params"]):
+        assert torch.equal(average, particle.mean(0) * mask)
+        assert torch.all(param[:, ~mask] == 0)
