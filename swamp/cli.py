@@ -56,7 +56,10 @@ def main(argv=None) -> int:
             if args.dry_run:
                 _show(f"images/s: {summary['levels'][-1]['images_per_second']:.1f} (particle-images, all ranks)")
         elif args.command == "resume":
+            complete = pipeline.finished(args.dir)
             summary = pipeline.resume(args.dir, quiet=args.quiet)
+            if complete:
+                _show(f"{args.dir} was already complete; nothing to train. Its results:")
             _show(report.markdown_table({args.dir: summary}))
         elif args.command == "analyze":
             for path in analyze.main(args):

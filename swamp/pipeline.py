@@ -101,15 +101,27 @@ def run(config: Config, out: str | Path, quiet: bool = False) -> dict:
     return _distributed(config, start)
 
 
+def _run_config(out: Path) -> Config:
+    if not (out / "config.yaml").is_file():
+        raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
+    return from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+
+
 def resume(out: str | Path, quiet: bool = False) -> dict:
     """Continue the run in ``out`` from its last checkpoint; returns the summary."""
     out = Path(out)
-    if not (out / "config.yaml").is_file():
-        raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
-    config = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    config = _run_config(out)
     validate(config)
     swamp_kernels.preferred_backend()
     return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
+
+
+def finished(out: str | Path) -> bool:
+    """True when the run in ``out`` has completed all its levels (``resume`` trains nothing)."""
+    out = Path(out)
+    config = _run_config(out)
+    levels = 0 if config.method == "dense" else config.levels
+    return all((level_dir(out, level) / "metrics.json").is_file() for level in range(levels + 1))
 
 
 def _failed_collective(error: RuntimeError) -> bool:

@@ -101,7 +101,7 @@ def test_presets_are_valid(tmp_path, preset):
 
 def test_errors_found_while_setting_up_leave_no_run_behind(tmp_path, capsys):
     """Checks that need the data or the model fail before the run directory is written, so the
-    same command with the value fixed starts the run."""
+    same command with the value fixed starts the run (and resuming it says it is complete)."""
     out = tmp_path / "run"
     config = write(tmp_path, "method: dense\nmodel: {hidden: [8]}\ntrain: {epochs: 1}\nrewind: {iterations: 0}\n"
                              "device: cpu\n")
@@ -123,6 +123,9 @@ def test_errors_found_while_setting_up_leave_no_run_behind(tmp_path, capsys):
         assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 2
     assert "SWAMP_KERNELS_BACKEND='fastest' is not one of" in capsys.readouterr().err and not out.exists()
     assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    assert "already complete" not in capsys.readouterr().out
+    assert cli.main(["resume", str(out), "--quiet"]) == 0
+    assert f"{out} was already complete; nothing to train" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "runs/a"], ["resume", "runs/a"]])
@@ -131,5 +134,6 @@ def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, cap
         raise KeyboardInterrupt
     monkeypatch.setattr(C, "load", lambda *args, **kwargs: None)
     monkeypatch.setattr(cli.pipeline, argv[0], interrupted)
+    monkeypatch.setattr(cli.pipeline, "finished", lambda out: False)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip() == f"swamp {argv[0]}: interrupted; continue with `swamp resume runs/a`"
