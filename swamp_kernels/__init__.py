@@ -117,13 +117,16 @@ def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
 
 
 def _real(name: str, value, low: float = 0.0) -> float:
-    """A finite float >= ``low`` from a number or a one-element tensor (as torch.optim takes lr)."""
+    """A finite float >= ``low`` within float32's range (the kernels compute in float32) from a
+    number or a one-element tensor (as torch.optim takes lr)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < low:
         bound = f" >= {low}" if math.isfinite(low) else ""
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    if abs(value) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{name} = {value!r} is beyond float32's range (the step computes in float32)")
     return float(value)
 
 
