@@ -26,6 +26,7 @@ DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "i
 PATH_DATASETS = ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet")
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")   # the accepted spellings of a device
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -241,7 +242,7 @@ def validate(config: Config, check_paths: bool = True) -> None:
     trained = config.particles if config.method == "swamp" else 1
     _require(groups == 1 or trained % groups == 0, "distributed.particle_groups",
              f"{groups} groups cannot share the {trained} particles method {config.method} trains")
-    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device) is not None, "device",
+    _require(DEVICE_NAME.fullmatch(config.device) is not None, "device",
              f"must be auto, cpu or cuda[:N], got {config.device!r}")
     _require(bool(config.model.hidden) or config.model.name != "mlp", "model.hidden",
              "mlp needs at least one hidden layer")

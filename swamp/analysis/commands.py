@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from swamp.analysis.landscape import l2_distance, mask_overlap
 from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
+from swamp.config import DEVICE_NAME
 from swamp.pipeline import atomic_write
 
 __all__ = ["add_parser", "main"]
@@ -31,7 +31,7 @@ def _at_least(minimum: int):
 
 def _device(text: str) -> str:
     """An argparse type: cpu, auto (cuda when torch sees one) or cuda[:N] on a GPU torch sees."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+    if DEVICE_NAME.fullmatch(text) is None:
         raise argparse.ArgumentTypeError(f"must be cpu, auto or cuda[:N], got {text!r}")
     gpus = torch.cuda.device_count()
     if text == "auto":
