@@ -23,6 +23,7 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", 
 
 METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
+PRUNE_SCOPES = ("global", "layerwise")     # one threshold over all layers | one per layer
 PATH_DATASETS = ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet")
 
 
@@ -214,8 +215,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(config.particles >= 1, "particles", f"must be >= 1, got {config.particles}")
     _require(0.0 < config.prune_fraction < 1.0, "prune_fraction",
              f"must lie in (0, 1), got {config.prune_fraction}")
-    _require(config.prune.scope in ("global", "layerwise"), "prune.scope",
-             f"must be global or layerwise, got {config.prune.scope!r}")
+    _require(config.prune.scope in PRUNE_SCOPES, "prune.scope",
+             f"must be one of {', '.join(PRUNE_SCOPES)}, got {config.prune.scope!r}")
     _require(config.levels >= 0, "levels", f"must be >= 0, got {config.levels}")
     _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
     _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")

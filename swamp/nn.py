@@ -33,9 +33,9 @@ Design: weights are stored masked.
 State dicts. Loading masks the loaded weight with the loaded mask. A plain ``nn.Linear`` /
 ``nn.Conv2d`` state_dict lacks ``weight_mask``: strict loading reports it as a missing key,
 as PyTorch does for any missing key; with ``strict=False`` the layer keeps its current mask
-and zeroes the loaded weight outside it, which is how a pruned model rewinds to a dense
-checkpoint. A checkpoint saved from a masked model carries its masks: loading it restores
-them too.
+and zeroes the loaded weight outside it. A checkpoint saved from a masked model carries its
+masks: loading it restores them too. :func:`swamp.rewind` loads either kind but keeps the
+current masks (how a pruned model goes back to its rewind point).
 
 ``torch.func.functional_call``: the layer computes with the weight it is given, as any layer
 does, and masks its gradient with the ``weight_mask`` in effect (the one passed, else its

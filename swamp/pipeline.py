@@ -45,6 +45,7 @@ from swamp import distributed, evaluate
 from swamp.config import Config, ConfigError, DataConfig, dump, from_dict, validate
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
+from swamp.imp import next_masks
 from swamp.models import build_model
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
@@ -149,14 +150,9 @@ def _distributed(config: Config, body: Callable[[Topology], dict]) -> dict:
 def _prune(config: Config, level: int, state: dict, masks: dict) -> dict:
     """The next masks: ``prune_fraction`` of the remaining weights (of all layers together, or
     of each layer: ``prune.scope``), by magnitude or at random."""
-    names = list(masks)
-    weights = [state[n] for n in names]
-    scores = (swamp_kernels.random_scores(weights, seed=derive_seed(config.seed, level))
-              if config.method == "random" else None)
-    prune = (swamp_kernels.global_magnitude_prune if config.prune.scope == "global"
-             else swamp_kernels.layerwise_magnitude_prune)
-    new = prune(weights, [masks[n] for n in names], config.prune_fraction, scores=scores)
-    return dict(zip(names, new))
+    return next_masks(state, masks, config.prune_fraction, scope=config.prune.scope,
+                      criterion="random" if config.method == "random" else "magnitude",
+                      seed=derive_seed(config.seed, level))
 
 
 def _average(result, masks: dict, cross: Group = Group.single()) -> dict:

@@ -1,14 +1,11 @@
 """Whole-model masking: convert layers, read and write masks, report density, export dense.
 
 Masks are keyed by parameter name, e.g. ``"layer1.0.conv1.weight"``, the keys of
-``model.state_dict()``. A typical IMP level::
+``model.state_dict()``::
 
     swamp.sparsify(model, exclude=["conv1", "fc"])       # keep the stem and classifier dense
-    ...train...
-    names, masks = zip(*swamp.masks(model).items())
-    weights = [model.get_parameter(n) for n in names]
-    new = swamp_kernels.global_magnitude_prune(weights, list(masks), amount=0.2)
-    swamp.set_masks(model, dict(zip(names, new)))        # zeroes the newly pruned weights
+    ...train, then choose masks (swamp.prune does it by magnitude)...
+    swamp.set_masks(model, new_masks)                    # zeroes the newly pruned weights
     print(swamp.sparsity_report(model))
 """
 from __future__ import annotations

@@ -37,6 +37,16 @@ def test_masked_layers_example():
     weights = [p for n, p in model.named_parameters() if n in names["swamp"].masks(model)]
     assert any(p.any() for p in pruned) and all(torch.all(w[p] == 0) for w, p in zip(weights, pruned))
     assert "fc.weight" not in names["swamp"].masks(model)   # exclude=["fc"]
+    assert abs(names["swamp"].sparsity_report(model).density - 0.8 ** 3) < 1e-6   # 3 levels of 20%
+
+
+def test_masked_layers_example_rewinds_with_the_masks():
+    torch.manual_seed(0)
+    names = run_blocks("Masked layers", {"model": torchvision.models.resnet18(num_classes=10)})
+    model, rewind_point = names["model"], names["rewind_point"]
+    state = model.state_dict()
+    for name, mask in names["swamp"].masks(model).items():
+        assert torch.equal(state[name], rewind_point[name] * mask)
 
 
 def test_ops_example():

@@ -1,0 +1,153 @@
+"""swamp.prune / swamp.rewind / swamp.imp.next_masks: the IMP steps on a model in a user's loop."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import swamp
+import swamp_kernels as sk
+from swamp.imp import next_masks
+
+
+def net(seed: int = 0) -> nn.Module:
+    """Layers of very different scales (a global threshold prunes the small one first), a
+    BatchNorm with buffers and a bias: what rewinding must restore."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+    return model
+
+
+def train_steps(model: nn.Module, steps: int = 3) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 4, 4, generator=gen), torch.randint(10, (4,), generator=gen)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def kept(masks: dict) -> dict:
+    return {name: int(mask.sum()) for name, mask in masks.items()}
+
+
+def test_prune_is_the_global_magnitude_prune_of_the_masked_weights():
+    model = swamp.sparsify(net())
+    names = list(swamp.masks(model))
+    weights = [model.get_parameter(n).detach().clone() for n in names]
+    expected = sk.global_magnitude_prune(weights, None, 0.3, backend="torch")
+    new = swamp.prune(model, 0.3)
+    assert list(new) == names
+    for name, mask, weight in zip(names, expected, weights):
+        assert torch.equal(new[name], mask) and torch.equal(swamp.masks(model)[name], mask)
+        assert torch.equal(model.get_parameter(name), weight * mask)   # newly pruned weights are 0
+    total = sum(w.numel() for w in weights)
+    assert sum(kept(new).values()) == total - round(0.3 * total)
+    assert kept(new)["0.weight"] < round(0.7 * 8 * 3 * 9)   # the small-scale layer lost more
+
+
+def test_prune_again_prunes_the_remaining_weights():
+    model = swamp.sparsify(net())
+    total = sum(m.numel() for m in swamp.masks(model).values())
+    first = sum(kept(swamp.prune(model, 0.2)).values())
+    second = swamp.prune(model, 0.2)
+    assert sum(kept(second).values()) == first - round(0.2 * first)
+    assert first == total - round(0.2 * total)
+    assert swamp.sparsity_report(model).kept == sum(kept(second).values())
+
+
+def test_layerwise_scope_prunes_each_layer_by_the_fraction():
+    model = swamp.sparsify(net())
+    before = kept(swamp.masks(model))
+    after = kept(swamp.prune(model, 0.25, scope="layerwise"))
+    assert after == {name: n - round(0.25 * n) for name, n in before.items()}
+
+
+def test_random_criterion_is_seeded_and_not_magnitude():
+    masks = [swamp.prune(swamp.sparsify(net()), 0.5, criterion="random", seed=s) for s in (3, 3, 4)]
+    magnitude = swamp.prune(swamp.sparsify(net()), 0.5)
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    assert any(not torch.equal(masks[0][n], masks[2][n]) for n in masks[0])
+    assert any(not torch.equal(masks[0][n], magnitude[n]) for n in masks[0])
+    assert sum(kept(masks[0]).values()) == sum(kept(magnitude).values())
+
+
+def test_next_masks_keeps_the_keys_and_only_removes_entries():
+    gen = torch.Generator().manual_seed(2)
+    weights = {"b": torch.randn(5, 7, generator=gen), "a": torch.randn(13, generator=gen), "other": torch.ones(2)}
+    masks = {"b": torch.rand(5, 7, generator=gen) < 0.8, "a": torch.rand(13, generator=gen) < 0.8}
+    new = next_masks(weights, masks, 4)
+    assert list(new) == ["b", "a"]
+    assert all(not (new[n] & ~masks[n]).any() for n in masks)
+    assert sum(kept(masks).values()) - sum(kept(new).values()) == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scope": "per_layer"}, "scope must be one of global, layerwise"),
+    ({"criterion": "snip"}, "criterion must be one of magnitude, random"),
+    ({"amount": 1.5}, "amount"),
+])
+def test_prune_bad_arguments_name_the_problem(kwargs, message):
+    model = swamp.sparsify(net())
+    before = swamp.masks(model)
+    with pytest.raises(ValueError, match=message):
+        swamp.prune(model, **kwargs)
+    assert all(torch.equal(before[n], m) for n, m in swamp.masks(model).items())
+
+
+def test_prune_needs_masked_layers_and_next_masks_every_weight():
+    with pytest.raises(ValueError, match="no masked layers: call swamp.sparsify"):
+        swamp.prune(net())
+    with pytest.raises(ValueError, match="weights lacks the masked weight.*'fc.weight'"):
+        next_masks({"conv.weight": torch.ones(3)}, {"conv.weight": torch.ones(3, dtype=torch.bool),
+                                                    "fc.weight": torch.ones(2, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("saved_from", ["masked", "dense"])
+def test_rewind_restores_the_rewind_point_and_keeps_the_new_masks(saved_from):
+    model = net()
+    if saved_from == "masked":
+        swamp.sparsify(model)
+    rewind_state = copy.deepcopy(model.state_dict())
+    swamp.sparsify(model)
+    train_steps(model)
+    masks = swamp.prune(model, 0.4)
+    swamp.rewind(model, rewind_state)
+    state = model.state_dict()
+    for name, mask in masks.items():
+        assert torch.equal(swamp.masks(model)[name], mask)          # not the saved all-True masks
+        assert torch.equal(state[name], rewind_state[name] * mask)  # rewound, pruned entries 0
+    for key, value in rewind_state.items():                         # biases, BatchNorm buffers
+        if key.removesuffix("_mask") == key and key not in masks:
+            assert torch.equal(state[key], value), key
+    train_steps(model)
+    assert all(torch.equal(model.get_parameter(n)[~m], torch.zeros(int((~m).sum()))) for n, m in masks.items())
+
+
+def test_a_plain_load_state_dict_would_restore_the_saved_masks():
+    """What rewind exists for: loading a masked checkpoint brings its masks back too."""
+    model = swamp.sparsify(net())
+    rewind_state = copy.deepcopy(model.state_dict())
+    swamp.prune(model, 0.4)
+    model.load_state_dict(rewind_state)
+    assert all(m.all() for m in swamp.masks(model).values())
+
+
+def test_rewind_checks_the_state_before_loading_anything():
+    model = swamp.sparsify(net())
+    swamp.prune(model, 0.4)
+    before = copy.deepcopy(model.state_dict())
+    other = swamp.sparsify(net(seed=1)).state_dict()
+    bad = [({k: v for k, v in other.items() if k != "1.running_mean"}, "missing keys: 1.running_mean"),
+           ({**other, "extra": torch.zeros(1)}, "unexpected keys: extra"),
+           ({**other, "4.bias": torch.zeros(3)}, r"shape mismatches: 4.bias \(3,\) != \(10,\)")]
+    for state, message in bad:
+        with pytest.raises(ValueError, match=f"state does not match the model.*{message}.*nothing was loaded"):
+            swamp.rewind(model, state)
+    with pytest.raises(TypeError, match="state must be a state_dict"):
+        swamp.rewind(model, list(other.values()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
