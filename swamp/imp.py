@@ -15,7 +15,8 @@ prunes its averaged state with).
 """
 from __future__ import annotations
 
-from typing import Mapping
+import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -23,14 +24,14 @@ from torch import nn
 import swamp_kernels
 from swamp.config import PRUNE_SCOPES
 from swamp.sparsify import masks as model_masks
-from swamp.sparsify import set_masks
+from swamp.sparsify import set_masks, shared_masks
 
-__all__ = ["next_masks", "prune", "rewind", "CRITERIA"]
+__all__ = ["CRITERIA", "next_masks", "prune", "rewind"]
 
 CRITERIA = ("magnitude", "random")
 
 
-def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], amount: float | int = 0.2,
+def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], amount: float = 0.2,
                *, scope: str = "global", criterion: str = "magnitude", seed: int = 0,
                backend: str = "auto") -> dict[str, torch.Tensor]:
     """The masks after pruning ``amount`` of the entries that ``masks`` keeps, keyed like ``masks``.
@@ -38,8 +39,9 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
     ``amount`` as in :func:`swamp_kernels.global_magnitude_prune` (a fraction of the remaining
     entries, or an int count). ``scope``: ``"global"`` (one threshold over all weights) or
     ``"layerwise"`` (each weight loses ``amount`` of its own). ``criterion``: ``"magnitude"``
-    (smallest ``|w|`` pruned, ties keep the lowest index) or ``"random"`` (uniform, from
-    ``seed``: the lottery-ticket control). ``weights`` must hold every key of ``masks``.
+    (smallest ``|w|`` pruned, ties keep the lowest index; float64 weights are ranked by their
+    float32 rounding) or ``"random"`` (uniform, from ``seed``: the lottery-ticket control).
+    ``weights`` must hold every key of ``masks``; errors name the weights.
     """
     if scope not in PRUNE_SCOPES:
         raise ValueError(f"scope must be one of {', '.join(PRUNE_SCOPES)}; got {scope!r}")
@@ -50,54 +52,73 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
         raise ValueError(f"weights lacks the masked weight(s) {', '.join(map(repr, missing[:6]))}")
     names = list(masks)
     tensors = [weights[name] for name in names]
-    scores = swamp_kernels.random_scores(tensors, seed=seed) if criterion == "random" else None
+    tensors = [w.float() if isinstance(w, torch.Tensor) and w.dtype == torch.float64 else w for w in tensors]
     select = (swamp_kernels.global_magnitude_prune if scope == "global"
               else swamp_kernels.layerwise_magnitude_prune)
-    return dict(zip(names, select(tensors, [masks[name] for name in names], amount, scores=scores,
-                                  backend=backend)))
+    try:
+        scores = swamp_kernels.random_scores(tensors, seed=seed) if criterion == "random" else None
+        new = select(tensors, [masks[name] for name in names], amount, scores=scores, backend=backend)
+    except (TypeError, ValueError) as error:
+        raise _naming(error, names) from None
+    return dict(zip(names, new))
 
 
-def prune(model: nn.Module, amount: float | int = 0.2, *, scope: str = "global", criterion: str = "magnitude",
+def _naming(error: Exception, names: list[str]) -> Exception:
+    """``error`` of an op on the list ``names`` with the names of the indices it mentions."""
+    indices = sorted({int(i) for i in re.findall(r"\[(\d+)\]", str(error))} & set(range(len(names))))
+    if not indices:
+        return error
+    return type(error)(f"{error} ({', '.join(f'[{i}] is {names[i]!r}' for i in indices)})")
+
+
+def prune(model: nn.Module, amount: float = 0.2, *, scope: str = "global", criterion: str = "magnitude",
           seed: int = 0, backend: str = "auto") -> dict[str, torch.Tensor]:
     """In place: prune ``amount`` of the remaining weights of ``model``'s masked layers.
 
-    Arguments as in :func:`next_masks`. The new masks go into the layers and the newly pruned
+    Arguments as in :func:`next_masks`. A weight shared by several layers counts once and
+    gets one mask in all of them. The new masks go into the layers and the newly pruned
     weights become 0 (:func:`swamp.set_masks`); returns copies of them, keyed by weight name.
     """
-    current = model_masks(model)
-    if not current:
+    shared = shared_masks(model)
+    if not shared:
         raise ValueError("the model has no masked layers: call swamp.sparsify(model) first")
-    weights = {name: model.get_parameter(name).detach() for name in current}
-    new = next_masks(weights, current, amount, scope=scope, criterion=criterion, seed=seed, backend=backend)
-    set_masks(model, new)
-    return new
+    weights = {first: model.get_parameter(first).detach() for first in shared}
+    new = next_masks(weights, {first: mask for first, (mask, _) in shared.items()}, amount, scope=scope,
+                     criterion=criterion, seed=seed, backend=backend)
+    by_name = {name: new[first] for first, (_, names) in shared.items() for name in names}
+    set_masks(model, by_name)
+    return {name: by_name[name] for name in model_masks(model)}
 
 
 def rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """In place: load ``state`` (a state_dict, e.g. saved at the rewind point) but keep the masks.
 
-    ``state`` may come from the masked model (its ``weight_mask`` entries are ignored) or from
-    the dense one; every other key and shape must match the model's (checked before anything
-    is loaded). Pruned
-    weights are 0 afterwards. (A plain ``load_state_dict`` of a masked checkpoint would restore
-    that checkpoint's masks too: at the rewind point, all True.)
+    ``state`` may come from the masked model or from the dense one: its ``weight_mask``
+    entries are ignored; every other key, shape and value type must match the model's
+    (checked before anything is loaded). Pruned weights are 0 afterwards. (A plain
+    ``load_state_dict`` of a masked checkpoint would restore that checkpoint's masks too: at
+    the rewind point, all True.)
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a state_dict (a mapping of names to tensors), got {type(state).__name__}")
+    expected = model.state_dict()
+    saved_masks = {k for k in state if k.endswith("weight_mask") and k.removesuffix("_mask") in expected}
     current = {f"{name}_mask": mask for name, mask in model_masks(model).items()}
-    loaded = {**{k: v for k, v in state.items() if k not in current}, **current}
-    _check_matches(model.state_dict(), loaded)
+    loaded = {**{k: v for k, v in state.items() if k not in saved_masks}, **current}
+    _check_matches(expected, loaded)
     model.load_state_dict(loaded)
 
 
 def _check_matches(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> None:
     """Raise before anything is loaded (``load_state_dict`` loads what matches, then raises)."""
+    tensors = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor) and k in loaded}
     problems = {
         "missing keys": [k for k in expected if k not in loaded],
         "unexpected keys": [k for k in loaded if k not in expected],
-        "shape mismatches": [f"{k} {tuple(loaded[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                             if isinstance(v, torch.Tensor) and isinstance(loaded.get(k), torch.Tensor)
-                             and loaded[k].shape != v.shape],
+        "not tensors": [f"{k} ({type(loaded[k]).__name__})" for k in tensors
+                        if not isinstance(loaded[k], torch.Tensor)],
+        "shape mismatches": [f"{k} {tuple(loaded[k].shape)} != {tuple(v.shape)}" for k, v in tensors.items()
+                             if isinstance(loaded[k], torch.Tensor) and loaded[k].shape != v.shape],
     }
     found = [f"{what}: {', '.join(items[:6])}{', ...' if len(items) > 6 else ''}"
              for what, items in problems.items() if items]

@@ -97,39 +97,38 @@ class MaskedLayer(nn.Module):
 
     def _add_mask(self) -> None:
         self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool))
-        # built on the meta device: after ``to_empty`` the mask is uninitialised memory, which
-        # the first reset_parameters (torch's recipe for such modules) fills with True
-        self._mask_unset = self.weight.is_meta
         _LIVE.add(self)
 
-    def reset_parameters(self) -> None:
-        """Re-initialise ``weight`` and ``bias`` as the dense layer does, keeping the mask
-        (all True on a layer built on the meta device that no mask was loaded into since)."""
-        super().reset_parameters()
-        if "weight_mask" not in self._buffers:  # absent while the dense __init__ runs
-            return
-        if self._mask_unset:
+    def _apply(self, fn, recurse: bool = True):
+        """As ``nn.Module._apply``; a mask leaving the meta device (``to_empty``: uninitialised
+        memory) becomes all True, as a layer built off the meta device starts."""
+        was_meta = self.weight_mask.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.weight_mask.is_meta:
             with torch.no_grad():
                 self.weight_mask.fill_(True)
-            self._mask_unset = False
-        _zero_pruned([self])
+        return self
+
+    def reset_parameters(self) -> None:
+        """Re-initialise ``weight`` and ``bias`` as the dense layer does, keeping the mask."""
+        super().reset_parameters()
+        if "weight_mask" in self._buffers:  # absent while the dense __init__ runs
+            _zero_pruned([self])
 
     def load_mask_(self, mask: torch.Tensor) -> None:
         """In place: the mask becomes a copy of the bool ``mask`` (of the weight's shape). The
         weight is not touched: zero it afterwards (:func:`zero_pruned_`, or set_masks does)."""
         with torch.no_grad():
             self.weight_mask.copy_(mask)
-        self._mask_unset = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "weight_mask" in state_dict:
-            self._mask_unset = False
+        if self.weight_mask.is_meta and not self.weight.is_meta:   # assign=True without a mask
+            self.weight_mask = torch.ones_like(self.weight, dtype=torch.bool)
         _zero_pruned([self])
 
     def __setstate__(self, state) -> None:  # deepcopy and unpickling
         super().__setstate__(state)
-        self.__dict__.setdefault("_mask_unset", False)   # pickled before the attribute existed
         _LIVE.add(self)
 
 

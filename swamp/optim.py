@@ -4,9 +4,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 from torch.optim.sgd import sgd as torch_sgd
 
 import swamp_kernels
+from swamp.nn import MaskedLayer
 from swamp_kernels import _validate as check
 
 
@@ -15,10 +17,12 @@ class MaskedSGD(torch.optim.Optimizer):
 
     Arguments are those of ``torch.optim.SGD`` plus:
 
-    - ``masks``: None, a dict ``{param: bool mask}``, or a sequence aligned with the
-      params (all groups, in order; None entries are unmasked). A mask has the param's
-      shape or, for stacked particles ``[P, *shape]``, ``shape``. Masks are kept by
-      reference, so pruning them in place takes effect at the next step.
+    - ``masks``: None, a model (``nn.Module``: the ``weight_mask`` of each of its masked
+      layers whose weight this optimizer holds), a dict ``{param: bool mask}``, or a sequence
+      aligned with the params (all groups, in order; None entries are unmasked). A mask has
+      the param's shape or, for stacked particles ``[P, *shape]``, ``shape``. Masks are kept
+      by reference, so pruning them in place (``swamp.prune``, ``swamp.set_masks`` on that
+      model) takes effect at the next step.
     - ``backend``: the :mod:`swamp_kernels` backend of :func:`swamp_kernels.masked_sgd_step_`.
 
     ``foreach`` and ``fused`` are accepted as torch's SGD takes them and change nothing (the step
@@ -66,8 +70,12 @@ class MaskedSGD(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def set_masks(self, masks) -> None:
-        """Replace all masks: None, ``{param: mask}`` or a sequence aligned with the params."""
+        """Replace all masks: None, a model, ``{param: mask}`` or a sequence aligned with the params."""
         params = self._params()
+        if isinstance(masks, nn.Module):
+            held = {id(p) for p in params}
+            masks = {layer.weight: layer.weight_mask for layer in masks.modules()
+                     if isinstance(layer, MaskedLayer) and id(layer.weight) in held}
         if masks is None:
             aligned = [None] * len(params)
         elif isinstance(masks, Mapping):

@@ -20,7 +20,7 @@ from torch import nn
 
 from swamp.nn import MaskedLayer, to_dense_, to_masked_, zero_pruned_
 
-__all__ = ["sparsify", "masks", "set_masks", "sparsity_report", "export_dense",
+__all__ = ["sparsify", "masks", "set_masks", "shared_masks", "sparsity_report", "export_dense",
            "SparsityReport", "LayerDensity"]
 
 Selector = Union[None, Callable[[str, nn.Module], bool], str, type, Sequence[Union[str, type]]]
@@ -54,8 +54,10 @@ def _predicate(arg: str, selector: Selector, modules: dict[str, nn.Module],
             continue
         others = {n: m for n, m in modules.items() if _item_matches(item, n, m)}
         if others:
+            inside = [n for n in candidates if isinstance(item, str) and n.startswith(f"{item}.")]
+            hint = f" (the layers inside it: {item}.*)" if inside else ""
             raise ValueError(f"{arg} item {item!r} matches only modules sparsify does not convert: "
-                             f"{_describe(others)}; it converts exactly nn.Conv2d and nn.Linear")
+                             f"{_describe(others)}; it converts exactly nn.Conv2d and nn.Linear{hint}")
         raise ValueError(f"{arg} item {item!r} matches no module; Conv2d/Linear layers are: "
                          f"{_describe(candidates)}")
     return lambda name, module: any(_item_matches(item, name, module) for item in items)
@@ -153,17 +155,14 @@ class LayerDensity:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """Per-layer and global density of a model's masked weights; ``str()`` is a table."""
+    """Per-layer and global density of a model's masked weights; ``str()`` is a table.
+
+    ``kept`` and ``total`` count each weight once: a weight shared by several layers is
+    kept where all their masks keep it."""
 
     layers: tuple[LayerDensity, ...]
-
-    @property
-    def kept(self) -> int:
-        return sum(layer.kept for layer in self.layers)
-
-    @property
-    def total(self) -> int:
-        return sum(layer.total for layer in self.layers)
+    kept: int
+    total: int
 
     @property
     def density(self) -> float:
@@ -189,13 +188,24 @@ class SparsityReport:
         return "\n".join(s.rstrip() for s in out)
 
 
+def shared_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Each distinct masked weight once: its first name -> (the AND of the masks of the layers
+    holding it, all its names)."""
+    shared: dict[int, tuple[str, torch.Tensor, list[str]]] = {}
+    for name, layer in _masked_layers(model).items():
+        first, mask, names = shared.get(id(layer.weight), (name, None, []))
+        mask = layer.weight_mask if mask is None else mask & layer.weight_mask
+        shared[id(layer.weight)] = first, mask, [*names, name]
+    return {first: (mask, names) for first, mask, names in shared.values()}
+
+
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Density of every masked weight of ``model`` and over all of them."""
     layers = _masked_layers(model)
-    kept = [int(layer.weight_mask.sum()) for layer in layers.values()]
-    return SparsityReport(tuple(
-        LayerDensity(name, type(layer).__name__, tuple(layer.weight.shape), k, layer.weight_mask.numel())
-        for (name, layer), k in zip(layers.items(), kept)))
+    rows = tuple(LayerDensity(name, type(layer).__name__, tuple(layer.weight.shape), int(layer.weight_mask.sum()),
+                              layer.weight_mask.numel()) for name, layer in layers.items())
+    distinct = [mask for mask, _ in shared_masks(model).values()]
+    return SparsityReport(rows, sum(int(m.sum()) for m in distinct), sum(m.numel() for m in distinct))
 
 
 def export_dense(model: nn.Module) -> nn.Module:

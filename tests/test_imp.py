@@ -151,3 +151,92 @@ def test_rewind_checks_the_state_before_loading_anything():
     with pytest.raises(TypeError, match="state must be a state_dict"):
         swamp.rewind(model, list(other.values()))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_float64_models_prune_by_magnitude():
+    model = swamp.sparsify(net().double())
+    weights = {n: model.get_parameter(n).detach().clone() for n in swamp.masks(model)}
+    new = swamp.prune(model, 0.3)
+    expected = sk.global_magnitude_prune([w.float() for w in weights.values()], None, 0.3, backend="torch")
+    assert all(torch.equal(new[n], m) for n, m in zip(weights, expected))
+    assert all(torch.equal(model.get_parameter(n), weights[n] * new[n]) for n in weights)
+
+
+class Tied(nn.Module):
+    """An autoencoder whose decoder shares the encoder's weight (the same Parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.head(self.dec(self.enc(x)))
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+def test_a_weight_shared_by_two_layers_counts_once_and_gets_one_mask(criterion):
+    torch.manual_seed(0)
+    model = swamp.sparsify(Tied())
+    new = swamp.prune(model, 0.5, criterion=criterion, seed=1)
+    assert list(new) == ["enc.weight", "dec.weight", "head.weight"]
+    assert torch.equal(new["enc.weight"], new["dec.weight"])
+    assert torch.equal(model.enc.weight_mask, model.dec.weight_mask)
+    distinct = 16 * 16 + 16 * 4
+    report = swamp.sparsity_report(model)
+    assert (report.kept, report.total) == (distinct - round(0.5 * distinct), distinct)
+    assert int((model.enc.weight != 0).sum()) + int((model.head.weight != 0).sum()) == report.kept
+    assert "global" in str(report) and f"{report.kept}/{distinct}" in str(report)
+    before = report.kept
+    swamp.prune(model, 10)   # an int amount: exactly that many distinct weights
+    assert swamp.sparsity_report(model).kept == before - 10
+
+
+def test_the_report_keeps_a_shared_weight_where_all_its_masks_keep_it():
+    model = swamp.sparsify(Tied())
+    gen = torch.Generator().manual_seed(3)
+    swamp.set_masks(model, {"enc.weight": torch.rand(16, 16, generator=gen) < 0.5,
+                            "dec.weight": torch.rand(16, 16, generator=gen) < 0.5})
+    both = model.enc.weight_mask & model.dec.weight_mask
+    assert swamp.sparsity_report(model).kept == int(both.sum()) + 16 * 4
+
+
+def test_errors_name_the_weights():
+    model = swamp.sparsify(net())
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weights\[1\] has NaN or Inf.*\(\[1\] is '4.weight'\)"):
+        swamp.prune(model, 0.2)
+    with torch.no_grad():
+        model[4].weight[0, 0] = 1.0
+    with pytest.raises(ValueError, match=r"amount=10000 exceeds.*of weights\[0\] \(\[0\] is '0.weight'\)"):
+        swamp.prune(model, 10 ** 4, scope="layerwise")
+
+
+def test_rewind_from_a_meta_built_model_keeps_full_masks():
+    with torch.device("meta"):
+        model = swamp.sparsify(net())
+    model.to_empty(device="cpu")
+    dense = net(seed=2).state_dict()
+    swamp.rewind(model, dense)
+    assert all(m.all() for m in swamp.masks(model).values())
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items() if k in dense)
+
+
+def test_rewind_ignores_the_masks_of_layers_the_model_keeps_dense():
+    rewind_state = swamp.sparsify(net()).state_dict()   # every layer masked
+    model = swamp.sparsify(net(), exclude="4")
+    swamp.prune(model, 0.5)
+    masks = swamp.masks(model)
+    swamp.rewind(model, rewind_state)
+    assert list(swamp.masks(model)) == ["0.weight"] and torch.equal(swamp.masks(model)["0.weight"], masks["0.weight"])
+    assert torch.equal(model[4].weight, rewind_state["4.weight"])
+
+
+def test_rewind_refuses_values_that_are_not_tensors_before_loading():
+    model = swamp.sparsify(net())
+    before = copy.deepcopy(model.state_dict())
+    state = net(seed=1).state_dict()
+    with pytest.raises(ValueError, match=r"not tensors: 1.weight \(ndarray\), 4.bias \(NoneType\)"):
+        swamp.rewind(model, {**state, "1.weight": state["1.weight"].numpy(), "4.bias": None})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -330,26 +330,38 @@ def test_reset_parameters_keeps_the_mask():
     assert torch.count_nonzero(layer.weight[~mask]) == 0
 
 
-def test_meta_device_recipe_gives_a_full_mask():
-    """Built on the meta device, then to_empty + reset_parameters (torch's recipe): the mask is
-    all True, not uninitialised memory; masks set or loaded in between are kept."""
+def test_meta_device_recipe_gives_a_full_mask(monkeypatch):
+    """Built on the meta device, then to_empty (+ reset_parameters, torch's recipe, or a load):
+    the mask is all True, not uninitialised memory; masks set or loaded afterwards are kept."""
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kwargs: empty_like(t, **kwargs).zero_())  # garbage
     with torch.device("meta"):
-        layers = [MaskedLinear(8, 6) for _ in range(3)]
+        model = nn.Sequential(*[MaskedLinear(8, 6) for _ in range(4)])
+    model.to_empty(device="cpu")
     mask = torch.rand(6, 8) < 0.5
-    for i, layer in enumerate(layers):
-        layer.to_empty(device="cpu")
-        with torch.no_grad():
-            layer.weight_mask.view(torch.uint8).fill_(0)   # what uninitialised memory may hold
-        if i == 1:
-            swamp.set_masks(layer, {"weight": mask})
-        if i == 2:
-            layer.load_state_dict({**MaskedLinear(8, 6).state_dict(), "weight_mask": mask})
+    dense = nn.Linear(8, 6).state_dict()
+    swamp.set_masks(model, {"1.weight": mask})
+    model[2].load_state_dict({**MaskedLinear(8, 6).state_dict(), "weight_mask": mask})
+    model[3].load_state_dict(dense, strict=False)   # a dense checkpoint: the mask stays all True
+    for layer in model:
         layer.reset_parameters()
-        assert torch.equal(layer.weight_mask, mask if i else torch.ones(6, 8, dtype=torch.bool))
+    full = torch.ones(6, 8, dtype=torch.bool)
+    assert [torch.equal(layer.weight_mask, m) for layer, m in zip(model, [full, mask, mask, full])] == [True] * 4
     layer = MaskedLinear(8, 6)
     swamp.set_masks(layer, {"weight": mask})
     layer.reset_parameters()
     assert torch.equal(layer.weight_mask, mask)
+
+
+def test_dense_checkpoint_assigned_into_a_meta_model_gets_a_full_mask():
+    with torch.device("meta"):
+        layer = MaskedLinear(8, 6)
+    dense = nn.Linear(8, 6).state_dict()
+    layer.load_state_dict(dense, strict=False, assign=True)
+    assert layer.weight_mask.device.type == "cpu" and layer.weight_mask.all()
+    assert torch.equal(layer.weight, dense["weight"])
+    layer(torch.randn(2, 8)).sum().backward()
+    assert torch.equal(layer.weight.grad != 0, torch.ones(6, 8, dtype=torch.bool))
 
 
 def test_weight_shared_by_two_layers_is_zeroed_where_either_mask_is_false():

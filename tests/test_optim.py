@@ -240,3 +240,19 @@ def test_layer_hook_skips_weights_masked_sgd_already_masks(monkeypatch):
     opt.step()
     assert rezeroed == [[other]]
     assert not layer.weight[~layer.weight_mask].any()
+
+
+def test_masks_from_a_model_are_its_layer_masks_by_reference(monkeypatch):
+    import swamp
+    from swamp import nn as snn
+    torch.manual_seed(0)
+    model = swamp.sparsify(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)))
+    opt = MaskedSGD(model[0].parameters(), lr=0.1, weight_decay=0.1, masks=model)   # holds layer 0 only
+    assert list(opt.masks) == [model[0].weight] and opt.masks[model[0].weight] is model[0].weight_mask
+    swamp.prune(model, 0.5)                             # new masks: seen at the next step
+    rezeroed = []
+    monkeypatch.setattr(snn, "_zero_pruned", lambda layers: rezeroed.append(list(layers)))
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    assert rezeroed == [] and not model[0].weight_mask.all()
+    assert not model[0].weight[~model[0].weight_mask].any()

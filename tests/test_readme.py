@@ -31,6 +31,8 @@ def test_masked_layers_example():
     torch.manual_seed(0)
     names = run_blocks("Masked layers", {"model": torchvision.models.resnet18(num_classes=10)})
     model, opt = names["model"], names["opt"]
+    layers = [m for m in model.modules() if isinstance(m, names["swamp"].nn.MaskedLayer)]
+    assert layers and all(opt.masks_in_step(m.weight, m.weight_mask) for m in layers)   # masks=model
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
     pruned = [~m for m in names["swamp"].masks(model).values()]

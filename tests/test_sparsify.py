@@ -89,6 +89,7 @@ def test_sparsify_include_exclude(include, exclude, expected):
     ({"exclude": "blocks.*.1"}, ValueError,
      r"matches only modules sparsify does not convert: blocks.0.1 \(ReLU\)"),
     ({"include": ["bn"]}, ValueError, r"does not convert: bn \(BatchNorm2d\)"),
+    ({"exclude": "blocks.0"}, ValueError, r"blocks.0 \(Sequential\).*\(the layers inside it: blocks.0.\*\)"),
     ({"include": ["attn.out_proj"]}, ValueError, "NonDynamicallyQuantizableLinear"),
     ({"include": [nn.BatchNorm2d]}, ValueError, "BatchNorm2d"),
     ({"exclude": [3]}, TypeError, "exclude must be a callable"),
