@@ -105,12 +105,13 @@ def rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     saved_masks = {k for k in state if k.endswith("weight_mask") and k.removesuffix("_mask") in expected}
     current = {f"{name}_mask": mask for name, mask in model_masks(model).items()}
     loaded = {**{k: v for k, v in state.items() if k not in saved_masks}, **current}
-    _check_matches(expected, loaded)
+    _check_matches(expected, loaded, _wrapper_hint(expected, state))
     model.load_state_dict(loaded)
 
 
-def _check_matches(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> None:
-    """Raise before anything is loaded (``load_state_dict`` loads what matches, then raises)."""
+def _check_matches(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor], hint: str) -> None:
+    """Raise (ending with ``hint``) before anything is loaded: ``load_state_dict`` loads what
+    matches, then raises."""
     tensors = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor) and k in loaded}
     problems = {
         "missing keys": [k for k in expected if k not in loaded],
@@ -123,4 +124,15 @@ def _check_matches(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, to
     found = [f"{what}: {', '.join(items[:6])}{', ...' if len(items) > 6 else ''}"
              for what, items in problems.items() if items]
     if found:
-        raise ValueError(f"state does not match the model ({'; '.join(found)}); nothing was loaded")
+        raise ValueError(f"state does not match the model ({'; '.join(found)}); nothing was loaded{hint}")
+
+
+def _wrapper_hint(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """A hint when the keys differ by the prefix of a DDP or torch.compile wrapper."""
+    for prefix, wrapper in (("module.", "DistributedDataParallel"), ("_orig_mod.", "torch.compile")):
+        model_has, state_has = (bool(keys) and all(k.startswith(prefix) for k in keys) for keys in (expected, state))
+        if model_has != state_has:
+            which = "the model's" if model_has else "the state's"
+            return (f". Only {which} keys start with {prefix!r} ({wrapper}): rewind the wrapped module "
+                    "with its own state_dict, or the wrapper with the wrapper's")
+    return ""

@@ -240,3 +240,15 @@ def test_rewind_refuses_values_that_are_not_tensors_before_loading():
     with pytest.raises(ValueError, match=r"not tensors: 1.weight \(ndarray\), 4.bias \(NoneType\)"):
         swamp.rewind(model, {**state, "1.weight": state["1.weight"].numpy(), "4.bias": None})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rewind_across_a_compile_wrapper_says_so():
+    model = swamp.sparsify(net())
+    compiled = torch.compile(model)
+    with pytest.raises(ValueError, match=r"Only the model's keys start with '_orig_mod.' \(torch.compile\): "
+                                         r"rewind the wrapped module with its own state_dict"):
+        swamp.rewind(compiled, model.state_dict())
+    with pytest.raises(ValueError, match=r"Only the state's keys start with '_orig_mod.'"):
+        swamp.rewind(model, compiled.state_dict())
+    swamp.rewind(compiled, compiled.state_dict())
+    swamp.rewind(model, model.state_dict())
