@@ -1,4 +1,4 @@
-"""Command line: ``swamp run CONFIG --out DIR [--set k=v ...] [--quiet] [--dry-run]``, ``swamp resume DIR``,
+"""Command line: ``swamp run CONFIG --out DIR [--set k=v ...] [--quiet] [--dry-run]``, ``swamp resume DIR [--set k=v ...]``,
 ``swamp report DIR [DIR ...] [--plot PATH]``, ``swamp analyze {barrier,instability,levels,hessian,masks} ...``.
 
 ``run`` and ``resume`` also run under ``torchrun`` (``torchrun --nproc_per_node N -m swamp run ...``)."""
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="continue a killed or preempted run from its last epoch "
                                                 "checkpoint (a finished run: its table again)")
     resume.add_argument("dir", help="run directory (the --out of swamp run)")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a key that does not change the results (a moved data set, another "
+                             f"torchrun layout): {', '.join(pipeline.RESUME_KEYS)} (repeatable)")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = commands.add_parser("report", help="table and plot comparing run directories")
     rep.add_argument("dirs", nargs="+", help="run directories (unfinished runs are skipped)")
@@ -39,10 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show(text: str) -> None:
+def _show(text: str, file=None) -> None:
     """Print on rank 0 only (every rank of a torchrun job runs the command)."""
     if os.environ.get("RANK", "0") == "0":
-        print(text)
+        print(text, file=file)
+
+
+def _error(command: str, error: BaseException) -> None:
+    """Print ``error``; under torchrun tagged with the rank (each rank prints its own)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+    print(f"swamp {command}: error{rank}: {error}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -57,7 +67,7 @@ def main(argv=None) -> int:
                 _show(f"images/s: {summary['levels'][-1]['images_per_second']:.1f} (particle-images, all ranks)")
         elif args.command == "resume":
             complete = pipeline.finished(args.dir)
-            summary = pipeline.resume(args.dir, quiet=args.quiet)
+            summary = pipeline.resume(args.dir, quiet=args.quiet, overrides=args.overrides)
             if complete:
                 _show(f"{args.dir} was already complete; nothing to train. Its results:")
             _show(report.markdown_table({args.dir: summary}))
@@ -69,15 +79,16 @@ def main(argv=None) -> int:
             print(report.markdown_table(runs))
             print(f"\nplot: {report.plot(runs, args.plot)}")
     except (ValueError, OSError, BackendError) as error:   # bad input (ConfigError is one), files, backends
-        print(f"swamp {args.command}: error: {error}", file=sys.stderr)
+        _error(args.command, error)
         return 2
     except DistributedError as error:
-        print(f"swamp {args.command}: error: {error}", file=sys.stderr)
+        _error(args.command, error)
         return 1
     except KeyboardInterrupt:
         run_dir = getattr(args, "out", None) or getattr(args, "dir", None)
-        hint = f"; continue with `swamp resume {run_dir}`" if args.command in ("run", "resume") else ""
-        print(f"\nswamp {args.command}: interrupted{hint}", file=sys.stderr)
+        launch = "the same torchrun line with " if "WORLD_SIZE" in os.environ else ""
+        hint = f"; continue with {launch}`swamp resume {run_dir}`" if args.command in ("run", "resume") else ""
+        _show(f"\nswamp {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -30,9 +30,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import yaml
@@ -42,7 +43,7 @@ import swamp_kernels
 from torch.distributed import DistError
 
 from swamp import distributed, evaluate
-from swamp.config import Config, ConfigError, DataConfig, dump, from_dict, validate
+from swamp.config import Config, ConfigError, DataConfig, apply_overrides, dump, from_dict, to_dict, validate
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import next_masks
@@ -55,11 +56,27 @@ __all__ = ["run", "resume", "dry_run", "level_dir", "atomic_write", "DRY_RUN_STE
 DRY_RUN_STEPS = 20
 
 
+_TEMP = re.compile(r"\..+\.tmp\d+")   # atomic_write's temporary files: .NAME.tmpPID
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temp)`` then rename over ``path``: readers see the old file or the whole new one."""
+    """``write(temp)`` then rename over ``path``: readers see the old file or the whole new one.
+    A write that fails removes its temporary file (one killed mid-write leaves it for
+    :func:`_remove_partial_writes`)."""
     temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(temp)
-    os.replace(temp, path)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Delete the temporary files of writes killed in ``out`` and its level directories."""
+    for temp in [*out.iterdir(), *(f for d in out.glob("level_*") if d.is_dir() for f in d.iterdir())]:
+        if _TEMP.fullmatch(temp.name) and temp.is_file():
+            temp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, value) -> None:
@@ -75,8 +92,8 @@ def level_dir(out: Path, level: int) -> Path:
 
 
 def dry_run(config: Config) -> Config:
-    """``config`` on synthetic data of its dataset's input shape and classes: one level of one
-    epoch of ``DRY_RUN_STEPS`` steps from initialisation, for measuring throughput."""
+    """``config`` on synthetic data of its dataset's input shape and classes: levels 0 and 1 (at
+    most) of one epoch of ``DRY_RUN_STEPS`` steps from initialisation, for measuring throughput."""
     shape, classes = input_spec(config.data)
     batch = config.train.batch_size
     data = DataConfig(name="synthetic", shape=shape, classes=classes, augment=False,
@@ -108,10 +125,23 @@ def _run_config(out: Path) -> Config:
     return from_dict(yaml.safe_load((out / "config.yaml").read_text()))
 
 
-def resume(out: str | Path, quiet: bool = False) -> dict:
-    """Continue the run in ``out`` from its last checkpoint; returns the summary."""
+# What ``resume --set`` may change: where and how the run executes, never what it computes.
+RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_groups", "distributed.timeout_s",
+               "train.checkpoint_every")
+
+
+def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) -> dict:
+    """Continue the run in ``out`` from its last checkpoint; returns the summary. ``overrides``
+    (``key=value``) may change the keys of :data:`RESUME_KEYS` (a moved data set, another layout),
+    which the run's ``config.yaml`` then keeps."""
     out = Path(out)
     config = _run_config(out)
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key not in RESUME_KEYS:
+            raise ConfigError(f"resume --set {item!r}: {key!r} would change the run's results; resume can "
+                              f"change only {', '.join(RESUME_KEYS)}")
+    config = from_dict(apply_overrides(to_dict(config), overrides))
     validate(config)
     swamp_kernels.preferred_backend()
     return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
@@ -239,14 +269,19 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                           "training iterations")
     levels = 0 if config.method == "dense" else config.levels
     particles = config.particles if config.method == "swamp" else 1
+    batch = min(config.train.batch_size, data.num_train)   # a smaller training set is one batch
     for ranks, what in ((topology.data.size, "data-parallel ranks of a particle group"),
                         (topology.world.size if rewind else 1, "ranks that pre-train together")):
-        if config.train.batch_size % ranks:
-            raise ConfigError(f"config key 'train.batch_size': {config.train.batch_size} does not split over "
-                              f"the {ranks} {what}")
-    if new and writer:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
+        if batch % ranks:
+            size = f"{batch}" if batch == config.train.batch_size else (
+                f"{config.train.batch_size} is above the {batch} training examples, so a batch holds all {batch}, which")
+            raise ConfigError(f"config key 'train.batch_size': {size} does not split over the {ranks} {what}")
+    if writer:
+        if new:
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            _remove_partial_writes(out)
+        atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))   # resume: with its overrides
     log_file = open(out / "log.txt", "a") if writer else None
 
     def log(line: str) -> None:
@@ -294,7 +329,6 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             return (json.loads((directory / "metrics.json").read_text()),
                     torch.load(directory / "model.pt", map_location=device),
                     torch.load(directory / "mask.pt", map_location=device))
-        started = time.perf_counter()
         set_masks(model, masks)
         local = len(placement.particles)
         start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
@@ -304,11 +338,12 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                                  resume=_stage_checkpoint(out, level, topology.world),
                                  log=lambda line: log(f"level {level} {line}"),
                                  progress=progress(f"level {level}"))
+        trained = time.perf_counter()
         final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)
         final_state = final.state_dict()
         kept = sum(int(m.sum()) for m in masks.values())
         metrics = {"level": level, "density": kept / total_weights, **metrics,
-                   "train_loss": result.train_loss, "seconds": time.perf_counter() - started,
+                   "train_loss": result.train_loss, "seconds": result.seconds + time.perf_counter() - trained,
                    "images_per_second": result.images / max(result.seconds, 1e-9)}
         stacked = (placement.cross.gather_cat(list(result.state.values()))
                    if particles > 1 and placement.data.index == 0 else None)

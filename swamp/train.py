@@ -363,13 +363,13 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
     swa_epoch = math.floor(config.swa.start * train.epochs)
     params = engine.stacked_params()
     swa_state = {n: torch.zeros_like(p) for n, p in zip(engine.names, params)} if swa else None
-    averaged, images, seconds_before = 0, 0, 0.0
+    averaged, images, images_before, seconds_before = 0, 0, 0, 0.0   # images: this rank's, since the start
     first_epoch, last_epoch = begin // steps_per_epoch, math.ceil(end / steps_per_epoch)
     if resume is not None:
         engine.load_momentum(local["momentum"])
         if swa:
             swa_state = {n: local["swa"][n] for n in engine.names} if resume["averaged"] else swa_state
-        averaged, images, seconds_before = resume["averaged"], resume["images"], resume["seconds"]
+        averaged, images_before, seconds_before = resume["averaged"], resume["images"], resume["seconds"]
         first_epoch = resume["epoch"]
     checkpoints = _Checkpoints(engine, swa_state, placement)
     shard = (placement.data.index, placement.data.size)
@@ -407,7 +407,8 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
             if train.checkpoint_every and (epoch + 1) % train.checkpoint_every == 0 and epoch + 1 < last_epoch:
                 engine.sync_buffers()
                 full = checkpoints.full({"stage": stage, "epoch": epoch + 1, "averaged": averaged,
-                                         "images": images,
+                                         "images": images_before + round(_over_stage(images, placement, device,
+                                                                                     mean=False)),
                                          "seconds": seconds_before + time.perf_counter() - started}
                                         ) if checkpoint else None
                 if full is not None:
@@ -418,4 +419,4 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
     if swa and averaged:
         final.update(swa_state)
     return TrainResult(final, bool(swa and averaged), mean_loss,
-                       round(_over_stage(images, placement, device, mean=False)), seconds)
+                       images_before + round(_over_stage(images, placement, device, mean=False)), seconds)

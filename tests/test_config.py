@@ -128,6 +128,28 @@ def test_errors_found_while_setting_up_leave_no_run_behind(tmp_path, capsys):
     assert f"{out} was already complete; nothing to train" in capsys.readouterr().out
 
 
+def test_resume_may_move_the_data_set_but_not_change_the_results(tmp_path, capsys):
+    import numpy as np
+    data = tmp_path / "a.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x_train=rng.random((40, 6), dtype=np.float32), y_train=np.arange(40) % 3,
+             x_test=rng.random((9, 6), dtype=np.float32), y_test=np.arange(9) % 3)
+    config = write(tmp_path, f"method: dense\ndata: {{name: npz, path: {data}}}\nmodel: {{hidden: [8]}}\n"
+                             "train: {epochs: 1, batch_size: 8}\nrewind: {iterations: 0}\ndevice: cpu\n")
+    out = tmp_path / "run"
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    moved = data.rename(tmp_path / "b.npz")
+    capsys.readouterr()
+    assert cli.main(["resume", str(out), "--quiet"]) == 2
+    assert "'data.path'" in capsys.readouterr().err
+    assert cli.main(["resume", str(out), "--quiet", "--set", "train.epochs=5"]) == 2
+    assert ("resume --set 'train.epochs=5': 'train.epochs' would change the run's results; resume can change "
+            "only data.path, data.workers, device" in capsys.readouterr().err)
+    assert cli.main(["resume", str(out), "--quiet", "--set", f"data.path={moved}"]) == 0
+    assert C.load(out / "config.yaml").data.path == str(moved)   # later resumes find it too
+    assert cli.main(["resume", str(out), "--quiet"]) == 0
+
+
 @pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "runs/a"], ["resume", "runs/a"]])
 def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, capsys, argv):
     def interrupted(*args, **kwargs):
@@ -137,3 +159,21 @@ def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, cap
     monkeypatch.setattr(cli.pipeline, "finished", lambda out: False)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip() == f"swamp {argv[0]}: interrupted; continue with `swamp resume runs/a`"
+
+
+def test_under_torchrun_errors_name_the_rank_and_rank_0_alone_prints_the_resume_hint(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli.pipeline, "resume", interrupted)
+    monkeypatch.setattr(cli.pipeline, "finished", lambda out: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, expected in (("0", "swamp resume: interrupted; continue with the same torchrun line with "
+                                 "`swamp resume runs/a`"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["resume", "runs/a"]) == 130
+        assert capsys.readouterr().err.strip() == expected
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["resume", "no/such/run"]) == 2
+    assert capsys.readouterr().err.strip() == "swamp resume: error (rank 1 of 2): no/such/run holds no run (no config.yaml)"

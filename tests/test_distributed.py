@@ -1,5 +1,6 @@
 """Scale-out under torchrun on CPU (gloo): particle groups and data-parallel ranks reproduce the
 single-process run, a killed job resumes, a stalled or crashed rank fails the job in time."""
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from swamp import distributed, evaluate, pipeline
 from swamp import config as C
 from swamp.data import load_data
 from swamp.models import build_model
-from swamp.train import TrainResult, stack_state
+from swamp.train import TrainResult, stack_state, train_particles
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -305,3 +306,53 @@ def test_sharded_evaluation_gives_the_single_process_metrics():
         assert len(metrics["particle_test_accuracy"]) == case[1]
         assert [results[r][case][0] for r in range(4)] == [metrics] * 4, case
         assert [results[r][case][1] for r in range(4)] == batches[case], case
+
+
+def _batch_above_the_training_set(topology: distributed.Topology, out: Path) -> str:
+    config = C.from_dict({"method": "swamp", "particles": 2, "rewind": {"iterations": 5}, "device": "cpu",
+                          "train": {"batch_size": 4096}, "distributed": {"particle_groups": 2}})
+    try:
+        pipeline._execute(config, out, True, topology, new=True)
+    except C.ConfigError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_batch_above_the_training_set_that_does_not_split_is_a_config_error(tmp_path):
+    """digits has 1437 training examples: a batch of 4096 is all of them, odd, so pre-training on
+    2 ranks cannot split it; the run is refused before its directory is written."""
+    out = tmp_path / "run"
+    messages = _on_ranks(functools.partial(_batch_above_the_training_set, out=out), world=2)
+    assert set(messages.values()) == {
+        "config key 'train.batch_size': 4096 is above the 1437 training examples, so a batch holds all 1437, "
+        "which does not split over the 2 ranks that pre-train together"}
+    assert not out.exists()
+
+
+def _images_config() -> C.Config:
+    return C.from_dict({"model": {"hidden": [16]}, "swa": {"start": 0.5},
+                        "train": {"epochs": 3, "batch_size": 4, "checkpoint_every": 1}})
+
+
+def _train_two_groups(topology: distributed.Topology) -> tuple[int, list]:
+    """(the stage's particle-images, the epoch checkpoints) of 2 particles trained by 2 groups."""
+    data = _test_data(6)
+    net = _mlp(data)
+    checkpoints = []
+    result = train_particles(net, stack_state(net, 1), data, _images_config(), stage=0, begin=0, end=9, swa=True,
+                             placement=topology.placement(2), checkpoint=checkpoints.append)
+    return result.images, [c for c in checkpoints if c is not None]
+
+
+def test_particle_images_count_every_rank_also_after_resuming_on_another_layout():
+    results = _on_ranks(_train_two_groups, world=2)
+    data = _test_data(6)
+    net = _mlp(data)
+    single = train_particles(net, stack_state(net, 2), data, _images_config(), stage=0, begin=0, end=9, swa=True)
+    assert single.images == 2 * 4 * 9 and [results[r][0] for r in range(2)] == [single.images] * 2
+    checkpoints = results[0][1]
+    assert [c["images"] for c in checkpoints] == [2 * 4 * 3, 2 * 4 * 6] and results[1][1] == []
+    for checkpoint in checkpoints:   # resumed by one process holding both particles
+        resumed = train_particles(net, stack_state(net, 2), data, _images_config(), stage=0, begin=0, end=9,
+                                  swa=True, resume=checkpoint)
+        assert resumed.images == single.images

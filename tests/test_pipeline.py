@@ -195,8 +195,12 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     done = json.loads((killed / "summary.json").read_text())["levels"]
     assert 1 <= len(done) < 4
+    stale = [killed / ".checkpoint.pt.tmp99999", killed / "level_00" / ".model.pt.tmp99999"]  # killed mid-write
+    for path in stale:
+        path.write_bytes(b"partial")
     resumed = swamp_cli("resume", str(killed))
     assert resumed.wait() == 0, resumed.stderr.read().decode()
+    assert not list(killed.rglob(".*tmp*")), "a killed write's temporary file was left behind"
     assert reference.wait() == 0, reference.stderr.read().decode()
     timing = ("seconds", "images_per_second")
     strip = lambda s: [{k: v for k, v in m.items() if k not in timing} for m in s["levels"]]
@@ -206,6 +210,18 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
         for name in ("model.pt", "mask.pt"):
             x, y = (torch.load(d / f"level_{level:02d}" / name) for d in (straight, killed))
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def fail(temp: Path) -> None:
+        temp.write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.atomic_write(path, fail)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
 @pytest.mark.parametrize("name, shape", [("mlp", (1, 8, 8)), ("lenet5", (1, 28, 28)),
