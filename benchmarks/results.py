@@ -87,6 +87,11 @@ def result_key(row: dict) -> tuple[str, str, str]:
 
 # ------------------------------------------------------------------------- documents
 def _commit() -> str:
+    """``SWAMP_COMMIT`` if set (a copy of the tree without ``.git``, as on a lent GPU machine),
+    else git's HEAD (``-dirty`` with uncommitted changes), else ``unknown``."""
+    if os.environ.get("SWAMP_COMMIT"):
+        return os.environ["SWAMP_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -112,12 +117,20 @@ def new_document(gpu: str, copy_bandwidth_gbs: float) -> dict:
             "copy_bandwidth_gbs": float(copy_bandwidth_gbs), "results": []}
 
 
+def _stamped(row: dict, doc: dict) -> dict:
+    """``row`` with its run's copy bandwidth and commit in ``extra`` (kept if already there): a
+    merged file's header describes its last run only."""
+    return {**row, "extra": {"copy_bandwidth_gbs": doc["copy_bandwidth_gbs"], "commit": doc["commit"],
+                             **row["extra"]}}
+
+
 def merge(old: dict | None, new: dict) -> dict:
     """``new``'s header and results, plus the results of ``old`` whose key ``new`` lacks.
 
-    Results keep the order of ``old``; a replaced result stays in its place.
+    Results keep the order of ``old``; a replaced result stays in its place. Every result
+    carries its own run's copy bandwidth and commit in ``extra``.
     """
-    fresh = {result_key(r): r for r in new["results"]}
+    fresh = {result_key(r): _stamped(r, new) for r in new["results"]}
     rows = [fresh.pop(result_key(r), r) for r in (old["results"] if old else [])]
     return {**new, "results": rows + list(fresh.values())}
 
@@ -242,9 +255,16 @@ def _table(rows: list[dict]) -> list[str]:
 def markdown(doc: dict, heading: str = "##") -> str:
     """Tables of ``doc``, one per op: time, time/floor, speed-up (baseline time / time) and, for
     workloads, the extras of ``EXTRA_COLUMNS``."""
+    runs = [r["extra"] for r in doc["results"]]
+    bandwidths = sorted({run.get("copy_bandwidth_gbs", doc["copy_bandwidth_gbs"]) for run in runs}
+                        or {doc["copy_bandwidth_gbs"]})
+    commits = list(dict.fromkeys(run.get("commit", doc["commit"]) for run in runs)) or [doc["commit"]]
+    bandwidth = (f"{bandwidths[0]:.0f} GB/s" if len(bandwidths) == 1 else
+                 f"{bandwidths[0]:.0f}–{bandwidths[-1]:.0f} GB/s over {len(bandwidths)} runs (each row's "
+                 "floor uses its run's)")
     lines = [f"{heading} {doc['gpu']}", "",
-             f"Copy bandwidth {doc['copy_bandwidth_gbs']:.0f} GB/s (read + write); torch "
-             f"{doc['torch']}, triton {doc['triton']}; commit `{doc['commit']}`, {doc['date']}. "
+             f"Copy bandwidth {bandwidth} (read + write); torch {doc['torch']}, triton {doc['triton']}; "
+             f"commit {', '.join(f'`{c}`' for c in commits)}; last run {doc['date']}. "
              "`time/floor`: time over the bandwidth floor (1.00× is the floor); "
              "`vs X`: speed-up over baseline X (X's time / time).", ""]
     ops = dict.fromkeys(r["op"] for r in doc["results"])

@@ -1,8 +1,11 @@
 """Timing: median wall time of a callable, the device copy bandwidth, and the bandwidth floor.
 
 On CUDA every run is bracketed by CUDA events after warm-up, with the L2 cache flushed before
-each run (so repeated runs do not read their inputs from L2). On the CPU (smoke runs only)
-``time.perf_counter`` replaces the events.
+each run (so repeated runs do not read their inputs from L2). The flush *reads* a buffer
+larger than L2: writing it (``zero_``, as triton.testing.do_bench does) would leave up to
+L2-size dirty lines whose write-back lands inside the next timed run, about 17 µs on an H100,
+a third of the floor of a ResNet-50 prune. On the CPU (smoke runs only) ``time.perf_counter``
+replaces the events.
 """
 from __future__ import annotations
 
@@ -21,16 +24,17 @@ _FLUSH_BUFFERS: dict[torch.device, torch.Tensor] = {}
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
     if device not in _FLUSH_BUFFERS:
-        _FLUSH_BUFFERS[device] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        _FLUSH_BUFFERS[device] = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
     return _FLUSH_BUFFERS[device]
 
 
 def _cuda_runs_ms(fn: Callable[[], object], device: torch.device, runs: int) -> list[float]:
     flush = _flush_buffer(device)
+    sink = torch.empty((), dtype=torch.int32, device=device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(runs)]
     for start, end in events:
-        flush.zero_()
+        torch.amax(flush, out=sink)   # reads the buffer: L2 ends holding clean lines only
         start.record()
         fn()
         end.record()
@@ -69,10 +73,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, budget_ms: float 
     return statistics.median(runs_ms(runs))
 
 
-def copy_bandwidth_gbs(device: torch.device, nbytes: int = COPY_BYTES, **timing) -> float:
-    """Device-to-device copy bandwidth in GB/s (1e9 bytes), counting the read and the write."""
+def _spin_up(fn: Callable[[], object], device: torch.device, seconds: float) -> None:
+    """Run ``fn`` for about ``seconds`` so an idle GPU's clocks rise to their loaded speed."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        fn()
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = COPY_BYTES, spin_up_s: float = 1.0, **timing) -> float:
+    """Device-to-device copy bandwidth in GB/s (1e9 bytes), counting the read and the write; on
+    CUDA after ``spin_up_s`` seconds of copies (an idle GPU clocks down, which would read low
+    and make every time/floor look better than it is)."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
+    if device.type == "cuda":
+        _spin_up(lambda: dst.copy_(src), device, spin_up_s)
     ms = time_ms(lambda: dst.copy_(src), device, **timing)
     return 2 * src.numel() * src.element_size() / (ms * 1e6)
 

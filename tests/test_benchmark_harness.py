@@ -198,7 +198,10 @@ def test_merge_replaces_same_key_and_keeps_others():
     assert merged["commit"] == "new"
     assert [(r["case"], r["backend"], r["time_ms"]) for r in merged["results"]] == [
         ("a", "triton", 2.0), ("b", "triton", 3.0), ("b", "cuda", 2.0), ("c", "triton", 2.0)]
-    assert results.merge(None, new) == new
+    assert {r["extra"].get("commit") for r in merged["results"]} == {"new", None}   # old rows: unstamped
+    alone = results.merge(None, new)
+    assert {**alone, "results": []} == {**new, "results": []}
+    assert all(r["extra"] == {"copy_bandwidth_gbs": 3000.0, "commit": "new"} for r in alone["results"])
 
 
 def test_save_merges_and_writes_json_and_markdown(tmp_path):
@@ -373,6 +376,21 @@ def test_collect_merges_the_files_of_several_calls(tmp_path):
     doc = results.load(next(merged.glob("*.json")))
     assert [(r["case"], r["time_ms"]) for r in doc["results"]] == [("a", 2.0), ("b", 3.0), ("c", 2.0)]
     assert doc["commit"] == "new" and next(merged.glob("*.md")).is_file()
+    assert [r["extra"]["commit"] for r in doc["results"]] == ["abc", "new", "new"]   # each row's own run
+
+
+def test_the_table_header_shows_every_run_of_a_merged_file(tmp_path):
+    first = _doc(rows=[_row(case="a")], commit="one")
+    second = {**_doc(rows=[_row(case="b")], commit="two"), "copy_bandwidth_gbs": 2900.0}
+    path = results.save(first, tmp_path)
+    results.save(second, tmp_path)
+    doc = results.load(path)
+    rows = {r["case"]: r["extra"] for r in doc["results"]}
+    assert rows == {"a": {"copy_bandwidth_gbs": 3000.0, "commit": "one"},
+                    "b": {"copy_bandwidth_gbs": 2900.0, "commit": "two"}}
+    header = results.markdown(doc).splitlines()[2]
+    assert "Copy bandwidth 2900–3000 GB/s over 2 runs" in header and "commit `one`, `two`" in header
+    assert "Copy bandwidth 3000 GB/s (read + write)" in results.markdown(first).splitlines()[2]
 
 
 def test_sizing_the_timed_runs_ignores_the_compiling_first_call():
@@ -395,6 +413,51 @@ def test_owned_bytes_counts_parameters_buffers_and_tensor_attributes_once():
     assert memory.owned_bytes(shared) == memory.owned_bytes(conv)
     module, nbytes = memory.built_bytes(lambda: nn.Linear(3, 5), torch.device("cpu"))
     assert isinstance(module, nn.Linear) and nbytes == 4 * (15 + 5)
+
+
+class _FakeEvent:
+    """torch.cuda.Event on the host clock, to run the CUDA timing path on the CPU."""
+
+    def __init__(self, enable_timing: bool):
+        assert enable_timing
+
+    def record(self):
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end) -> float:
+        return (end.at - self.at) * 1e3
+
+
+def test_the_cuda_timing_path_times_every_run_after_reading_the_flush_buffer(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(timing, "L2_FLUSH_BYTES", 4096)
+    monkeypatch.setattr(timing, "_FLUSH_BUFFERS", {})
+    timing._flush_buffer(cpu).fill_(7)
+    calls = []
+    times = timing._cuda_runs_ms(lambda: calls.append(time.sleep(0.002)), cpu, 3)
+    assert len(calls) == 3 and len(times) == 3 and all(t >= 2.0 for t in times)
+    assert (timing._flush_buffer(cpu) == 7).all()   # read, not written: no dirty lines left in L2
+
+
+def test_the_commit_comes_from_swamp_commit_where_there_is_no_git(monkeypatch):
+    monkeypatch.setenv("SWAMP_COMMIT", "0123456789ab")
+    assert results.new_document("g", 1.0)["commit"] == "0123456789ab"
+    monkeypatch.delenv("SWAMP_COMMIT")
+    assert results.new_document("g", 1.0)["commit"] != "0123456789ab"
+
+
+def test_built_bytes_on_cuda_counts_requested_bytes(monkeypatch):
+    requested = {"requested_bytes.all.current": 1000}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: dict(requested))
+
+    def build():
+        requested["requested_bytes.all.current"] += 9408   # ResNet-50's stem mask: not a multiple of 512
+        return nn.Identity()
+    module, nbytes = memory.built_bytes(build, torch.device("cuda"))
+    assert isinstance(module, nn.Identity) and nbytes == 9408
 
 
 @pytest.mark.parametrize("op", ["masked_conv2d", "masked_linear"])

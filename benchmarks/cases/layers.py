@@ -7,8 +7,9 @@ Every approach computes with the same weights (zero where the mask, ~20% dense, 
   the weight gradient masked by one ``torch.where`` per layer in autograd;
 - ``dense_apply_masks_``: a dense layer, then one multi-tensor ``swamp_kernels.apply_masks_``
   over the weight gradient after backward (swamp's alternative design, see swamp/nn.py);
-- ``triton`` / ``swamp_torch``: ``swamp_kernels.masked_linear`` on that backend (mask applied
-  inside the GEMM);
+- ``triton`` / ``swamp_torch``: the public op ``swamp_kernels.masked_linear`` /
+  ``masked_conv2d`` on that backend (Triton: the mask applied inside the GEMM; torch: the dense
+  op on ``weight * mask``);
 - ``dense``: ``nn.Conv2d`` / ``nn.Linear`` (cuDNN / cuBLAS), the target;
 - ``torch_prune``: ``torch.nn.utils.prune.custom_from_mask`` (``weight_orig`` and a float
   ``weight_mask``; a forward pre-hook recomputes ``weight = weight_orig * weight_mask``).
@@ -39,17 +40,21 @@ SMOKE_BATCH, SMOKE_CHANNELS, SMOKE_HW = 2, 8, 8
 SMOKE_FEATURES, SMOKE_TOKENS = 32, 16
 
 
-class _FunctionalMaskedLinear(nn.Module):
-    """``swamp_kernels.masked_linear(x, weight, weight_mask, backend=...)`` as a module."""
+class _FunctionalMasked(nn.Module):
+    """The public op ``swamp_kernels.masked_linear`` / ``masked_conv2d`` of ``layer``'s geometry,
+    ``op(x, weight, weight_mask, backend=...)``, as a module (weight in ``layer``'s memory format)."""
 
-    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, backend: str):
+    def __init__(self, layer: nn.Module, mask: torch.Tensor, backend: str):
         super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.register_buffer("weight_mask", mask.clone())
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.register_buffer("weight_mask", torch.empty_like(self.weight, dtype=torch.bool).copy_(mask))
+        self.op = swamp_kernels.masked_linear if isinstance(layer, nn.Linear) else functools.partial(
+            swamp_kernels.masked_conv2d, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+            groups=layer.groups)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swamp_kernels.masked_linear(x, self.weight, self.weight_mask, backend=self.backend)
+        return self.op(x, self.weight, self.weight_mask, backend=self.backend)
 
 
 def _dense_layer(x: dict) -> nn.Module:
@@ -71,7 +76,7 @@ def _pruned_layer(x: dict) -> nn.Module:
 
 
 def _functional_layer(backend: str) -> Callable[[dict], nn.Module]:
-    return lambda x: _FunctionalMaskedLinear(x["weight"].clone(), x["mask"], backend)
+    return lambda x: _FunctionalMasked(_dense_layer(x), x["mask"], backend)
 
 
 def _dense_with_mask(x: dict) -> nn.Module:
@@ -153,14 +158,15 @@ def _conv_case(conv: shapes.Conv) -> Workload:
             return SMOKE_BATCH, min(conv.c_in, SMOKE_CHANNELS), min(conv.hw, SMOKE_HW), min(conv.hw, SMOKE_HW)
         return CONV_BATCH, conv.c_in, conv.hw, conv.hw
 
-    builders = {"dense": _dense_layer, "MaskedConv2d": _swamp_layer,
-                "dense_apply_masks_": _dense_with_mask, "torch_prune": _pruned_layer}
+    builders = {"dense": _dense_layer, "MaskedConv2d": _swamp_layer, "dense_apply_masks_": _dense_with_mask,
+                "swamp_torch": _functional_layer("torch"), "torch_prune": _pruned_layer}
     return Workload(
         op="masked_conv2d",
         name=f"in{conv.c_in}_out{conv.c_out}_k{conv.k}_s{conv.stride}_hw{conv.hw}_b{CONV_BATCH}",
         setup=_setup(new_layer, input_shape, builders),
         variants=_factories({"MaskedConv2d": False}),
-        baselines=_factories({"dense_apply_masks_": True, "dense": False, "torch_prune": False}),
+        baselines=_factories({"dense_apply_masks_": True, "swamp_torch": False, "dense": False,
+                              "torch_prune": False}),
         extra=_extra(lambda x: {"input_shape": list(x["input"].shape)}))
 
 

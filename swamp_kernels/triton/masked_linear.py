@@ -66,8 +66,10 @@ def _worth_timing(configs, named_args, **kwargs):
     return [config for config in configs if fits(config)] or configs[-1:]
 
 
+# The operand strides are part of the key: the input-gradient product has the forward's M, N, K
+# and MASK_B but reads B untransposed, so it is tuned on its own rather than given the forward's tile.
 @triton.autotune(configs=_INTERPRETER_CONFIGS if _INTERPRETING else _GPU_CONFIGS,
-                 key=["M", "N", "K", "MASK_B", "MASK_C"],
+                 key=["M", "N", "K", "MASK_B", "MASK_C", "stride_ak", "stride_bk"],
                  prune_configs_by={"early_config_prune": _worth_timing})
 @triton.jit
 def _masked_matmul_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, c_ptr, M, N, K,
