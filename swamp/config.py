@@ -212,6 +212,12 @@ def validate(config: Config, check_paths: bool = True) -> None:
         _require(bool(config.data.path), "data.path", f"dataset {config.data.name} needs a path")
         _require(Path(config.data.path).exists(), "data.path",
                  f"{config.data.path!r} does not exist (dataset {config.data.name})")
+    data = config.data
+    for key in ("classes", "train_size", "test_size", "image_size"):
+        _require(getattr(data, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(data, key)}")
+    _require(data.workers >= 0, "data.workers", f"must be >= 0, got {data.workers}")
+    _require(len(data.shape) >= 1 and all(d >= 1 for d in data.shape), "data.shape",
+             f"must be a non-empty list of sizes >= 1, got {data.shape}")
     _require(config.particles >= 1, "particles", f"must be >= 1, got {config.particles}")
     _require(0.0 < config.prune_fraction < 1.0, "prune_fraction",
              f"must lie in (0, 1), got {config.prune_fraction}")

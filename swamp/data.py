@@ -56,7 +56,7 @@ def epoch_generator(*keys: int) -> torch.Generator:
 
 
 class TensorData:
-    """A dataset held as tensors; ``x`` float ``[N, C, H, W]`` or ``[N, F]``, normalised.
+    """A dataset held as tensors; ``x`` float ``[N, C, H, W]`` or ``[N, F]`` (any ``[N, C, ...]``), normalised.
 
     ``x_train`` may hold fewer rows than ``y_train`` (synthetic data): sample i then has input
     ``x_train[i % len(x_train)]``.
@@ -167,6 +167,23 @@ class _Seeded(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+def _folder_with_classes(directory: Path, transform, classes: list[str]):
+    """An ImageFolder of ``directory`` whose labels number ``classes`` (train's) as train does;
+    it may lack some of them (a subset), and a folder of another class is an error (its
+    own numbering would give the wrong labels)."""
+    from torchvision import datasets
+
+    class Folder(datasets.ImageFolder):
+        def find_classes(self, path):
+            found, _ = super().find_classes(path)
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ConfigError(f"data.path: {directory} has class folders that train/ lacks: "
+                                  f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
+            return list(classes), {name: i for i, name in enumerate(classes)}
+    return Folder(str(directory), transform, allow_empty=True)
+
+
 class FolderData:
     """ImageFolder ``train/`` and ``val/`` under a directory, streamed through DataLoaders.
 
@@ -187,7 +204,7 @@ class FolderData:
         self.train_plain = datasets.ImageFolder(str(root / "train"), transforms.Compose([
             transforms.Resize(image_size * 8 // 7), transforms.CenterCrop(image_size),
             transforms.PILToTensor()]))
-        self.test = datasets.ImageFolder(str(root / "val"), self.train_plain.transform)
+        self.test = _folder_with_classes(root / "val", self.train_plain.transform, self.train.classes)
         self.num_classes = len(self.train.classes)
         self.input_shape = (3, image_size, image_size)
         self.workers = workers
@@ -247,19 +264,53 @@ class FolderData:
 
 
 def _normalised(x_train: np.ndarray, x_test: np.ndarray):
-    """Float tensors scaled by 1/255 if uint8, then normalised per channel (dim 1) with train
-    stats; and the value a black (0) pixel takes, per channel (for crop padding)."""
+    """Float tensors scaled by 1/255 if uint8, then normalised per channel (dim 1: the channel
+    of ``[N, C, ...]``, the feature of ``[N, F]``) with train stats; and the value a black (0)
+    pixel takes, per channel (for crop padding)."""
     def as_float(x):
         x = torch.from_numpy(np.ascontiguousarray(x))
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     x_train, x_test = as_float(x_train), as_float(x_test)
     dims = [0] + list(range(2, x_train.dim()))
-    if x_train.dim() == 2:
-        mean, std = x_train.mean(), x_train.std()
-    else:
-        mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True)
+    mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True)
     std = torch.where(std > 0, std, torch.ones_like(std))
     return (x_train - mean) / std, (x_test - mean) / std, (-mean / std).flatten()
+
+
+_CHANNELS = (1, 3, 4)   # channel counts of images: grey, RGB, RGBA
+
+
+def _checked(source: str, x_train, y_train, x_test, y_test):
+    """The arrays of a user's data set, checked (ConfigError naming the array): inputs numeric,
+    finite and within float32, one shape for both splits, ``[N, H, W]`` given a channel axis and
+    channel-last ``[N, H, W, C]`` moved to ``[N, C, H, W]``; labels one non-negative integer per
+    example. Returns them and the class count (the largest label + 1)."""
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+            raise ConfigError(f"{source}: x_{name} has dtype {x.dtype}; inputs must be real numbers")
+        if x.ndim < 2 or len(x) == 0:
+            raise ConfigError(f"{source}: x_{name} has shape {x.shape}; inputs are [N, ...] with N >= 1")
+        if np.issubdtype(x.dtype, np.floating):
+            bad = int(np.count_nonzero(~np.isfinite(x) | (np.abs(x) > np.finfo(np.float32).max)))
+            if bad:
+                raise ConfigError(f"{source}: x_{name} has {bad} NaN, infinite or beyond-float32 values")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ConfigError(f"{source}: y_{name} has shape {y.shape}; labels are one class index per "
+                              f"example of x_{name} ({len(x)} of them), not one-hot")
+        integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_ or (
+            np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all())
+        if not integral or (y < 0).any():
+            raise ConfigError(f"{source}: y_{name} must hold class indices 0, 1, ..., K-1 as integers "
+                              f"(dtype {y.dtype}, values such as {y[:3].tolist()})")
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ConfigError(f"{source}: x_train examples have shape {x_train.shape[1:]} but x_test's have "
+                          f"{x_test.shape[1:]}")
+    if x_train.ndim == 3:                       # [N, H, W]: one channel
+        x_train, x_test = x_train[:, None], x_test[:, None]
+    elif x_train.ndim == 4 and x_train.shape[-1] in _CHANNELS and x_train.shape[1] not in _CHANNELS:
+        x_train, x_test = x_train.transpose(0, 3, 1, 2), x_test.transpose(0, 3, 1, 2)   # [N, H, W, C]
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes
 
 
 def _digits() -> TensorData:
@@ -284,11 +335,13 @@ def _npz(path: Path) -> TensorData:
         if missing:
             raise ConfigError(f"data.path {str(path)!r}: the npz lacks arrays {', '.join(missing)} "
                               "(it needs x_train, y_train, x_test, y_test)")
-        x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        try:
+            x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        except ValueError as error:   # object arrays need pickle, which loading user files must not run
+            raise ConfigError(f"data.path {str(path)!r}: {error}") from error
+    x_train, y_train, x_test, y_test, classes = _checked(f"data.path {str(path)!r}", x_train, y_train, x_test, y_test)
     x_train, x_test, _ = _normalised(x_train, x_test)
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    return TensorData(x_train, torch.from_numpy(y_train.astype(np.int64)), x_test,
-                      torch.from_numpy(y_test.astype(np.int64)), classes)
+    return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes)
 
 
 _IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
@@ -296,10 +349,14 @@ _IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyt
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = raw[3]
-    shape = np.frombuffer(raw, ">i4", ndim, 4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+        raw = file.read()
+    try:
+        ndim = raw[3]
+        shape = np.frombuffer(raw, ">i4", ndim, 4)
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+    except (IndexError, ValueError) as error:
+        raise ConfigError(f"{path} is not a complete idx file ({error})") from error
 
 
 def _mnist(root: Path, folder: str) -> TensorData:
@@ -314,9 +371,10 @@ def _mnist(root: Path, folder: str) -> TensorData:
                           f"{', '.join(n + '[.gz]' for n in _IDX.values())} either directly in it "
                           f"or in {root / folder / 'raw'} (torchvision's layout)")
     arrays = {k: _read_idx(p) for k, p in files.items()}
-    x_train, x_test, _ = _normalised(arrays["train_x"][:, None], arrays["test_x"][:, None])
-    return TensorData(x_train, torch.from_numpy(arrays["train_y"].astype(np.int64)), x_test,
-                      torch.from_numpy(arrays["test_y"].astype(np.int64)), 10)   # no augmentation (OpenLTH)
+    x_train, y_train, x_test, y_test, _ = _checked(
+        f"data.path {str(root)!r}", arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
+    x_train, x_test, _ = _normalised(x_train, x_test)
+    return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), 10)   # no augmentation (OpenLTH)
 
 
 def _cifar(root: Path, classes: int, augment: bool) -> TensorData:

@@ -78,6 +78,7 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     ax.set_xticks([t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1)
                    if t >= min(100 * r["density"] for s in runs.values() for r in s["levels"]) / 1.5])
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no "6x10^1" beside the ticks
     ax.invert_xaxis()
     ax.set_xlabel("density (% of prunable weights remaining, log scale)")
     ax.set_ylabel("test accuracy (%)")
@@ -85,6 +86,7 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda t: fig.savefig(t, dpi=120, format="png"))
     plt.close(fig)
     return path

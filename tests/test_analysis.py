@@ -54,6 +54,21 @@ def test_top_eigenvalues_match_eigvalsh(k, masked):
     np.testing.assert_allclose(got, expected, rtol=1e-3)
 
 
+def test_repeated_eigenvalues_are_found_as_often_as_they_occur():
+    """A diagonal Hessian with a threefold top eigenvalue: one Krylov space holds one copy of each
+    distinct eigenvalue, so Lanczos must restart beside it to find the others."""
+    n, d = 240, 10
+    q, _ = torch.linalg.qr(torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    norms = torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0, 1.5, 1.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    x = q * norms
+    model = nn.Sequential(nn.Linear(d, 1, bias=False)).double()
+    batches = [(x, torch.zeros(n, dtype=torch.float64))]
+    expected = sorted((2 * norms ** 2 / n).tolist(), reverse=True)
+    for k in (3, 5, 10):
+        got = top_hessian_eigenvalues(model, squared_error, batches, k=k, iters=d)
+        np.testing.assert_allclose(got, expected[:k], rtol=1e-9)
+
+
 def test_masks_restrict_a_plain_model_too():
     """Projection alone (no masked layer) gives the principal submatrix; the model is not changed."""
     model, batches, hessian = least_squares(d=60, seed=3)
@@ -242,6 +257,12 @@ def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
         masks = [torch.load(swamp_run / f"level_0{i}" / "mask.pt") for i in (1, 2)]
         kept = [sum(int(m.sum()) for m in level.values()) for level in masks]
         assert result["global"] == pytest.approx(kept[1] / kept[0])   # level 2's mask lies inside level 1's
+
+
+def test_cli_takes_dot_inside_a_level_directory(swamp_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(swamp_run / "level_01")
+    assert cli.main(["analyze", "masks", ".", "../level_02", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "masks_swamp_01_swamp_02.json").is_file()
 
 
 def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):

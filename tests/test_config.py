@@ -78,6 +78,13 @@ def test_dump_round_trips(tmp_path):
     ("", ["model.hidden=[8, -3]"], "model.hidden"),
     ("", ["train.gamma=-1"], "train.gamma"),
     ("", ["train.milestones=[-5]"], "train.milestones"),
+    ("", ["data.classes=0"], "data.classes"),
+    ("", ["data.train_size=0"], "data.train_size"),
+    ("", ["data.test_size=0"], "data.test_size"),
+    ("", ["data.image_size=0"], "data.image_size"),
+    ("", ["data.workers=-1"], "data.workers"),
+    ("", ["data.shape=[]"], "data.shape"),
+    ("", ["data.shape=[3, 0, 8]"], "data.shape"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, overrides, key):
     with pytest.raises(C.ConfigError, match=f"'{key.replace('[', '.').replace(']', '.')}'"):

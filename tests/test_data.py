@@ -30,6 +30,56 @@ def test_npz_any_shape_uint8(tmp_path):
         load_data(DataConfig(name="npz", path=str(path)))
 
 
+def write_npz(path, x_train, y_train, x_test, y_test):
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return DataConfig(name="npz", path=str(path))
+
+
+def test_npz_image_layouts_and_features_are_normalised_per_channel(tmp_path):
+    rng = np.random.default_rng(5)
+    hwc = rng.integers(0, 256, (30, 6, 7, 3), dtype=np.uint8) * np.array([0, 1, 2], dtype=np.uint8) // 2
+    data = load_data(write_npz(tmp_path / "hwc.npz", hwc, rng.integers(0, 2, 30), hwc[:5], np.zeros(5)))
+    assert data.input_shape == (3, 6, 7)   # channel-last images moved to [C, H, W]
+    assert not data.x_train[:, 0].any()    # the all-zero channel stays one channel
+    assert torch.allclose(data.x_train.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(data.x_train[:, 1:].std((0, 2, 3)), torch.ones(2), atol=1e-5)
+    grey = rng.random((30, 6, 7), dtype=np.float32)
+    assert load_data(write_npz(tmp_path / "g.npz", grey, np.arange(30) % 2, grey[:4], np.zeros(4))).input_shape \
+        == (1, 6, 7)
+    features = rng.random((30, 4)) * np.array([1, 10, 100, 1000])   # float64, very different scales
+    data = load_data(write_npz(tmp_path / "f.npz", features, np.arange(30) % 2, features[:4], np.ones(4)))
+    assert torch.allclose(data.x_train.mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(data.x_train.std(0), torch.ones(4), atol=1e-5)   # per feature, not overall
+    assert data.y_train.dtype == torch.int64 and data.num_classes == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"y_train": np.zeros(19)}, r"y_train has shape \(19,\); labels are one class index per example of "
+                                r"x_train \(20 of them\)"),
+    ({"y_train": np.eye(3)[np.arange(20) % 3]}, r"y_train has shape \(20, 3\).*not one-hot"),
+    ({"y_test": np.array(["cat"] * 5)}, r"y_test must hold class indices 0, 1, ..., K-1 as integers"),
+    ({"y_train": np.arange(20) - 1}, "y_train must hold class indices"),
+    ({"y_train": np.linspace(0, 2, 20)}, "y_train must hold class indices"),
+    ({"x_test": np.zeros((5, 7))}, r"x_train examples have shape \(6,\) but x_test's have \(7,\)"),
+    ({"x_train": np.full((20, 6), np.nan)}, "x_train has 120 NaN, infinite or beyond-float32 values"),
+    ({"x_train": np.full((20, 6), 1e39)}, "x_train has 120 NaN, infinite or beyond-float32 values"),
+    ({"x_test": np.zeros((0, 6)), "y_test": np.zeros(0)}, r"x_test has shape \(0, 6\); inputs are \[N, ...\] "
+                                                          "with N >= 1"),
+    ({"x_train": np.array([[object()]] * 20)}, "Object arrays cannot be loaded"),
+])
+def test_npz_that_cannot_be_right_is_refused_naming_the_array(tmp_path, change, message):
+    arrays = {"x_train": np.zeros((20, 6)), "y_train": np.arange(20) % 3, "x_test": np.zeros((5, 6)),
+              "y_test": np.arange(5) % 3, **change}
+    with pytest.raises(ConfigError, match=message):
+        load_data(write_npz(tmp_path / "bad.npz", **arrays))
+
+
+def test_npz_labels_may_be_whole_floats_or_bools(tmp_path):
+    x = np.zeros((6, 2))
+    data = load_data(write_npz(tmp_path / "a.npz", x, np.array([0.0, 1.0, 2.0] * 2), x, np.array([True, False] * 3)))
+    assert data.y_train.tolist() == [0, 1, 2] * 2 and data.y_test.tolist() == [1, 0] * 3 and data.num_classes == 3
+
+
 def write_cifar10(root, n_per_batch=6):
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -79,6 +129,21 @@ def test_fashion_mnist_idx_files(tmp_path, layout):
     assert data.y_test.tolist() == list(range(5))
 
 
+def test_idx_files_that_disagree_or_are_cut_short_are_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(10) % 10)   # 10 labels for 12 images
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))
+    with pytest.raises(ConfigError, match=r"y_train has shape \(10,\); labels are one class index per example "
+                                          r"of x_train \(12 of them\)"):
+        load_data(DataConfig(name="mnist", path=str(tmp_path)))
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + np.array([5, 28, 28], ">i4").tobytes() + bytes(100))
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte.gz is not a complete idx file"):
+        load_data(DataConfig(name="mnist", path=str(tmp_path)))
+
+
 def test_missing_files_say_what_goes_where(tmp_path):
     with pytest.raises(ConfigError, match="train-images-idx3-ubyte.*FashionMNIST"):
         load_data(DataConfig(name="fashion_mnist", path=str(tmp_path)))
@@ -119,6 +184,22 @@ def test_image_folder(tmp_path):
     halves = [[x for x, _ in data.train_batches(generators(), 4, augment=False, shard=(i, 2))] for i in range(2)]
     assert len(full) == len(halves[0]) == 1
     assert torch.equal(torch.cat([halves[0][0], halves[1][0]], dim=1), full[0])
+
+
+def test_image_folder_val_takes_the_train_class_numbers(tmp_path):
+    """A val/ lacking a class (a subset) keeps train's numbering; a class train/ lacks is refused."""
+    from PIL import Image
+    image = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    for split, labels in (("train", ("a_cat", "b_dog", "c_fox")), ("val", ("a_cat", "c_fox"))):
+        for label in labels:
+            (tmp_path / split / label).mkdir(parents=True)
+            image.save(tmp_path / split / label / "0.png")
+    data = load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=8, workers=0))
+    assert data.num_classes == 3 and [y.tolist() for _, y in data.eval_batches("test", 4)] == [[0, 2]]
+    (tmp_path / "val" / "d_emu").mkdir()
+    image.save(tmp_path / "val" / "d_emu" / "0.png")
+    with pytest.raises(ConfigError, match="val has class folders that train/ lacks: d_emu"):
+        load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=8, workers=0))
 
 
 def test_image_folder_augmentation_follows_the_particle_seed(tmp_path):

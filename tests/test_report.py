@@ -36,6 +36,8 @@ def test_report_cli_plots_atomically_and_skips_unfinished_runs(tmp_path, capsys)
     plot = tmp_path / "p.png"
     assert cli.main(["report", *dirs, "--plot", str(plot)]) == 0
     assert plot.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*tmp*"))
+    assert cli.main(["report", dirs[0], "--plot", str(tmp_path / "new" / "dir" / "p.png")]) == 0   # folders made
+    assert (tmp_path / "new" / "dir" / "p.png").is_file()
     assert cli.main(["report", dirs[1], "--plot", str(tmp_path / "q.png")]) == 2
     assert "no run has finished a level yet" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not a run directory"):

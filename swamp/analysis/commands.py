@@ -120,7 +120,7 @@ def _plot_against_density(rows: list[dict], value, ylabel: str, path: Path) -> P
 
 
 def _level_path(level_dir: str) -> tuple[Path, int]:
-    path = Path(level_dir)
+    path = Path(level_dir).resolve()   # "." inside a level directory names it too
     if not path.name.startswith("level_") or not (path / "metrics.json").is_file():
         raise FileNotFoundError(f"{level_dir} is no complete level directory (RUN_DIR/level_XX with metrics.json)")
     return path.parent, int(path.name[len("level_"):])

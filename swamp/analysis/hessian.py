@@ -74,35 +74,50 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterab
 
     Lanczos with full reorthogonalisation from a seeded Gaussian start, at most ``iters`` Hessian-
     vector products (so it keeps up to ``iters`` parameter-sized vectors). Stops when every one of
-    the top ``k`` Ritz pairs has residual ``||H y - theta y|| <= tol * |theta|``, or when the Krylov
-    space is exhausted (then the values are exact).
+    the top ``k`` Ritz pairs has residual ``||H y - theta y|| <= tol * |theta|``, or when the
+    vectors span the whole (unpruned) space (then the values are exact). When the Krylov space
+    is exhausted first (an invariant subspace: a start vector that misses eigenvectors, or
+    repeated eigenvalues, of which it holds one copy each), Lanczos restarts from a new random
+    vector orthogonal to it, so eigenvalues of multiplicity m are found m times.
     """
     operator = _HessianOperator(model, loss_fn, batches, masks)
     if not 1 <= k <= operator.dimension:
         raise ValueError(f"k must lie in [1, {operator.dimension}] (unpruned parameters), got {k}")
     if iters < k:
         raise ValueError(f"iters must be >= k ({k}), got {iters}")
-    v = operator.random(torch.Generator().manual_seed(seed), rademacher=False)
+    generator = torch.Generator().manual_seed(seed)
+    v = operator.random(generator, rademacher=False)
     basis = [v / v.norm()]
     alphas, betas = [], []
     theta = np.zeros(0)
     for j in range(iters):
         w = operator(basis[j])
         alphas.append(float(w @ basis[j]))
-        stacked = torch.stack(basis)
-        for _ in range(2):   # full reorthogonalisation, twice is enough
-            w = w - stacked.T @ (stacked @ w)
+        w = _orthogonalised(w, basis)
         beta = float(w.norm())
         tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, vectors = np.linalg.eigh(tridiagonal)
+        if len(basis) == operator.dimension:
+            break
+        if beta <= 1e-10 * max(1.0, np.abs(theta).max()):   # invariant subspace: restart beside it
+            w = _orthogonalised(operator.random(generator, rademacher=False), basis)
+            betas.append(0.0)
+            basis.append(w / w.norm())
+            continue
         top = np.argsort(theta)[::-1][:k]
-        converged = len(top) == k and all(abs(beta * vectors[-1, i]) <= tol * abs(theta[i]) for i in top)
-        exhausted = beta <= 1e-10 * max(1.0, np.abs(theta).max()) or j + 1 == operator.dimension
-        if converged or exhausted:
+        if len(top) == k and all(abs(beta * vectors[-1, i]) <= tol * abs(theta[i]) for i in top):
             break
         betas.append(beta)
         basis.append(w / beta)
     return sorted(theta.tolist(), reverse=True)[:k]
+
+
+def _orthogonalised(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    """``w`` minus its projection on the orthonormal ``basis`` (twice: enough in floating point)."""
+    stacked = torch.stack(basis)
+    for _ in range(2):
+        w = w - stacked.T @ (stacked @ w)
+    return w
 
 
 def hessian_trace(model: nn.Module, loss_fn: Callable, batches: Iterable,
