@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 import swamp
@@ -263,6 +264,16 @@ def test_cli_takes_dot_inside_a_level_directory(swamp_run, tmp_path, monkeypatch
     monkeypatch.chdir(swamp_run / "level_01")
     assert cli.main(["analyze", "masks", ".", "../level_02", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "masks_swamp_01_swamp_02.json").is_file()
+
+
+def test_a_moved_data_set_says_how_to_record_its_new_place(swamp_run, tmp_path, capsys):
+    moved = tmp_path / "swamp"
+    shutil.copytree(swamp_run, moved)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["data"].update(name="npz", path=str(tmp_path / "gone.npz"))
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["analyze", "masks", str(moved / "level_01"), str(moved / "level_02")]) == 2
+    assert f"if the data set moved, `swamp resume {moved} --set data.path=NEW`" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):

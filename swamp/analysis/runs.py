@@ -91,7 +91,12 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     directory = Path(run_dir)
     if not (directory / "config.yaml").is_file():
         raise FileNotFoundError(f"{directory} holds no run (no config.yaml)")
-    config = cfg.load(directory / "config.yaml")
+    try:
+        config = cfg.load(directory / "config.yaml")
+    except cfg.ConfigError as error:
+        moved = f"; if the data set moved, `swamp resume {directory} --set data.path=NEW` records its new place" \
+            if "'data.path'" in str(error) else ""
+        raise cfg.ConfigError(f"{directory}/config.yaml: {error}{moved}") from error
     data = load_data(config.data).to(device)
     model = build_model(config.model, data.input_shape, data.num_classes)
     sparsify(model, exclude=config.prune.exclude or None)
