@@ -85,7 +85,7 @@ def particle_average(params, masks=None, *, backend: str = "auto") -> list[torch
     ``masks`` may be None, or hold None for unmasked params (as in every op taking masks).
     """
     params = check.particle_params("params", params)
-    masks = check.bool_masks(masks, "params", [p[0] for p in params], optional=True)
+    masks = check.bool_masks(masks, "params[:, ...]", params, leading=1, optional=True)
     return _run_outside_autograd("particle_average", backend, params[0].device, params, masks)
 
 
@@ -95,10 +95,9 @@ def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -
     ``n_averaged == 0`` copies the particle mean.
     """
     params = check.particle_params("params", params)
-    shapes = [p[0] for p in params]
-    swa = check.companions("swa", swa, "params[:, ...]", shapes, dtypes=check.FLOAT_DTYPES)
+    swa = check.companions("swa", swa, "params[:, ...]", params, leading=1, dtypes=check.FLOAT_DTYPES)
     check.distinct("swa", swa)
-    masks = check.bool_masks(masks, "params[:, ...]", shapes, optional=True)
+    masks = check.bool_masks(masks, "params[:, ...]", params, leading=1, optional=True)
     n_averaged = check.non_negative_int("n_averaged", n_averaged)
     _run_outside_autograd("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
     _modified(swa)

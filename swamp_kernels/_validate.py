@@ -52,49 +52,49 @@ def distinct(name: str, xs: Sequence[torch.Tensor]) -> None:
                              "with its masks combined (&)")
 
 
-def _shape(t) -> tuple:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
-
-
 def companions(name: str, xs, like_name: str, like: Sequence[torch.Tensor],
-               *, dtypes: Sequence[torch.dtype] | None = None,
+               *, dtypes: Sequence[torch.dtype] | None = None, leading: int = 0,
                particle_dim: bool = False, optional: bool = False) -> list:
-    """Check ``xs`` pairs one-to-one with ``like``: same length, device and shape.
+    """Check ``xs`` pairs one-to-one with ``like`` (tensors on one device): same length,
+    device and shape, ``like[i].shape[leading:]`` (``leading=1``: the shape of one particle
+    of stacked ``[P, *shape]`` tensors).
 
     With ``particle_dim`` an entry may also have ``like[i].shape[1:]`` (a mask that
     broadcasts over the leading particle dimension); with ``optional`` entries may be None.
+    Runs on every op call: the common case is a few attribute reads per tensor.
     """
     if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
     if len(xs) != len(like):
         raise ValueError(f"{name} has {len(xs)} tensors but {like_name} has {len(like)}")
+    device = like[0].device if like else None
     for i, (x, ref) in enumerate(zip(xs, like)):
         if x is None and optional:
             continue
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
-        if x.device != ref.device:
+        if x.device != device:
             raise ValueError(f"{name}[{i}] is on {x.device} but {like_name}[{i}] is on {ref.device}")
         if dtypes is not None and x.dtype not in dtypes:
             expected = " or ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{name}[{i}] has dtype {x.dtype}; expected {expected}")
-        shapes = [_shape(ref)] + ([_shape(ref)[1:]] if particle_dim and ref.dim() > 0 else [])
-        if _shape(x) not in shapes:
-            wanted = " or ".join(str(s) for s in shapes)
-            raise ValueError(f"{name}[{i}] has shape {_shape(x)}, expected {wanted} "
+        shape, wanted = x.shape, ref.shape[leading:] if leading else ref.shape
+        if shape != wanted and not (particle_dim and len(wanted) > 0 and shape == wanted[1:]):
+            shapes = [tuple(wanted)] + ([tuple(wanted[1:])] if particle_dim and len(wanted) > 0 else [])
+            raise ValueError(f"{name}[{i}] has shape {tuple(shape)}, expected {' or '.join(map(str, shapes))} "
                              f"like {like_name}[{i}]")
     return list(xs)
 
 
-def bool_masks(masks, like_name: str, like: Sequence[torch.Tensor], *,
+def bool_masks(masks, like_name: str, like: Sequence[torch.Tensor], *, leading: int = 0,
                particle_dim: bool = False, optional: bool = False) -> list | None:
-    """``masks`` (None allowed): bool tensors matching ``like`` one-to-one.
+    """``masks`` (None allowed): bool tensors matching ``like`` one-to-one (see :func:`companions`).
 
     With ``optional`` single entries may be None (that tensor is not masked).
     """
     if masks is None:
         return None
-    return companions("masks", masks, like_name, like, dtypes=(torch.bool,),
+    return companions("masks", masks, like_name, like, dtypes=(torch.bool,), leading=leading,
                       particle_dim=particle_dim, optional=optional)
 
 
