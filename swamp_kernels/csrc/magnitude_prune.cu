@@ -119,15 +119,16 @@ struct PruneEntry {
 };
 
 // ------------------------------------------------------------------ element helpers
-__device__ __forceinline__ uint32_t float32_bits(const PruneEntry& e, int64_t i) {
-  if (e.dtype == kPruneFloat32) {
-    return static_cast<const uint32_t*>(e.keys)[i];
+// The float32 bit pattern of a key loaded as `raw` (its own bits for float32, the low 16 bits
+// for float16/bfloat16).
+__device__ __forceinline__ uint32_t float32_bits(int32_t dtype, uint32_t raw) {
+  if (dtype == kPruneFloat32) {
+    return raw;
   }
-  const unsigned short h = static_cast<const unsigned short*>(e.keys)[i];
-  if (e.dtype == kPruneFloat16) {
-    return __float_as_uint(__half2float(__ushort_as_half(h)));
+  if (dtype == kPruneFloat16) {
+    return __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(raw))));
   }
-  return static_cast<uint32_t>(h) << 16;  // bfloat16: the top half of a float32
+  return raw << 16;  // bfloat16: the top half of a float32
 }
 
 __device__ __forceinline__ bool is_nonfinite(uint32_t bits) {
@@ -144,10 +145,6 @@ __device__ __forceinline__ uint32_t order_key(uint32_t bits, bool signed_keys) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-__device__ __forceinline__ bool is_candidate(const PruneEntry& e, int64_t i) {
-  return e.mask == nullptr || e.mask[i] != 0;
-}
-
 __device__ __forceinline__ bool in_range(uint32_t key, long long lo, long long hi) {
   return lo <= static_cast<long long>(key) && static_cast<long long>(key) <= hi;
 }
@@ -162,7 +159,8 @@ __device__ __forceinline__ long long chunk_of(const PruneEntry& e, int64_t start
 
 // This thread's elements of the tile at chunk offset `base`: item j is element
 // base + j * kThreads + threadIdx.x, so item j of the block is a run in index order.
-// All loads are issued before any is used; non-candidates read as bits 0.
+// All loads (masks and keys, independent of each other) are issued before any is used;
+// non-candidates read as bits 0.
 struct Items {
   uint32_t bits[kItems];
   bool candidate[kItems];
@@ -173,15 +171,40 @@ __device__ __forceinline__ int64_t item_offset(int64_t base, int j) {
 }
 
 __device__ __forceinline__ Items load_items(const PruneEntry& e, int64_t start, int64_t len, int64_t base) {
+  // One branch per operand (uniform over the block) around all kItems loads, every use after
+  // both: the loads are in flight together instead of one DRAM round trip per element.
+  uint32_t mask[kItems];
+  uint32_t raw[kItems];
+  if (e.mask != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t local = item_offset(base, j);
+      mask[j] = local < len ? e.mask[start + local] : 0u;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      mask[j] = item_offset(base, j) < len ? 1u : 0u;
+    }
+  }
+  if (e.dtype == kPruneFloat32) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t local = item_offset(base, j);
+      raw[j] = local < len ? static_cast<const uint32_t*>(e.keys)[start + local] : 0u;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t local = item_offset(base, j);
+      raw[j] = local < len ? static_cast<const unsigned short*>(e.keys)[start + local] : 0u;
+    }
+  }
   Items items;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
-    const int64_t local = item_offset(base, j);
-    items.candidate[j] = local < len && is_candidate(e, start + local);
-  }
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    items.bits[j] = items.candidate[j] ? float32_bits(e, start + item_offset(base, j)) : 0u;
+    items.candidate[j] = mask[j] != 0;
+    items.bits[j] = items.candidate[j] ? float32_bits(e.dtype, raw[j]) : 0u;
   }
   return items;
 }
@@ -293,6 +316,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ unsigned hist[kMaxBins];
   __shared__ Stage stage;
   const Context& ctx = *ctx_ptr;
+  const bool signed_keys = ctx.signed_keys != 0;  // read once: mask stores may alias ctx
   const int shift = digit_shift(pass);
   const int bins = digit_bins(pass);
   for (int b = threadIdx.x; b < kMaxBins; b += kThreads) {
@@ -303,7 +327,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   SegmentState* pending = nullptr;  // the segment whose counts `hist` holds
-  for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
+  for_each_chunk(table, [&](const PruneEntry& entry, int64_t start, int64_t len) {
+    const PruneEntry e = entry;  // in registers: the mask stores cannot force reloads of the table
     SegmentState& st = segment_of(ctx, e);
     const int mode = st.mode;
     if (mode != kScan && mode != kGather && mode != kWrite) {
@@ -337,7 +362,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
         const bool candidate = items.candidate[j];
-        const uint32_t key = order_key(items.bits[j], ctx.signed_keys != 0);
+        const uint32_t key = order_key(items.bits[j], signed_keys);
         const bool in_bucket = candidate && (pass == 0 || in_range(key, lo, hi));
         if (mode != kWrite) {
           count_digit(hist, in_bucket, (key >> shift) & static_cast<uint32_t>(bins - 1));
@@ -485,7 +510,9 @@ __device__ __forceinline__ long long ties_before(const Context& ctx, const Segme
 __global__ void __launch_bounds__(kThreads)
     tie_count_kernel(const __grid_constant__ TensorTable<PruneEntry> table, Context* ctx_ptr) {
   const Context& ctx = *ctx_ptr;
-  for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
+  const bool signed_keys = ctx.signed_keys != 0;
+  for_each_chunk(table, [&](const PruneEntry& entry, int64_t start, int64_t len) {
+    const PruneEntry e = entry;  // in registers: the mask stores cannot force reloads of the table
     const SegmentState& st = segment_of(ctx, e);
     if (st.mode != kScan) {
       return;
@@ -497,7 +524,7 @@ __global__ void __launch_bounds__(kThreads)
       const Items items = load_items(e, start, len, base);
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
-        const bool tie = items.candidate[j] && in_range(order_key(items.bits[j], ctx.signed_keys != 0), lo, hi);
+        const bool tie = items.candidate[j] && in_range(order_key(items.bits[j], signed_keys), lo, hi);
         count += static_cast<unsigned long long>(__syncthreads_count(tie));
       }
     }
@@ -556,11 +583,12 @@ __device__ __forceinline__ void write_ranked(const Context& ctx, const PruneEntr
   const long long hi = st.hi;
   const long long quota = st.keep;
   const bool ranked = lo <= hi;
+  const bool signed_keys = ctx.signed_keys != 0;
   for (int64_t base = 0; base < len; base += kTile) {
     const Items items = load_items(e, start, len, base);
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {  // item j of the block: the next kThreads elements
-      const uint32_t key = order_key(items.bits[j], ctx.signed_keys != 0);
+      const uint32_t key = order_key(items.bits[j], signed_keys);
       const bool tie = items.candidate[j] && in_range(key, lo, hi);
       bool keep = items.candidate[j] && static_cast<long long>(key) > hi;
       if (ranked) {
@@ -584,7 +612,8 @@ __global__ void __launch_bounds__(kThreads)
     finish_kernel(const __grid_constant__ TensorTable<PruneEntry> table, Context* ctx_ptr) {
   __shared__ unsigned warp_counts[kWarps];
   const Context& ctx = *ctx_ptr;
-  for_each_chunk(table, [&](const PruneEntry& e, int64_t start, int64_t len) {
+  for_each_chunk(table, [&](const PruneEntry& entry, int64_t start, int64_t len) {
+    const PruneEntry e = entry;  // in registers: the mask stores cannot force reloads of the table
     const SegmentState& st = segment_of(ctx, e);
     const int mode = st.mode;
     if (mode == kWrite) {
