@@ -28,23 +28,40 @@ __device__ __forceinline__ void average_range(const AverageEntry& e, int64_t fir
   O* out = global_ptr(static_cast<O*>(e.out)) + first;
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < len; i += step) {
+    // The independent loads first (mask, old average, then the particles four at a time), so
+    // they are in flight together; the sums still add the particles in order.
+    const AlignedVec<uint8_t, N> keep = load_keep<N>(e.mask, first + i);
+    AlignedVec<O, N> average;
+    if (!s.copy) {
+      average = *reinterpret_cast<const AlignedVec<O, N>*>(out + i);
+    }
     float total[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       total[j] = 0.f;
     }
-#pragma unroll 4
-    for (int64_t p = 0; p < s.particles; ++p) {
+    constexpr int kBatch = 4;
+    int64_t p = 0;
+    for (; p + kBatch <= s.particles; p += kBatch) {
+      AlignedVec<P, N> x[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        x[q] = *reinterpret_cast<const AlignedVec<P, N>*>(params + (p + q) * e.numel + i);
+      }
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          total[j] += to_float(x[q].v[j]);
+        }
+      }
+    }
+    for (; p < s.particles; ++p) {
       const AlignedVec<P, N> x = *reinterpret_cast<const AlignedVec<P, N>*>(params + p * e.numel + i);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         total[j] += to_float(x.v[j]);
       }
-    }
-    const AlignedVec<uint8_t, N> keep = load_keep<N>(e.mask, first + i);
-    AlignedVec<O, N> average;
-    if (!s.copy) {
-      average = *reinterpret_cast<const AlignedVec<O, N>*>(out + i);
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -77,7 +94,8 @@ __device__ __forceinline__ void average_chunk(const AverageEntry& e, int64_t sta
 template <typename P, typename O>
 __global__ void __launch_bounds__(kThreads)
     swa_update_kernel(const __grid_constant__ TensorTable<AverageEntry> table, AverageScalars s) {
-  for_each_chunk(table, [&](const AverageEntry& e, int64_t start, int64_t len) {
+  for_each_chunk(table, [&](const AverageEntry& entry, int64_t start, int64_t len) {
+    const AverageEntry e = entry;  // in registers: the stores cannot force reloads of the table
     average_chunk<P, O>(e, start, len, s);
   });
 }
