@@ -15,6 +15,11 @@
 #     (each compiles its models: minutes; together they would not fit one call)
 # The machine gets a copy of the tree without .git: pass SWAMP_COMMIT=<hash of HEAD here> so
 # the results name their commit.
+# An op far from its floor: the time includes the host's per-call work (Python checks, table
+# uploads) wherever the GPU waits for it. Separate the two with the profiler of the image, e.g.
+#   ncu -k regex:'digit_pass|swa_update|masked_sgd' -c 12 --section SpeedOfLight \
+#       python3 -m benchmarks.run --ops prune,swa,sgd --backends cuda --quick --out /tmp/ncu-bench
+# (kernel time and DRAM throughput per kernel; compare with the table's time).
 set -uo pipefail
 export PYTHONUNBUFFERED=1   # logs of a call stopped at its limit keep their last lines
 OUT=${OUT:-/tmp/swamp-gpu}
