@@ -18,14 +18,19 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float |
 
 
 class CountingLaunches:
-    """Stands in for a Triton kernel (monkeypatch it into its module) and records each launch grid."""
+    """Stands in for a Triton kernel (monkeypatch it into its module) and records each launch's
+    grid and keyword arguments (the constexprs)."""
 
     def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
+        self.kernel, self.grids, self.kwargs = kernel, [], []
 
     def __getitem__(self, grid):
         self.grids.append(grid)
-        return self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 def laid_out(t: torch.Tensor, layout: str, step: int = 2) -> torch.Tensor:

@@ -71,14 +71,18 @@ def _prune_calls(gen: torch.Generator) -> None:
                         prune(weights, m, 0.6, scores=s, backend="triton")
 
 
+# Lengths of 64 (multiples of 16, fresh tensors: 16-byte aligned) launch the ALIGNED variants of the
+# elementwise kernels, the others the plain ones.
 def _elementwise_calls(gen: torch.Generator) -> None:
     for dtype in FLOATS:
-        tensors = [torch.randn(2, 50, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)]
-        masks = [torch.rand(50, generator=gen) > 0.5, torch.rand(70, generator=gen) > 0.5]
+        tensors = [torch.randn(2, 50, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype),
+                   torch.randn(2, 64, generator=gen).to(dtype)]
+        masks = [torch.rand(50, generator=gen) > 0.5, torch.rand(70, generator=gen) > 0.5,
+                 torch.rand(64, generator=gen) > 0.5]
         sk.apply_masks_(tensors, masks, backend="triton")
         for particles in (1, 3):
-            params = [torch.randn(particles, 40, generator=gen).to(dtype)]
-            for m in (None, [torch.rand(40, generator=gen) > 0.5]):
+            params = [torch.randn(particles, 40, generator=gen).to(dtype), torch.randn(particles, 64, generator=gen).to(dtype)]
+            for m in (None, [torch.rand(40, generator=gen) > 0.5, torch.rand(64, generator=gen) > 0.5]):
                 swa = sk.particle_average(params, m, backend="triton")
                 for n_averaged in (0, 2):
                     sk.swa_update_(swa, params, n_averaged, m, backend="triton")
@@ -92,10 +96,12 @@ def _sgd_calls(gen: torch.Generator) -> None:
                 dict(momentum=0.9, nesterov=True, maximize=True)]
     for param_dtype, grad_dtype in dtype_pairs:
         for setting in settings:
-            params = [torch.randn(30, generator=gen).to(param_dtype), torch.randn(2, 20, generator=gen).to(param_dtype)]
+            params = [torch.randn(30, generator=gen).to(param_dtype), torch.randn(2, 20, generator=gen).to(param_dtype),
+                      torch.randn(2, 64, generator=gen).to(param_dtype)]
             grads = [torch.randn(p.shape, generator=gen).to(grad_dtype) for p in params]
-            masks = [torch.rand(30, generator=gen) > 0.5, torch.rand(20, generator=gen) > 0.5]
-            buffers = [None, None]
+            masks = [torch.rand(30, generator=gen) > 0.5, torch.rand(20, generator=gen) > 0.5,
+                     torch.rand(64, generator=gen) > 0.5]
+            buffers = [None, None, None]
             for _ in range(2):  # the first momentum step writes the buffers, the second reads them
                 sk.masked_sgd_step_(params, grads, buffers, masks, lr=0.1, backend="triton", **setting)
 
@@ -134,6 +140,10 @@ def test_every_launched_kernel_is_recorded(recorded):
     launched = _launched_kernels()
     assert {op.__module__ for op in OPS.values()} <= {kernel.rsplit(".", 1)[0] for kernel in launched}
     assert recorded.kernels == launched
+    aligned = {(spec["kernel"].rsplit(".", 1)[1], spec["args"]["ALIGNED"]) for spec in recorded.specs
+               if "ALIGNED" in spec["args"]}
+    assert aligned == {(k, a) for k in ("_apply_masks_kernel", "_average_kernel", "_masked_sgd_kernel")
+                       for a in (False, True)}
 
 
 @pytest.mark.parametrize("triton_dir", [None, GPU_IMAGE_TRITON], ids=["venv-triton", "triton-3.6.0"])

@@ -1,27 +1,37 @@
-"""``apply_masks_`` in Triton: zero masked entries of many tensors in one launch per dtype."""
+"""``apply_masks_`` in Triton: zero masked entries of many tensors in one launch per dtype
+(two where some tensors are not 16-byte aligned: :func:`~swamp_kernels.triton.multi_tensor.vector_aligned`).
+
+Each tensor is seen as ``rows`` rows of the mask's length: one row for a mask of the tensor's
+shape, P rows for a mask broadcast over the particles of a ``[P, *shape]`` tensor. The chunk
+map runs over one row; a program reads its mask chunk once and applies it to every row. Per
+launch, one int64 table holds four columns of T entries: tensor addresses, mask addresses,
+mask lengths, row counts.
+"""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, group_by
-from swamp_kernels.triton.multi_tensor import address_table, chunk_map, int64_table, tl_dtype
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
+from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
 CHUNK = 4096
 
 
 @triton.jit
-def _apply_masks_kernel(x_addrs, mask_addrs, numels, mask_numels, chunk_tensor, chunk_start,
-                        DTYPE: tl.constexpr, CHUNK: tl.constexpr):
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    x_ptr = tl.load(x_addrs + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(mask_addrs + t).to(tl.pointer_type(tl.int8))
-    offs = tl.load(chunk_start + c) + tl.arange(0, CHUNK)
-    inside = offs < tl.load(numels + t)
-    keep = tl.load(m_ptr + offs % tl.load(mask_numels + t), mask=inside, other=0)
-    x = tl.load(x_ptr + offs, mask=inside)
-    tl.store(x_ptr + offs, tl.where(keep != 0, x, tl.zeros_like(x)), mask=inside)
+def _apply_masks_kernel(table, num_tensors, row_numels, chunk_tensor, chunk_start,
+                        DTYPE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, row_numel, offsets, inside = chunk_of(row_numels, chunk_tensor, chunk_start, tl.program_id(0), CHUNK,
+                                             ALIGNED)
+    x_ptr = table_pointer(table, t, DTYPE, ALIGNED)
+    keep = load_keep(tl.load(table + num_tensors + t), tl.load(table + 2 * num_tensors + t), offsets, inside,
+                     ALIGNED)
+    rows = tl.load(table + 3 * num_tensors + t)
+    for r in range(rows):
+        at = r * row_numel + offsets
+        x = tl.load(x_ptr + at, mask=inside)
+        tl.store(x_ptr + at, tl.where(keep, x, tl.zeros_like(x)), mask=inside)
 
 
 def apply_masks_(tensors, masks) -> None:
@@ -30,12 +40,14 @@ def apply_masks_(tensors, masks) -> None:
     operands = ElementwiseOperands([tensors, masks], written=(0,))
     xs, ms = operands.columns
     device = xs[0].device
-    for idx in group_by([x.dtype for x in xs]).values():
-        chunks = chunk_map([xs[i].numel() for i in idx], CHUNK, device)
+    keys = [(x.dtype, vector_aligned([x, m], m.numel())) for x, m in zip(xs, ms)]
+    for (dtype, aligned), idx in group_by(keys).items():
+        chunks = chunk_map([ms[i].numel() for i in idx], CHUNK, device)
         if chunks.num_chunks == 0:
             continue
+        rows = [xs[i].numel() // max(ms[i].numel(), 1) for i in idx]
+        table = masked_operand_table([[xs[i] for i in idx]], [ms[i] for i in idx], device, extra=rows)
         _apply_masks_kernel[(chunks.num_chunks,)](
-            address_table([xs[i] for i in idx], device), address_table([ms[i] for i in idx], device),
-            chunks.numels, int64_table([max(ms[i].numel(), 1) for i in idx], device),
-            chunks.chunk_tensor, chunks.chunk_start, DTYPE=tl_dtype(xs[idx[0]].dtype), CHUNK=CHUNK)
+            table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
+            DTYPE=tl_dtype(dtype), CHUNK=CHUNK, ALIGNED=aligned)
     operands.write_back()

@@ -1,6 +1,7 @@
 """``masked_sgd_step_`` in Triton: ``torch.optim.SGD`` on ``grad * mask``, then ``param *= mask``.
 
-One launch per group of tensors sharing (param dtype, grad dtype, first momentum step).
+One launch per group of tensors sharing (param dtype, grad dtype, first momentum step,
+alignment: :func:`~swamp_kernels.triton.multi_tensor.vector_aligned`).
 Each tensor is seen as ``rows`` rows of ``numel / rows`` entries, where the mask (if any)
 covers one row: a full-shape mask gives one row, a mask broadcast over the P particles
 of a ``[P, *shape]`` param gives P rows. The chunk map runs over one row; a program
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, allocate_first_buffers, group_by
-from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, tl_dtype
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
 from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
 CHUNK = 2048
@@ -29,18 +30,22 @@ def _masked_sgd_kernel(table, num_tensors, row_numels, chunk_tensor, chunk_start
                        neg_lr, momentum, one_minus_dampening, weight_decay,
                        PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
                        MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
-                       MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, CHUNK: tl.constexpr):
-    t, row_numel, offsets, inside = chunk_of(row_numels, chunk_tensor, chunk_start, tl.program_id(0), CHUNK)
-    param_ptr = tl.load(table + t).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(GRAD_DTYPE))
-    buffer_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(PARAM_DTYPE))
+                       MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, CHUNK: tl.constexpr,
+                       ALIGNED: tl.constexpr):
+    """One step on ``grad * mask`` then ``param *= mask``; the loads are independent of the mask
+    (it selects), so they are in flight together, and with ``ALIGNED`` each moves 16 bytes."""
+    t, row_numel, offsets, inside = chunk_of(row_numels, chunk_tensor, chunk_start, tl.program_id(0), CHUNK,
+                                             ALIGNED)
+    param_ptr = table_pointer(table, t, PARAM_DTYPE, ALIGNED)
+    grad_ptr = table_pointer(table, num_tensors + t, GRAD_DTYPE, ALIGNED)
+    buffer_ptr = table_pointer(table, 2 * num_tensors + t, PARAM_DTYPE, ALIGNED)
     keep = load_keep(tl.load(table + 3 * num_tensors + t), tl.load(table + 4 * num_tensors + t),
-                     offsets, inside)
+                     offsets, inside, ALIGNED)
     rows = tl.load(table + 5 * num_tensors + t)
     for r in range(rows):
         at = r * row_numel + offsets
         param = tl.load(param_ptr + at, mask=inside).to(tl.float32)
-        step = tl.load(grad_ptr + at, mask=inside & keep, other=0).to(tl.float32)
+        step = tl.where(keep, tl.load(grad_ptr + at, mask=inside, other=0).to(tl.float32), 0.0)
         if MAXIMIZE:
             step = -step
         if WEIGHT_DECAY:
@@ -82,9 +87,11 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
     ps, gs, bs, ms = operands.columns
     # a param's own address stands in for a buffer the kernel never touches
     bs = [p if b is None else b for p, b in zip(ps, bs)]
-    keys = [(p.dtype, g.dtype, first) for p, g, first in zip(ps, gs, first_step)]
-    for (param_dtype, grad_dtype, first), idx in group_by(keys).items():
-        rows, row_numels = zip(*(_row_split(ps[i], ms[i]) for i in idx))
+    splits = [_row_split(p, m) for p, m in zip(ps, ms)]
+    keys = [(p.dtype, g.dtype, first, vector_aligned([p, g, b, m], row_numel))
+            for p, g, b, m, first, (_, row_numel) in zip(ps, gs, bs, ms, first_step, splits)]
+    for (param_dtype, grad_dtype, first, aligned), idx in group_by(keys).items():
+        rows, row_numels = zip(*(splits[i] for i in idx))
         chunks = chunk_map(row_numels, CHUNK, device)
         if chunks.num_chunks == 0:
             continue
@@ -95,5 +102,5 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
             -lr, momentum, 1.0 - dampening, weight_decay,
             PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
             MOMENTUM=momentum != 0, FIRST_STEP=first, NESTEROV=nesterov, MAXIMIZE=maximize,
-            WEIGHT_DECAY=weight_decay != 0, CHUNK=CHUNK)
+            WEIGHT_DECAY=weight_decay != 0, CHUNK=CHUNK, ALIGNED=aligned)
     operands.write_back()

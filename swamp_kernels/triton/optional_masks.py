@@ -32,7 +32,10 @@ def masked_operand_table(operands: Sequence[Sequence[torch.Tensor]], masks: Sequ
 
 
 @triton.jit
-def load_keep(mask_address, mask_length, offsets, inside):
-    """``mask[offsets] != 0`` where ``inside``; all True for a tensor without a mask."""
+def load_keep(mask_address, mask_length, offsets, inside, ALIGNED: tl.constexpr):
+    """``mask[offsets] != 0`` where ``inside``; all True for a tensor without a mask.
+    ``ALIGNED``: the mask starts at a 16-byte boundary (see ``multi_tensor.vector_aligned``)."""
     mask_ptr = mask_address.to(tl.pointer_type(tl.int8))
+    if ALIGNED:
+        mask_ptr = tl.multiple_of(mask_ptr, 16)
     return tl.load(mask_ptr + offsets, mask=inside & (mask_length > 0), other=1) != 0

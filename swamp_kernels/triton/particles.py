@@ -1,4 +1,5 @@
-"""``particle_average`` and ``swa_update_`` in Triton: one pass over memory, one launch per dtype group.
+"""``particle_average`` and ``swa_update_`` in Triton: one pass over memory, one launch per dtype group
+(two where some tensors are not 16-byte aligned: :func:`~swamp_kernels.triton.multi_tensor.vector_aligned`).
 
 A parameter of P particles is one ``[P, *shape]`` tensor; the chunk map runs over the
 ``shape`` entries and each program sums its entries over the P particles in float32.
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, empty_particle_row, group_by
-from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, tl_dtype
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
 from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
 CHUNK = 4096
@@ -23,29 +24,33 @@ CHUNK = 4096
 @triton.jit
 def _average_kernel(table, num_tensors, numels, chunk_tensor, chunk_start, num_particles, divisor,
                     PARAM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, COPY: tl.constexpr,
-                    CHUNK: tl.constexpr):
-    """out = mean_p(params) if COPY else out + (mean_p(params) - out) / divisor; 0 where masked."""
-    t, numel, offsets, inside = chunk_of(numels, chunk_tensor, chunk_start, tl.program_id(0), CHUNK)
-    param_ptr = tl.load(table + t).to(tl.pointer_type(PARAM_DTYPE))
-    out_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(OUT_DTYPE))
+                    CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """out = mean_p(params) if COPY else out + (mean_p(params) - out) / divisor; 0 where masked.
+
+    Every load is independent of the others (the mask selects at the end), so all are in
+    flight together, and with ``ALIGNED`` each moves 16 bytes."""
+    t, numel, offsets, inside = chunk_of(numels, chunk_tensor, chunk_start, tl.program_id(0), CHUNK, ALIGNED)
+    param_ptr = table_pointer(table, t, PARAM_DTYPE, ALIGNED)
+    out_ptr = table_pointer(table, num_tensors + t, OUT_DTYPE, ALIGNED)
     keep = load_keep(tl.load(table + 2 * num_tensors + t), tl.load(table + 3 * num_tensors + t),
-                     offsets, inside)
-    live = inside & keep  # masked entries read as 0, so they come out 0
+                     offsets, inside, ALIGNED)
+    if not COPY:
+        current = tl.load(out_ptr + offsets, mask=inside, other=0).to(tl.float32)
     total = tl.zeros([CHUNK], dtype=tl.float32)
     for k in range(num_particles):
-        total += tl.load(param_ptr + k * numel + offsets, mask=live, other=0).to(tl.float32)
+        total += tl.load(param_ptr + k * numel + offsets, mask=inside, other=0).to(tl.float32)
     average = total / num_particles
     if not COPY:
-        current = tl.load(out_ptr + offsets, mask=live, other=0).to(tl.float32)
         average = current + (average - current) / divisor
-    tl.store(out_ptr + offsets, average.to(OUT_DTYPE), mask=inside)
+    tl.store(out_ptr + offsets, tl.where(keep, average, 0.0).to(OUT_DTYPE), mask=inside)
 
 
 def _average_into(params, outs, masks, n_averaged: int) -> None:
     """Launch :func:`_average_kernel` on kernel-ready operands (:class:`ElementwiseOperands`
-    columns), one launch per dtype pair."""
+    columns), one launch per dtype pair and alignment (:func:`vector_aligned`)."""
     device = params[0].device
-    for idx in group_by([(p.dtype, o.dtype) for p, o in zip(params, outs)]).values():
+    keys = [(p.dtype, o.dtype, vector_aligned([p, o, m], o.numel())) for p, o, m in zip(params, outs, masks)]
+    for (param_dtype, out_dtype, aligned), idx in group_by(keys).items():
         chunks = chunk_map([outs[i].numel() for i in idx], CHUNK, device)
         if chunks.num_chunks == 0:
             continue
@@ -54,8 +59,8 @@ def _average_into(params, outs, masks, n_averaged: int) -> None:
         _average_kernel[(chunks.num_chunks,)](
             table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
             params[0].shape[0], float(n_averaged + 1),
-            PARAM_DTYPE=tl_dtype(params[idx[0]].dtype), OUT_DTYPE=tl_dtype(outs[idx[0]].dtype),
-            COPY=n_averaged == 0, CHUNK=CHUNK)
+            PARAM_DTYPE=tl_dtype(param_dtype), OUT_DTYPE=tl_dtype(out_dtype),
+            COPY=n_averaged == 0, CHUNK=CHUNK, ALIGNED=aligned)
 
 
 def particle_average(params, masks=None) -> list[torch.Tensor]:
