@@ -14,7 +14,7 @@ import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, group_by
 from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
-from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
+from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table, row_split
 
 CHUNK = 4096
 
@@ -40,12 +40,13 @@ def apply_masks_(tensors, masks) -> None:
     operands = ElementwiseOperands([tensors, masks], written=(0,))
     xs, ms = operands.columns
     device = xs[0].device
-    keys = [(x.dtype, vector_aligned([x, m], m.numel())) for x, m in zip(xs, ms)]
+    splits = [row_split(x, m) for x, m in zip(xs, ms)]
+    keys = [(x.dtype, vector_aligned([x, m], row_numel)) for x, m, (_, row_numel) in zip(xs, ms, splits)]
     for (dtype, aligned), idx in group_by(keys).items():
-        chunks = chunk_map([ms[i].numel() for i in idx], CHUNK, device)
+        rows, row_numels = zip(*(splits[i] for i in idx))
+        chunks = chunk_map(row_numels, CHUNK, device)
         if chunks.num_chunks == 0:
             continue
-        rows = [xs[i].numel() // max(ms[i].numel(), 1) for i in idx]
         table = masked_operand_table([[xs[i] for i in idx]], [ms[i] for i in idx], device, extra=rows)
         _apply_masks_kernel[(chunks.num_chunks,)](
             table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, allocate_first_buffers, group_by
 from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
-from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
+from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table, row_split
 
 CHUNK = 2048
 
@@ -65,13 +65,6 @@ def _masked_sgd_kernel(table, num_tensors, row_numels, chunk_tensor, chunk_start
         tl.store(param_ptr + at, tl.where(keep, param, 0.0).to(PARAM_DTYPE), mask=inside)
 
 
-def _row_split(param: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int]:
-    """(rows, entries per row): P rows when the mask broadcasts over the particle dim, else 1."""
-    if mask is not None and mask.dim() == param.dim() - 1:
-        return param.shape[0], mask.numel()
-    return 1, param.numel()
-
-
 def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, dampening,
                      weight_decay, nesterov, maximize) -> None:
     """Inputs validated by :func:`swamp_kernels.masked_sgd_step_`; new buffers (in their
@@ -87,7 +80,7 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
     ps, gs, bs, ms = operands.columns
     # a param's own address stands in for a buffer the kernel never touches
     bs = [p if b is None else b for p, b in zip(ps, bs)]
-    splits = [_row_split(p, m) for p, m in zip(ps, ms)]
+    splits = [row_split(p, m) for p, m in zip(ps, ms)]
     keys = [(p.dtype, g.dtype, first, vector_aligned([p, g, b, m], row_numel))
             for p, g, b, m, first, (_, row_numel) in zip(ps, gs, bs, ms, first_step, splits)]
     for (param_dtype, grad_dtype, first, aligned), idx in group_by(keys).items():

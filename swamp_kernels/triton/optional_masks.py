@@ -31,6 +31,14 @@ def masked_operand_table(operands: Sequence[Sequence[torch.Tensor]], masks: Sequ
                         *mask_addresses, *mask_lengths, *extra], device)
 
 
+def row_split(tensor: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int]:
+    """(rows, entries per row) of ``tensor`` as its mask covers it: P rows when the mask
+    broadcasts over the particle dim of a ``[P, *shape]`` tensor, else one row."""
+    if mask is not None and mask.dim() == tensor.dim() - 1:
+        return tensor.shape[0], mask.numel()
+    return 1, tensor.numel()
+
+
 @triton.jit
 def load_keep(mask_address, mask_length, offsets, inside, ALIGNED: tl.constexpr):
     """``mask[offsets] != 0`` where ``inside``; all True for a tensor without a mask.
