@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -158,9 +159,38 @@ def test_kernels_compile_for_sm90(specs_file, triton_dir, tmp_path):
         version, path = "3.6.0", [str(triton_dir), str(REPO)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"PYTHONPATH": os.pathsep.join(path), "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    run = subprocess.run([sys.executable, "-m", "tests.triton_aot", str(specs_file)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    ttgir = tmp_path / "ttgir"
+    run = subprocess.run([sys.executable, "-m", "tests.triton_aot", str(specs_file), "--ttgir", str(ttgir)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr
     print(output)
     assert output.startswith(f"triton {version} "), output[:500]
     assert run.returncode == 0, output[-20000:]
+    _assert_masked_weight_feeds_tensor_cores_from_registers(ttgir)
+
+
+def _main_loop(ttgir: str) -> str:
+    """The body of the kernel's K loop (its only ``scf.for``) in TritonGPU IR."""
+    start = ttgir.index("scf.for")
+    return ttgir[start:ttgir.index("scf.yield", start)]
+
+
+def _assert_masked_weight_feeds_tensor_cores_from_registers(ttgir_dir: pathlib.Path) -> None:
+    """In every compiled masked-A matmul that runs on Hopper tensor cores (wgmma), the masked A
+    tile reaches the dot from registers, and nothing is written to shared memory inside the K loop
+    besides the pipelined async copies: a masked B operand would be stored back there every step."""
+    index = json.loads((ttgir_dir / "index.json").read_text())
+    masked_a = [job for job in index if job["kernel"].endswith("._masked_matmul_kernel") and job["args"]["MASK_A"]]
+    assert masked_a, "no masked-A matmul compiled"
+    on_wgmma = 0
+    for job in masked_a:
+        loop = _main_loop((ttgir_dir / job["ttgir"]).read_text())
+        dots = [line for line in loop.splitlines() if "ttng.warp_group_dot " in line]
+        if not dots:  # mma.sync (IEEE float32, small tiles): both operands come from registers
+            continue
+        on_wgmma += 1
+        for dot in dots:
+            a_type = re.search(r" : (tensor<|!ttg\.memdesc<)", dot).group(1)  # the first operand's
+            assert a_type == "tensor<", f"{job['options']} {dot.strip()[:300]}"
+        assert "ttg.local_alloc" not in loop and "ttg.local_store" not in loop, job["options"]
+    assert on_wgmma, "no masked-A matmul compiled to wgmma"

@@ -19,6 +19,9 @@ Two halves, one per process:
   fails only when no config fits. Registers and spill bytes come from the log of the
   ``ptxas -v`` that Triton runs (its bundled ptxas). Every kernel is compiled afresh
   (``always_compile``). Prints a table; exits 1 naming each failing kernel and specialisation.
+  With ``--ttgir DIR`` it also writes each compiled job's TritonGPU IR to ``DIR/<n>.ttgir`` and
+  ``DIR/index.json``, a list of ``{"kernel", "args", "options", "ttgir"}`` (the file name), for
+  tests of what the compiler made of a kernel.
 """
 from __future__ import annotations
 
@@ -176,6 +179,7 @@ class Result:
     spill_bytes: int | None = None
     seconds: float = 0.0
     error: str | None = None
+    ttgir: str | None = None
 
 
 def _import_kernel(path: str):
@@ -256,7 +260,8 @@ def _compile(job: Job) -> Result:
             compiled = triton.compile(triton.compiler.ASTSource(jit, signature, constexprs, attrs),
                                       target=GPUTarget(*TARGET), options=options.__dict__)
         registers, spill_bytes = _ptxas_usage(ptxas_log.getvalue())
-        return Result(job, compiled.metadata.shared, registers, spill_bytes, time.perf_counter() - start)
+        return Result(job, compiled.metadata.shared, registers, spill_bytes, time.perf_counter() - start,
+                      ttgir=compiled.asm["ttgir"])
     except SharedMemoryOverLimit as over:
         return Result(job, over.shared, seconds=time.perf_counter() - start)
     except Exception as error:  # reported per job; the table names the kernel and its spec
@@ -304,14 +309,34 @@ def _table(results: list[Result]) -> str:
                      for row in rows)
 
 
+def _write_ttgir(results: list[Result], directory: str) -> None:
+    """Each compiled job's TritonGPU IR and the ``index.json`` naming them (module docstring)."""
+    os.makedirs(directory, exist_ok=True)
+    index = []
+    for number, r in enumerate(results):
+        if r.ttgir is None:
+            continue
+        name = f"{number}.ttgir"
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(r.ttgir)
+        index.append({"kernel": r.job.kernel, "args": r.job.args, "options": r.job.options, "ttgir": name})
+    with open(os.path.join(directory, "index.json"), "w") as f:
+        json.dump(index, f)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     import triton
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter never compiles")
     triton.knobs.compilation.always_compile = True  # a cached kernel never hides a failure
     triton.knobs.nvidia.dump_ptxas_log = True       # registers and spills, read by _ptxas_usage
-    (path,) = argv if argv is not None else sys.argv[1:]
-    with open(path) as f:
+    parser = argparse.ArgumentParser(prog="python -m tests.triton_aot")
+    parser.add_argument("specs", help="JSON list of specialisations (LaunchRecorder.specs)")
+    parser.add_argument("--ttgir", metavar="DIR", help="write each compiled job's TritonGPU IR here")
+    arguments = parser.parse_args(argv)
+    with open(arguments.specs) as f:
         specs = json.load(f)
     print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}")
     _stop_over_limit()
@@ -320,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("fork")) as pool:
         done = dict(zip(longest_first, pool.map(_compile, [jobs[i] for i in longest_first])))
     results = [done[i] for i in range(len(jobs))]
+    if arguments.ttgir:
+        _write_ttgir(results, arguments.ttgir)
     print(_table(results))
     failures = _failures(specs, results)
     print(f"{len(jobs)} compiles of {len(specs)} specialisations for sm_90: "

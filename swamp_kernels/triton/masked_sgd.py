@@ -14,7 +14,6 @@ a channels_last param, grad, buffer and mask are updated in place, without copie
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
