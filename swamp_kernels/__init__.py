@@ -3,6 +3,10 @@
 Every op checks its input (errors name the offending tensor index), then runs the
 backend chosen by ``backend=`` (``"auto" | "torch" | "triton" | "cuda"``, see
 :mod:`swamp_kernels._dispatch`). Contracts: DESIGN.md section 3.
+
+The in-place multi-tensor ops run every step, so their host time counts: where the chosen
+backend checks tensors itself (the CUDA backend's ``UNCHECKED_OPS``), they hand it the lists
+first and fall back to the checks here only when it refuses them (see :func:`_ran_unchecked`).
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import numbers
 import torch
 
 from swamp_kernels import _validate as check
-from swamp_kernels._dispatch import BACKENDS, BackendError, available_backends, implementation, preferred_backend
+from swamp_kernels._dispatch import (BACKENDS, BackendError, available_backends, implementation, preferred_backend,
+                                     unchecked_implementation)
 
 __all__ = [
     "BACKENDS", "BackendError", "available_backends", "preferred_backend",
@@ -31,6 +36,19 @@ def _run_outside_autograd(op: str, backend: str, device: torch.device, *args, **
     that every backend returns plain tensors and writes into parameters that require grad."""
     with torch.no_grad():
         return _run(op, backend, device, *args, **kwargs)
+
+
+def _ran_unchecked(op: str, backend: str, anchors, *args, **kwargs) -> bool:
+    """True when ``op(*args, **kwargs)`` ran through the unvalidated entry of the backend that runs
+    it for ``anchors[0]``'s device (:func:`~swamp_kernels._dispatch.unchecked_implementation`),
+    under ``no_grad``. False, with nothing changed, when there is none or it refused the arguments."""
+    if not check.is_tensor_list(anchors):
+        return False
+    run = unchecked_implementation(op, backend, anchors[0].device)
+    if run is None:
+        return False
+    with torch.no_grad():
+        return run(*args, **kwargs)
 
 
 def _modified(tensors) -> None:
@@ -94,12 +112,13 @@ def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -
 
     ``n_averaged == 0`` copies the particle mean.
     """
-    params = check.particle_params("params", params)
-    swa = check.companions("swa", swa, "params[:, ...]", params, leading=1, dtypes=check.FLOAT_DTYPES)
-    check.distinct("swa", swa)
-    masks = check.bool_masks(masks, "params[:, ...]", params, leading=1, optional=True)
     n_averaged = check.non_negative_int("n_averaged", n_averaged)
-    _run_outside_autograd("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
+    if not _ran_unchecked("swa_update_", backend, params, swa, params, n_averaged, masks):
+        params = check.particle_params("params", params)
+        swa = check.companions("swa", swa, "params[:, ...]", params, leading=1, dtypes=check.FLOAT_DTYPES)
+        check.distinct("swa", swa)
+        masks = check.bool_masks(masks, "params[:, ...]", params, leading=1, optional=True)
+        _run_outside_autograd("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
     _modified(swa)
 
 
@@ -108,10 +127,11 @@ def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
 
     ``masks[i]`` has the shape of ``tensors[i]`` or of ``tensors[i][0]`` (broadcast over particles).
     """
-    tensors = check.float_tensors("tensors", tensors)
-    check.distinct("tensors", tensors)
-    masks = check.companions("masks", masks, "tensors", tensors, dtypes=(torch.bool,), particle_dim=True)
-    _run_outside_autograd("apply_masks_", backend, tensors[0].device, tensors, masks)
+    if not _ran_unchecked("apply_masks_", backend, tensors, tensors, masks):
+        tensors = check.float_tensors("tensors", tensors)
+        check.distinct("tensors", tensors)
+        masks = check.companions("masks", masks, "tensors", tensors, dtypes=(torch.bool,), particle_dim=True)
+        _run_outside_autograd("apply_masks_", backend, tensors[0].device, tensors, masks)
     _modified(tensors)
 
 
@@ -142,6 +162,20 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
     torch's float16/bfloat16 SGD rounds every intermediate: results differ by about an ulp, and
     stay finite where an intermediate such as ``grad + weight_decay * param`` overflows float16.
     """
+    lr = _real("lr", lr)
+    momentum, weight_decay = _real("momentum", momentum), _real("weight_decay", weight_decay)
+    dampening = _real("dampening", dampening, low=-math.inf)   # any finite value, as torch.optim.SGD
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 nesterov=bool(nesterov), maximize=bool(maximize))
+    if not _ran_unchecked("masked_sgd_step_", backend, params, params, grads, momentum_buffers, masks, **hyper):
+        _checked_sgd_step_(params, grads, momentum_buffers, masks, backend, hyper)
+    _modified([*params, *momentum_buffers])
+
+
+def _checked_sgd_step_(params, grads, momentum_buffers, masks, backend: str, hyper: dict) -> None:
+    """:func:`masked_sgd_step_` after validating its lists."""
     params = check.float_tensors("params", params)
     check.distinct("params", params)
     grads = check.companions("grads", grads, "params", params, dtypes=check.FLOAT_DTYPES)
@@ -156,21 +190,14 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
         if b is not None and b.dtype != p.dtype:
             raise TypeError(f"momentum_buffers[{i}] has dtype {b.dtype}, expected {p.dtype} like params[{i}]")
     masks = check.bool_masks(masks, "params", params, particle_dim=True, optional=True)
-    lr = _real("lr", lr)
-    momentum, weight_decay = _real("momentum", momentum), _real("weight_decay", weight_decay)
-    dampening = _real("dampening", dampening, low=-math.inf)   # any finite value, as torch.optim.SGD
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
     new_buffers = [i for i, b in enumerate(momentum_buffers) if b is None]
     try:
         _run_outside_autograd("masked_sgd_step_", backend, params[0].device, params, grads, momentum_buffers,
-                              masks, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                              nesterov=bool(nesterov), maximize=bool(maximize))
+                              masks, **hyper)
     except BaseException:
         for i in new_buffers:   # a buffer the step never wrote must not look like a momentum state
             momentum_buffers[i] = None
         raise
-    _modified([*params, *momentum_buffers])
 
 
 def _layer_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:

@@ -73,7 +73,7 @@ def _ops(backend: str) -> dict[str, Callable]:
     return importlib.import_module(_MODULES[backend]).OPS
 
 
-def _explicit(op: str, backend: str, device: torch.device) -> Callable:
+def _explicit(op: str, backend: str, device: torch.device) -> str:
     if not _is_available(backend):
         raise BackendError(
             f"backend {backend!r} is not available here; available backends: "
@@ -81,32 +81,48 @@ def _explicit(op: str, backend: str, device: torch.device) -> Callable:
     if not _runs_on(backend, device):
         hint = " (set TRITON_INTERPRET=1 to run Triton on CPU)" if backend == "triton" else ""
         raise BackendError(f"backend {backend!r} cannot run on {device} tensors{hint}")
-    ops = _ops(backend)
-    if op not in ops:
+    if op not in _ops(backend):
         having = [b for b in available_backends() if op in _ops(b)]
         raise BackendError(
             f"backend {backend!r} does not implement {op}; backends that do: {', '.join(having)}")
-    return ops[op]
+    return backend
 
 
-def _auto(op: str, device: torch.device) -> Callable:
+def _auto(op: str, device: torch.device) -> str:
     chain = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
     for backend in chain:
         if _is_available(backend) and op in _ops(backend):
-            return _ops(backend)[op]
+            return backend
     raise AssertionError("the torch reference implements every op")  # pragma: no cover
 
 
-def implementation(op: str, backend: str, device: torch.device) -> Callable:
-    """The function that runs ``op`` for tensors on ``device`` under ``backend``."""
+def _chosen(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` under ``backend``."""
     if backend not in ("auto", *BACKENDS):
         raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     if backend != "auto":
         return _explicit(op, backend, device)
     preferred = preferred_backend()
     if preferred != "auto" and op in _ops(preferred) and _runs_on(preferred, device):
-        return _ops(preferred)[op]
+        return preferred
     return _auto(op, device)
+
+
+def implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` for tensors on ``device`` under ``backend``."""
+    return _ops(_chosen(op, backend, device))[op]
+
+
+def unchecked_implementation(op: str, backend: str, device: torch.device) -> Callable[..., bool] | None:
+    """The entry of the backend :func:`implementation` picks that takes ``op``'s arguments unvalidated
+    (the backend's ``UNCHECKED_OPS``): it runs the op and returns True when its own checks accept them
+    as they are, else returns False having changed nothing. None when that backend has no such entry,
+    or when picking it raises (the validated path then raises the error)."""
+    try:
+        chosen = _chosen(op, backend, device)
+    except BackendError:
+        return None
+    return getattr(importlib.import_module(_MODULES[chosen]), "UNCHECKED_OPS", {}).get(op)
 
 
 def preferred_backend() -> str:

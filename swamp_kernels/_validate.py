@@ -28,6 +28,16 @@ def tensor_list(name: str, xs) -> list[torch.Tensor]:
     return list(xs)
 
 
+def is_tensor_list(xs, length: int | None = None, *, optional: bool = False) -> bool:
+    """True when ``xs`` is a non-empty list or tuple of tensors (of ``length`` when given; None
+    entries allowed with ``optional``). Raises nothing: the quick shape test of the unchecked paths."""
+    if type(xs) not in (list, tuple) or not xs or (length is not None and len(xs) != length):
+        return False
+    if optional:
+        return all(x is None or isinstance(x, torch.Tensor) for x in xs)
+    return all(isinstance(x, torch.Tensor) for x in xs)
+
+
 def float_tensors(name: str, xs) -> list[torch.Tensor]:
     """:func:`tensor_list` whose tensors are float32, float16 or bfloat16."""
     xs = tensor_list(name, xs)

@@ -1,5 +1,6 @@
 """Checks shared by the kernel tests: closeness to the torch reference, launch counts, layouts,
 magnitude-pruning masks."""
+import pytest
 import torch
 
 import swamp_kernels as sk
@@ -15,6 +16,12 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float |
     rtol = RTOL[expected.dtype] if rtol is None else rtol
     scale = expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def raises_binding_error(message: str):
+    """``pytest.raises`` for an input error of a compiled op: TypeError for a dtype, else ValueError
+    (never RuntimeError, which the public ops would not take for a refusal: csrc/tensor_checks.h)."""
+    return pytest.raises(TypeError if "dtype" in message else ValueError, match=message)
 
 
 class CountingLaunches:

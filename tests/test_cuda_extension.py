@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import swamp_kernels as sk
-from kernel_checks import cuda_launches
+from kernel_checks import cuda_launches, raises_binding_error
 from swamp_kernels import cuda as cuda_backend, reference
 from test_apply_masks import bits, make_case, special_values
 
@@ -156,12 +156,14 @@ def test_one_launch_for_all_dtypes(cuda_device):
 
 BINDING_ERRORS = [  # (arguments made from valid ones t, m; error message)
     pytest.param(lambda t, m: ([t, t], [m]), r"apply_masks_: 2 tensors but 1 masks", id="count"),
-    pytest.param(lambda t, m: ([t, t.view(4, 4).t()], [m, m.view(4, 4)]),
+    pytest.param(lambda t, m: ([t, t.clone().view(4, 4).t()], [m, m.view(4, 4)]),
                  r"apply_masks_: tensors\[1\] must be contiguous", id="non-contiguous"),
     pytest.param(lambda t, m: ([t.double()], [m]), r"apply_masks_: tensors\[0\] has dtype Double", id="dtype"),
     pytest.param(lambda t, m: ([t], [m.float()]), r"apply_masks_: masks\[0\] has dtype Float; expected bool",
                  id="mask dtype"),
     pytest.param(lambda t, m: ([t], [m[:8]]), r"apply_masks_: masks\[0\] has shape \[8\]", id="mask shape"),
+    pytest.param(lambda t, m: ([t, t[8:], t], [m, m[8:], m]), r"apply_masks_: tensors\[2\] is the memory of tensors\[0\]",
+                 id="shared memory"),
     # a mask on a second device: the host build has only the CPU
     pytest.param(lambda t, m: ([t], [m.cpu()]), r"apply_masks_: masks\[0\] is on cpu, expected cuda",
                  id="mask device", marks=pytest.mark.gpu),
@@ -172,7 +174,7 @@ BINDING_ERRORS = [  # (arguments made from valid ones t, m; error message)
 def test_compiled_op_checks_its_input(cuda_device, make_args, message):
     t = torch.ones(16, device=cuda_device)
     m = torch.ones(16, dtype=torch.bool, device=cuda_device)
-    with pytest.raises(RuntimeError, match=message):
+    with raises_binding_error(message):
         cuda_backend._ops().apply_masks_(*make_args(t, m))
 
 

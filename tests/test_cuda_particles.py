@@ -15,7 +15,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 import swamp_kernels as sk
-from kernel_checks import assert_rel_close, cuda_launches
+from kernel_checks import assert_rel_close, cuda_launches, raises_binding_error
 from swamp_kernels import cuda as cuda_backend
 from swamp_kernels._tensors import particle_row_strides
 from test_cuda_extension import _flat_slice, extension, run_under_memcheck  # noqa: F401  (fixture)
@@ -181,7 +181,7 @@ def test_resnet50_sized_matches_reference(extension, particles):
 
 
 BINDING_ERRORS = {
-    "P mismatch": (lambda p, s, m: ([s, s], [p, p[:1]], [None, None]), r"swa_update_: params\[1\] has shape"),
+    "P mismatch": (lambda p, s, m: ([s, s.clone()], [p, p[:1]], [None, None]), r"swa_update_: params\[1\] has shape"),
     "swa shape": (lambda p, s, m: ([s[:3]], [p], [m]), r"swa_update_: swa\[0\] has shape \[3\]"),
     "mask dtype": (lambda p, s, m: ([s], [p], [p[0]]), r"swa_update_: masks\[0\] has dtype Float"),
     "mask broadcast": (lambda p, s, m: ([s], [p], [m[:4]]), r"swa_update_: masks\[0\] has shape \[4\]"),
@@ -189,6 +189,7 @@ BINDING_ERRORS = {
     "non-contiguous": (lambda p, s, m: ([s], [p.t().contiguous().t()], [m]),
                        r"swa_update_: params\[0\] must be contiguous"),
     "mask count": (lambda p, s, m: ([s], [p], []), r"swa_update_: 0 masks but 1 params"),
+    "shared swa": (lambda p, s, m: ([s, s], [p, p], [m, m]), r"swa_update_: swa\[1\] is the memory of swa\[0\]"),
 }
 
 
@@ -199,7 +200,7 @@ def test_compiled_op_checks_its_input(cuda_device, case):
     m = torch.ones(8, dtype=torch.bool, device=cuda_device)
     make_args, message = BINDING_ERRORS[case]
     swa, params, masks = make_args(p, s, m)
-    with pytest.raises(RuntimeError, match=message):
+    with raises_binding_error(message):
         cuda_backend._ops().swa_update_(swa, params, 1, masks)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import swamp_kernels as sk
-from kernel_checks import assert_rel_close, cuda_launches
+from kernel_checks import assert_rel_close, cuda_launches, raises_binding_error
 from swamp_kernels import cuda as cuda_backend
 from test_cuda_extension import _flat_slice, extension, run_under_memcheck  # noqa: F401  (fixture)
 from test_sgd import check_against_sgd
@@ -206,6 +206,15 @@ def _binding_args(device, changes) -> dict:
     return args
 
 
+def _sharing(name: str):
+    """Changes to two params whose ``name`` (params or momentum_buffers) are one tensor."""
+    def changes(ones):
+        two = dict(params=[ones((2, 8)), ones((2, 8))], grads=[ones((2, 8)), ones((2, 8))],
+                   momentum_buffers=[ones((2, 8)), ones((2, 8))], first_step=[False, False], masks=[None, None])
+        return two | {name: [two[name][0]] * 2}
+    return changes
+
+
 BINDING_ERRORS = {  # changes to the valid arguments of _binding_args, error message
     "grad count": (lambda ones: dict(grads=[]), r"masked_sgd_step_: 0 grads but 1 params"),
     "grad shape": (lambda ones: dict(grads=[ones((8, 2))]), r"masked_sgd_step_: grads\[0\] has shape \[8, 2\]"),
@@ -217,13 +226,16 @@ BINDING_ERRORS = {  # changes to the valid arguments of _binding_args, error mes
     "mask shape": (lambda ones: dict(masks=[ones(2, torch.bool)]), r"masked_sgd_step_: masks\[0\] has shape \[2\]"),
     "non-contiguous": (lambda ones: dict(params=[ones((8, 2)).t()]),
                        r"masked_sgd_step_: params\[0\] must be contiguous"),
+    "shared params": (_sharing("params"), r"masked_sgd_step_: params\[1\] is the memory of params\[0\]"),
+    "shared buffers": (_sharing("momentum_buffers"),
+                       r"masked_sgd_step_: momentum_buffers\[1\] is the memory of momentum_buffers\[0\]"),
 }
 
 
 @pytest.mark.parametrize("case", BINDING_ERRORS, ids=list(BINDING_ERRORS))
 def test_compiled_op_checks_its_input(cuda_device, case):
     changes, message = BINDING_ERRORS[case]
-    with pytest.raises(RuntimeError, match=message):
+    with raises_binding_error(message):
         cuda_backend._ops().masked_sgd_step_(**_binding_args(cuda_device, changes), lr=0.1, momentum=0.9,
                                              dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
 

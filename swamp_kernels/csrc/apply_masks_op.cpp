@@ -14,13 +14,14 @@ namespace {
 // or of tensors[i][0]. All tensors contiguous on one CUDA device; one kernel launch.
 void apply_masks_(at::TensorList tensors, at::TensorList masks) {
   constexpr const char* op = "apply_masks_";
-  TORCH_CHECK(tensors.size() == masks.size(), op, ": ", tensors.size(), " tensors but ", masks.size(),
+  TORCH_CHECK_VALUE(tensors.size() == masks.size(), op, ": ", tensors.size(), " tensors but ", masks.size(),
               " masks");
   if (tensors.empty()) {
     return;
   }
+  check_distinct(op, "tensors", tensors);
   const c10::Device device = tensors[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": tensors[0] is on ", device, ", expected a CUDA device");
+  TORCH_CHECK_VALUE(device.is_cuda(), op, ": tensors[0] is on ", device, ", expected a CUDA device");
   std::vector<MaskEntry> entries;
   entries.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {

@@ -34,13 +34,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> magnitude_prune(const char* op, 
                                                                  at::TensorList masks, double amount,
                                                                  bool amount_is_count, bool signed_keys,
                                                                  bool layerwise) {
-  TORCH_CHECK(!keys.empty(), op, ": keys is empty");
-  TORCH_CHECK(masks.empty() || masks.size() == keys.size(), op, ": ", keys.size(), " keys but ", masks.size(),
+  TORCH_CHECK_VALUE(!keys.empty(), op, ": keys is empty");
+  TORCH_CHECK_VALUE(masks.empty() || masks.size() == keys.size(), op, ": ", keys.size(), " keys but ", masks.size(),
               " masks");
-  TORCH_CHECK(amount >= 0.0 && (amount_is_count || amount <= 1.0), op, ": amount=", amount,
+  TORCH_CHECK_VALUE(amount >= 0.0 && (amount_is_count || amount <= 1.0), op, ": amount=", amount,
               " must be a fraction in [0, 1] or a count >= 0");
   const c10::Device device = keys[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": keys[0] is on ", device, ", expected a CUDA device");
+  TORCH_CHECK_VALUE(device.is_cuda(), op, ": keys[0] is on ", device, ", expected a CUDA device");
   const c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> out;
   std::vector<PruneTensor> tensors;
@@ -54,9 +54,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> magnitude_prune(const char* op, 
     if (!masks.empty()) {
       const at::Tensor& m = masks[i];
       check_dense_on(op, "masks", i, m, device);
-      TORCH_CHECK(m.scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ", m.scalar_type(),
+      TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ", m.scalar_type(),
                   "; expected bool");
-      TORCH_CHECK(m.sizes() == k.sizes(), op, ": masks[", i, "] has shape ", m.sizes(), "; expected ",
+      TORCH_CHECK_VALUE(m.sizes() == k.sizes(), op, ": masks[", i, "] has shape ", m.sizes(), "; expected ",
                   k.sizes(), " like keys[", i, "]");
       mask = static_cast<const uint8_t*>(m.const_data_ptr());
     }

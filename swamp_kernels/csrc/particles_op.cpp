@@ -27,12 +27,13 @@ using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 // n_averaged == 0, swa[i] = the masked mean (swa not read).
 void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, const OptionalTensors& masks) {
   constexpr const char* op = "swa_update_";
-  TORCH_CHECK(!params.empty(), op, ": params is empty");
-  TORCH_CHECK(swa.size() == params.size(), op, ": ", swa.size(), " swa but ", params.size(), " params");
-  TORCH_CHECK(masks.size() == params.size(), op, ": ", masks.size(), " masks but ", params.size(), " params");
-  TORCH_CHECK(n_averaged >= 0, op, ": n_averaged must be >= 0, got ", n_averaged);
+  TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
+  TORCH_CHECK_VALUE(swa.size() == params.size(), op, ": ", swa.size(), " swa but ", params.size(), " params");
+  TORCH_CHECK_VALUE(masks.size() == params.size(), op, ": ", masks.size(), " masks but ", params.size(), " params");
+  TORCH_CHECK_VALUE(n_averaged >= 0, op, ": n_averaged must be >= 0, got ", n_averaged);
+  check_distinct(op, "swa", swa);
   const c10::Device device = params[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": params[0] is on ", device, ", expected a CUDA device");
+  TORCH_CHECK_VALUE(device.is_cuda(), op, ": params[0] is on ", device, ", expected a CUDA device");
   const int64_t particles = params[0].dim() > 0 ? params[0].size(0) : 0;
   std::map<std::pair<FloatType, FloatType>, std::vector<AverageEntry>> groups;
   std::vector<std::pair<FloatType, FloatType>> order;  // launch groups in first-seen order
@@ -40,7 +41,7 @@ void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, 
     const at::Tensor& p = params[i];
     const at::Tensor& out = swa[i];
     check_dense_on(op, "params", i, p, device);
-    TORCH_CHECK(p.dim() > 0 && p.size(0) == particles && particles > 0, op, ": params[", i, "] has shape ",
+    TORCH_CHECK_VALUE(p.dim() > 0 && p.size(0) == particles && particles > 0, op, ": params[", i, "] has shape ",
                 p.sizes(), "; expected [P, *shape] with P = ", particles, " like params[0]");
     check_dense_on(op, "swa", i, out, device);
     check_shape(op, "swa", i, out, p.sizes().slice(1), "params[:, ...]");
@@ -49,7 +50,7 @@ void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, 
     const uint8_t* mask_data = nullptr;
     if (mask.has_value()) {
       check_dense_on(op, "masks", i, *mask, device);
-      TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ", mask->scalar_type(),
+      TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ", mask->scalar_type(),
                   "; expected bool");
       check_shape(op, "masks", i, *mask, out.sizes(), "params[:, ...]");
       mask_data = static_cast<const uint8_t*>(mask->const_data_ptr());

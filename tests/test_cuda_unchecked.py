@@ -1,0 +1,113 @@
+"""The CUDA backend's entries for unvalidated lists (``swamp_kernels.cuda.UNCHECKED_OPS``).
+
+The public in-place ops hand their caller's lists straight to the compiled op, whose C++ checks
+cost nanoseconds per tensor, and run the Python checks and the general path only when it
+refuses them (bad input: the same errors as every backend; non-contiguous operands). Without a
+GPU the compiled ops run on the CPU through the host build (tests/cuda_emulation).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import swamp_kernels as sk
+from kernel_checks import assert_rel_close
+from swamp_kernels import _validate
+
+CHECKS = ("tensor_list", "float_tensors", "companions", "bool_masks", "particle_params", "distinct")
+
+
+def forbid_python_checks(monkeypatch) -> None:
+    """Fail the test if a Python list check runs: what succeeds after this ran unchecked."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Python list checks ran")
+    for name in CHECKS:
+        monkeypatch.setattr(_validate, name, forbidden)
+
+
+def sgd_inputs(gen: torch.Generator, device, particles: int = 3):
+    """Stacked particles: a masked [P, 4, 5] float32 param with bfloat16 grads (mask per particle
+    row), an unmasked [P, 7] one, a masked [P, 6] one with a full-shape mask."""
+    params = [torch.randn(particles, 4, 5, generator=gen), torch.randn(particles, 7, generator=gen),
+              torch.randn(particles, 6, generator=gen)]
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    grads[0] = grads[0].bfloat16()
+    masks = [torch.rand(4, 5, generator=gen) > 0.5, None, torch.rand(particles, 6, generator=gen) > 0.5]
+    move = [t.to(device) if t is not None else None for t in (*params, *grads, *masks)]
+    return move[:3], move[3:6], move[6:]
+
+
+def run_sgd(backend, params, grads, masks, steps=2, **hyper):
+    """``steps`` steps from fresh buffers on copies of ``params``: (params, buffers)."""
+    params = [p.clone() for p in params]
+    buffers = [None] * len(params)
+    for _ in range(steps):
+        sk.masked_sgd_step_(params, grads, buffers, masks, lr=0.1, backend=backend, **hyper)
+    return params, buffers
+
+
+HYPER = [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True, maximize=True), dict()]
+
+
+@pytest.mark.parametrize("hyper", HYPER, ids=["momentum", "nesterov", "plain"])
+def test_valid_lists_skip_the_python_checks(cuda_device, monkeypatch, hyper):
+    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(0), cuda_device)
+    want = run_sgd("torch", params, grads, masks, **hyper)
+    forbid_python_checks(monkeypatch)
+    got = run_sgd("cuda", params, grads, masks, **hyper)
+    for a, e in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        assert (a is None) == (e is None)
+        if e is not None:
+            assert_rel_close(a, e)
+
+
+def test_swa_update_and_apply_masks_skip_the_python_checks(cuda_device, monkeypatch):
+    params, _, masks = sgd_inputs(torch.Generator().manual_seed(1), cuda_device)
+    row_masks = [masks[0], None, None]
+    want = [torch.zeros(p.shape[1:], device=cuda_device) for p in params]
+    for n in (0, 1):
+        sk.swa_update_(want, params, n, row_masks, backend="torch")
+    masked = [p.clone() for p in params]
+    sk.apply_masks_([masked[0], masked[2]], [masks[0], masks[2]], backend="torch")
+
+    forbid_python_checks(monkeypatch)
+    got = [torch.zeros(p.shape[1:], device=cuda_device) for p in params]
+    for n in (0, 1):
+        sk.swa_update_(got, params, n, row_masks, backend="cuda")
+    for a, e in zip(got, want):
+        assert_rel_close(a, e)
+    tensors = [params[0].clone(), params[2].clone()]
+    sk.apply_masks_(tensors, [masks[0], masks[2]], backend="cuda")
+    assert torch.equal(tensors[0], masked[0]) and torch.equal(tensors[1], masked[2])
+
+
+def test_a_refused_first_step_allocates_its_buffers_afresh(cuda_device):
+    """A non-contiguous grad makes the compiled op refuse the lists after the unchecked entry made
+    the first-step buffers (uninitialised memory); they are dropped, so the general path writes
+    new ones instead of reading them as momentum."""
+    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(2), cuda_device)
+    grads[1] = grads[1].t().contiguous().t()   # [P, 7] with transposed strides
+    assert not grads[1].is_contiguous()
+    want = run_sgd("torch", params, grads, masks, steps=1, momentum=0.9)
+    got = run_sgd("cuda", params, grads, masks, steps=1, momentum=0.9)
+    for a, e in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        assert_rel_close(a, e)
+
+
+def test_bad_input_leaves_no_first_step_buffer_behind(cuda_device):
+    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(3), cuda_device)
+    masks[2] = masks[2].float()
+    buffers = [None] * len(params)
+    with pytest.raises(TypeError, match=r"masks\[2\] has dtype torch.float32; expected bool"):
+        sk.masked_sgd_step_(params, grads, buffers, masks, lr=0.1, momentum=0.9, backend="cuda")
+    assert buffers == [None] * len(params)
+
+
+def test_a_shared_param_is_refused_before_anything_runs(cuda_device):
+    """The compiled op's own check of memory shared between written tensors (the Python check
+    then names it): a race on the GPU otherwise."""
+    shared = torch.ones(4, device=cuda_device)
+    params, grads = [shared, shared], [torch.ones(4, device=cuda_device)] * 2
+    with pytest.raises(ValueError, match=r"params\[1\] is the memory of params\[0\]"):
+        sk.masked_sgd_step_(params, grads, [None, None], None, lr=0.1, backend="cuda")
+    assert torch.equal(shared, torch.ones(4, device=cuda_device))
