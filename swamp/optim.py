@@ -65,6 +65,13 @@ class MaskedSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+        self._index_masks()
+
+    def _index_masks(self) -> None:
+        """``_mask_of`` finds a param's mask by ``id``: a tensor key hashes through Python
+        (``Tensor.__hash__``), an int in C, and a step looks up every param. Not pickled
+        (ids do not survive): rebuilt from ``_masks`` on load and copy."""
+        self._mask_of = {id(p): m for p, m in self._masks.items()}
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -90,6 +97,7 @@ class MaskedSGD(torch.optim.Optimizer):
             aligned = masks
         aligned = check.bool_masks(aligned, "params", params, particle_dim=True, optional=True)
         self._masks = {p: m for p, m in zip(params, aligned) if m is not None}
+        self._index_masks()
 
     @property
     def masks(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -99,7 +107,7 @@ class MaskedSGD(torch.optim.Optimizer):
     def masks_in_step(self, param: torch.Tensor, mask: torch.Tensor) -> bool:
         """True if every step multiplies ``param`` by this very ``mask`` tensor (the masked
         layers' optimizer hook then skips re-masking it)."""
-        return self._masks.get(param) is mask
+        return self._mask_of.get(id(param)) is mask
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -112,20 +120,22 @@ class MaskedSGD(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("MaskedSGD does not support sparse gradients")
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("MaskedSGD does not support sparse gradients")
             fused = [p for p in params if p.dtype in check.FLOAT_DTYPES]
             others = [p for p in params if p.dtype not in check.FLOAT_DTYPES]
             momentum = group["momentum"]
             for chunk, step in ((fused, self._fused_step), (others, _torch_step)):
                 if not chunk:
                     continue
-                buffers = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in chunk]
-                step(chunk, buffers, [self._masks.get(p) for p in chunk], group)
+                buffers = [None] * len(chunk)
                 if momentum != 0:
-                    for p, buffer in zip(chunk, buffers):
-                        self.state[p]["momentum_buffer"] = buffer
+                    buffers = [self.state[p].get("momentum_buffer") for p in chunk]
+                    first = [i for i, buffer in enumerate(buffers) if buffer is None]
+                step(chunk, buffers, [self._mask_of.get(id(p)) for p in chunk], group)
+                if momentum != 0:   # the step filled the None buffers (their first step) in place
+                    for i in first:
+                        self.state[chunk[i]]["momentum_buffer"] = buffers[i]
         return loss
 
     def _fused_step(self, params, buffers, masks, group) -> None:

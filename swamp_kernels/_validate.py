@@ -6,6 +6,7 @@ Each error names the offending argument and tensor index, e.g.
 from __future__ import annotations
 
 import numbers
+from itertools import repeat
 from typing import Sequence
 
 import torch
@@ -33,9 +34,8 @@ def is_tensor_list(xs, length: int | None = None, *, optional: bool = False) -> 
     entries allowed with ``optional``). Raises nothing: the quick shape test of the unchecked paths."""
     if type(xs) not in (list, tuple) or not xs or (length is not None and len(xs) != length):
         return False
-    if optional:
-        return all(x is None or isinstance(x, torch.Tensor) for x in xs)
-    return all(isinstance(x, torch.Tensor) for x in xs)
+    kinds = (torch.Tensor, type(None)) if optional else torch.Tensor
+    return all(map(isinstance, xs, repeat(kinds)))   # no Python frame per entry
 
 
 def float_tensors(name: str, xs) -> list[torch.Tensor]:
