@@ -6,7 +6,8 @@ backend chosen by ``backend=`` (``"auto" | "torch" | "triton" | "cuda"``, see
 
 The in-place multi-tensor ops run every step, so their host time counts: where the chosen
 backend checks tensors itself (the CUDA backend's ``UNCHECKED_OPS``), they hand it the lists
-first and fall back to the checks here only when it refuses them (see :func:`_ran_unchecked`).
+first and fall back to the checks here only when it refuses them (see :func:`_unchecked`); so do
+the prune ops, whose host time counts against a kernel of tens of microseconds.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import numbers
 import torch
 
 from swamp_kernels import _validate as check
-from swamp_kernels._dispatch import (BACKENDS, BackendError, available_backends, implementation, preferred_backend,
-                                     unchecked_implementation)
+from swamp_kernels._dispatch import (BACKENDS, REFUSED, BackendError, available_backends, implementation,
+                                     preferred_backend, unchecked_implementation)
 
 __all__ = [
     "BACKENDS", "BackendError", "available_backends", "preferred_backend",
@@ -38,15 +39,15 @@ def _run_outside_autograd(op: str, backend: str, device: torch.device, *args, **
         return _run(op, backend, device, *args, **kwargs)
 
 
-def _ran_unchecked(op: str, backend: str, anchors, *args, **kwargs) -> bool:
-    """True when ``op(*args, **kwargs)`` ran through the unvalidated entry of the backend that runs
-    it for ``anchors[0]``'s device (:func:`~swamp_kernels._dispatch.unchecked_implementation`),
-    under ``no_grad``. False, with nothing changed, when there is none or it refused the arguments."""
+def _unchecked(op: str, backend: str, anchors, *args, **kwargs):
+    """The result of ``op(*args, **kwargs)`` run, under ``no_grad``, by the unvalidated entry of the
+    backend that runs it for ``anchors[0]``'s device (:func:`~swamp_kernels._dispatch.unchecked_implementation`);
+    REFUSED, with nothing changed, when there is none or it refused the arguments."""
     if not check.is_tensor_list(anchors):
-        return False
+        return REFUSED
     run = unchecked_implementation(op, backend, anchors[0].device)
     if run is None:
-        return False
+        return REFUSED
     with torch.no_grad():
         return run(*args, **kwargs)
 
@@ -58,13 +59,18 @@ def _modified(tensors) -> None:
     torch.autograd.graph.increment_version([t for t in tensors if t is not None])
 
 
-def _prune_inputs(weights, masks, amount, scores):
-    weights = check.float_tensors("weights", weights)
-    masks = check.bool_masks(masks, "weights", weights)
-    if scores is not None:
-        scores = check.companions("scores", scores, "weights", weights, dtypes=check.FLOAT_DTYPES)
+def _prune(op: str, backend: str, weights, masks, amount, scores) -> list[torch.Tensor]:
+    """``op`` through its backend's unchecked entry when that takes the lists as they are, else
+    after validating them."""
     check.check_amount(amount)
-    return weights, masks, scores
+    out = _unchecked(op, backend, weights, weights, masks, amount, scores)
+    if out is REFUSED:
+        weights = check.float_tensors("weights", weights)
+        masks = check.bool_masks(masks, "weights", weights)
+        if scores is not None:
+            scores = check.companions("scores", scores, "weights", weights, dtypes=check.FLOAT_DTYPES)
+        out = _run_outside_autograd(op, backend, weights[0].device, weights, masks, amount, scores)
+    return out
 
 
 def global_magnitude_prune(weights, masks=None, amount=0.2, *, scores=None,
@@ -76,15 +82,13 @@ def global_magnitude_prune(weights, masks=None, amount=0.2, *, scores=None,
     Ties at the threshold keep the lowest global index (tensors in list order, each in
     logical row-major order). The result is a subset of ``masks``.
     """
-    weights, masks, scores = _prune_inputs(weights, masks, amount, scores)
-    return _run_outside_autograd("global_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
+    return _prune("global_magnitude_prune", backend, weights, masks, amount, scores)
 
 
 def layerwise_magnitude_prune(weights, masks=None, amount=0.2, *, scores=None,
                               backend: str = "auto") -> list[torch.Tensor]:
     """:func:`global_magnitude_prune` applied to each tensor on its own."""
-    weights, masks, scores = _prune_inputs(weights, masks, amount, scores)
-    return _run_outside_autograd("layerwise_magnitude_prune", backend, weights[0].device, weights, masks, amount, scores)
+    return _prune("layerwise_magnitude_prune", backend, weights, masks, amount, scores)
 
 
 def random_scores(weights, seed: int) -> list[torch.Tensor]:
@@ -113,7 +117,7 @@ def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -
     ``n_averaged == 0`` copies the particle mean.
     """
     n_averaged = check.non_negative_int("n_averaged", n_averaged)
-    if not _ran_unchecked("swa_update_", backend, params, swa, params, n_averaged, masks):
+    if _unchecked("swa_update_", backend, params, swa, params, n_averaged, masks) is REFUSED:
         params = check.particle_params("params", params)
         swa = check.companions("swa", swa, "params[:, ...]", params, leading=1, dtypes=check.FLOAT_DTYPES)
         check.distinct("swa", swa)
@@ -127,7 +131,7 @@ def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
 
     ``masks[i]`` has the shape of ``tensors[i]`` or of ``tensors[i][0]`` (broadcast over particles).
     """
-    if not _ran_unchecked("apply_masks_", backend, tensors, tensors, masks):
+    if _unchecked("apply_masks_", backend, tensors, tensors, masks) is REFUSED:
         tensors = check.float_tensors("tensors", tensors)
         check.distinct("tensors", tensors)
         masks = check.companions("masks", masks, "tensors", tensors, dtypes=(torch.bool,), particle_dim=True)
@@ -169,7 +173,7 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
         raise ValueError("nesterov momentum requires momentum > 0 and dampening == 0")
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                  nesterov=bool(nesterov), maximize=bool(maximize))
-    if not _ran_unchecked("masked_sgd_step_", backend, params, params, grads, momentum_buffers, masks, **hyper):
+    if _unchecked("masked_sgd_step_", backend, params, params, grads, momentum_buffers, masks, **hyper) is REFUSED:
         _checked_sgd_step_(params, grads, momentum_buffers, masks, backend, hyper)
     _modified([*params, *momentum_buffers])
 

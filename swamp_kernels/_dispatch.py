@@ -33,6 +33,15 @@ class BackendError(RuntimeError):
     """A requested backend cannot run the requested op here."""
 
 
+class _Refused:
+    def __repr__(self) -> str:
+        return "REFUSED"
+
+
+REFUSED = _Refused()
+"""What an entry of ``UNCHECKED_OPS`` returns when its own checks refuse the arguments (nothing ran)."""
+
+
 def triton_interpreting() -> bool:
     """True when Triton kernels run on CPU tensors (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -113,11 +122,11 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     return _ops(_chosen(op, backend, device))[op]
 
 
-def unchecked_implementation(op: str, backend: str, device: torch.device) -> Callable[..., bool] | None:
+def unchecked_implementation(op: str, backend: str, device: torch.device) -> Callable | None:
     """The entry of the backend :func:`implementation` picks that takes ``op``'s arguments unvalidated
-    (the backend's ``UNCHECKED_OPS``): it runs the op and returns True when its own checks accept them
-    as they are, else returns False having changed nothing. None when that backend has no such entry,
-    or when picking it raises (the validated path then raises the error)."""
+    (the backend's ``UNCHECKED_OPS``): it runs the op and returns its result when its own checks
+    accept them as they are, else returns :data:`REFUSED` having changed nothing. None when that
+    backend has no such entry, or when picking it raises (the validated path then raises the error)."""
     try:
         chosen = _chosen(op, backend, device)
     except BackendError:

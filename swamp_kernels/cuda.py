@@ -7,13 +7,13 @@ Kernels read contiguous memory: the elementwise ops pass flat memory-order views
 (:class:`~swamp_kernels._tensors.ElementwiseOperands`, no copies where an index's operands
 share a dense layout such as channels_last); pruning runs on contiguous stand-ins.
 
-``UNCHECKED_OPS`` hold the elementwise ops' entries for unvalidated lists, which the public
-ops try first: the compiled op checks every tensor itself, in C++ (with torch's op call, about
-a quarter of a microsecond per tensor) where the Python checks and layout handling take several
-microseconds per tensor (host time of a ResNet-50 SGD step on a 2-core machine: 0.3 ms against
-1.75 ms). When its checks refuse the lists (bad input, or a non-contiguous operand) nothing has
-run, the entry returns False, and the public op validates (precise errors) and takes the
-general path.
+``UNCHECKED_OPS`` hold entries for unvalidated lists, which the public ops try first: the
+compiled op checks every tensor itself, in C++ (with torch's op call, about a quarter of a
+microsecond per tensor) where the Python checks and layout handling take several microseconds
+per tensor (host time of a ResNet-50 SGD step on a 2-core machine: 0.3 ms against 1.75 ms).
+When its checks refuse the lists (bad input, or a non-contiguous operand) nothing has run, the
+entry returns ``REFUSED``, and the public op validates (precise errors) and takes the general
+path.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import numbers
 
 import torch
 
+from swamp_kernels._dispatch import REFUSED
 from swamp_kernels._tensors import ElementwiseOperands, allocate_first_buffers, dense_view, empty_particle_row
 from swamp_kernels._validate import is_tensor_list, prune_count, raise_if_nonfinite
 
@@ -71,58 +72,57 @@ def swa_update_(swa, params, n_averaged: int, masks=None) -> None:
     operands.write_back()
 
 
-def apply_masks_unchecked(tensors, masks) -> bool:
-    """:func:`apply_masks_` on unvalidated lists (module docstring): True when it ran."""
+def apply_masks_unchecked(tensors, masks):
+    """:func:`apply_masks_` on unvalidated lists (module docstring)."""
     if not is_tensor_list(masks, len(tensors)):
-        return False
-    return _ran_if_accepted(_ops().apply_masks_, tensors, masks)
+        return REFUSED
+    return _unless_refused(_ops().apply_masks_, tensors, masks)
 
 
-def swa_update_unchecked(swa, params, n_averaged: int, masks=None) -> bool:
-    """:func:`swa_update_` on unvalidated lists (module docstring): True when it ran."""
+def swa_update_unchecked(swa, params, n_averaged: int, masks=None):
+    """:func:`swa_update_` on unvalidated lists (module docstring)."""
     count = len(params)
     if not is_tensor_list(swa, count) or (masks is not None and not is_tensor_list(masks, count, optional=True)):
-        return False
-    return _ran_if_accepted(_ops().swa_update_, swa, params, n_averaged, masks or [None] * count)
+        return REFUSED
+    return _unless_refused(_ops().swa_update_, swa, params, n_averaged, masks or [None] * count)
 
 
 def masked_sgd_step_unchecked(params, grads, momentum_buffers, masks, *, lr, momentum, dampening,
-                              weight_decay, nesterov, maximize) -> bool:
-    """:func:`masked_sgd_step_` on unvalidated lists (module docstring): True when it ran. Buffers
-    it allocated for a first momentum step are set back to None when it did not."""
+                              weight_decay, nesterov, maximize):
+    """:func:`masked_sgd_step_` on unvalidated lists (module docstring). Buffers it allocated for
+    a first momentum step are set back to None when it did not run."""
     count = len(params)
     if not (is_tensor_list(grads, count) and type(momentum_buffers) is list and len(momentum_buffers) == count
             and (masks is None or is_tensor_list(masks, count, optional=True))):
-        return False
+        return REFUSED
     first_step, buffers = [], []
     if momentum != 0:
         if not is_tensor_list(momentum_buffers, count, optional=True):
-            return False
+            return REFUSED
         first_step = allocate_first_buffers(params, momentum_buffers)
         buffers = momentum_buffers
     elif any(b is not None for b in momentum_buffers):
-        return False   # unused without momentum, yet the checked path validates them
-    ran = False
+        return REFUSED   # unused without momentum, yet the checked path validates them
+    result = REFUSED
     try:
-        ran = _ran_if_accepted(_ops().masked_sgd_step_, params, grads, buffers, first_step, masks or [None] * count,
-                               lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                               nesterov=nesterov, maximize=maximize)
+        result = _unless_refused(_ops().masked_sgd_step_, params, grads, buffers, first_step,
+                                 masks or [None] * count, lr=lr, momentum=momentum, dampening=dampening,
+                                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     finally:
-        if not ran:   # a buffer the step never wrote must not look like a momentum state
+        if result is REFUSED:   # a buffer the step never wrote must not look like a momentum state
             for i in (i for i, first in enumerate(first_step) if first):
                 momentum_buffers[i] = None
-    return ran
+    return result
 
 
-def _ran_if_accepted(compiled_op, *args, **kwargs) -> bool:
-    """Call ``compiled_op``; False when its input checks refuse the arguments (ValueError or
-    TypeError, raised before any kernel is queued: csrc/tensor_checks.h) or torch's dispatcher
-    finds no kernel for their devices (NotImplementedError: a meta tensor among them)."""
+def _unless_refused(compiled_op, *args, **kwargs):
+    """``compiled_op(*args, **kwargs)``, or REFUSED when its input checks refuse the arguments
+    (ValueError or TypeError, raised before any kernel is queued: csrc/tensor_checks.h) or torch's
+    dispatcher finds no kernel for their devices (NotImplementedError: a meta tensor among them)."""
     try:
-        compiled_op(*args, **kwargs)
+        return compiled_op(*args, **kwargs)
     except (ValueError, TypeError, NotImplementedError):
-        return False
-    return True
+        return REFUSED
 
 
 def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, dampening,
@@ -145,24 +145,48 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
     operands.write_back()
 
 
-def _magnitude_prune(op, weights, masks, amount, scores):
-    """Runs the compiled ``op`` and reads its status once (the call's only device sync) to raise
-    the errors of the reference: NaN/Inf among the candidates, an int amount above n."""
-    source = scores if scores is not None else weights
-    keys = [dense_view(k) for k in source]
+def _prune_keys(op: str, keys, masks, amount, signed_keys: bool):
+    """(new masks, status) of the compiled ``op`` on ``keys``: status holds the candidate count of
+    each segment, then a NaN/Inf flag per key."""
     count = isinstance(amount, numbers.Integral)
     value = float(min(amount, 2**53)) if count else float(amount)
-    out, status = getattr(_ops(), op)(keys, [] if masks is None else [dense_view(m) for m in masks],
-                                      value, count, scores is not None)
+    return getattr(_ops(), op)(keys, [] if masks is None else masks, value, count, signed_keys)
+
+
+def _checked_result(op: str, out, status, amount, keys_name: str) -> list[torch.Tensor]:
+    """``out``, after reading ``status`` once (the call's only device sync) to raise the errors of
+    the reference: NaN/Inf among the candidates, an int amount above n."""
     status = status.tolist()
-    raise_if_nonfinite("scores" if scores is not None else "weights", status[-len(keys):])
-    counts = status[:-len(keys)]
+    raise_if_nonfinite(keys_name, status[-len(out):])
+    counts = status[:-len(out)]
     if op == "global_magnitude_prune":
         prune_count(amount, counts[0])
     else:
         for i, n in enumerate(counts):
             prune_count(amount, n, f" of weights[{i}]")
     return out
+
+
+def _magnitude_prune(op, weights, masks, amount, scores):
+    """The compiled ``op`` on contiguous stand-ins of the validated lists."""
+    source = scores if scores is not None else weights
+    out, status = _prune_keys(op, [dense_view(k) for k in source],
+                              None if masks is None else [dense_view(m) for m in masks], amount, scores is not None)
+    return _checked_result(op, out, status, amount, "scores" if scores is not None else "weights")
+
+
+def _magnitude_prune_unchecked(op, weights, masks, amount, scores):
+    """:func:`_magnitude_prune` on unvalidated lists (module docstring). REFUSED with ``scores``
+    (the compiled op never sees the weights, whose shapes the scores must match) and for tensors
+    on more than one device: a meta tensor among them would reach the op's fake kernel (registered
+    for torch.compile), which answers without checking."""
+    if scores is not None or (masks is not None and not is_tensor_list(masks, len(weights))):
+        return REFUSED
+    device = weights[0].device
+    if any(t.device != device for t in (*weights, *(masks or ()))):
+        return REFUSED
+    called = _unless_refused(_prune_keys, op, weights, masks, amount, False)
+    return called if called is REFUSED else _checked_result(op, *called, amount, "weights")
 
 
 def global_magnitude_prune(weights, masks, amount, scores=None):
@@ -177,6 +201,8 @@ UNCHECKED_OPS = {
     "apply_masks_": apply_masks_unchecked,
     "swa_update_": swa_update_unchecked,
     "masked_sgd_step_": masked_sgd_step_unchecked,
+    "global_magnitude_prune": functools.partial(_magnitude_prune_unchecked, "global_magnitude_prune"),
+    "layerwise_magnitude_prune": functools.partial(_magnitude_prune_unchecked, "layerwise_magnitude_prune"),
 }
 
 OPS = {

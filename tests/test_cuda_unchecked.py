@@ -111,3 +111,15 @@ def test_a_shared_param_is_refused_before_anything_runs(cuda_device):
     with pytest.raises(ValueError, match=r"params\[1\] is the memory of params\[0\]"):
         sk.masked_sgd_step_(params, grads, [None, None], None, lr=0.1, backend="cuda")
     assert torch.equal(shared, torch.ones(4, device=cuda_device))
+
+
+@pytest.mark.parametrize("op", [sk.global_magnitude_prune, sk.layerwise_magnitude_prune])
+def test_prune_skips_the_python_checks(cuda_device, monkeypatch, op):
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.randn(6, 5, generator=gen).to(cuda_device), torch.randn(40, generator=gen).to(cuda_device).half()]
+    masks = [torch.rand(6, 5, generator=gen).to(cuda_device) > 0.3, torch.ones(40, dtype=torch.bool, device=cuda_device)]
+    want = [op(weights, m, 0.4, backend="torch") for m in (masks, None)]
+    forbid_python_checks(monkeypatch)
+    for m, expected in zip((masks, None), want):
+        got = op(weights, m, 0.4, backend="cuda")
+        assert all(torch.equal(a, e) for a, e in zip(got, expected))

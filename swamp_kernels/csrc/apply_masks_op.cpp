@@ -15,7 +15,7 @@ namespace {
 void apply_masks_(at::TensorList tensors, at::TensorList masks) {
   constexpr const char* op = "apply_masks_";
   TORCH_CHECK_VALUE(tensors.size() == masks.size(), op, ": ", tensors.size(), " tensors but ", masks.size(),
-              " masks");
+                    " masks");
   if (tensors.empty()) {
     return;
   }

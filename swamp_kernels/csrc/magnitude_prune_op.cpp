@@ -36,9 +36,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> magnitude_prune(const char* op, 
                                                                  bool layerwise) {
   TORCH_CHECK_VALUE(!keys.empty(), op, ": keys is empty");
   TORCH_CHECK_VALUE(masks.empty() || masks.size() == keys.size(), op, ": ", keys.size(), " keys but ", masks.size(),
-              " masks");
+                    " masks");
   TORCH_CHECK_VALUE(amount >= 0.0 && (amount_is_count || amount <= 1.0), op, ": amount=", amount,
-              " must be a fraction in [0, 1] or a count >= 0");
+                    " must be a fraction in [0, 1] or a count >= 0");
   const c10::Device device = keys[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), op, ": keys[0] is on ", device, ", expected a CUDA device");
   const c10::cuda::CUDAGuard guard(device);
@@ -55,9 +55,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> magnitude_prune(const char* op, 
       const at::Tensor& m = masks[i];
       check_dense_on(op, "masks", i, m, device);
       TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ", m.scalar_type(),
-                  "; expected bool");
+                       "; expected bool");
       TORCH_CHECK_VALUE(m.sizes() == k.sizes(), op, ": masks[", i, "] has shape ", m.sizes(), "; expected ",
-                  k.sizes(), " like keys[", i, "]");
+                        k.sizes(), " like keys[", i, "]");
       mask = static_cast<const uint8_t*>(m.const_data_ptr());
     }
     out.push_back(at::empty(k.sizes(), k.options().dtype(at::kBool)));

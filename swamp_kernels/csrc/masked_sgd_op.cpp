@@ -31,10 +31,11 @@ void masked_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLis
   const bool use_momentum = momentum != 0;
   const size_t n_buffers = use_momentum ? n : 0;
   TORCH_CHECK_VALUE(momentum_buffers.size() == n_buffers && first_step.size() == n_buffers, op, ": ",
-              momentum_buffers.size(), " momentum_buffers and ", first_step.size(), " first_step flags; expected ",
-              n_buffers, " (one per param with momentum, none without)");
+                    momentum_buffers.size(), " momentum_buffers and ", first_step.size(),
+                    " first_step flags; expected ",
+                    n_buffers, " (one per param with momentum, none without)");
   TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0), op,
-              ": nesterov momentum requires momentum > 0 and dampening == 0");
+                    ": nesterov momentum requires momentum > 0 and dampening == 0");
   check_distinct(op, "params", params);
   check_distinct(op, "momentum_buffers", momentum_buffers);
   const c10::Device device = params[0].device();
@@ -49,14 +50,15 @@ void masked_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLis
     check_shape(op, "grads", i, g, p.sizes(), "params");
     const auto key = std::make_pair(float_type(op, "params", i, p), float_type(op, "grads", i, g));
     TORCH_CHECK_TYPE(key.first == key.second || key.first == FloatType::kFloat32, op, ": grads[", i, "] has dtype ",
-                g.scalar_type(), " but params[", i, "] has ", p.scalar_type(), "; mixed dtypes need float32 params");
+                     g.scalar_type(), " but params[", i, "] has ", p.scalar_type(),
+                     "; mixed dtypes need float32 params");
     void* buffer = nullptr;
     if (use_momentum) {
       const at::Tensor& b = momentum_buffers[i];
       check_dense_on(op, "momentum_buffers", i, b, device);
       check_shape(op, "momentum_buffers", i, b, p.sizes(), "params");
       TORCH_CHECK_TYPE(b.scalar_type() == p.scalar_type(), op, ": momentum_buffers[", i, "] has dtype ",
-                  b.scalar_type(), "; expected ", p.scalar_type(), " like params[", i, "]");
+                       b.scalar_type(), "; expected ", p.scalar_type(), " like params[", i, "]");
       buffer = b.data_ptr();
     }
     const std::optional<at::Tensor> mask = masks[i];

@@ -42,7 +42,7 @@ void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, 
     const at::Tensor& out = swa[i];
     check_dense_on(op, "params", i, p, device);
     TORCH_CHECK_VALUE(p.dim() > 0 && p.size(0) == particles && particles > 0, op, ": params[", i, "] has shape ",
-                p.sizes(), "; expected [P, *shape] with P = ", particles, " like params[0]");
+                      p.sizes(), "; expected [P, *shape] with P = ", particles, " like params[0]");
     check_dense_on(op, "swa", i, out, device);
     check_shape(op, "swa", i, out, p.sizes().slice(1), "params[:, ...]");
     const auto key = std::make_pair(float_type(op, "params", i, p), float_type(op, "swa", i, out));
@@ -51,7 +51,7 @@ void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, 
     if (mask.has_value()) {
       check_dense_on(op, "masks", i, *mask, device);
       TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ", mask->scalar_type(),
-                  "; expected bool");
+                       "; expected bool");
       check_shape(op, "masks", i, *mask, out.sizes(), "params[:, ...]");
       mask_data = static_cast<const uint8_t*>(mask->const_data_ptr());
     }

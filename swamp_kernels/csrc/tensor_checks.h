@@ -30,7 +30,7 @@ inline void check_dense_on(const char* op, const char* name, size_t i, const at:
 inline void check_float(const char* op, const char* name, size_t i, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name, "[", i,
-              "] has dtype ", dtype, "; expected float32, float16 or bfloat16");
+                   "] has dtype ", dtype, "; expected float32, float16 or bfloat16");
 }
 
 // The kernels' name for the dtype of `t` (argument `name`[i] of `op`), which must be float32,
@@ -51,18 +51,18 @@ inline FloatType float_type(const char* op, const char* name, size_t i, const at
 inline void check_shape(const char* op, const char* name, size_t i, const at::Tensor& t, at::IntArrayRef sizes,
                         const char* like_name) {
   TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, "[", i, "] has shape ", t.sizes(), "; expected ", sizes,
-              " like ", like_name, "[", i, "]");
+                    " like ", like_name, "[", i, "]");
 }
 
 // masks[i] is bool with the shape of like[i] or, for P stacked particles, of like[i][0].
 inline void check_mask(const char* op, size_t i, const at::Tensor& mask, const char* like_name,
                        const at::Tensor& like) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op, ": masks[", i, "] has dtype ", mask.scalar_type(),
-              "; expected bool");
+                   "; expected bool");
   const bool per_particle = like.dim() > 0 && mask.sizes() == like.sizes().slice(1);
   TORCH_CHECK_VALUE(mask.sizes() == like.sizes() || per_particle, op, ": masks[", i, "] has shape ",
-              mask.sizes(), "; expected ", like.sizes(), " like ", like_name, "[", i,
-              "] or that shape without its leading particle dim");
+                    mask.sizes(), "; expected ", like.sizes(), " like ", like_name, "[", i,
+                    "] or that shape without its leading particle dim");
 }
 
 // No two non-empty tensors of `tensors` (argument `name` of `op`, written in place) start at the
