@@ -214,12 +214,14 @@ EXTRA_COLUMNS: dict[str, tuple[bool, list[tuple[str, str, Callable[[float], str]
     "resnet50_train_step": (False, [("images_per_second", "img/s", _rate),
                                     ("throughput_ratio_to_dense", "img/s vs dense", _ratio)]),
 }
+# Op cases (every other op): the host time of a call, to tell a host-bound op from a slow kernel.
+OP_CASE_COLUMNS = (True, [("host_ms", "host", _ms)])
 
 
 def _extra_columns(op: str, rows: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
     """(header, row -> cell) for the extras of ``op`` that ``rows`` have."""
     columns = []
-    for key, header, fmt in EXTRA_COLUMNS.get(op, (True, []))[1]:
+    for key, header, fmt in EXTRA_COLUMNS.get(op, OP_CASE_COLUMNS)[1]:
         values = [r["extra"].get(key) for r in rows]
         if any(isinstance(v, dict) for v in values):
             for sub in dict.fromkeys(k for v in values if isinstance(v, dict) for k in v):
@@ -237,7 +239,7 @@ def _cell(value, fmt: Callable[[float], str]) -> str:
 def _table(rows: list[dict]) -> list[str]:
     op = rows[0]["op"]
     names = list(dict.fromkeys(name for r in rows for name in r["baselines"])) \
-        if EXTRA_COLUMNS.get(op, (True, []))[0] else []
+        if EXTRA_COLUMNS.get(op, OP_CASE_COLUMNS)[0] else []
     extras = _extra_columns(op, rows)
     head = ["op", "case", "backend", "time", "time/floor", *(f"vs {n}" for n in names),
             *(h for h, _ in extras)]
@@ -253,8 +255,8 @@ def _table(rows: list[dict]) -> list[str]:
 
 
 def markdown(doc: dict, heading: str = "##") -> str:
-    """Tables of ``doc``, one per op: time, time/floor, speed-up (baseline time / time) and, for
-    workloads, the extras of ``EXTRA_COLUMNS``."""
+    """Tables of ``doc``, one per op: time, time/floor, speed-up (baseline time / time) and the
+    extras of ``EXTRA_COLUMNS`` (workloads) or ``OP_CASE_COLUMNS`` (op cases)."""
     runs = [r["extra"] for r in doc["results"]]
     bandwidths = sorted({run.get("copy_bandwidth_gbs", doc["copy_bandwidth_gbs"]) for run in runs}
                         or {doc["copy_bandwidth_gbs"]})

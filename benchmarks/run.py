@@ -74,7 +74,8 @@ def measure(case: Case, backends: list[str], device: torch.device, bandwidth_gbs
             print(f"  {backend:16s} FAILED: {failed[backend]}")
             continue
         extra = {"bytes": nbytes, "achieved_gbs": nbytes / (ms * 1e6),
-                 "pct_of_copy_bandwidth": 100 * floor / ms}
+                 "pct_of_copy_bandwidth": 100 * floor / ms,
+                 "host_ms": timing.host_ms(case.swamp(x, backend), device, runs=1 if smoke else 21)}
         if errors:
             extra["baseline_errors"] = errors
         rows.append({"op": case.op, "case": case.name, "backend": backend, "time_ms": ms,

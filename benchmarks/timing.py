@@ -73,6 +73,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, budget_ms: float 
     return statistics.median(runs_ms(runs))
 
 
+def host_ms(fn: Callable[[], object], device: torch.device, runs: int = 21) -> float:
+    """Median milliseconds the host spends in one ``fn()`` call, the device idle before each:
+    the Python, checks and launches, not the kernels (on CUDA the call returns once they are
+    queued). When it nears :func:`time_ms`, the op is host-bound: the device waits for it."""
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 def _spin_up(fn: Callable[[], object], device: torch.device, seconds: float) -> None:
     """Run ``fn`` for about ``seconds`` so an idle GPU's clocks rise to their loaded speed."""
     deadline = time.perf_counter() + seconds

@@ -56,6 +56,7 @@ def test_smoke_run_writes_a_valid_file_with_every_case(smoke_dir):
         row = by_key[(case.op, case.name, "torch")]
         assert set(row["baselines"]) == set(case.baseline_names), row["extra"].get("baseline_errors")
         assert math.isclose(row["floor_ms"], row["extra"]["bytes"] / (doc["copy_bandwidth_gbs"] * 1e6))
+        assert row["extra"]["host_ms"] > 0
     table = (smoke_dir / "cpu-smoke.md").read_text()
     for case in cases.CASES:
         assert f"| `{case.op}` | `{case.name}` | `torch` |" in table
@@ -227,6 +228,21 @@ def test_markdown_table_shows_time_floor_ratio_and_speedups():
     assert "| op | case | backend | time | time/floor | vs topk | vs sort |" in text
     assert "| `swa_update_` | `c` | `triton` | 2.00 ms | 4.00× | 3.00× | 0.50× |" in text
     assert "| `swa_update_` | `c` | `cuda` | 0.250 ms | – | 4.00× | – |" in text
+
+
+def test_markdown_shows_the_host_time_of_op_cases_that_have_it():
+    doc = _doc(rows=[_row(time_ms=0.5, floor_ms=0.25, baselines={"topk": 1.0}, extra={"host_ms": 0.4}),
+                     _row(backend="cuda", time_ms=0.25, floor_ms=0.25, baselines={"topk": 1.0})])
+    text = results.markdown(doc)
+    assert "| op | case | backend | time | time/floor | vs topk | host |" in text
+    assert "| `swa_update_` | `c` | `triton` | 0.500 ms | 2.00× | 2.00× | 0.400 ms |" in text
+    assert "| `swa_update_` | `c` | `cuda` | 0.250 ms | 1.00× | 4.00× | – |" in text
+
+
+def test_host_ms_times_the_call_alone():
+    calls = []
+    ms = timing.host_ms(lambda: calls.append(time.sleep(0.002)), torch.device("cpu"), runs=3)
+    assert len(calls) == 3 and 2.0 <= ms < 50.0
 
 
 def test_markdown_has_one_table_per_op():
