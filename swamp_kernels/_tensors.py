@@ -96,6 +96,9 @@ class ElementwiseOperands:
     def __init__(self, columns: Sequence[Sequence[torch.Tensor | None]], written: Sequence[int] = ()):
         self._written = tuple(written)
         self._copies: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # column, index, original, copy
+        if all(t is None or t.is_contiguous() for column in columns for t in column):
+            self.columns = [list(column) for column in columns]   # the common case, checked in one pass
+            return
         out: list[list[torch.Tensor | None]] = [[] for _ in columns]
         for i, operands in enumerate(zip(*columns)):
             for c, x in enumerate(self._index_operands(i, operands)):

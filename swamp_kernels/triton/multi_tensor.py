@@ -81,7 +81,12 @@ def vector_aligned(tensors: Sequence[torch.Tensor | None], numel: int) -> bool:
     """True when every tensor starts at a ``VECTOR_BYTES`` boundary and ``numel`` (their
     length, or a row's) is a multiple of ``VECTOR_BYTES`` entries: an ``ALIGNED`` kernel may
     then move ``VECTOR_BYTES`` per load for every dtype (bool masks included) and row."""
-    return numel % VECTOR_BYTES == 0 and all(t is None or t.data_ptr() % VECTOR_BYTES == 0 for t in tensors)
+    if numel % VECTOR_BYTES:
+        return False
+    for t in tensors:   # a loop, not all(<generator>): called per tensor of every launch
+        if t is not None and t.data_ptr() % VECTOR_BYTES:
+            return False
+    return True
 
 
 @triton.jit
