@@ -169,7 +169,8 @@ def _masked_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, a_mas
 
 
 class MaskedLinearFunction(torch.autograd.Function):
-    """Autograd for ``F.linear(x, weight * mask, bias)``; ``mask`` gets no gradient.
+    """Autograd for ``F.linear(x, weight * mask, bias)``; ``mask`` gets no gradient; differentiable
+    once (double backward raises: use the torch backend for gradient penalties).
 
     Outputs and input gradients are contiguous; the kernel writes their transposes through strides.
     """
@@ -177,13 +178,14 @@ class MaskedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, mask, bias):
         x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-        out = x2d.new_empty(x2d.shape[0], weight.shape[0])
-        _masked_matmul(weight, x2d.t(), out.t(), a_mask=mask, bias=bias)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])   # returned itself, not a view: in-place ops may follow
+        _masked_matmul(weight, x2d.t(), out.view(x2d.shape[0], weight.shape[0]).t(), a_mask=mask, bias=bias)
         ctx.save_for_backward(x2d, weight, mask)
         ctx.x_shape = x.shape
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # a second derivative raises instead of dropping terms
     def backward(ctx, grad_out):
         x2d, weight, mask = ctx.saved_tensors
         g = grad_out.reshape(x2d.shape[0], weight.shape[0])
