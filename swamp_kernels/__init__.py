@@ -1,6 +1,7 @@
 """swamp_kernels: the public ops of swamp, each with torch, Triton and CUDA backends.
 
-Every op checks its input (errors name the offending tensor index), then runs the
+Every op checks its input (errors name the offending tensor index; scalar arguments such as
+``lr``, ``amount`` and ``n_averaged`` first, then the tensor lists), then runs the
 backend chosen by ``backend=`` (``"auto" | "torch" | "triton" | "cuda"``, see
 :mod:`swamp_kernels._dispatch`). Contracts: DESIGN.md section 3.
 

@@ -89,30 +89,21 @@ def swa_update_unchecked(swa, params, n_averaged: int, masks=None):
 
 def masked_sgd_step_unchecked(params, grads, momentum_buffers, masks, *, lr, momentum, dampening,
                               weight_decay, nesterov, maximize):
-    """:func:`masked_sgd_step_` on unvalidated lists (module docstring). Buffers it allocated for
-    a first momentum step are set back to None when it did not run."""
+    """:func:`masked_sgd_step_` on unvalidated lists (module docstring). REFUSED for a first
+    momentum step (a None buffer): buffers are allocated only after the Python checks, so that
+    bad input never allocates them, and a failed step never leaves one behind."""
     count = len(params)
     if not (is_tensor_list(grads, count) and type(momentum_buffers) is list and len(momentum_buffers) == count
             and (masks is None or is_tensor_list(masks, count, optional=True))):
         return REFUSED
-    first_step, buffers = [], []
-    if momentum != 0:
-        if not is_tensor_list(momentum_buffers, count, optional=True):
-            return REFUSED
-        first_step = allocate_first_buffers(params, momentum_buffers)
-        buffers = momentum_buffers
-    elif any(b is not None for b in momentum_buffers):
+    if momentum != 0 and not is_tensor_list(momentum_buffers, count):
+        return REFUSED
+    if momentum == 0 and any(b is not None for b in momentum_buffers):
         return REFUSED   # unused without momentum, yet the checked path validates them
-    result = REFUSED
-    try:
-        result = _unless_refused(_ops().masked_sgd_step_, params, grads, buffers, first_step,
-                                 masks or [None] * count, lr=lr, momentum=momentum, dampening=dampening,
-                                 weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-    finally:
-        if result is REFUSED:   # a buffer the step never wrote must not look like a momentum state
-            for i in (i for i, first in enumerate(first_step) if first):
-                momentum_buffers[i] = None
-    return result
+    return _unless_refused(_ops().masked_sgd_step_, params, grads, momentum_buffers if momentum != 0 else [],
+                           [False] * count if momentum != 0 else [], masks or [None] * count, lr=lr,
+                           momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                           nesterov=nesterov, maximize=maximize)
 
 
 def _unless_refused(compiled_op, *args, **kwargs):

@@ -37,28 +37,45 @@ def sgd_inputs(gen: torch.Generator, device, particles: int = 3):
     return move[:3], move[3:6], move[6:]
 
 
-def run_sgd(backend, params, grads, masks, steps=2, **hyper):
-    """``steps`` steps from fresh buffers on copies of ``params``: (params, buffers)."""
-    params = [p.clone() for p in params]
-    buffers = [None] * len(params)
+def sgd_steps(backend, params, grads, masks, buffers, steps, **hyper):
+    """``steps`` steps on ``params`` and ``buffers`` in place."""
     for _ in range(steps):
         sk.masked_sgd_step_(params, grads, buffers, masks, lr=0.1, backend=backend, **hyper)
-    return params, buffers
 
 
 HYPER = [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True, maximize=True), dict()]
 
 
 @pytest.mark.parametrize("hyper", HYPER, ids=["momentum", "nesterov", "plain"])
-def test_valid_lists_skip_the_python_checks(cuda_device, monkeypatch, hyper):
+def test_steps_after_the_first_skip_the_python_checks(cuda_device, monkeypatch, hyper):
+    """The first momentum step (None buffers) takes the checked path, which allocates the
+    buffers; every later step, and every step without momentum, skips the Python checks."""
     params, grads, masks = sgd_inputs(torch.Generator().manual_seed(0), cuda_device)
-    want = run_sgd("torch", params, grads, masks, **hyper)
-    forbid_python_checks(monkeypatch)
-    got = run_sgd("cuda", params, grads, masks, **hyper)
-    for a, e in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+    runs = {}
+    for backend in ("torch", "cuda"):
+        ps, buffers = [p.clone() for p in params], [None] * len(params)
+        sgd_steps(backend, ps, grads, masks, buffers, 1, **hyper)
+        with monkeypatch.context() as patch:
+            if backend == "cuda":
+                forbid_python_checks(patch)
+            sgd_steps(backend, ps, grads, masks, buffers, 2, **hyper)
+        runs[backend] = ps + buffers
+    for a, e in zip(runs["cuda"], runs["torch"]):
         assert (a is None) == (e is None)
         if e is not None:
             assert_rel_close(a, e)
+
+
+def test_a_first_momentum_step_is_checked_first(cuda_device, monkeypatch):
+    """Bad input never allocates buffers (nor fails for want of memory to): the first momentum
+    step goes through the Python checks before anything is allocated."""
+    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(2), cuda_device)
+    allocated = []
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: allocated.append(a) or pytest.fail("allocated"))
+    masks[2] = masks[2].float()
+    with pytest.raises(TypeError, match=r"masks\[2\] has dtype torch.float32; expected bool"):
+        sk.masked_sgd_step_(params, grads, [None] * 3, masks, lr=0.1, momentum=0.9, backend="cuda")
+    assert not allocated
 
 
 def test_swa_update_and_apply_masks_skip_the_python_checks(cuda_device, monkeypatch):
@@ -81,26 +98,19 @@ def test_swa_update_and_apply_masks_skip_the_python_checks(cuda_device, monkeypa
     assert torch.equal(tensors[0], masked[0]) and torch.equal(tensors[1], masked[2])
 
 
-def test_a_refused_first_step_allocates_its_buffers_afresh(cuda_device):
-    """A non-contiguous grad makes the compiled op refuse the lists after the unchecked entry made
-    the first-step buffers (uninitialised memory); they are dropped, so the general path writes
-    new ones instead of reading them as momentum."""
-    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(2), cuda_device)
+def test_a_refused_step_takes_the_general_path(cuda_device):
+    """A non-contiguous grad makes the compiled op refuse the lists; the general path (stand-in
+    copies) then steps them."""
+    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(3), cuda_device)
     grads[1] = grads[1].t().contiguous().t()   # [P, 7] with transposed strides
     assert not grads[1].is_contiguous()
-    want = run_sgd("torch", params, grads, masks, steps=1, momentum=0.9)
-    got = run_sgd("cuda", params, grads, masks, steps=1, momentum=0.9)
-    for a, e in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+    runs = {}
+    for backend in ("torch", "cuda"):
+        ps, buffers = [p.clone() for p in params], [torch.ones_like(p) for p in params]
+        sgd_steps(backend, ps, grads, masks, buffers, 2, momentum=0.9)
+        runs[backend] = ps + buffers
+    for a, e in zip(runs["cuda"], runs["torch"]):
         assert_rel_close(a, e)
-
-
-def test_bad_input_leaves_no_first_step_buffer_behind(cuda_device):
-    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(3), cuda_device)
-    masks[2] = masks[2].float()
-    buffers = [None] * len(params)
-    with pytest.raises(TypeError, match=r"masks\[2\] has dtype torch.float32; expected bool"):
-        sk.masked_sgd_step_(params, grads, buffers, masks, lr=0.1, momentum=0.9, backend="cuda")
-    assert buffers == [None] * len(params)
 
 
 def test_a_shared_param_is_refused_before_anything_runs(cuda_device):
