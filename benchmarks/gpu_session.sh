@@ -3,7 +3,9 @@
 # build the extension, run the GPU tests, then the benchmarks. Logs and results go under $OUT.
 # Afterwards, here: `python -m benchmarks.collect FILES...` with every call's $OUT/results/*.json
 # (merges them into benchmarks/results/; copying would keep only the last call's cases), then
-# `make bench-render`.
+# `make bench-render`, and `python -m benchmarks.auto_order benchmarks/results/<gpu>.json` for the
+# AUTO_ORDER of swamp_kernels/_dispatch.py (each op's faster backend first).
+# The `host` column (extra.host_ms) is the call's host time: near the time, the op is host-bound.
 #
 # A session's device time is short and each call stops at 10 minutes, so split by PARTS/BENCH_ARGS,
 # most needed first, one process per group (a kernel fault then loses only its group):

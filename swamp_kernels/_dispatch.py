@@ -97,8 +97,15 @@ def _explicit(op: str, backend: str, device: torch.device) -> str:
     return backend
 
 
+# The ``auto`` chain of each op on CUDA tensors, fastest measured first: ``python -m
+# benchmarks.auto_order`` suggests it from a GPU's benchmark results. Ops not listed take
+# DEFAULT_CUDA_CHAIN (provisional until measured: the compiled extension checks its input in C++).
+DEFAULT_CUDA_CHAIN = ("cuda", "triton", "torch")
+AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+
+
 def _auto(op: str, device: torch.device) -> str:
-    chain = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+    chain = AUTO_ORDER.get(op, DEFAULT_CUDA_CHAIN) if device.type == "cuda" else ("torch",)
     for backend in chain:
         if _is_available(backend) and op in _ops(backend):
             return backend

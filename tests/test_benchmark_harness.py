@@ -599,3 +599,37 @@ def test_prune_baselines_select_what_the_reference_selects():
     openlth = swamp_kernels.global_magnitude_prune(weights, masks, math.ceil(0.2 * n) + 1, backend="torch")
     for a, b in zip(prune.prune_numpy_cpu(weights, masks, 0.2), openlth):
         np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_auto_order_ranks_backends_by_geometric_mean_over_common_cases(tmp_path, capsys):
+    from benchmarks import auto_order
+    rows = [_row(op="swa_update_", case="a", backend="triton", time_ms=1.0),
+            _row(op="swa_update_", case="a", backend="cuda", time_ms=2.0),
+            _row(op="swa_update_", case="b", backend="triton", time_ms=4.0),
+            _row(op="swa_update_", case="b", backend="cuda", time_ms=1.0),
+            _row(op="swa_update_", case="c", backend="cuda", time_ms=9.0),        # triton lacks it: left out
+            _row(op="swa_update_", case="b", backend="torch", time_ms=0.1),       # torch is never ranked
+            _row(op="masked_sgd_step_", case="a", backend="triton", time_ms=3.0),
+            _row(op="masked_sgd_step_", case="a", backend="cuda", time_ms=1.0),
+            _row(op="masked_linear", case="a", backend="triton", time_ms=1.0)]    # one backend: no ranking
+    ranking = auto_order.rank(_doc(rows=rows))
+    assert list(ranking) == ["swa_update_", "masked_sgd_step_"]
+    # relative times: triton 1x and 4x (geometric mean 2), cuda 2x and 1x (sqrt 2)
+    assert [b for b, _ in ranking["swa_update_"]] == ["cuda", "triton"]
+    assert ranking["swa_update_"][0][1] == pytest.approx(2 ** 0.5) and ranking["swa_update_"][1][1] == pytest.approx(2.0)
+    assert ranking["masked_sgd_step_"] == [("cuda", pytest.approx(1.0)), ("triton", pytest.approx(3.0))]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_doc(rows=rows)))
+    assert auto_order.main([str(path)]) == 0
+    assert "'masked_sgd_step_': ('cuda', 'triton', 'torch')," in capsys.readouterr().out
+
+
+def test_auto_follows_the_measured_order(monkeypatch):
+    from swamp_kernels import _dispatch
+    monkeypatch.setattr(_dispatch, "_is_available", lambda backend: True)
+    monkeypatch.setattr(_dispatch, "AUTO_ORDER", {"swa_update_": ("triton", "cuda", "torch")})
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    assert _dispatch._chosen("swa_update_", "auto", cuda) == "triton"
+    assert _dispatch._chosen("masked_sgd_step_", "auto", cuda) == "cuda"
+    assert _dispatch._chosen("swa_update_", "auto", torch.device("cpu")) == "torch"
