@@ -43,8 +43,10 @@ def _run_outside_autograd(op: str, backend: str, device: torch.device, *args, **
 def _unchecked(op: str, backend: str, anchors, *args, **kwargs):
     """The result of ``op(*args, **kwargs)`` run, under ``no_grad``, by the unvalidated entry of the
     backend that runs it for ``anchors[0]``'s device (:func:`~swamp_kernels._dispatch.unchecked_implementation`);
-    REFUSED, with nothing changed, when there is none or it refused the arguments."""
-    if not check.is_tensor_list(anchors):
+    REFUSED, with nothing changed, when there is none or it refused the arguments. A first tensor
+    that is not contiguous (a channels_last model) is refused here, before the entry's costlier
+    refusal: the compiled ops take contiguous tensors only."""
+    if not check.is_tensor_list(anchors) or not anchors[0].is_contiguous():
         return REFUSED
     run = unchecked_implementation(op, backend, anchors[0].device)
     if run is None:

@@ -133,3 +133,21 @@ def test_prune_skips_the_python_checks(cuda_device, monkeypatch, op):
     for m, expected in zip((masks, None), want):
         got = op(weights, m, 0.4, backend="cuda")
         assert all(torch.equal(a, e) for a, e in zip(got, expected))
+
+
+def test_a_channels_last_model_goes_straight_to_the_general_path(cuda_device, monkeypatch):
+    """A non-contiguous first param (channels_last weights) skips the compiled op's refusal,
+    which would convert every list first."""
+    from swamp_kernels import cuda as cuda_backend
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(4, 3, 3, 3, generator=gen).to(cuda_device).to(memory_format=torch.channels_last),
+              torch.randn(4, generator=gen).to(cuda_device)]
+    grads = [torch.randn(p.shape, generator=gen).to(cuda_device).to(memory_format=torch.channels_last)
+             if p.dim() == 4 else torch.randn(p.shape, generator=gen).to(cuda_device) for p in params]
+    want = [p.clone() for p in params]
+    sk.masked_sgd_step_(want, grads, [None, None], None, lr=0.1, backend="torch")
+    monkeypatch.setitem(cuda_backend.UNCHECKED_OPS, "masked_sgd_step_",
+                        lambda *a, **k: pytest.fail("the compiled op was offered a channels_last model"))
+    sk.masked_sgd_step_(params, grads, [None, None], None, lr=0.1, backend="cuda")
+    for a, e in zip(params, want):
+        assert_rel_close(a, e)
