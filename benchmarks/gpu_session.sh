@@ -67,7 +67,10 @@ for part in $PARTS; do
         # stopped before the call's limit (BENCH_TIMEOUT_S); every finished case is already saved
         timeout "${BENCH_TIMEOUT_S:-$(left_s)}" python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} \
             > "$OUT/bench.log" 2>&1
-        echo "bench rc=$?"; grep -E "FAILED" "$OUT/bench.log" | head -20; tail -40 "$OUT/bench.log" ;;
+        echo "bench rc=$?"; grep -E "FAILED" "$OUT/bench.log" | head -20; tail -40 "$OUT/bench.log"
+        for results in "$OUT"/results/*.json; do   # each op's faster backend, where both ran
+            [ -e "$results" ] && python3 -m benchmarks.auto_order "$results" | tee "$OUT/auto_order.txt"
+        done ;;
     *)
         echo "unknown part $part (build, tests, bench)"; exit 2 ;;
     esac
