@@ -68,14 +68,15 @@ def measure(case: Case, backends: list[str], device: torch.device, bandwidth_gbs
     rows, failed = [], {}
     for backend in backends:
         try:
-            ms = timing.time_ms(case.swamp(x, backend), device, **timing_args)
+            call = case.swamp(x, backend)
+            ms = timing.time_ms(call, device, **timing_args)
         except Exception as err:  # noqa: BLE001 -- reported with the other failures of the run
             failed[backend] = f"{type(err).__name__}: {err}"
             print(f"  {backend:16s} FAILED: {failed[backend]}")
             continue
         extra = {"bytes": nbytes, "achieved_gbs": nbytes / (ms * 1e6),
                  "pct_of_copy_bandwidth": 100 * floor / ms,
-                 "host_ms": timing.host_ms(case.swamp(x, backend), device, runs=1 if smoke else 21)}
+                 "host_ms": timing.host_ms(call, device, runs=1 if smoke else 21)}
         if errors:
             extra["baseline_errors"] = errors
         rows.append({"op": case.op, "case": case.name, "backend": backend, "time_ms": ms,

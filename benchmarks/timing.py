@@ -42,9 +42,11 @@ def _cuda_runs_ms(fn: Callable[[], object], device: torch.device, runs: int) -> 
     return [start.elapsed_time(end) for start, end in events]
 
 
-def _cpu_runs_ms(fn: Callable[[], object], runs: int) -> list[float]:
+def _cpu_runs_ms(fn: Callable[[], object], runs: int, before: Callable[[], object] = lambda: None) -> list[float]:
+    """Wall milliseconds of ``runs`` calls of ``fn``, each after an untimed ``before()``."""
     times = []
     for _ in range(runs):
+        before()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -77,15 +79,12 @@ def host_ms(fn: Callable[[], object], device: torch.device, runs: int = 21) -> f
     """Median milliseconds the host spends in one ``fn()`` call, the device idle before each:
     the Python, checks and launches, not the kernels (on CUDA the call returns once they are
     queued). When it nears :func:`time_ms`, the op is host-bound: the device waits for it."""
-    times = []
-    for _ in range(runs):
+    def idle_device():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+
+    times = _cpu_runs_ms(fn, runs, before=idle_device)
+    idle_device()
     return statistics.median(times)
 
 

@@ -128,14 +128,11 @@ class MaskedSGD(torch.optim.Optimizer):
             for chunk, step in ((fused, self._fused_step), (others, _torch_step)):
                 if not chunk:
                     continue
-                buffers = [None] * len(chunk)
-                if momentum != 0:
-                    buffers = [self.state[p].get("momentum_buffer") for p in chunk]
-                    first = [i for i, buffer in enumerate(buffers) if buffer is None]
+                buffers = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in chunk]
+                first = [i for i, buffer in enumerate(buffers) if buffer is None] if momentum != 0 else []
                 step(chunk, buffers, [self._mask_of.get(id(p)) for p in chunk], group)
-                if momentum != 0:   # the step filled the None buffers (their first step) in place
-                    for i in first:
-                        self.state[chunk[i]]["momentum_buffer"] = buffers[i]
+                for i in first:   # the step filled the None buffers (their first step) in place
+                    self.state[chunk[i]]["momentum_buffer"] = buffers[i]
         return loss
 
     def _fused_step(self, params, buffers, masks, group) -> None:
