@@ -15,8 +15,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16 or bfloat16"
 
 
+def _not_dense(name: str, i: int, x: torch.Tensor) -> TypeError:
+    return TypeError(f"{name}[{i}] is a {str(x.layout).replace('torch.', '')} tensor; the ops take dense "
+                     "(strided) tensors: convert it with .to_dense() (e.g. nn.Embedding(sparse=True) gives "
+                     "sparse gradients)")
+
+
 def tensor_list(name: str, xs) -> list[torch.Tensor]:
-    """``xs`` as a non-empty list of tensors on one device."""
+    """``xs`` as a non-empty list of dense (strided) tensors on one device."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
     if len(xs) == 0:
@@ -24,6 +30,8 @@ def tensor_list(name: str, xs) -> list[torch.Tensor]:
     for i, x in enumerate(xs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
+        if x.layout != torch.strided:
+            raise _not_dense(name, i, x)
         if x.device != xs[0].device:
             raise ValueError(f"{name}[{i}] is on {x.device} but {name}[0] is on {xs[0].device}")
     return list(xs)
@@ -65,8 +73,8 @@ def distinct(name: str, xs: Sequence[torch.Tensor]) -> None:
 def companions(name: str, xs, like_name: str, like: Sequence[torch.Tensor],
                *, dtypes: Sequence[torch.dtype] | None = None, leading: int = 0,
                particle_dim: bool = False, optional: bool = False) -> list:
-    """Check ``xs`` pairs one-to-one with ``like`` (tensors on one device): same length,
-    device and shape, ``like[i].shape[leading:]`` (``leading=1``: the shape of one particle
+    """Check ``xs`` pairs one-to-one with ``like`` (tensors on one device): dense tensors of the
+    same length, device and shape, ``like[i].shape[leading:]`` (``leading=1``: the shape of one particle
     of stacked ``[P, *shape]`` tensors).
 
     With ``particle_dim`` an entry may also have ``like[i].shape[1:]`` (a mask that
@@ -83,6 +91,8 @@ def companions(name: str, xs, like_name: str, like: Sequence[torch.Tensor],
             continue
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
+        if x.layout != torch.strided:
+            raise _not_dense(name, i, x)
         if x.device != device:
             raise ValueError(f"{name}[{i}] is on {x.device} but {like_name}[{i}] is on {ref.device}")
         if dtypes is not None and x.dtype not in dtypes:

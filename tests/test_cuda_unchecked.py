@@ -151,3 +151,18 @@ def test_a_channels_last_model_goes_straight_to_the_general_path(cuda_device, mo
     sk.masked_sgd_step_(params, grads, [None, None], None, lr=0.1, backend="cuda")
     for a, e in zip(params, want):
         assert_rel_close(a, e)
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_a_sparse_tensor_is_refused_with_the_checks_error(cuda_device, position):
+    """A sparse tensor (no storage to read) anywhere in the lists is refused (torch's dispatcher
+    has no sparse kernel of the compiled op) and gets the error of every backend."""
+    params, grads, masks = sgd_inputs(torch.Generator().manual_seed(6), cuda_device)
+    buffers = [torch.zeros_like(p) for p in params]
+    grads[position] = grads[position].float().to_sparse()
+    with pytest.raises(TypeError, match=rf"grads\[{position}\] is a sparse_coo tensor; the ops take dense"):
+        sk.masked_sgd_step_(params, grads, buffers, masks, lr=0.1, momentum=0.9, backend="cuda")
+    tensors = [p.clone() for p in params]
+    tensors[position] = tensors[position].to_sparse()
+    with pytest.raises(TypeError, match=rf"tensors\[{position}\] is a sparse_coo tensor; the ops take dense"):
+        sk.apply_masks_(tensors, masks, backend="cuda")

@@ -177,6 +177,8 @@ SWA_ERRORS = {
                   TypeError, r"swa\[1\] has dtype torch.int32; expected float32 or float16 or bfloat16"),
     "swa device": (lambda d: dict(swa=[torch.zeros(4, device="meta"), torch.zeros(2, 3, device=d)]),
                    ValueError, r"swa\[0\] is on meta"),
+    "sparse swa": (lambda d: dict(swa=[torch.zeros(4, device=d).to_sparse(), torch.zeros(2, 3, device=d)]),
+                   TypeError, r"swa\[0\] is a sparse_coo tensor; the ops take dense"),
     "swa not a list": (lambda d: dict(swa=torch.zeros(4, device=d)), TypeError,
                        r"swa must be a list or tuple"),
     "swa twice": (lambda d: (lambda t: dict(params=[torch.randn(2, 4, device=d)] * 2, swa=[t, t]))(

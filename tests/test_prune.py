@@ -300,6 +300,8 @@ BAD_INPUTS = {
                     r"weights\[1\] has dtype torch.int64; expected float32"),
     "float64 weights": (lambda d: dict(weights=[_ones(d, 3, dtype=torch.float64)]), TypeError,
                         r"weights\[0\] has dtype torch.float64"),
+    "sparse weights": (lambda d: dict(weights=[_ones(d, 3), _ones(d, 2, 2).to_sparse()]), TypeError,
+                       r"weights\[1\] is a sparse_coo tensor; the ops take dense"),
     "weights device": (lambda d: dict(weights=[_ones(d, 3), _ones("meta", 2)]), ValueError,
                        r"weights\[1\] is on meta but weights\[0\] is on"),
     "mask count": (lambda d: dict(weights=_weights(d), masks=[_ones(d, 4, dtype=BOOL)]), ValueError,

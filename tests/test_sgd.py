@@ -191,6 +191,8 @@ BAD_INPUTS = {
                                         momentum_buffers=[None], masks=None),
                         TypeError, r"grads\[0\] has dtype torch.float32 but params\[0\] has torch.bfloat16; "
                                    r"mixed dtypes need float32 params"),
+    "sparse grad": (lambda d: _args(d, grads=[torch.randn(4, device=d).to_sparse(), torch.randn(2, 3, device=d)]),
+                    TypeError, r"grads\[0\] is a sparse_coo tensor; the ops take dense \(strided\) tensors"),
     "buffers tuple": (lambda d: _args(d, momentum_buffers=(None, None)), ValueError,
                       r"momentum_buffers must be a list with one entry \(tensor or None\) per param"),
     "buffers length": (lambda d: _args(d, momentum_buffers=[None]), ValueError,
