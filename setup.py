@@ -32,7 +32,9 @@ def _cuda_build():
         sources,
         include_dirs=[os.path.abspath(CSRC)],
         # -g0 overrides Python's default -g: debug info of the torch headers costs a third
-        # of the bindings' compile time. The C++ standard is torch's choice (C++20 in 2.14).
+        # of the bindings' compile time. The C++ standard is torch's choice: C++17 with the GPU
+        # image's torch 2.11, C++20 with 2.14, so the sources stay C++17 (the kernels are also
+        # compiled as C++17 in CI: tests/test_cuda_resources.py).
         extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return ([extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}), None

@@ -159,14 +159,15 @@ def test_kernels_compile_for_sm90(specs_file, triton_dir, tmp_path):
         version, path = "3.6.0", [str(triton_dir), str(REPO)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"PYTHONPATH": os.pathsep.join(path), "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    ttgir = tmp_path / "ttgir"
-    run = subprocess.run([sys.executable, "-m", "tests.triton_aot", str(specs_file), "--ttgir", str(ttgir)],
+    ir = tmp_path / "ir"
+    run = subprocess.run([sys.executable, "-m", "tests.triton_aot", str(specs_file), "--ir", str(ir)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr
     print(output)
     assert output.startswith(f"triton {version} "), output[:500]
     assert run.returncode == 0, output[-20000:]
-    _assert_masked_weight_feeds_tensor_cores_from_registers(ttgir)
+    _assert_masked_weight_feeds_tensor_cores_from_registers(ir)
+    _assert_aligned_elementwise_launches_move_16_bytes(ir)
 
 
 def _main_loop(ttgir: str) -> str:
@@ -175,16 +176,16 @@ def _main_loop(ttgir: str) -> str:
     return ttgir[start:ttgir.index("scf.yield", start)]
 
 
-def _assert_masked_weight_feeds_tensor_cores_from_registers(ttgir_dir: pathlib.Path) -> None:
+def _assert_masked_weight_feeds_tensor_cores_from_registers(ir_dir: pathlib.Path) -> None:
     """In every compiled masked-A matmul that runs on Hopper tensor cores (wgmma), the masked A
     tile reaches the dot from registers, and nothing is written to shared memory inside the K loop
     besides the pipelined async copies: a masked B operand would be stored back there every step."""
-    index = json.loads((ttgir_dir / "index.json").read_text())
+    index = json.loads((ir_dir / "index.json").read_text())
     masked_a = [job for job in index if job["kernel"].endswith("._masked_matmul_kernel") and job["args"]["MASK_A"]]
     assert masked_a, "no masked-A matmul compiled"
     on_wgmma = 0
     for job in masked_a:
-        loop = _main_loop((ttgir_dir / job["ttgir"]).read_text())
+        loop = _main_loop((ir_dir / job["ttgir"]).read_text())
         dots = [line for line in loop.splitlines() if "ttng.warp_group_dot " in line]
         if not dots:  # mma.sync (IEEE float32, small tiles): both operands come from registers
             continue
@@ -194,3 +195,26 @@ def _assert_masked_weight_feeds_tensor_cores_from_registers(ttgir_dir: pathlib.P
             assert a_type == "tensor<", f"{job['options']} {dot.strip()[:300]}"
         assert "ttg.local_alloc" not in loop and "ttg.local_store" not in loop, job["options"]
     assert on_wgmma, "no masked-A matmul compiled to wgmma"
+
+
+ELEMENTWISE_KERNELS = ("_apply_masks_kernel", "_average_kernel", "_masked_sgd_kernel")
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global[\w.:]*")
+
+
+def _assert_aligned_elementwise_launches_move_16_bytes(ir_dir: pathlib.Path) -> None:
+    """The ALIGNED launches of the memory-bound elementwise kernels read and write their tensors
+    16 bytes at a time (``ld/st.global.v4``): single-element accesses cost them bandwidth. Their
+    only narrower global accesses are the few single-word reads of the launch tables (an
+    unvectorised tensor would add one per element a thread handles: 16 or more here)."""
+    index = json.loads((ir_dir / "index.json").read_text())
+    aligned = [job for job in index
+               if job["kernel"].rsplit(".", 1)[1] in ELEMENTWISE_KERNELS and job["args"].get("ALIGNED")]
+    assert {job["kernel"].rsplit(".", 1)[1] for job in aligned} == set(ELEMENTWISE_KERNELS)
+    for job in aligned:
+        accesses = [m.group(0) for m in _GLOBAL_ACCESS.finditer((ir_dir / job["ptx"]).read_text())]
+        narrow_stores = [a for a in accesses if a.startswith("st.") and ".v4." not in a]
+        narrow_loads = [a for a in accesses if a.startswith("ld.") and ".v4." not in a]
+        where = f"{job['kernel']} {job['args']}"
+        assert any(a.startswith("st.") for a in accesses) and not narrow_stores, f"{where}: {narrow_stores}"
+        assert len(narrow_loads) < 16 and all(a.endswith((".b32", ".b64")) for a in narrow_loads), \
+            f"{where}: {narrow_loads}"

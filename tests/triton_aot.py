@@ -19,9 +19,9 @@ Two halves, one per process:
   fails only when no config fits. Registers and spill bytes come from the log of the
   ``ptxas -v`` that Triton runs (its bundled ptxas). Every kernel is compiled afresh
   (``always_compile``). Prints a table; exits 1 naming each failing kernel and specialisation.
-  With ``--ttgir DIR`` it also writes each compiled job's TritonGPU IR to ``DIR/<n>.ttgir`` and
-  ``DIR/index.json``, a list of ``{"kernel", "args", "options", "ttgir"}`` (the file name), for
-  tests of what the compiler made of a kernel.
+  With ``--ir DIR`` it also writes each compiled job's TritonGPU IR and PTX to ``DIR/<n>.ttgir``
+  and ``DIR/<n>.ptx``, and ``DIR/index.json``, a list of ``{"kernel", "args", "options", "ttgir",
+  "ptx"}`` (the file names), for tests of what the compiler made of a kernel.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ SM90_MAX_SHARED = 232448   # bytes of shared memory per block on sm_90 (227 KiB,
 TARGET = ("cuda", 90, 32)  # GPUTarget of the H100
 WORKERS = 2
 _OPTIONS = ("num_warps", "num_stages")
+IR_KINDS = ("ttgir", "ptx")   # written by --ir
 
 # ------------------------------------------------------------------- recording
 
@@ -179,7 +180,7 @@ class Result:
     spill_bytes: int | None = None
     seconds: float = 0.0
     error: str | None = None
-    ttgir: str | None = None
+    ir: dict[str, str] | None = None   # {"ttgir": text, "ptx": text}
 
 
 def _import_kernel(path: str):
@@ -261,7 +262,7 @@ def _compile(job: Job) -> Result:
                                       target=GPUTarget(*TARGET), options=options.__dict__)
         registers, spill_bytes = _ptxas_usage(ptxas_log.getvalue())
         return Result(job, compiled.metadata.shared, registers, spill_bytes, time.perf_counter() - start,
-                      ttgir=compiled.asm["ttgir"])
+                      ir={kind: compiled.asm[kind] for kind in IR_KINDS})
     except SharedMemoryOverLimit as over:
         return Result(job, over.shared, seconds=time.perf_counter() - start)
     except Exception as error:  # reported per job; the table names the kernel and its spec
@@ -309,17 +310,19 @@ def _table(results: list[Result]) -> str:
                      for row in rows)
 
 
-def _write_ttgir(results: list[Result], directory: str) -> None:
-    """Each compiled job's TritonGPU IR and the ``index.json`` naming them (module docstring)."""
+def _write_ir(results: list[Result], directory: str) -> None:
+    """Each compiled job's TritonGPU IR and PTX, and the ``index.json`` naming them (module docstring)."""
     os.makedirs(directory, exist_ok=True)
     index = []
     for number, r in enumerate(results):
-        if r.ttgir is None:
+        if r.ir is None:
             continue
-        name = f"{number}.ttgir"
-        with open(os.path.join(directory, name), "w") as f:
-            f.write(r.ttgir)
-        index.append({"kernel": r.job.kernel, "args": r.job.args, "options": r.job.options, "ttgir": name})
+        entry = {"kernel": r.job.kernel, "args": r.job.args, "options": r.job.options}
+        for kind, text in r.ir.items():
+            entry[kind] = f"{number}.{kind}"
+            with open(os.path.join(directory, entry[kind]), "w") as f:
+                f.write(text)
+        index.append(entry)
     with open(os.path.join(directory, "index.json"), "w") as f:
         json.dump(index, f)
 
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     triton.knobs.nvidia.dump_ptxas_log = True       # registers and spills, read by _ptxas_usage
     parser = argparse.ArgumentParser(prog="python -m tests.triton_aot")
     parser.add_argument("specs", help="JSON list of specialisations (LaunchRecorder.specs)")
-    parser.add_argument("--ttgir", metavar="DIR", help="write each compiled job's TritonGPU IR here")
+    parser.add_argument("--ir", metavar="DIR", help="write each compiled job's TritonGPU IR and PTX here")
     arguments = parser.parse_args(argv)
     with open(arguments.specs) as f:
         specs = json.load(f)
@@ -345,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("fork")) as pool:
         done = dict(zip(longest_first, pool.map(_compile, [jobs[i] for i in longest_first])))
     results = [done[i] for i in range(len(jobs))]
-    if arguments.ttgir:
-        _write_ttgir(results, arguments.ttgir)
+    if arguments.ir:
+        _write_ir(results, arguments.ir)
     print(_table(results))
     failures = _failures(specs, results)
     print(f"{len(jobs)} compiles of {len(specs)} specialisations for sm_90: "
