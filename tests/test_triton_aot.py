@@ -168,6 +168,7 @@ def test_kernels_compile_for_sm90(specs_file, triton_dir, tmp_path):
     assert run.returncode == 0, output[-20000:]
     _assert_masked_weight_feeds_tensor_cores_from_registers(ir)
     _assert_aligned_elementwise_launches_move_16_bytes(ir)
+    _assert_elementwise_kernels_do_not_spill(ir)
 
 
 def _main_loop(ttgir: str) -> str:
@@ -218,3 +219,12 @@ def _assert_aligned_elementwise_launches_move_16_bytes(ir_dir: pathlib.Path) -> 
         assert any(a.startswith("st.") for a in accesses) and not narrow_stores, f"{where}: {narrow_stores}"
         assert len(narrow_loads) < 16 and all(a.endswith((".b32", ".b64")) for a in narrow_loads), \
             f"{where}: {narrow_loads}"
+
+
+def _assert_elementwise_kernels_do_not_spill(ir_dir: pathlib.Path) -> None:
+    """No launch of the memory-bound elementwise kernels spills registers to local memory (the
+    unaligned ones did with 32 entries per thread: multi_tensor.UNALIGNED_CHUNK)."""
+    index = json.loads((ir_dir / "index.json").read_text())
+    jobs = [job for job in index if job["kernel"].rsplit(".", 1)[1] in ELEMENTWISE_KERNELS]
+    spilling = [(job["kernel"], job["args"], job["spill_bytes"]) for job in jobs if job["spill_bytes"] != 0]
+    assert jobs and not spilling, spilling

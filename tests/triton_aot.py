@@ -20,8 +20,9 @@ Two halves, one per process:
   ``ptxas -v`` that Triton runs (its bundled ptxas). Every kernel is compiled afresh
   (``always_compile``). Prints a table; exits 1 naming each failing kernel and specialisation.
   With ``--ir DIR`` it also writes each compiled job's TritonGPU IR and PTX to ``DIR/<n>.ttgir``
-  and ``DIR/<n>.ptx``, and ``DIR/index.json``, a list of ``{"kernel", "args", "options", "ttgir",
-  "ptx"}`` (the file names), for tests of what the compiler made of a kernel.
+  and ``DIR/<n>.ptx``, and ``DIR/index.json``, a list of ``{"kernel", "args", "options",
+  "registers", "spill_bytes", "ttgir", "ptx"}`` (the last two: file names), for tests of what the
+  compiler made of a kernel.
 """
 from __future__ import annotations
 
@@ -317,7 +318,8 @@ def _write_ir(results: list[Result], directory: str) -> None:
     for number, r in enumerate(results):
         if r.ir is None:
             continue
-        entry = {"kernel": r.job.kernel, "args": r.job.args, "options": r.job.options}
+        entry = {"kernel": r.job.kernel, "args": r.job.args, "options": r.job.options,
+                 "registers": r.registers, "spill_bytes": r.spill_bytes}
         for kind, text in r.ir.items():
             entry[kind] = f"{number}.{kind}"
             with open(os.path.join(directory, entry[kind]), "w") as f:
