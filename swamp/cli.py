@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                              f"torchrun layout): {', '.join(pipeline.RESUME_KEYS)} (repeatable)")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = commands.add_parser("report", help="table and plot comparing run directories")
-    rep.add_argument("dirs", nargs="+", help="run directories (unfinished runs are skipped)")
+    rep.add_argument("dirs", nargs="+", help="run directories (a run still training shows the levels it has "
+                                             "finished)")
     rep.add_argument("--plot", default="accuracy_vs_density.png",
                      help="where to write the plot (default: accuracy_vs_density.png here)")
     analyze.add_parser(commands)
@@ -53,6 +54,18 @@ def _error(command: str, error: BaseException) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
     print(f"swamp {command}: error{rank}: {error}", file=sys.stderr)
+
+
+def _resume_hint(args) -> str:
+    """How to go on after an interrupted ``run`` or ``resume``: resume once the run directory
+    holds a run, else start again (nothing was saved)."""
+    if args.command not in ("run", "resume"):
+        return ""
+    run_dir = args.out if args.command == "run" else args.dir
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        return f"; nothing was saved in {run_dir}: start again with `swamp run`"
+    launch = "the same torchrun line with " if "WORLD_SIZE" in os.environ else ""
+    return f"; continue with {launch}`swamp resume {run_dir}`"
 
 
 def main(argv=None) -> int:
@@ -77,7 +90,10 @@ def main(argv=None) -> int:
         else:
             runs = report.load_runs(args.dirs)
             print(report.markdown_table(runs))
-            print(f"\nplot: {report.plot(runs, args.plot)}")
+            if any(summary["levels"] for summary in runs.values()):
+                print(f"\nplot: {report.plot(runs, args.plot)}")
+            else:
+                print("\nno plot: no run has finished a level yet")
     except (ValueError, OSError, BackendError) as error:   # bad input (ConfigError is one), files, backends
         _error(args.command, error)
         return 2
@@ -85,10 +101,7 @@ def main(argv=None) -> int:
         _error(args.command, error)
         return 1
     except KeyboardInterrupt:
-        run_dir = getattr(args, "out", None) or getattr(args, "dir", None)
-        launch = "the same torchrun line with " if "WORLD_SIZE" in os.environ else ""
-        hint = f"; continue with {launch}`swamp resume {run_dir}`" if args.command in ("run", "resume") else ""
-        _show(f"\nswamp {args.command}: interrupted{hint}", file=sys.stderr)
+        _show(f"\nswamp {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ class DataConfig:
     test_size: int = 256                 # synthetic only
     image_size: int = 224                # imagenet only: crop size
     workers: int = 4                     # imagenet only: loader processes per particle
+
+    def __post_init__(self):
+        if isinstance(self.path, str):
+            self.path = os.path.expanduser(self.path)   # ~/data as a shell would read it
 
 
 @dataclass
@@ -136,6 +141,8 @@ def _check_type(key: str, hint, value):
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, "
                           f"got {type(value).__name__} {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
     return value
 
 

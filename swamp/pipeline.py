@@ -12,7 +12,8 @@ instead of magnitude pruning). Run directory::
     DIR/level_XX/metrics.json   written last: a level with it is complete
     DIR/summary.json         {"method", "levels": [metrics of each completed level]}
     DIR/checkpoint.pt        the stage in progress, every ``train.checkpoint_every`` epochs
-    DIR/log.txt              one line per epoch
+    DIR/log.txt              one line per epoch; a resume adds a marker line and repeats the
+                             epochs trained after the last checkpoint
 
 Every file is written atomically (temp file + ``os.replace``). A killed run resumes from its
 last checkpoint (at most ``train.checkpoint_every`` epochs lost). All randomness comes from
@@ -133,7 +134,8 @@ RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_grou
 def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) -> dict:
     """Continue the run in ``out`` from its last checkpoint; returns the summary. ``overrides``
     (``key=value``) may change the keys of :data:`RESUME_KEYS` (a moved data set, another layout),
-    which the run's ``config.yaml`` then keeps."""
+    which the run's ``config.yaml`` then keeps. A finished run returns its stored summary and
+    needs nothing else (no data, device or other ranks)."""
     out = Path(out)
     config = _run_config(out)
     for item in overrides:
@@ -141,18 +143,36 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
         if key not in RESUME_KEYS:
             raise ConfigError(f"resume --set {item!r}: {key!r} would change the run's results; resume can "
                               f"change only {', '.join(RESUME_KEYS)}")
+    if finished(out):
+        return _finished_summary(config, out)
     config = from_dict(apply_overrides(to_dict(config), overrides))
     validate(config)
     swamp_kernels.preferred_backend()
     return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
 
 
+def _levels(config: Config) -> range:
+    """The level numbers of a run of ``config``: 0 (dense) to ``levels``."""
+    return range((0 if config.method == "dense" else config.levels) + 1)
+
+
 def finished(out: str | Path) -> bool:
     """True when the run in ``out`` has completed all its levels (``resume`` trains nothing)."""
     out = Path(out)
     config = _run_config(out)
-    levels = 0 if config.method == "dense" else config.levels
-    return all((level_dir(out, level) / "metrics.json").is_file() for level in range(levels + 1))
+    return all((level_dir(out, level) / "metrics.json").is_file() for level in _levels(config))
+
+
+def _finished_summary(config: Config, out: Path) -> dict:
+    """The summary of the finished run in ``out``, from its levels' metrics; ``summary.json`` is
+    rewritten (rank 0) if a kill came between the last level's metrics and it."""
+    summary = {"method": config.method,
+               "levels": [json.loads((level_dir(out, level) / "metrics.json").read_text())
+                          for level in _levels(config)]}
+    path = out / "summary.json"
+    if os.environ.get("RANK", "0") == "0" and (not path.is_file() or json.loads(path.read_text()) != summary):
+        _write_json(path, summary)
+    return summary
 
 
 def _failed_collective(error: RuntimeError) -> bool:
@@ -267,7 +287,6 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
     if rewind >= total:
         raise ConfigError(f"config key 'rewind.iterations': {rewind} is not below the {total} "
                           "training iterations")
-    levels = 0 if config.method == "dense" else config.levels
     particles = config.particles if config.method == "swamp" else 1
     batch = min(config.train.batch_size, data.num_train)   # a smaller training set is one batch
     for ranks, what in ((topology.data.size, "data-parallel ranks of a particle group"),
@@ -288,6 +307,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
         if log_file:
             log_file.write(line + "\n")
             log_file.flush()
+    if not new:
+        log("resumed: the epochs after the last checkpoint train again, so their lines repeat below")
 
     def progress(desc: str):
         return lambda n: tqdm(total=n, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
@@ -359,12 +380,13 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
         finish_stage()
         return metrics, final_state, masks
 
-    for level in tqdm(range(levels + 1), desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
+    levels = _levels(config)
+    for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
         metrics, final_state, masks = run_level(level, masks)
         summary["levels"].append(metrics)
         if writer:
             _write_json(out / "summary.json", summary)
-        if level < levels:
+        if level < levels[-1]:
             masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
             topology.world.broadcast_(list(masks.values()))
         del final_state  # the next level trains without this one's weights held

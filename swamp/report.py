@@ -35,10 +35,12 @@ def _percent(value: float) -> str:
 
 
 def markdown_table(runs: dict[str, dict]) -> str:
-    """Rows: levels; columns: density and accuracy per run. Where the runs' densities at a level
+    """Rows: levels; columns: density and accuracy per run (headed ``label (method)``, or the
+    label alone where it is the method). Where the runs' densities at a level
     differ (other prune fractions), the density column says so and each cell holds its own."""
     depth = max(len(s["levels"]) for s in runs.values())
-    header = ["level", "density"] + [f"{label} ({s['method']})" for label, s in runs.items()]
+    header = ["level", "density"] + [label if label == s["method"] else f"{label} ({s['method']})"
+                                     for label, s in runs.items()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for level in range(depth):
         rows = [s["levels"][level] if level < len(s["levels"]) else None for s in runs.values()]

@@ -258,6 +258,7 @@ def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
         masks = [torch.load(swamp_run / f"level_0{i}" / "mask.pt") for i in (1, 2)]
         kept = [sum(int(m.sum()) for m in level.values()) for level in masks]
         assert result["global"] == pytest.approx(kept[1] / kept[0])   # level 2's mask lies inside level 1's
+        assert f"mask overlap (Jaccard) {result['global']:.4f}  l2_distance" in capsys.readouterr().out
 
 
 def test_cli_takes_dot_inside_a_level_directory(swamp_run, tmp_path, monkeypatch):

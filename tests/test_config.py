@@ -85,10 +85,20 @@ def test_dump_round_trips(tmp_path):
     ("", ["data.workers=-1"], "data.workers"),
     ("", ["data.shape=[]"], "data.shape"),
     ("", ["data.shape=[3, 0, 8]"], "data.shape"),
+    ("", ["train.lr=.inf"], "train.lr"),
+    ("", ["distributed.timeout_s=.inf"], "distributed.timeout_s"),
+    ("", ["swa.lr=.nan"], "swa.lr"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, overrides, key):
     with pytest.raises(C.ConfigError, match=f"'{key.replace('[', '.').replace(']', '.')}'"):
         C.load(write(tmp_path, text), overrides)
+
+
+def test_a_data_path_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data.npz").write_bytes(b"")
+    config = C.load(write(tmp_path, "data: {name: npz, path: ~/data.npz}\n"))
+    assert config.data.path == str(tmp_path / "data.npz")
 
 
 def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):
@@ -146,31 +156,46 @@ def test_resume_may_move_the_data_set_but_not_change_the_results(tmp_path, capsy
     out = tmp_path / "run"
     assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
     moved = data.rename(tmp_path / "b.npz")
+    summary = (out / "summary.json").read_text()
+    (out / "summary.json").unlink()   # as if killed after the last level's metrics.json
     capsys.readouterr()
-    assert cli.main(["resume", str(out), "--quiet"]) == 2
-    assert "'data.path'" in capsys.readouterr().err
+    assert cli.main(["resume", str(out), "--quiet"]) == 0   # finished: its table, without the data set
+    assert "already complete" in capsys.readouterr().out and (out / "summary.json").read_text() == summary
     assert cli.main(["resume", str(out), "--quiet", "--set", "train.epochs=5"]) == 2
     assert ("resume --set 'train.epochs=5': 'train.epochs' would change the run's results; resume can change "
             "only data.path, data.workers, device" in capsys.readouterr().err)
+    (out / "level_00" / "metrics.json").unlink()   # unfinished again: resuming needs the data set
+    assert cli.main(["resume", str(out), "--quiet"]) == 2
+    assert "'data.path'" in capsys.readouterr().err
     assert cli.main(["resume", str(out), "--quiet", "--set", f"data.path={moved}"]) == 0
     assert C.load(out / "config.yaml").data.path == str(moved)   # later resumes find it too
     assert cli.main(["resume", str(out), "--quiet"]) == 0
 
 
 @pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "runs/a"], ["resume", "runs/a"]])
-def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, capsys, argv):
+def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, capsys, tmp_path, argv):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(C, "load", lambda *args, **kwargs: None)
     monkeypatch.setattr(cli.pipeline, argv[0], interrupted)
     monkeypatch.setattr(cli.pipeline, "finished", lambda out: False)
+    assert cli.main(argv) == 130   # before the run directory holds a run: nothing to resume
+    assert capsys.readouterr().err.strip() == (f"swamp {argv[0]}: interrupted; nothing was saved in runs/a: "
+                                               "start again with `swamp run`")
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "config.yaml").write_text("method: imp\n")
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip() == f"swamp {argv[0]}: interrupted; continue with `swamp resume runs/a`"
 
 
-def test_under_torchrun_errors_name_the_rank_and_rank_0_alone_prints_the_resume_hint(monkeypatch, capsys):
+def test_under_torchrun_errors_name_the_rank_and_rank_0_alone_prints_the_resume_hint(monkeypatch, capsys,
+                                                                                     tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "config.yaml").write_text("method: imp\n")
     monkeypatch.setattr(cli.pipeline, "resume", interrupted)
     monkeypatch.setattr(cli.pipeline, "finished", lambda out: False)
     monkeypatch.setenv("WORLD_SIZE", "2")

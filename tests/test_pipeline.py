@@ -101,7 +101,7 @@ def test_layerwise_scope_prunes_the_fraction_of_every_layer(method):
 def test_report_table_and_plot(runs, tmp_path, capsys):
     dirs = [str(runs[m][0]) for m in ("dense", "imp", "swamp")]
     table = report.markdown_table(report.load_runs(dirs))
-    assert table.splitlines()[0] == "| level | density | dense (dense) | imp (imp) | swamp (swamp) |"
+    assert table.splitlines()[0] == "| level | density | dense | imp | swamp |"   # labels that are the method
     assert len(table.splitlines()) == 2 + LEVELS + 1
     plot = tmp_path / "p.png"
     assert cli.main(["report", *dirs, "--plot", str(plot)]) == 0
@@ -206,6 +206,10 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     strip = lambda s: [{k: v for k, v in m.items() if k not in timing} for m in s["levels"]]
     a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, killed))
     assert strip(a) == strip(b) and len(a["levels"]) == 4
+    logs = [(d / "log.txt").read_text().splitlines() for d in (straight, killed)]
+    assert [line for line in logs[1] if line.startswith("resumed:")] == [
+        "resumed: the epochs after the last checkpoint train again, so their lines repeat below"]
+    assert not any(line.startswith("resumed:") for line in logs[0]) and logs[0][-1] == logs[1][-1]
     for level in range(4):
         for name in ("model.pt", "mask.pt"):
             x, y = (torch.load(d / f"level_{level:02d}" / name) for d in (straight, killed))

@@ -30,7 +30,7 @@ def test_each_cell_shows_its_density_where_runs_differ(tmp_path):
     assert lines[3] == "| 1 | differs | 85.00% at 80.00% | 80.00% at 50.00% |  |"
 
 
-def test_report_cli_plots_atomically_and_skips_unfinished_runs(tmp_path, capsys):
+def test_report_cli_plots_atomically_and_shows_what_unfinished_runs_have(tmp_path, capsys):
     dirs = [write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)]),
             write_run(tmp_path / "b", "swamp", None)]
     plot = tmp_path / "p.png"
@@ -38,7 +38,12 @@ def test_report_cli_plots_atomically_and_skips_unfinished_runs(tmp_path, capsys)
     assert plot.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*tmp*"))
     assert cli.main(["report", dirs[0], "--plot", str(tmp_path / "new" / "dir" / "p.png")]) == 0   # folders made
     assert (tmp_path / "new" / "dir" / "p.png").is_file()
-    assert cli.main(["report", dirs[1], "--plot", str(tmp_path / "q.png")]) == 2
-    assert "no run has finished a level yet" in capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["report", dirs[1], "--plot", str(tmp_path / "q.png")]) == 0   # the table, no plot
+    shown = capsys.readouterr().out
+    assert "| level | density | b (swamp) |" in shown and "no plot: no run has finished a level yet" in shown
+    assert not (tmp_path / "q.png").exists()
+    with pytest.raises(ValueError, match="no run has finished a level yet"):
+        report.plot(report.load_runs([dirs[1]]), tmp_path / "q.png")
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         report.load_runs([tmp_path / "typo"])

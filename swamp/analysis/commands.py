@@ -147,6 +147,7 @@ def main(args) -> list[Path]:
             result = {"a": args.level_a, "b": args.level_b,
                       **mask_overlap(run.masks(level_a), other.masks(level_b)),
                       "l2_distance": l2_distance(state_a, state_b, run.parameter_names)}
+            print(f"mask overlap (Jaccard) {result['global']:.4f}  l2_distance {result['l2_distance']:.4f}")
             return [_write_json(out / f"{stem}.json", result)]
         result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points)}
         print(f"barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
