@@ -36,8 +36,8 @@ class DistributedError(RuntimeError):
 def collective_failure(where: str, timeout_s: float, error: BaseException) -> DistributedError:
     """The error a rank raises when a collective (``where``) failed or timed out."""
     cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return DistributedError(f"{where} failed: another rank died or stalled for more than "
-                            f"distributed.timeout_s = {timeout_s:g} s ({cause})")
+    return DistributedError(f"{where} failed: another rank died, could not be reached, or stalled for more "
+                            f"than distributed.timeout_s = {timeout_s:g} s ({cause})")
 
 
 def launched() -> bool:
@@ -233,15 +233,18 @@ def setup(particle_groups: int, timeout_s: float, device: str = "auto") -> Topol
     if target.type == "cuda":
         torch.cuda.set_device(target)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timeout,
-                                device_id=target if target.type == "cuda" else None)
     data_ranks = world // particle_groups
     handles = {}
     layouts = ([tuple(range(g * data_ranks, (g + 1) * data_ranks)) for g in range(particle_groups)]
                + [tuple(range(d, world, data_ranks)) for d in range(data_ranks)])
-    for ranks in layouts:   # every rank creates every group, in the same order
-        handles[ranks] = dist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None
+    try:   # a rank that never arrives: the store's wait times out (DistStoreError, a RuntimeError)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timeout,
+                                    device_id=target if target.type == "cuda" else None)
+        for ranks in layouts:   # every rank creates every group, in the same order
+            handles[ranks] = dist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None
+    except RuntimeError as error:
+        raise collective_failure(f"rank {rank} of {world}: joining the job", timeout_s, error) from error
 
     def member(ranks):
         return Group(ranks, ranks.index(rank), handles[ranks], timeout_s)

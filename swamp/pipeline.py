@@ -289,8 +289,9 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                           "training iterations")
     particles = config.particles if config.method == "swamp" else 1
     batch = min(config.train.batch_size, data.num_train)   # a smaller training set is one batch
+    pretrains = rewind and not (out / "rewind.pt").exists()   # a resume past pre-training does not
     for ranks, what in ((topology.data.size, "data-parallel ranks of a particle group"),
-                        (topology.world.size if rewind else 1, "ranks that pre-train together")):
+                        (topology.world.size if pretrains else 1, "ranks that pre-train together")):
         if batch % ranks:
             size = f"{batch}" if batch == config.train.batch_size else (
                 f"{config.train.batch_size} is above the {batch} training examples, so a batch holds all {batch}, which")

@@ -149,8 +149,22 @@ def test_a_failed_rank_ends_the_job_with_an_error(tmp_path, fault):
     assert process.returncode != 0
     assert time.time() - started < 60
     if fault != "crash":
-        assert "another rank died or stalled" in output and f"timeout_s = {timeout}" in output, output[-3000:]
+        assert "another rank died, could not be reached, or stalled" in output and f"timeout_s = {timeout}" in output, \
+            output[-3000:]
     assert not (tmp_path / "run" / "level_00" / "metrics.json").exists()
+
+
+def test_a_rank_that_never_joins_is_a_distributed_error(monkeypatch):
+    """The store's wait for a missing rank times out inside init_process_group: the job's
+    DistributedError (exit code 1, the timeout named), not torch's traceback."""
+    def never_joined(*args, **kwargs):
+        raise torch.distributed.DistStoreError("wait timeout after 5000ms, keys: /default_pg/0//cpu//0/1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "init_process_group", never_joined)
+    with pytest.raises(distributed.DistributedError,
+                       match=r"rank 0 of 2: joining the job failed: .*distributed.timeout_s = 5 s \(wait timeout after 5000ms"):
+        distributed.setup(particle_groups=1, timeout_s=5, device="cpu")
 
 
 def test_one_gpu_index_for_every_rank_is_refused(monkeypatch):
@@ -327,6 +341,31 @@ def test_a_batch_above_the_training_set_that_does_not_split_is_a_config_error(tm
         "config key 'train.batch_size': 4096 is above the 1437 training examples, so a batch holds all 1437, "
         "which does not split over the 2 ranks that pre-train together"}
     assert not out.exists()
+
+
+def _odd_batch(particle_groups: int) -> C.Config:
+    """Pre-training on every rank of 2 cannot split a batch of all 1437 digits (odd); 2 groups of
+    one data rank each can train the level."""
+    return C.from_dict({"method": "swamp", "levels": 0, "particles": 2, "rewind": {"iterations": 1},
+                        "model": {"hidden": [8]}, "device": "cpu", "train": {"epochs": 2, "batch_size": 4096},
+                        "distributed": {"particle_groups": particle_groups}})
+
+
+def _resume_on_two_groups(topology: distributed.Topology, out: Path) -> str:
+    try:
+        pipeline._execute(_odd_batch(2), out, True, topology)
+    except C.ConfigError as error:
+        return str(error)
+    return "resumed"
+
+
+def test_a_resume_past_pre_training_needs_no_batch_that_splits_over_every_rank(tmp_path):
+    out = tmp_path / "run"
+    torch.set_num_threads(1)
+    pipeline.run(_odd_batch(1), out, quiet=True)   # one process: pre-trains, then level 0
+    (out / "level_00" / "metrics.json").unlink()   # level 0 unfinished; rewind.pt holds the pre-training
+    assert set(_on_ranks(functools.partial(_resume_on_two_groups, out=out), world=2).values()) == {"resumed"}
+    assert (out / "level_00" / "metrics.json").is_file()
 
 
 def _images_config() -> C.Config:
