@@ -4,7 +4,9 @@ Contract. A masked layer is an ``nn.Linear`` / ``nn.Conv2d`` (``isinstance`` hol
 parameter is still ``weight``, so state_dict keys do not change) with a bool buffer
 ``weight_mask`` that is saved in the state_dict. Pruned weights (mask False) never affect the
 output, get exactly zero gradient, and are exactly 0 after every step of any
-``torch.optim.Optimizer`` (SGD, Adam, AdamW, ..., weight decay and momentum included).
+``torch.optim.Optimizer`` (SGD, Adam, AdamW, ..., weight decay and momentum included). (A weight
+shared with a module that is not masked, e.g. an embedding tied to a masked output layer, also
+gets that module's unmasked gradient; the step still zeroes its pruned entries.)
 
 Design: weights are stored masked.
 
@@ -77,12 +79,47 @@ class _MaskGrad(torch.autograd.Function):
         return torch.where(mask, grad, 0), None
 
 
+class _MaskGradForwardMode(_MaskGrad):
+    """:class:`_MaskGrad` that also zeroes a forward-mode tangent where ``mask`` is False (the
+    transpose of its backward: ``torch.func.jvp``, ``jacfwd``, ``hessian``). Dynamo cannot
+    trace a custom ``jvp``, so compiled code uses :class:`_MaskGrad`."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, weight_tangent, mask_tangent):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, weight_tangent, 0)
+
+
 def mask_grad(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight`` itself in forward; in backward its gradient is 0 where the bool ``mask`` is False."""
-    return _MaskGrad.apply(weight, mask)
+    """``weight`` itself in forward; in backward its gradient (and a forward-mode tangent, outside
+    torch.compile) is 0 where the bool ``mask`` is False."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"the weight mask has dtype {mask.dtype}; expected bool (torch.nn.utils.prune on a swamp "
+                        "layer replaces its mask with a float one: prune swamp layers with swamp.prune or "
+                        "swamp.set_masks)")
+    if torch.compiler.is_compiling():
+        return _MaskGrad.apply(weight, mask)
+    return _MaskGradForwardMode.apply(weight, mask)
 
 
 _LIVE: weakref.WeakSet[MaskedLayer] = weakref.WeakSet()  # layers the optimizer step hook re-masks
+_mask_replacements = 0   # bumped whenever a masked layer's weight_mask becomes another tensor
+
+
+def mask_replacements() -> int:
+    """How often a masked layer's ``weight_mask`` became another tensor object (``model.to``,
+    ``.cuda()``, channels_last, assignment): who keeps masks by reference re-reads them on a change."""
+    return _mask_replacements
+
+
+def _mask_replaced() -> None:
+    global _mask_replacements
+    _mask_replacements += 1
 
 
 class MaskedLayer(nn.Module):
@@ -102,12 +139,19 @@ class MaskedLayer(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """As ``nn.Module._apply``; a mask leaving the meta device (``to_empty``: uninitialised
         memory) becomes all True, as a layer built off the meta device starts."""
-        was_meta = self.weight_mask.is_meta
+        was_meta, mask = self.weight_mask.is_meta, self.weight_mask
         super()._apply(fn, recurse)
         if was_meta and not self.weight_mask.is_meta:
             with torch.no_grad():
                 self.weight_mask.fill_(True)
+        if self.weight_mask is not mask:
+            _mask_replaced()
         return self
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "weight_mask":
+            _mask_replaced()
 
     def reset_parameters(self) -> None:
         """Re-initialise ``weight`` and ``bias`` as the dense layer does, keeping the mask."""

@@ -8,7 +8,7 @@ from torch import nn
 from torch.optim.sgd import sgd as torch_sgd
 
 import swamp_kernels
-from swamp.nn import MaskedLayer
+from swamp.nn import MaskedLayer, mask_replacements
 from swamp_kernels import _validate as check
 
 
@@ -22,7 +22,9 @@ class MaskedSGD(torch.optim.Optimizer):
       aligned with the params (all groups, in order; None entries are unmasked). A mask has
       the param's shape or, for stacked particles ``[P, *shape]``, ``shape``. Masks are kept
       by reference, so pruning them in place (``swamp.prune``, ``swamp.set_masks`` on that
-      model) takes effect at the next step.
+      model) takes effect at the next step; a model's masks are also followed when its layers
+      get new mask tensors (``model.to(...)``, ``.cuda()``, channels_last) before a step. A copy
+      or unpickled optimizer keeps the mask tensors it had.
     - ``backend``: the :mod:`swamp_kernels` backend of :func:`swamp_kernels.masked_sgd_step_`.
 
     ``foreach`` and ``fused`` are accepted as torch's SGD takes them and change nothing (the step
@@ -65,6 +67,7 @@ class MaskedSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
+        self._layers = []
         self._index_masks()
 
     def _index_masks(self) -> None:
@@ -79,10 +82,13 @@ class MaskedSGD(torch.optim.Optimizer):
     def set_masks(self, masks) -> None:
         """Replace all masks: None, a model, ``{param: mask}`` or a sequence aligned with the params."""
         params = self._params()
+        self._layers: list[MaskedLayer] = []   # a model's layers, whose masks are followed
         if isinstance(masks, nn.Module):
             held = {id(p) for p in params}
-            masks = {layer.weight: layer.weight_mask for layer in masks.modules()
-                     if isinstance(layer, MaskedLayer) and id(layer.weight) in held}
+            self._layers = [layer for layer in masks.modules()
+                            if isinstance(layer, MaskedLayer) and id(layer.weight) in held]
+            self._replacements = mask_replacements()
+            masks = {layer.weight: layer.weight_mask for layer in self._layers}
         if masks is None:
             aligned = [None] * len(params)
         elif isinstance(masks, Mapping):
@@ -116,6 +122,11 @@ class MaskedSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._layers and self._replacements != mask_replacements():   # e.g. model.cuda() since
+            self._replacements = mask_replacements()
+            for layer in self._layers:
+                self._masks[layer.weight] = layer.weight_mask
+            self._index_masks()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -252,3 +252,21 @@ def test_rewind_across_a_compile_wrapper_says_so():
         swamp.rewind(model, compiled.state_dict())
     swamp.rewind(compiled, compiled.state_dict())
     swamp.rewind(model, model.state_dict())
+
+
+def test_rewind_takes_the_state_dict_of_a_model_with_a_layer_under_two_names():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(8, 8)
+            self.dec = self.enc   # one layer, two state_dict prefixes
+
+        def forward(self, x):
+            return self.dec(self.enc(x))
+    model = swamp.sparsify(Tied())
+    start = copy.deepcopy(model.state_dict())
+    swamp.prune(model, 0.5)
+    mask = model.enc.weight_mask.clone()
+    swamp.rewind(model, start)
+    assert torch.equal(model.enc.weight_mask, mask) and not model.enc.weight[~mask].any()
+    assert torch.equal(model.enc.weight[mask], start["enc.weight"][mask])

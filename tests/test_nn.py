@@ -590,3 +590,34 @@ def test_gpu_compile_inductor_fullgraph():
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3)
     assert torch.count_nonzero(pruned_grads(model)) == 0
+
+
+def test_forward_mode_derivatives_are_masked_like_gradients():
+    """torch.func.jvp / hessian through a masked layer: the tangent of a pruned weight is 0 (the
+    transpose of the masked gradient), so the Hessian is the dense one with pruned rows and
+    columns zeroed (OBD/OBS-style saliencies)."""
+    torch.manual_seed(0)
+    model = swamp.sparsify(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    swamp.prune(model, 0.5)
+    dense = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, mask = torch.randn(5, 4), model[0].weight_mask
+
+    def loss(net):
+        return lambda w: functional_call(net, {**params, "0.weight": w}, (x,)).square().sum()
+    hessian, dense_hessian = (torch.func.hessian(loss(net))(params["0.weight"]) for net in (model, dense))
+    both = mask[:, :, None, None] & mask[None, None, :, :]
+    torch.testing.assert_close(hessian, torch.where(both, dense_hessian, 0))
+    assert hessian[both].abs().sum() > 0
+    tangent = torch.randn(3, 4)
+    _, masked = torch.func.jvp(loss(model), (params["0.weight"],), (tangent,))
+    _, expected = torch.func.jvp(loss(dense), (params["0.weight"],), (tangent * mask,))
+    torch.testing.assert_close(masked, expected)
+
+
+def test_torch_prune_on_a_swamp_layer_is_named_at_the_forward():
+    layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.3)   # replaces weight_mask by a float mask
+    with pytest.raises(TypeError, match="the weight mask has dtype torch.float32; expected bool "
+                                        r"\(torch.nn.utils.prune on a swamp layer"):
+        layer(torch.randn(1, 4))

@@ -256,3 +256,22 @@ def test_masks_from_a_model_are_its_layer_masks_by_reference(monkeypatch):
     opt.step()
     assert rezeroed == [] and not model[0].weight_mask.all()
     assert not model[0].weight[~model[0].weight_mask].any()
+
+
+def test_masks_of_a_model_are_followed_when_its_layers_get_new_mask_tensors():
+    """masks=model: model.to(channels_last) (or .cuda()) after building the optimizer gives the
+    conv layer a new mask tensor; the step uses the layer's current mask, not the old one."""
+    import swamp
+    model = swamp.sparsify(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 10)))
+    optimizer = MaskedSGD(model.parameters(), lr=0.1, masks=model)
+    swamp.prune(model, 0.9)
+    old = model[0].weight_mask
+    model.to(memory_format=torch.channels_last)
+    assert model[0].weight_mask is not old
+    swamp.set_masks(model, {"0.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool)})   # regrow the conv
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    assert model[0].weight.ne(0).all()
+    assert optimizer.masks_in_step(model[0].weight, model[0].weight_mask)
