@@ -270,3 +270,15 @@ def test_rewind_takes_the_state_dict_of_a_model_with_a_layer_under_two_names():
     swamp.rewind(model, start)
     assert torch.equal(model.enc.weight_mask, mask) and not model.enc.weight[~mask].any()
     assert torch.equal(model.enc.weight[mask], start["enc.weight"][mask])
+
+
+def test_pruning_that_empties_a_layer_warns_of_layer_collapse(recwarn):
+    model = swamp.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)))
+    with torch.no_grad():   # every weight of the second layer below every one of the first
+        model[0].weight.copy_(1 + torch.rand(8, 8))
+        model[1].weight.copy_(torch.rand(2, 8))
+    swamp.prune(model, 0.1)   # 8 of the 80 weights: all from the small layer, which keeps 8
+    assert not [w for w in recwarn.list if "layer collapse" in str(w.message)] and model[1].weight_mask.sum() == 8
+    with pytest.warns(UserWarning, match=r"pruning removed every remaining weight of 1\.weight: the network is "
+                                         r"cut there \(layer collapse\)"):
+        swamp.prune(model, 0.5)
