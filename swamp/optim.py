@@ -82,13 +82,11 @@ class MaskedSGD(torch.optim.Optimizer):
     def set_masks(self, masks) -> None:
         """Replace all masks: None, a model, ``{param: mask}`` or a sequence aligned with the params."""
         params = self._params()
-        self._layers: list[MaskedLayer] = []   # a model's layers, whose masks are followed
+        layers: list[MaskedLayer] = []   # a model's layers, whose masks are followed
         if isinstance(masks, nn.Module):
             held = {id(p) for p in params}
-            self._layers = [layer for layer in masks.modules()
-                            if isinstance(layer, MaskedLayer) and id(layer.weight) in held]
-            self._replacements = mask_replacements()
-            masks = {layer.weight: layer.weight_mask for layer in self._layers}
+            layers = [layer for layer in masks.modules() if isinstance(layer, MaskedLayer) and id(layer.weight) in held]
+            masks = {layer.weight: layer.weight_mask for layer in layers}
         if masks is None:
             aligned = [None] * len(params)
         elif isinstance(masks, Mapping):
@@ -103,6 +101,7 @@ class MaskedSGD(torch.optim.Optimizer):
             aligned = masks
         aligned = check.bool_masks(aligned, "params", params, particle_dim=True, optional=True)
         self._masks = {p: m for p, m in zip(params, aligned) if m is not None}
+        self._layers, self._replacements = layers, mask_replacements()
         self._index_masks()
 
     @property

@@ -275,3 +275,15 @@ def test_masks_of_a_model_are_followed_when_its_layers_get_new_mask_tensors():
     optimizer.step()
     assert model[0].weight.ne(0).all()
     assert optimizer.masks_in_step(model[0].weight, model[0].weight_mask)
+
+
+def test_a_failed_set_masks_keeps_following_the_model():
+    import swamp
+    model = swamp.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    optimizer = MaskedSGD(model.parameters(), lr=0.1, masks=model)
+    with pytest.raises(TypeError, match=r"masks\[0\] has dtype torch.float32; expected bool"):
+        optimizer.set_masks([torch.ones(4, 4), None])
+    model[0].weight_mask = model[0].weight_mask.clone()   # a new mask tensor for the layer
+    model[0].weight.grad = torch.ones(4, 4)
+    optimizer.step()
+    assert optimizer.masks_in_step(model[0].weight, model[0].weight_mask)
