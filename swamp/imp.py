@@ -24,9 +24,8 @@ from torch import nn
 
 import swamp_kernels
 from swamp.config import PRUNE_SCOPES
-from swamp.nn import MaskedLayer
 from swamp.sparsify import masks as model_masks
-from swamp.sparsify import set_masks, shared_masks
+from swamp.sparsify import _masked_layers, set_masks, shared_masks
 
 __all__ = ["CRITERIA", "next_masks", "prune", "rewind"]
 
@@ -119,8 +118,7 @@ def rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         raise TypeError(f"state must be a state_dict (a mapping of names to tensors), got {type(state).__name__}")
     expected = model.state_dict()
     saved_masks = {k for k in state if k.endswith("weight_mask") and k.removesuffix("_mask") in expected}
-    current = {f"{name}.weight_mask" if name else "weight_mask": layer.weight_mask   # aliases too
-               for name, layer in model.named_modules(remove_duplicate=False) if isinstance(layer, MaskedLayer)}
+    current = {f"{name}_mask": layer.weight_mask for name, layer in _masked_layers(model, aliases=True).items()}
     loaded = {**{k: v for k, v in state.items() if k not in saved_masks}, **current}
     _check_matches(expected, loaded, _wrapper_hint(expected, state))
     model.load_state_dict(loaded)

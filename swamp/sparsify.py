@@ -89,9 +89,11 @@ def _weight_name(module_name: str) -> str:
     return f"{module_name}.weight" if module_name else "weight"
 
 
-def _masked_layers(model: nn.Module) -> dict[str, MaskedLayer]:
-    """Masked layers of ``model`` keyed by their weight's parameter name."""
-    return {_weight_name(n): m for n, m in model.named_modules() if isinstance(m, MaskedLayer)}
+def _masked_layers(model: nn.Module, aliases: bool = False) -> dict[str, MaskedLayer]:
+    """Masked layers of ``model`` keyed by their weight's parameter name; with ``aliases``, a
+    layer registered under several names appears under each (as in the state_dict)."""
+    return {_weight_name(n): m for n, m in model.named_modules(remove_duplicate=not aliases)
+            if isinstance(m, MaskedLayer)}
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:

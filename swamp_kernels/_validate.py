@@ -15,10 +15,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16 or bfloat16"
 
 
-def _not_dense(name: str, i: int, x: torch.Tensor) -> TypeError:
-    return TypeError(f"{name}[{i}] is a {str(x.layout).replace('torch.', '')} tensor; the ops take dense "
-                     "(strided) tensors: convert it with .to_dense() (e.g. nn.Embedding(sparse=True) gives "
-                     "sparse gradients)")
+def _dense_tensor(name: str, i: int, x) -> None:
+    """Raise unless ``x`` (``name[i]``) is a dense (strided) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}[{i}] is a {str(x.layout).replace('torch.', '')} tensor; the ops take dense "
+                        "(strided) tensors: convert it with .to_dense() (e.g. nn.Embedding(sparse=True) gives "
+                        "sparse gradients)")
 
 
 def tensor_list(name: str, xs) -> list[torch.Tensor]:
@@ -28,10 +32,7 @@ def tensor_list(name: str, xs) -> list[torch.Tensor]:
     if len(xs) == 0:
         raise ValueError(f"{name} is empty; pass at least one tensor")
     for i, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
-        if x.layout != torch.strided:
-            raise _not_dense(name, i, x)
+        _dense_tensor(name, i, x)
         if x.device != xs[0].device:
             raise ValueError(f"{name}[{i}] is on {x.device} but {name}[0] is on {xs[0].device}")
     return list(xs)
@@ -89,10 +90,7 @@ def companions(name: str, xs, like_name: str, like: Sequence[torch.Tensor],
     for i, (x, ref) in enumerate(zip(xs, like)):
         if x is None and optional:
             continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
-        if x.layout != torch.strided:
-            raise _not_dense(name, i, x)
+        _dense_tensor(name, i, x)
         if x.device != device:
             raise ValueError(f"{name}[{i}] is on {x.device} but {like_name}[{i}] is on {ref.device}")
         if dtypes is not None and x.dtype not in dtypes:

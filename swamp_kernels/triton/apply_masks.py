@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, group_by
-from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, launch_chunk, table_pointer, tl_dtype, vector_aligned
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
 from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table, row_split
 
 CHUNK = 4096
@@ -44,12 +44,11 @@ def apply_masks_(tensors, masks) -> None:
     keys = [(x.dtype, vector_aligned([x, m], row_numel)) for x, m, (_, row_numel) in zip(xs, ms, splits)]
     for (dtype, aligned), idx in group_by(keys).items():
         rows, row_numels = zip(*(splits[i] for i in idx))
-        chunk = launch_chunk(CHUNK, aligned)
-        chunks = chunk_map(row_numels, chunk, device)
+        chunks = chunk_map(row_numels, CHUNK, device, aligned=aligned)
         if chunks.num_chunks == 0:
             continue
         table = masked_operand_table([[xs[i] for i in idx]], [ms[i] for i in idx], device, extra=rows)
         _apply_masks_kernel[(chunks.num_chunks,)](
             table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
-            DTYPE=tl_dtype(dtype), CHUNK=chunk, ALIGNED=aligned)
+            DTYPE=tl_dtype(dtype), CHUNK=chunks.chunk, ALIGNED=aligned)
     operands.write_back()

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, allocate_first_buffers, group_by
-from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, launch_chunk, table_pointer, tl_dtype, vector_aligned
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
 from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table, row_split
 
 CHUNK = 2048
@@ -84,8 +84,7 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
             for p, g, b, m, first, (_, row_numel) in zip(ps, gs, bs, ms, first_step, splits)]
     for (param_dtype, grad_dtype, first, aligned), idx in group_by(keys).items():
         rows, row_numels = zip(*(splits[i] for i in idx))
-        chunk = launch_chunk(CHUNK, aligned)
-        chunks = chunk_map(row_numels, chunk, device)
+        chunks = chunk_map(row_numels, CHUNK, device, aligned=aligned)
         if chunks.num_chunks == 0:
             continue
         table = masked_operand_table([[ps[i] for i in idx], [gs[i] for i in idx], [bs[i] for i in idx]],
@@ -95,5 +94,5 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum, da
             -lr, momentum, 1.0 - dampening, weight_decay,
             PARAM_DTYPE=tl_dtype(param_dtype), GRAD_DTYPE=tl_dtype(grad_dtype),
             MOMENTUM=momentum != 0, FIRST_STEP=first, NESTEROV=nesterov, MAXIMIZE=maximize,
-            WEIGHT_DECAY=weight_decay != 0, CHUNK=chunk, ALIGNED=aligned)
+            WEIGHT_DECAY=weight_decay != 0, CHUNK=chunks.chunk, ALIGNED=aligned)
     operands.write_back()

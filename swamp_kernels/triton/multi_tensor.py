@@ -51,8 +51,17 @@ def chunk_arrays(numels: Sequence[int], chunk: int) -> tuple[np.ndarray, np.ndar
     return tensor_of_chunk, (np.arange(len(tensor_of_chunk), dtype=np.int64) - first) * chunk
 
 
-def chunk_map(numels: Sequence[int], chunk: int, device: torch.device) -> ChunkMap:
-    """Split tensors of the given lengths into chunks of ``chunk`` elements (last ones short)."""
+# Elements per program of a launch that is not ALIGNED: each entry then needs a 64-bit address
+# per operand in registers, and 1024 (8 per thread of 4 warps) keeps every kernel free of spills
+# on sm_90 (16 or 32 per thread spilled the particle average: tests/test_triton_aot.py).
+UNALIGNED_CHUNK = 1024
+
+
+def chunk_map(numels: Sequence[int], chunk: int, device: torch.device, *, aligned: bool = True) -> ChunkMap:
+    """Split tensors of the given lengths into chunks of ``chunk`` elements (last ones short); a
+    launch that is not ``aligned`` (:func:`vector_aligned`) takes at most ``UNALIGNED_CHUNK``.
+    The kernel's ``CHUNK`` is the map's ``chunk``."""
+    chunk = chunk if aligned else min(chunk, UNALIGNED_CHUNK)
     tensor_of_chunk, start = chunk_arrays(numels, chunk)
     return ChunkMap(_to_device(np.asarray(numels, dtype=np.int64), device),
                     _to_device(tensor_of_chunk, device), _to_device(start, device), chunk)
@@ -75,10 +84,6 @@ def tl_dtype(dtype: torch.dtype):
 
 
 VECTOR_BYTES = 16   # the widest load of one thread
-# Elements per program of a launch that is not ALIGNED: each entry then needs a 64-bit address
-# per operand in registers, and 1024 (8 per thread of 4 warps) keeps every kernel free of spills
-# on sm_90 (16 or 32 per thread spilled the particle average: tests/test_triton_aot.py).
-UNALIGNED_CHUNK = 1024
 
 
 def vector_aligned(tensors: Sequence[torch.Tensor | None], numel: int) -> bool:
@@ -91,11 +96,6 @@ def vector_aligned(tensors: Sequence[torch.Tensor | None], numel: int) -> bool:
         if t is not None and t.data_ptr() % VECTOR_BYTES:
             return False
     return True
-
-
-def launch_chunk(chunk: int, aligned: bool) -> int:
-    """Elements per program of a launch: ``chunk`` when ALIGNED, else at most ``UNALIGNED_CHUNK``."""
-    return chunk if aligned else min(chunk, UNALIGNED_CHUNK)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from swamp_kernels._tensors import ElementwiseOperands, empty_particle_row, group_by
-from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, launch_chunk, table_pointer, tl_dtype, vector_aligned
+from swamp_kernels.triton.multi_tensor import chunk_map, chunk_of, table_pointer, tl_dtype, vector_aligned
 from swamp_kernels.triton.optional_masks import load_keep, masked_operand_table
 
 CHUNK = 4096
@@ -51,8 +51,7 @@ def _average_into(params, outs, masks, n_averaged: int) -> None:
     device = params[0].device
     keys = [(p.dtype, o.dtype, vector_aligned([p, o, m], o.numel())) for p, o, m in zip(params, outs, masks)]
     for (param_dtype, out_dtype, aligned), idx in group_by(keys).items():
-        chunk = launch_chunk(CHUNK, aligned)
-        chunks = chunk_map([outs[i].numel() for i in idx], chunk, device)
+        chunks = chunk_map([outs[i].numel() for i in idx], CHUNK, device, aligned=aligned)
         if chunks.num_chunks == 0:
             continue
         table = masked_operand_table([[params[i] for i in idx], [outs[i] for i in idx]],
@@ -61,7 +60,7 @@ def _average_into(params, outs, masks, n_averaged: int) -> None:
             table, len(idx), chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
             params[0].shape[0], float(n_averaged + 1),
             PARAM_DTYPE=tl_dtype(param_dtype), OUT_DTYPE=tl_dtype(out_dtype),
-            COPY=n_averaged == 0, CHUNK=chunk, ALIGNED=aligned)
+            COPY=n_averaged == 0, CHUNK=chunks.chunk, ALIGNED=aligned)
 
 
 def particle_average(params, masks=None) -> list[torch.Tensor]:
