@@ -123,7 +123,7 @@ def swa_update_(swa, params, n_averaged, masks=None, *, backend: str = "auto") -
     if _unchecked("swa_update_", backend, params, swa, params, n_averaged, masks) is REFUSED:
         params = check.particle_params("params", params)
         swa = check.companions("swa", swa, "params[:, ...]", params, leading=1, dtypes=check.FLOAT_DTYPES)
-        check.distinct("swa", swa)
+        check.distinct(("swa", swa))
         masks = check.bool_masks(masks, "params[:, ...]", params, leading=1, optional=True)
         _run_outside_autograd("swa_update_", backend, params[0].device, swa, params, n_averaged, masks)
     _modified(swa)
@@ -136,7 +136,7 @@ def apply_masks_(tensors, masks, *, backend: str = "auto") -> None:
     """
     if _unchecked("apply_masks_", backend, tensors, tensors, masks) is REFUSED:
         tensors = check.float_tensors("tensors", tensors)
-        check.distinct("tensors", tensors)
+        check.distinct(("tensors", tensors))
         masks = check.companions("masks", masks, "tensors", tensors, dtypes=(torch.bool,), particle_dim=True)
         _run_outside_autograd("apply_masks_", backend, tensors[0].device, tensors, masks)
     _modified(tensors)
@@ -184,12 +184,11 @@ def masked_sgd_step_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0
 def _checked_sgd_step_(params, grads, momentum_buffers, masks, backend: str, hyper: dict) -> None:
     """:func:`masked_sgd_step_` after validating its lists."""
     params = check.float_tensors("params", params)
-    check.distinct("params", params)
     grads = check.companions("grads", grads, "params", params, dtypes=check.FLOAT_DTYPES)
     if not isinstance(momentum_buffers, list) or len(momentum_buffers) != len(params):
         raise ValueError("momentum_buffers must be a list with one entry (tensor or None) per param")
     check.companions("momentum_buffers", momentum_buffers, "params", params, optional=True)
-    check.distinct("momentum_buffers", momentum_buffers)
+    check.distinct(("params", params), ("momentum_buffers", momentum_buffers))
     for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
         if g.dtype != p.dtype and p.dtype != torch.float32:
             raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}; "

@@ -56,19 +56,34 @@ def float_tensors(name: str, xs) -> list[torch.Tensor]:
     return xs
 
 
-def distinct(name: str, xs: Sequence[torch.Tensor]) -> None:
-    """Raise if two tensors written in place start at the same memory (a tied weight listed
-    twice, a momentum buffer shared by two params): their updates would race on the GPU.
-    None entries (buffers not made yet) are skipped."""
-    seen: dict[int, int] = {}
-    for i, x in enumerate(xs):
-        if x is None or x.numel() == 0:
-            continue
-        j = seen.setdefault(x.data_ptr(), i)
-        if j != i:
-            raise ValueError(f"{name}[{i}] is the memory of {name}[{j}] (a shared weight listed twice?); "
-                             "tensors written in place must not share memory: list a shared weight once, "
-                             "with its masks combined (&)")
+def _span(x: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` that ``x`` covers exactly: all of them for a tensor dense in
+    memory (contiguous or channels_last), else just its first element's (no false overlaps
+    between interleaved views such as a matrix's column blocks)."""
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    return x.data_ptr(), x.data_ptr() + (x.numel() if dense else 1) * x.element_size()
+
+
+def distinct(*written: tuple[str, Sequence[torch.Tensor]]) -> None:
+    """Raise if two tensors written in place, in the ``(name, tensors)`` lists given, share
+    memory (a tied weight listed twice, a momentum buffer shared by two params, views of one
+    buffer that overlap): their updates would race on the GPU. None entries (buffers not made
+    yet) are skipped."""
+    spans = sorted(((*_span(x), name, i) for name, xs in written for i, x in enumerate(xs)
+                    if x is not None and x.numel() > 0), key=lambda span: (span[0], -span[1]))
+    reach = None   # the span reaching furthest so far
+    for span in spans:
+        start, end, name, i = span
+        if reach is not None and start < reach[1]:
+            first, first_i = reach[2], reach[3]
+            if (start, end) == reach[:2]:
+                raise ValueError(f"{name}[{i}] is the memory of {first}[{first_i}] (a shared weight listed "
+                                 "twice?); tensors written in place must not share memory: list a shared "
+                                 "weight once, with its masks combined (&)")
+            raise ValueError(f"{name}[{i}] overlaps the memory of {first}[{first_i}] (views of one buffer?); "
+                             "tensors written in place must not share memory")
+        if reach is None or end > reach[1]:
+            reach = span
 
 
 def companions(name: str, xs, like_name: str, like: Sequence[torch.Tensor],

@@ -164,6 +164,8 @@ BINDING_ERRORS = [  # (arguments made from valid ones t, m; error message)
     pytest.param(lambda t, m: ([t], [m[:8]]), r"apply_masks_: masks\[0\] has shape \[8\]", id="mask shape"),
     pytest.param(lambda t, m: ([t, t[8:], t], [m, m[8:], m]), r"apply_masks_: tensors\[2\] is the memory of tensors\[0\]",
                  id="shared memory"),
+    pytest.param(lambda t, m: ([t[:9], t[8:]], [m[:9], m[8:]]), r"apply_masks_: tensors\[1\] overlaps the memory of tensors\[0\]",
+                 id="overlapping memory"),
     # a mask on a second device: the host build has only the CPU
     pytest.param(lambda t, m: ([t], [m.cpu()]), r"apply_masks_: masks\[0\] is on cpu, expected cuda",
                  id="mask device", marks=pytest.mark.gpu),

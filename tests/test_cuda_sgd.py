@@ -229,6 +229,9 @@ BINDING_ERRORS = {  # changes to the valid arguments of _binding_args, error mes
     "shared params": (_sharing("params"), r"masked_sgd_step_: params\[1\] is the memory of params\[0\]"),
     "shared buffers": (_sharing("momentum_buffers"),
                        r"masked_sgd_step_: momentum_buffers\[1\] is the memory of momentum_buffers\[0\]"),
+    "buffer in a param": (lambda ones: (lambda flat: dict(params=[flat[:16].view(2, 8)],
+                                                          momentum_buffers=[flat[8:].view(2, 8)]))(ones(24)),
+                          r"masked_sgd_step_: momentum_buffers\[0\] overlaps the memory of params\[0\]"),
 }
 
 

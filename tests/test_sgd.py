@@ -228,6 +228,10 @@ BAD_INPUTS = {
     "param twice": (lambda d: _args(d, params=[_shared(d), _shared(d)], masks=None,
                                     grads=[torch.ones(4, device=d)] * 2), ValueError,
                     r"params\[1\] is the memory of params\[0\] \(a shared weight listed twice\?\)"),
+    "buffer overlaps a param": (lambda d: (lambda flat: _args(d, params=[flat[:4], flat[6:].view(2, 3)],
+                                                              momentum_buffers=[flat[2:6], None], momentum=0.9)
+                                           )(torch.randn(12, device=d)), ValueError,
+                                r"momentum_buffers\[0\] overlaps the memory of params\[0\] \(views of one buffer\?\)"),
 }
 
 

@@ -19,7 +19,7 @@ void apply_masks_(at::TensorList tensors, at::TensorList masks) {
   if (tensors.empty()) {
     return;
   }
-  check_distinct(op, "tensors", tensors);
+  check_distinct(op, {{"tensors", tensors}});
   const c10::Device device = tensors[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), op, ": tensors[0] is on ", device, ", expected a CUDA device");
   std::vector<MaskEntry> entries;

@@ -36,8 +36,7 @@ void masked_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorLis
                     n_buffers, " (one per param with momentum, none without)");
   TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0), op,
                     ": nesterov momentum requires momentum > 0 and dampening == 0");
-  check_distinct(op, "params", params);
-  check_distinct(op, "momentum_buffers", momentum_buffers);
+  check_distinct(op, {{"params", params}, {"momentum_buffers", momentum_buffers}});
   const c10::Device device = params[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), op, ": params[0] is on ", device, ", expected a CUDA device");
   std::map<std::pair<FloatType, FloatType>, std::vector<SgdEntry>> groups;

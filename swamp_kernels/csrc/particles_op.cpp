@@ -31,7 +31,7 @@ void swa_update_(at::TensorList swa, at::TensorList params, int64_t n_averaged, 
   TORCH_CHECK_VALUE(swa.size() == params.size(), op, ": ", swa.size(), " swa but ", params.size(), " params");
   TORCH_CHECK_VALUE(masks.size() == params.size(), op, ": ", masks.size(), " masks but ", params.size(), " params");
   TORCH_CHECK_VALUE(n_averaged >= 0, op, ": n_averaged must be >= 0, got ", n_averaged);
-  check_distinct(op, "swa", swa);
+  check_distinct(op, {{"swa", swa}});
   const c10::Device device = params[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), op, ": params[0] is on ", device, ", expected a CUDA device");
   const int64_t particles = params[0].dim() > 0 ? params[0].size(0) : 0;

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -65,21 +67,40 @@ inline void check_mask(const char* op, size_t i, const at::Tensor& mask, const c
                     "] or that shape without its leading particle dim");
 }
 
-// No two non-empty tensors of `tensors` (argument `name` of `op`, written in place) start at the
-// same address: their updates would race.
-inline void check_distinct(const char* op, const char* name, at::TensorList tensors) {
-  std::vector<std::pair<const void*, size_t>> starts;  // (address, index)
-  starts.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].numel() > 0) {
-      starts.emplace_back(tensors[i].const_data_ptr(), i);
+// No two non-empty tensors of the lists `written` ({argument name, tensors} of `op`, written in
+// place) share memory: their updates would race. A contiguous tensor covers numel * itemsize bytes
+// from its start; any other tensor (refused later as not contiguous) just its first element.
+inline void check_distinct(const char* op,
+                           std::initializer_list<std::pair<const char*, at::TensorList>> written) {
+  struct Span {
+    uintptr_t start, end;
+    const char* name;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (const auto& [name, tensors] : written) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      if (t.defined() && t.numel() > 0) {
+        const auto start = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+        const int64_t elements = t.is_contiguous() ? t.numel() : 1;
+        spans.push_back({start, start + static_cast<uintptr_t>(elements) * t.element_size(), name, i});
+      }
     }
   }
-  std::sort(starts.begin(), starts.end());
-  for (size_t k = 1; k < starts.size(); ++k) {
-    TORCH_CHECK_VALUE(starts[k].first != starts[k - 1].first, op, ": ", name, "[", starts[k].second,
-                      "] is the memory of ", name, "[", starts[k - 1].second,
-                      "]; tensors written in place must not share memory");
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.start != b.start ? a.start < b.start : a.end > b.end;
+  });
+  const Span* reach = nullptr;  // the span reaching furthest so far
+  for (const Span& span : spans) {
+    if (reach != nullptr && span.start < reach->end) {
+      const bool same = span.start == reach->start && span.end == reach->end;
+      TORCH_CHECK_VALUE(false, op, ": ", span.name, "[", span.index, "] ", same ? "is" : "overlaps", " the memory of ",
+                        reach->name, "[", reach->index, "]; tensors written in place must not share memory");
+    }
+    if (reach == nullptr || span.end > reach->end) {
+      reach = &span;
+    }
   }
 }
 
