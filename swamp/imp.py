@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -86,23 +86,27 @@ def prune(model: nn.Module, amount: float = 0.2, *, scope: str = "global", crite
     weights = {first: model.get_parameter(first).detach() for first in shared}
     new = next_masks(weights, {first: mask for first, (mask, _) in shared.items()}, amount, scope=scope,
                      criterion=criterion, seed=seed, backend=backend)
-    _warn_of_collapse({first: (mask, new[first]) for first, (mask, _) in shared.items()})
+    emptied = emptied_layers({first: (mask, new[first]) for first, (mask, _) in shared.items()})
+    if emptied:
+        warnings.warn(collapse_warning(emptied), stacklevel=2)
     by_name = {name: new[first] for first, (_, names) in shared.items() for name in names}
     set_masks(model, by_name)
     return {name: by_name[name] for name in model_masks(model)}
 
 
-def _warn_of_collapse(masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Warn when pruning took the last weights of a layer ({name: (before, after)}): global
-    magnitude pruning can empty a layer of small weights, which cuts the network there."""
+def emptied_layers(masks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """The names whose mask kept weights before pruning but none after ({name: (before, after)}):
+    global magnitude pruning can empty a layer of small weights, which cuts the network there."""
     device = next(iter(masks.values()))[0].device   # one device-to-host copy for all layers
     alive = torch.stack([torch.stack([before.any(), after.any()]).to(device) for before, after in masks.values()])
-    emptied = [name for name, (before, after) in zip(masks, alive.cpu().tolist()) if before and not after]
-    if emptied:
-        warnings.warn(f"pruning removed every remaining weight of {', '.join(emptied[:6])}"
-                      f"{', ...' if len(emptied) > 6 else ''}: the network is cut there (layer collapse); keep "
-                      "such layers dense (sparsify(exclude=...), the config's prune.exclude) or prune layerwise",
-                      stacklevel=3)
+    return [name for name, (before, after) in zip(masks, alive.cpu().tolist()) if before and not after]
+
+
+def collapse_warning(emptied: Sequence[str]) -> str:
+    """What to tell a user whose pruning emptied the layers ``emptied``."""
+    return (f"pruning removed every remaining weight of {', '.join(emptied[:6])}"
+            f"{', ...' if len(emptied) > 6 else ''}: the network is cut there (layer collapse); keep such "
+            "layers dense (sparsify(exclude=...), the config's prune.exclude) or prune layerwise")
 
 
 def rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,7 +48,7 @@ from swamp import distributed, evaluate
 from swamp.config import Config, ConfigError, DataConfig, apply_overrides, dump, from_dict, to_dict, validate
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
-from swamp.imp import next_masks
+from swamp.imp import collapse_warning, emptied_layers, next_masks
 from swamp.models import build_model
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
@@ -388,7 +389,12 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
         if writer:
             _write_json(out / "summary.json", summary)
         if level < levels[-1]:
-            masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
+            new_masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
+            emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
+            if emptied and writer:
+                log(f"level {level} warning: {collapse_warning(emptied)}")
+                warnings.warn(collapse_warning(emptied), stacklevel=2)
+            masks = new_masks
             topology.world.broadcast_(list(masks.values()))
         del final_state  # the next level trains without this one's weights held
     if log_file:

@@ -269,3 +269,12 @@ def test_bf16_training_with_batch_norm():
     result = train_particles(model, stack_state(model, 2), data, config, stage=0, begin=0, end=2, swa=False)
     assert all(t.dtype in (torch.float32, torch.int64) for t in result.state.values())
     assert torch.isfinite(torch.tensor(result.train_loss))
+
+
+def test_pruning_that_empties_a_layer_is_logged_and_warned(tmp_path):
+    config = tiny("imp", levels=1, prune_fraction=0.9995)   # keeps one weight of the two layers
+    with pytest.warns(UserWarning, match=r"pruning removed every remaining weight of .*\(layer collapse\)"):
+        pipeline.run(config, tmp_path / "run", quiet=True)
+    emptied = [n for n, m in torch.load(tmp_path / "run" / "level_01" / "mask.pt").items() if not m.any()]
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert len(emptied) == 1 and f"level 0 warning: pruning removed every remaining weight of {emptied[0]}:" in log
