@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true",
                      help=f"synthetic data at the dataset's shapes, one epoch of {pipeline.DRY_RUN_STEPS} "
-                          "steps: measures throughput without the data set")
+                          "steps: measures throughput without the data set (replaces an earlier dry run in --out)")
     resume = commands.add_parser("resume", help="continue a killed or preempted run from its last epoch "
                                                 "checkpoint (a finished run: its table again)")
     resume.add_argument("dir", help="run directory (the --out of swamp run)")
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         if args.command == "run":
             config = cfg.load(args.config, args.overrides, check_paths=not args.dry_run)
             summary = pipeline.run(pipeline.dry_run(config) if args.dry_run else config, args.out,
-                                   quiet=args.quiet)
+                                   quiet=args.quiet, replace_dry_run=args.dry_run)
             _show(report.markdown_table({args.out: summary}))
             if args.dry_run:
                 _show(f"images/s: {summary['levels'][-1]['images_per_second']:.1f} (particle-images, all ranks)")

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -105,16 +106,36 @@ def dry_run(config: Config) -> Config:
                                rewind=dataclasses.replace(config.rewind, iterations=0))
 
 
-def run(config: Config, out: str | Path, quiet: bool = False) -> dict:
+_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|level_\d+|" + _TEMP.pattern)
+
+
+def _holds_dry_run(out: Path) -> bool:
+    """True when ``out`` holds a run of a :func:`dry_run` config and nothing else."""
+    try:
+        config = _run_config(out)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return config == dry_run(config) and all(_RUN_FILES.fullmatch(p.name) for p in out.iterdir())
+
+
+def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: bool = False) -> dict:
     """Start a new run of ``config`` in directory ``out``; returns the summary.
 
-    Under ``torchrun`` every rank calls this with the same arguments."""
+    ``out`` must not hold a run, except with ``replace_dry_run`` an earlier :func:`dry_run`'s,
+    which is deleted. Under ``torchrun`` every rank calls this with the same arguments."""
     validate(config)
     swamp_kernels.preferred_backend()   # a bad SWAMP_KERNELS_BACKEND fails before the run starts
     out = Path(out)
 
     def start(topology: Topology) -> dict:
-        exists = topology.world.broadcast_object((out / "config.yaml").exists() if topology.is_writer else None)
+        def occupied() -> bool:
+            if replace_dry_run and _holds_dry_run(out):
+                shutil.rmtree(out)
+            return (out / "config.yaml").exists()
+        exists = topology.world.broadcast_object(occupied() if topology.is_writer else None)
+        if exists and replace_dry_run:
+            raise FileExistsError(f"{out} already holds a run that is not a dry run (or files besides one); "
+                                  "a dry run replaces only an earlier dry run: pick another --out")
         if exists:
             raise FileExistsError(f"{out} already holds a run; continue it with `swamp resume {out}`")
         return _execute(config, out, quiet, topology, new=True)

@@ -186,3 +186,22 @@ def test_dry_run_needs_no_data(tmp_path, capsys):
     resolved = C.load(tmp_path / "run" / "config.yaml")
     assert resolved.data.name == "synthetic" and resolved.data.shape == [3, 32, 32] and resolved.data.classes == 10
     assert resolved.train.epochs == 1 and resolved.data.train_size == 20 * 8
+
+
+def test_a_dry_run_replaces_an_earlier_dry_run_only(tmp_path, capsys):
+    config, out = tmp_path / "c.yaml", tmp_path / "run"
+    config.write_text("data: {name: digits}\nmodel: {hidden: [8]}\nmethod: dense\ntrain: {batch_size: 16}\n"
+                      "device: cpu\n")
+    dry = ["run", str(config), "--out", str(out), "--dry-run", "--quiet"]
+    assert cli.main(dry) == 0
+    (out / "log.txt").write_text("from the first dry run\n")
+    assert cli.main(dry) == 0 and "from the first" not in (out / "log.txt").read_text()
+    (out / "notes.txt").write_text("mine")   # a file no run writes: the folder is the user's
+    assert cli.main(dry) == 2 and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    real = tmp_path / "real"
+    assert cli.main(["run", str(config), "--out", str(real), "--quiet", "--set", "train.epochs=1",
+                     "--set", "rewind.iterations=0"]) == 0
+    assert cli.main(["run", str(config), "--out", str(real), "--dry-run", "--quiet"]) == 2
+    assert "a dry run replaces only an earlier dry run" in capsys.readouterr().err
+    assert (real / "summary.json").is_file()
