@@ -25,7 +25,7 @@ from torch import nn
 import swamp_kernels
 from swamp.config import PRUNE_SCOPES
 from swamp.sparsify import masks as model_masks
-from swamp.sparsify import _masked_layers, set_masks, shared_masks
+from swamp.sparsify import _masked_layers, set_masks, shared_masks, wrapper_hint
 
 __all__ = ["CRITERIA", "next_masks", "prune", "rewind"]
 
@@ -112,8 +112,9 @@ def collapse_warning(emptied: Sequence[str]) -> str:
 def rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """In place: load ``state`` (a state_dict, e.g. saved at the rewind point) but keep the masks.
 
-    ``state`` may come from the masked model or from the dense one: its ``weight_mask``
-    entries are ignored; every other key, shape and value type must match the model's
+    ``state`` may come from the masked model or from the dense one: its masks of the model's
+    masked layers, and of layers the model keeps dense, are ignored (another module's own
+    ``weight_mask`` buffer loads as usual); every other key, shape and value type must match the model's
     (checked before anything is loaded). Pruned weights are 0 afterwards. (A plain
     ``load_state_dict`` of a masked checkpoint would restore that checkpoint's masks too: at
     the rewind point, all True.)
@@ -121,10 +122,12 @@ def rewind(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a state_dict (a mapping of names to tensors), got {type(state).__name__}")
     expected = model.state_dict()
-    saved_masks = {k for k in state if k.endswith("weight_mask") and k.removesuffix("_mask") in expected}
     current = {f"{name}_mask": layer.weight_mask for name, layer in _masked_layers(model, aliases=True).items()}
-    loaded = {**{k: v for k, v in state.items() if k not in saved_masks}, **current}
-    _check_matches(expected, loaded, _wrapper_hint(expected, state))
+    dense_here = {k for k in state if k.endswith("weight_mask") and k not in expected   # layers kept dense
+                  and k.removesuffix("_mask") in expected}
+    loaded = {**{k: v for k, v in state.items() if k not in current and k not in dense_here}, **current}
+    _check_matches(expected, loaded, wrapper_hint(expected, state, "the state's", "rewind the wrapped module with "
+                                                  "its own state_dict, or the wrapper with the wrapper's"))
     model.load_state_dict(loaded)
 
 
@@ -144,14 +147,3 @@ def _check_matches(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, to
              for what, items in problems.items() if items]
     if found:
         raise ValueError(f"state does not match the model ({'; '.join(found)}); nothing was loaded{hint}")
-
-
-def _wrapper_hint(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
-    """A hint when the keys differ by the prefix of a DDP or torch.compile wrapper."""
-    for prefix, wrapper in (("module.", "DistributedDataParallel"), ("_orig_mod.", "torch.compile")):
-        model_has, state_has = (bool(keys) and all(k.startswith(prefix) for k in keys) for keys in (expected, state))
-        if model_has != state_has:
-            which = "the model's" if model_has else "the state's"
-            return (f". Only {which} keys start with {prefix!r} ({wrapper}): rewind the wrapped module "
-                    "with its own state_dict, or the wrapper with the wrapper's")
-    return ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -101,7 +101,20 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.weight_mask.detach().clone() for name, layer in _masked_layers(model).items()}
 
 
-def _unknown_key(model: nn.Module, key, layers: Mapping[str, MaskedLayer]) -> ValueError:
+def wrapper_hint(model_keys: Iterable, given_keys: Iterable, given: str, advice: str) -> str:
+    """When only one of the key sets starts with the prefix of a DDP or torch.compile wrapper, a
+    hint saying so (``given`` names the second set, e.g. "the state's"), then ``advice``; else ""."""
+    key_sets = list(model_keys), list(given_keys)
+    for prefix, wrapper in (("module.", "DistributedDataParallel"), ("_orig_mod.", "torch.compile")):
+        model_has, given_has = (bool(keys) and all(isinstance(k, str) and k.startswith(prefix) for k in keys)
+                                for keys in key_sets)
+        if model_has != given_has:
+            which = "the model's" if model_has else given
+            return f". Only {which} keys start with {prefix!r} ({wrapper}): {advice}"
+    return ""
+
+
+def _unknown_key(model: nn.Module, key, layers: Mapping[str, MaskedLayer], given: Iterable) -> ValueError:
     modules = dict(model.named_modules())
     if isinstance(key, str) and (key == "weight" or key.endswith(".weight")):
         owner = modules.get(key.removesuffix("weight").removesuffix("."))
@@ -111,8 +124,9 @@ def _unknown_key(model: nn.Module, key, layers: Mapping[str, MaskedLayer]) -> Va
     if key in modules and _weight_name(key) in layers:
         return ValueError(f"masks has key {key!r}, a module name; did you mean {_weight_name(key)!r}?")
     names = list(layers)
+    hint = wrapper_hint(names, given, "the masks'", "name the weights as the model passed does")
     return ValueError(f"masks has key {key!r}, which is no masked weight of the model; masked weights "
-                      f"are: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
+                      f"are: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}{hint}")
 
 
 def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
@@ -123,10 +137,10 @@ def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict weight name -> bool tensor, got {type(masks).__name__}")
-    layers = _masked_layers(model)
+    layers = _masked_layers(model, aliases=True)
     for key, mask in masks.items():
         if key not in layers:
-            raise _unknown_key(model, key, layers)
+            raise _unknown_key(model, key, layers, masks)
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"masks[{key!r}] is a {type(mask).__name__}, not a tensor")
         if mask.dtype != torch.bool:

@@ -100,6 +100,30 @@ def test_hutchinson_is_exact_on_a_diagonal_hessian():
         pytest.approx(np.trace(hessian[np.ix_(keep, keep)]), rel=1e-9)
 
 
+class TiedLayer(nn.Module):
+    """One layer under two names, ``layer`` and ``tied``."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = self.tied = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_a_tied_weight_is_masked_by_any_of_its_names():
+    """named_parameters lists a tied weight once, under its first name; masks may use any name
+    (swamp.masks names it after the masked layer), and masks of one weight combine (&)."""
+    plain, batches, hessian = least_squares(orthogonal=True)
+    model = TiedLayer(plain[0])
+    first, second = random_mask(40, seed=2), random_mask(40, seed=5)
+    keep = (first & second)[0].numpy()
+    expected = pytest.approx(np.trace(hessian[np.ix_(keep, keep)]), rel=1e-9)
+    assert hessian_trace(model, squared_error, batches, masks={"tied.weight": first & second}, samples=3) == expected
+    assert hessian_trace(model, squared_error, batches, masks={"layer.weight": first, "tied.weight": second},
+                         samples=3) == expected
+
+
 def test_hutchinson_within_five_standard_errors():
     """Tolerance: 5 * sqrt(2 * sum_{i != j} H_ij^2 / samples), the estimator's standard error."""
     model, batches, hessian = least_squares()

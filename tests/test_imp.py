@@ -242,6 +242,24 @@ def test_rewind_refuses_values_that_are_not_tensors_before_loading():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class MaskedEmbedding(nn.Embedding):
+    """A user's own masked layer: swamp's calls must leave its ``weight_mask`` buffer alone."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.register_buffer("weight_mask", torch.rand(self.weight.shape) < 0.5)
+
+
+def test_rewind_restores_other_modules_buffers_named_weight_mask():
+    model = swamp.sparsify(nn.Sequential(MaskedEmbedding(10, 4), nn.Linear(4, 2)))
+    state = copy.deepcopy(model.state_dict())
+    swamp.prune(model, 0.5)
+    model[0].weight_mask.logical_not_()
+    swamp.rewind(model, state)
+    assert torch.equal(model[0].weight_mask, state["0.weight_mask"])   # a buffer like any other
+    assert int(model[1].weight_mask.sum()) == 4                          # swamp's mask kept
+
+
 def test_rewind_across_a_compile_wrapper_says_so():
     model = swamp.sparsify(net())
     compiled = torch.compile(model)

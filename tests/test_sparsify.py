@@ -156,6 +156,19 @@ def test_set_masks_errors_change_nothing(masks, error, match):
         assert torch.equal(value, before[key]), key
 
 
+def test_set_masks_takes_any_name_of_a_layer_and_hints_at_wrappers():
+    model = swamp.sparsify(Net(), exclude="stem")
+    model.classifier = model.head   # one layer, two names: both are state_dict keys
+    swamp.set_masks(model, {"classifier.weight": torch.eye(5, 8, dtype=torch.bool)})
+    assert torch.equal(model.head.weight_mask, torch.eye(5, 8, dtype=torch.bool))
+    assert torch.count_nonzero(model.head.weight) == 5
+    with pytest.raises(ValueError, match=r"Only the masks' keys start with '_orig_mod.' \(torch.compile\): "
+                                         r"name the weights as the model passed does"):
+        swamp.set_masks(model, swamp.masks(torch.compile(model)))
+    with pytest.raises(ValueError, match=r"Only the model's keys start with 'module.'"):
+        swamp.set_masks(nn.DataParallel(model), swamp.masks(model))   # what DDP's .module takes
+
+
 def test_sparsity_report_numbers_and_table():
     model = swamp.sparsify(Net(), exclude="stem")
     swamp.set_masks(model, {

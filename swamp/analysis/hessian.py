@@ -17,6 +17,30 @@ from torch import nn
 __all__ = ["top_hessian_eigenvalues", "hessian_trace"]
 
 
+def _projection(model: nn.Module, params: list[torch.Tensor], masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The flat 0/1 vector over ``params`` that keeps what ``masks`` keeps. A mask names its
+    weight by any of its names (a tied weight has several); masks of one weight combine (&)."""
+    index = {id(p): i for i, p in enumerate(params)}
+    kept: dict[int, torch.Tensor] = {}
+    unknown = []
+    for name, mask in masks.items():
+        try:
+            i = index.get(id(model.get_parameter(name)))
+        except AttributeError:
+            i = None
+        if i is None:
+            unknown.append(name)
+            continue
+        if tuple(mask.shape) != tuple(params[i].shape):
+            raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, expected {tuple(params[i].shape)}")
+        mask = mask.to(params[i].device, torch.bool)
+        kept[i] = mask if i not in kept else kept[i] & mask
+    if unknown:
+        raise ValueError(f"masks has keys {unknown[:6]} that are no trainable parameters of the model")
+    return torch.cat([kept.get(i, torch.ones_like(p, dtype=torch.bool)).reshape(-1)
+                      for i, p in enumerate(params)]).to(params[0].dtype)
+
+
 class _HessianOperator:
     """``v -> H v`` on flat vectors over ``model``'s trainable parameters, projected by ``masks``."""
 
@@ -24,19 +48,8 @@ class _HessianOperator:
         self.model, self.loss_fn, self.batches = model, loss_fn, list(batches)
         if not self.batches:
             raise ValueError("batches is empty; the Hessian needs at least one (inputs, targets) batch")
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        names = [n for n, _ in named]
-        unknown = [k for k in (masks or {}) if k not in names]
-        if unknown:
-            raise ValueError(f"masks has keys {unknown[:6]} that are no trainable parameters of the model")
-        masks = masks or {}
-        for name, p in named:
-            if name in masks and tuple(masks[name].shape) != tuple(p.shape):
-                raise ValueError(f"masks[{name!r}] has shape {tuple(masks[name].shape)}, expected {tuple(p.shape)}")
-        self.projection = torch.cat([
-            (masks[n].to(p.device) if n in masks else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
-            for n, p in named]).to(self.params[0].dtype) if masks else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.projection = _projection(model, self.params, masks) if masks else None
         self.size = sum(p.numel() for p in self.params)
         self.dimension = int(self.projection.sum()) if masks else self.size
 
