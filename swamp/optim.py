@@ -1,6 +1,7 @@
 """``MaskedSGD``: ``torch.optim.SGD`` whose updates keep pruned weights at exactly zero."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -10,6 +11,7 @@ from torch.optim.sgd import sgd as torch_sgd
 import swamp_kernels
 from swamp.nn import MaskedLayer, mask_replacements
 from swamp_kernels import _validate as check
+from swamp_kernels._dispatch import require_available
 
 
 class MaskedSGD(torch.optim.Optimizer):
@@ -52,6 +54,7 @@ class MaskedSGD(torch.optim.Optimizer):
         if backend not in ("auto", *swamp_kernels.BACKENDS):
             raise ValueError(f"unknown backend {backend!r}; choose one of auto, "
                              f"{', '.join(swamp_kernels.BACKENDS)}")
+        require_available(backend)
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize}
         super().__init__(params, defaults)
@@ -85,13 +88,23 @@ class MaskedSGD(torch.optim.Optimizer):
         layers: list[MaskedLayer] = []   # a model's layers, whose masks are followed
         if isinstance(masks, nn.Module):
             held = {id(p) for p in params}
-            layers = [layer for layer in masks.modules() if isinstance(layer, MaskedLayer) and id(layer.weight) in held]
+            masked = [layer for layer in masks.modules() if isinstance(layer, MaskedLayer)]
+            layers = [layer for layer in masked if id(layer.weight) in held]
+            if not layers:
+                warnings.warn(f"masks: the {type(masks).__name__} passed has no masked layers (swamp.sparsify "
+                              "it first)" if not masked else f"masks: this optimizer holds the weight of none "
+                              f"of the {len(masked)} masked layers of the {type(masks).__name__} passed (another "
+                              "model, or a copy?): no param is masked", stacklevel=3)
             masks = {layer.weight: layer.weight_mask for layer in layers}
         if masks is None:
             aligned = [None] * len(params)
         elif isinstance(masks, Mapping):
             known = {id(p) for p in params}
             for key in masks:
+                if isinstance(key, str):
+                    raise TypeError(f"masks has the key {key!r}: a dict of masks is keyed by the param "
+                                    "tensors; for masks by weight name, as swamp.masks(model) gives, pass "
+                                    "masks=model (its masks are then followed as it is pruned)")
                 if id(key) not in known:
                     raise ValueError(f"masks has a key of type {type(key).__name__} "
                                      f"(shape {tuple(getattr(key, 'shape', ()))}) that is not a "

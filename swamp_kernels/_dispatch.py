@@ -82,11 +82,28 @@ def _ops(backend: str) -> dict[str, Callable]:
     return importlib.import_module(_MODULES[backend]).OPS
 
 
-def _explicit(op: str, backend: str, device: torch.device) -> str:
-    if not _is_available(backend):
+def _unavailable_because(backend: str) -> str:
+    """Why ``backend`` (not torch) is unavailable, as a parenthesis."""
+    if backend == "triton":
+        if not (torch.cuda.is_available() or triton_interpreting()):
+            return " (no CUDA GPU: set TRITON_INTERPRET=1 to run Triton on CPU)"
+        return " (triton cannot be imported)"
+    if not torch.cuda.is_available():
+        return " (no CUDA GPU)"
+    return " (the compiled extension swamp_kernels._C is not built: pip install -e . with a CUDA toolkit)"
+
+
+def require_available(backend: str) -> None:
+    """Raise BackendError, saying why, unless ``backend`` ("auto" or one of :data:`BACKENDS`)
+    can run on this machine."""
+    if backend != "auto" and not _is_available(backend):
         raise BackendError(
-            f"backend {backend!r} is not available here; available backends: "
+            f"backend {backend!r} is not available here{_unavailable_because(backend)}; available backends: "
             f"{', '.join(available_backends())}")
+
+
+def _explicit(op: str, backend: str, device: torch.device) -> str:
+    require_available(backend)
     if not _runs_on(backend, device):
         hint = " (set TRITON_INTERPRET=1 to run Triton on CPU)" if backend == "triton" else ""
         raise BackendError(f"backend {backend!r} cannot run on {device} tensors{hint}")
@@ -149,7 +166,8 @@ def preferred_backend() -> str:
     preferred = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if preferred not in ("auto", *BACKENDS):
         raise BackendError(f"{ENV_VAR}={preferred!r} is not one of auto, {', '.join(BACKENDS)}")
-    if preferred != "auto" and not _is_available(preferred):
-        raise BackendError(f"{ENV_VAR}={preferred}: backend {preferred!r} is not available here; "
-                           f"available backends: {', '.join(available_backends())}")
+    try:
+        require_available(preferred)
+    except BackendError as error:
+        raise BackendError(f"{ENV_VAR}={preferred}: {error}") from None
     return preferred

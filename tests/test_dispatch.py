@@ -58,7 +58,8 @@ def test_triton_is_available_on_cpu_only_through_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert sk.available_backends() == ["torch"]
     with pytest.raises(sk.BackendError,
-                       match=r"backend 'triton' is not available here; available backends: torch$"):
+                       match=r"backend 'triton' is not available here \(no CUDA GPU: set TRITON_INTERPRET=1 "
+                             r"to run Triton on CPU\); available backends: torch$"):
         sk.apply_masks_(*_masking_args(), backend="triton")
 
 
@@ -77,7 +78,7 @@ def test_unknown_backend_lists_the_choices(op):
 def test_unavailable_backend_lists_the_available_ones():
     available = ", ".join(sk.available_backends())
     with pytest.raises(sk.BackendError,
-                       match=rf"backend 'cuda' is not available here; available backends: {available}$"):
+                       match=rf"backend 'cuda' is not available here \(no CUDA GPU\); available backends: {available}$"):
         sk.apply_masks_(*_masking_args(), backend="cuda")
 
 

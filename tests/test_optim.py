@@ -9,7 +9,10 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
+import swamp
+import swamp_kernels as sk
 from backend_params import skip_unless_runs
 from kernel_checks import assert_rel_close
 from swamp.optim import MaskedSGD
@@ -217,11 +220,30 @@ def test_deepcopy_keeps_masks_and_backend():
     (dict(masks=[None, torch.ones(3, dtype=torch.bool), None, None, None]), ValueError,
      r"masks\[1\] has shape \(3,\)"),
     (dict(masks=[None, None, torch.ones(1), None, None]), TypeError, r"masks\[2\] has dtype"),
+    (dict(masks={"0.weight": torch.ones(2, dtype=torch.bool)}), TypeError,
+     r"masks has the key '0.weight'.*as swamp.masks\(model\) gives, pass masks=model"),
 ])
 def test_bad_input_raises(kwargs, error, match):
     params, _ = make_model("cpu")
     with pytest.raises(error, match=match):
         MaskedSGD(params, **{"lr": 0.1, **kwargs})
+
+
+def test_an_unavailable_backend_fails_at_construction(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("triton runs here")
+    with pytest.raises(sk.BackendError, match=r"backend 'triton' is not available here \(no CUDA GPU: set "
+                                              r"TRITON_INTERPRET=1"):
+        MaskedSGD(make_model("cpu")[0], lr=0.1, backend="triton")
+
+
+def test_masks_of_a_model_whose_layers_it_does_not_hold_warn():
+    model, other = (swamp.sparsify(nn.Sequential(nn.Linear(3, 2))) for _ in range(2))
+    with pytest.warns(UserWarning, match=r"holds the weight of none of the 1 masked layers of the Sequential"):
+        assert not MaskedSGD(other.parameters(), lr=0.1, masks=model).masks
+    with pytest.warns(UserWarning, match=r"the Sequential passed has no masked layers \(swamp.sparsify it first\)"):
+        MaskedSGD(other.parameters(), lr=0.1, masks=nn.Sequential(nn.Linear(3, 2)))
 
 
 def test_layer_hook_skips_weights_masked_sgd_already_masks(monkeypatch):
