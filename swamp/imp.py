@@ -25,7 +25,7 @@ from torch import nn
 import swamp_kernels
 from swamp.config import PRUNE_SCOPES
 from swamp.sparsify import masks as model_masks
-from swamp.sparsify import _masked_layers, set_masks, shared_masks, wrapper_hint
+from swamp.sparsify import _masked_layers, require_values, set_masks, shared_masks, wrapper_hint
 
 __all__ = ["CRITERIA", "next_masks", "prune", "rewind"]
 
@@ -52,6 +52,7 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
     if missing:
         raise ValueError(f"weights lacks the masked weight(s) {', '.join(map(repr, missing[:6]))}")
     names = list(masks)
+    require_values({name: weights[name] for name in names})
     tensors = [weights[name] for name in names]
     tensors = [w.float() if isinstance(w, torch.Tensor) and w.dtype == torch.float64 else w for w in tensors]
     select = (swamp_kernels.global_magnitude_prune if scope == "global"

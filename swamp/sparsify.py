@@ -215,9 +215,19 @@ def shared_masks(model: nn.Module) -> dict[str, tuple[torch.Tensor, list[str]]]:
     return {first: (mask, names) for first, mask, names in shared.values()}
 
 
+def require_values(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the tensors on the meta device (shapes without values)."""
+    meta = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_meta]
+    if meta:
+        raise ValueError(f"{', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''} "
+                         f"{'is' if len(meta) == 1 else 'are'} on the meta device (shapes, no values): "
+                         "materialise the model first (model.to_empty(device=...), then load_state_dict)")
+
+
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Density of every masked weight of ``model`` and over all of them."""
     layers = _masked_layers(model)
+    require_values({f"{name}_mask": layer.weight_mask for name, layer in layers.items()})
     rows = tuple(LayerDensity(name, type(layer).__name__, tuple(layer.weight.shape), int(layer.weight_mask.sum()),
                               layer.weight_mask.numel()) for name, layer in layers.items())
     distinct = [mask for mask, _ in shared_masks(model).values()]

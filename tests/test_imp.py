@@ -300,3 +300,16 @@ def test_pruning_that_empties_a_layer_warns_of_layer_collapse(recwarn):
     with pytest.warns(UserWarning, match=r"pruning removed every remaining weight of 1\.weight: the network is "
                                          r"cut there \(layer collapse\)"):
         swamp.prune(model, 0.5)
+
+
+def test_a_model_on_the_meta_device_is_named_not_pruned():
+    with torch.device("meta"):
+        model = swamp.sparsify(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    for call in (lambda: swamp.prune(model, 0.2), lambda: swamp.sparsity_report(model)):
+        with pytest.raises(ValueError, match=r"0.weight(_mask)?, 1.weight(_mask)? are on the meta device "
+                                             r"\(shapes, no values\): materialise the model first"):
+            call()
+    model.to_empty(device="cpu")
+    model.load_state_dict(swamp.sparsify(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))).state_dict())
+    swamp.prune(model, 0.5)
+    assert swamp.sparsity_report(model).kept == 9
