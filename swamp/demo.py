@@ -22,14 +22,21 @@ OUTPUTS = {*METHODS, "results.md", "accuracy_vs_density.png"}   # what a demo wr
 
 
 def _clear(out: Path) -> None:
-    """Remove an earlier demo's output from ``out``; refuse a folder holding anything else."""
+    """Remove an earlier demo's output from ``out``; refuse a folder holding anything else
+    (checked down to the files of every run, before anything is removed)."""
     if not out.exists():
         return
     if not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
-    others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+    others = []
+    for path in out.iterdir():
+        if path.name in METHODS and path.is_dir():
+            others += pipeline.foreign_files(path)
+        elif path.name not in OUTPUTS or not path.is_file():
+            others.append(path)
     if others:
-        raise FileExistsError(f"--out {out} holds files the demo did not write ({', '.join(others[:5])}); "
+        shown = ", ".join(str(p.relative_to(out)) for p in sorted(others)[:5])
+        raise FileExistsError(f"--out {out} holds files the demo did not write ({shown}); "
                               "the demo replaces its folder: pick a new or empty one")
     shutil.rmtree(out)
 
@@ -47,6 +54,8 @@ def main(argv=None) -> int:
         if any(item.partition("=")[0].strip() == "method" for item in args.overrides):
             raise cfg.ConfigError("the demo runs every method in turn: drop --set method=...")
         configs = {method: cfg.load(PRESET, [f"method={method}", *args.overrides]) for method in METHODS}
+        for config in configs.values():
+            pipeline.check(config)
         _clear(out)
     except (ValueError, OSError) as error:   # a bad --set (ConfigError), an occupied --out
         print(f"swamp demo: error: {error}", file=sys.stderr)

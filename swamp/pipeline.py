@@ -106,7 +106,19 @@ def dry_run(config: Config) -> Config:
                                rewind=dataclasses.replace(config.rewind, iterations=0))
 
 
-_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|level_\d+|" + _TEMP.pattern)
+_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|" + _TEMP.pattern)
+_LEVEL_FILES = re.compile(r"(mask|model|particles)\.pt|metrics\.json|" + _TEMP.pattern)
+
+
+def foreign_files(out: Path) -> list[Path]:
+    """What the run directory ``out`` holds that no run writes (the user's own files and folders)."""
+    found = []
+    for path in Path(out).iterdir():
+        if re.fullmatch(r"level_\d+", path.name) and path.is_dir():
+            found += [p for p in path.iterdir() if not (_LEVEL_FILES.fullmatch(p.name) and p.is_file())]
+        elif not (_RUN_FILES.fullmatch(path.name) and path.is_file()):
+            found.append(path)
+    return found
 
 
 def _holds_dry_run(out: Path) -> bool:
@@ -115,7 +127,7 @@ def _holds_dry_run(out: Path) -> bool:
         config = _run_config(out)
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    return config == dry_run(config) and all(_RUN_FILES.fullmatch(p.name) for p in out.iterdir())
+    return config == dry_run(config) and not foreign_files(out)
 
 
 def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: bool = False) -> dict:
@@ -293,6 +305,31 @@ def _stage_checkpoint(out: Path, stage: int, world: Group) -> dict | None:
     return checkpoint if world.index == 0 else saved()
 
 
+def _check_schedule(config: Config, data, topology: Topology, pretrains: bool) -> None:
+    """Raise ConfigError unless the rewind point lies inside training and a batch splits over
+    the ranks that share it (all of them while they ``pretrain`` together)."""
+    total = config.train.epochs * data.steps_per_epoch(config.train.batch_size)
+    if config.rewind.iterations >= total:
+        raise ConfigError(f"config key 'rewind.iterations': {config.rewind.iterations} is not below the {total} "
+                          "training iterations")
+    batch = min(config.train.batch_size, data.num_train)   # a smaller training set is one batch
+    for ranks, what in ((topology.data.size, "data-parallel ranks of a particle group"),
+                        (topology.world.size if pretrains else 1, "ranks that pre-train together")):
+        if batch % ranks:
+            size = f"{batch}" if batch == config.train.batch_size else (
+                f"{config.train.batch_size} is above the {batch} training examples, so a batch holds all {batch}, which")
+            raise ConfigError(f"config key 'train.batch_size': {size} does not split over the {ranks} {what}")
+
+
+def check(config: Config) -> None:
+    """Raise ConfigError (or the data set's error) now for what :func:`run` would refuse in one
+    process: the config's checks, then those that need the data set (loaded on the CPU)."""
+    validate(config)
+    one = Group.single()
+    _check_schedule(config, load_data(config.data), Topology(one, one, one, torch.device("cpu")),
+                    pretrains=bool(config.rewind.iterations))
+
+
 def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bool = False) -> dict:
     """Run (or, unless ``new``, continue) the run of ``config`` in ``out``. A new run's directory
     and ``config.yaml`` are written once data, model and config have passed every check."""
@@ -306,18 +343,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
     steps_per_epoch = data.steps_per_epoch(config.train.batch_size)
     total = config.train.epochs * steps_per_epoch
     rewind = config.rewind.iterations
-    if rewind >= total:
-        raise ConfigError(f"config key 'rewind.iterations': {rewind} is not below the {total} "
-                          "training iterations")
     particles = config.particles if config.method == "swamp" else 1
-    batch = min(config.train.batch_size, data.num_train)   # a smaller training set is one batch
-    pretrains = rewind and not (out / "rewind.pt").exists()   # a resume past pre-training does not
-    for ranks, what in ((topology.data.size, "data-parallel ranks of a particle group"),
-                        (topology.world.size if pretrains else 1, "ranks that pre-train together")):
-        if batch % ranks:
-            size = f"{batch}" if batch == config.train.batch_size else (
-                f"{config.train.batch_size} is above the {batch} training examples, so a batch holds all {batch}, which")
-            raise ConfigError(f"config key 'train.batch_size': {size} does not split over the {ranks} {what}")
+    _check_schedule(config, data, topology, pretrains=rewind and not (out / "rewind.pt").exists())
     if writer:
         if new:
             out.mkdir(parents=True, exist_ok=True)

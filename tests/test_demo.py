@@ -10,6 +10,7 @@ QUICK = ["--set", "levels=1", "--set", "train.epochs=1", "--set", "rewind.iterat
 @pytest.mark.parametrize("argv, message", [
     (["--set", "no_such_key=1"], "unknown config key 'no_such_key'"),
     (["--set", "method=imp"], "the demo runs every method in turn: drop --set method=..."),
+    (["--set", "train.epochs=1"], "'rewind.iterations': 22 is not below the 22 training iterations"),  # from the data
 ])
 def test_bad_overrides_fail_before_the_folder_is_touched(tmp_path, capsys, argv, message):
     out = tmp_path / "demo"
@@ -27,6 +28,18 @@ def test_a_folder_with_other_files_is_refused(tmp_path, capsys):
     assert demo.main(["--out", str(out), *QUICK]) == 2
     assert "holds files the demo did not write (my_run)" in capsys.readouterr().err
     assert (out / "my_run").is_dir()
+
+
+@pytest.mark.parametrize("own, named", [("imp/notes.txt", "imp/notes.txt"), ("swamp/analysis/levels.json", "swamp/analysis"),
+                                        ("swamp/level_01/mine.pt", "swamp/level_01/mine.pt"),
+                                        ("dense/level_02", "dense/level_02")])
+def test_files_of_the_users_inside_the_run_folders_are_refused(tmp_path, capsys, own, named):
+    out = tmp_path / "runs"
+    (out / own).parent.mkdir(parents=True)
+    (out / own).write_text("mine")
+    assert demo.main(["--out", str(out), *QUICK]) == 2
+    assert f"holds files the demo did not write ({named})" in capsys.readouterr().err
+    assert (out / own).read_text() == "mine"
 
 
 def test_the_demo_writes_its_runs_table_and_plot_and_replaces_its_own_output(tmp_path, capsys):
