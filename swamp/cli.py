@@ -82,7 +82,9 @@ def main(argv=None) -> int:
             complete = pipeline.finished(args.dir)
             summary = pipeline.resume(args.dir, quiet=args.quiet, overrides=args.overrides)
             if complete:
-                _show(f"{args.dir} was already complete; nothing to train. Its results:")
+                keys = ", ".join(item.partition("=")[0] for item in args.overrides)
+                recorded = f" (config.yaml records {keys})" if keys else ""
+                _show(f"{args.dir} was already complete; nothing to train{recorded}. Its results:")
             _show(report.markdown_table({args.dir: summary}))
         elif args.command == "analyze":
             for path in analyze.main(args):

@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import yaml
 from tqdm import tqdm
 
 import swamp_kernels
 from torch.distributed import DistError
 
 from swamp import distributed, evaluate
-from swamp.config import Config, ConfigError, DataConfig, apply_overrides, dump, from_dict, to_dict, validate
+from swamp.config import Config, ConfigError, DataConfig, apply_overrides, dump, from_dict, load, to_dict, validate
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
@@ -125,7 +124,7 @@ def _holds_dry_run(out: Path) -> bool:
     """True when ``out`` holds a run of a :func:`dry_run` config and nothing else."""
     try:
         config = _run_config(out)
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError):
         return False
     return config == dry_run(config) and not foreign_files(out)
 
@@ -157,7 +156,7 @@ def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: b
 def _run_config(out: Path) -> Config:
     if not (out / "config.yaml").is_file():
         raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
-    return from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    return load(out / "config.yaml", check_paths=False)
 
 
 # What ``resume --set`` may change: where and how the run executes, never what it computes.
@@ -169,7 +168,8 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
     """Continue the run in ``out`` from its last checkpoint; returns the summary. ``overrides``
     (``key=value``) may change the keys of :data:`RESUME_KEYS` (a moved data set, another layout),
     which the run's ``config.yaml`` then keeps. A finished run returns its stored summary and
-    needs nothing else (no data, device or other ranks)."""
+    needs nothing else (no data, device or other ranks); its ``config.yaml`` still records
+    ``overrides`` (a moved data set, for the analyses)."""
     out = Path(out)
     config = _run_config(out)
     for item in overrides:
@@ -177,10 +177,13 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
         if key not in RESUME_KEYS:
             raise ConfigError(f"resume --set {item!r}: {key!r} would change the run's results; resume can "
                               f"change only {', '.join(RESUME_KEYS)}")
-    if finished(out):
-        return _finished_summary(config, out)
     config = from_dict(apply_overrides(to_dict(config), overrides))
-    validate(config)
+    done = finished(out)
+    validate(config, check_paths=bool(overrides) or not done)   # a finished run needs no data
+    if done:
+        if overrides and _writes_finished_run():   # e.g. a moved data set, for the analyses
+            atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
+        return _finished_summary(config, out)
     swamp_kernels.preferred_backend()
     return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
 
@@ -204,9 +207,15 @@ def _finished_summary(config: Config, out: Path) -> dict:
                "levels": [json.loads((level_dir(out, level) / "metrics.json").read_text())
                           for level in _levels(config)]}
     path = out / "summary.json"
-    if os.environ.get("RANK", "0") == "0" and (not path.is_file() or json.loads(path.read_text()) != summary):
+    if _writes_finished_run() and (not path.is_file() or json.loads(path.read_text()) != summary):
         _write_json(path, summary)
     return summary
+
+
+def _writes_finished_run() -> bool:
+    """Whether this process writes a finished run's files: rank 0 of a torchrun job (which, with
+    nothing to train, joins no process group), or a lone process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _failed_collective(error: RuntimeError) -> bool:

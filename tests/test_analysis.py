@@ -301,6 +301,17 @@ def test_a_moved_data_set_says_how_to_record_its_new_place(swamp_run, tmp_path, 
     assert f"if the data set moved, `swamp resume {moved} --set data.path=NEW`" in capsys.readouterr().err
 
 
+def test_comparing_masks_loads_no_data(swamp_run, tmp_path, monkeypatch):
+    def no_data(config):
+        raise AssertionError("the data set was loaded")
+    monkeypatch.setattr("swamp.analysis.runs.load_data", no_data)
+    assert cli.main(["analyze", "masks", str(swamp_run / "level_01"), str(swamp_run / "level_02"),
+                     "--out", str(tmp_path)]) == 0
+    with pytest.raises(AssertionError, match="the data set was loaded"):   # what needs the data loads it
+        cli.main(["analyze", "barrier", str(swamp_run / "level_01"), str(swamp_run / "level_02"),
+                  "--out", str(tmp_path)])
+
+
 def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):
     assert cli.main(["analyze", "barrier", str(swamp_run / "level_09"), str(swamp_run / "level_00"),
                      "--out", str(tmp_path)]) == 2

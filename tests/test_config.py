@@ -170,6 +170,12 @@ def test_resume_may_move_the_data_set_but_not_change_the_results(tmp_path, capsy
     assert cli.main(["resume", str(out), "--quiet", "--set", f"data.path={moved}"]) == 0
     assert C.load(out / "config.yaml").data.path == str(moved)   # later resumes find it too
     assert cli.main(["resume", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    again = moved.rename(tmp_path / "c.npz")   # a finished run records a new place too (for the analyses)
+    assert cli.main(["resume", str(out), "--quiet", "--set", f"data.path={tmp_path / 'nowhere.npz'}"]) == 2
+    assert cli.main(["resume", str(out), "--quiet", "--set", f"data.path={again}"]) == 0
+    assert "already complete; nothing to train (config.yaml records data.path)" in capsys.readouterr().out
+    assert C.load(out / "config.yaml").data.path == str(again)
 
 
 @pytest.mark.parametrize("argv", [["run", "c.yaml", "--out", "runs/a"], ["resume", "runs/a"]])

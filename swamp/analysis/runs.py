@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from itertools import combinations
@@ -16,7 +17,7 @@ from swamp import config as cfg
 from swamp import evaluate
 from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
-from swamp.data import load_data
+from swamp.data import input_spec, load_data
 from swamp.models import build_model
 from swamp.pipeline import level_dir
 from swamp.sparsify import set_masks, sparsify
@@ -27,12 +28,21 @@ __all__ = ["Run", "load_run", "instability", "successive_barriers", "level_hessi
 
 @dataclass
 class Run:
-    """A run directory with its config, data and (sparsified) architecture on ``device``."""
+    """A run directory with its config and (sparsified) architecture on the device; its data set
+    is loaded when first used (comparing masks needs none)."""
 
     directory: Path
     config: cfg.Config
-    data: object
     model: nn.Module
+
+    @functools.cached_property
+    def data(self):
+        """The run's data set on the model's device."""
+        try:
+            cfg.validate(self.config)   # a data set that moved fails here, with the hint below
+        except cfg.ConfigError as error:
+            raise _config_error(self.directory, error) from error
+        return load_data(self.config.data).to(self.device)
 
     @property
     def batch_size(self) -> int:
@@ -92,15 +102,20 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     if not (directory / "config.yaml").is_file():
         raise FileNotFoundError(f"{directory} holds no run (no config.yaml)")
     try:
-        config = cfg.load(directory / "config.yaml")
+        config = cfg.load(directory / "config.yaml", check_paths=False)
+        shape, classes = input_spec(config.data)
     except cfg.ConfigError as error:
-        moved = f"; if the data set moved, `swamp resume {directory} --set data.path=NEW` records its new place" \
-            if "'data.path'" in str(error) else ""
-        raise cfg.ConfigError(f"{directory}/config.yaml: {error}{moved}") from error
-    data = load_data(config.data).to(device)
-    model = build_model(config.model, data.input_shape, data.num_classes)
+        raise _config_error(directory, error) from error
+    model = build_model(config.model, shape, classes)
     sparsify(model, exclude=config.prune.exclude or None)
-    return Run(directory, config, data, model.to(device))
+    return Run(directory, config, model.to(device))
+
+
+def _config_error(directory: Path, error: cfg.ConfigError) -> cfg.ConfigError:
+    """``error`` of the run in ``directory``'s config, with how to record a moved data set."""
+    moved = f"; if the data set moved, `swamp resume {directory} --set data.path=NEW` records its new place" \
+        if "data.path" in str(error) else ""
+    return cfg.ConfigError(f"{directory}/config.yaml: {error}{moved}")
 
 
 def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), num_points: int = 11,
