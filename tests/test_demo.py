@@ -1,5 +1,8 @@
 """`make demo` (swamp.demo): four runs and their report in one folder, which it replaces only
 when that folder holds nothing but an earlier demo's output; bad input changes nothing."""
+import subprocess
+import sys
+
 import pytest
 
 from swamp import demo
@@ -50,3 +53,12 @@ def test_the_demo_writes_its_runs_table_and_plot_and_replaces_its_own_output(tmp
     table = (out / "results.md").read_text()
     assert table.startswith("| level | density | dense | imp | swamp | random |\n")
     assert table in capsys.readouterr().out
+
+
+def test_python_m_swamp_runs_beside_a_run_folder_named_swamp(tmp_path):
+    """The demo's SWAMP run is a folder named swamp; with its analyses inside, it must not shadow
+    the package's modules (the editable install is a path entry: Makefile)."""
+    (tmp_path / "swamp" / "analysis").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "swamp", "report", "swamp"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("swamp report: error:"), result.stderr
