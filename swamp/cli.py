@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from swamp import config as cfg
 from swamp import pipeline, report
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
             config = cfg.load(args.config, args.overrides, check_paths=not args.dry_run)
             summary = pipeline.run(pipeline.dry_run(config) if args.dry_run else config, args.out,
                                    quiet=args.quiet, replace_dry_run=args.dry_run)
-            _show(report.markdown_table({args.out: summary}))
+            _show(report.markdown_table({Path(args.out).resolve().name: summary}))
             if args.dry_run:
                 _show(f"images/s: {summary['levels'][-1]['images_per_second']:.1f} (particle-images, all ranks)")
         elif args.command == "resume":
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                 keys = ", ".join(item.partition("=")[0] for item in args.overrides)
                 recorded = f" (config.yaml records {keys})" if keys else ""
                 _show(f"{args.dir} was already complete; nothing to train{recorded}. Its results:")
-            _show(report.markdown_table({args.dir: summary}))
+            _show(report.markdown_table({Path(args.dir).resolve().name: summary}))
         elif args.command == "analyze":
             for path in analyze.main(args):
                 print(f"wrote {path}")

@@ -42,7 +42,7 @@ def _clear(out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m swamp.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo",
                         help="folder for the four runs (an earlier demo's output there is replaced)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

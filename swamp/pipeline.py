@@ -14,6 +14,7 @@ instead of magnitude pruning). Run directory::
     DIR/checkpoint.pt        the stage in progress, every ``train.checkpoint_every`` epochs
     DIR/log.txt              one line per epoch; a resume adds a marker line and repeats the
                              epochs trained after the last checkpoint
+    DIR/.lock                locked by the process training the run (its pid and host inside)
 
 Every file is written atomically (temp file + ``os.replace``). A killed run resumes from its
 last checkpoint (at most ``train.checkpoint_every`` epochs lost). All randomness comes from
@@ -28,11 +29,15 @@ directory must be readable by every rank (a shared filesystem) for ``swamp resum
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import pickle
 import re
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -81,6 +86,26 @@ def _remove_partial_writes(out: Path) -> None:
             temp.unlink(missing_ok=True)
 
 
+class DamagedFileError(ValueError):
+    """A run's file that cannot be read back (truncated, overwritten, a failed copy)."""
+
+
+def read_json(path: Path):
+    """The JSON value in ``path``; DamagedFileError naming it when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise DamagedFileError(f"{path} is damaged: not valid JSON ({error})") from None
+
+
+def load_file(path: Path, **kwargs):
+    """``torch.load(path, **kwargs)``; DamagedFileError naming it when it is no readable file."""
+    try:
+        return torch.load(path, **kwargs)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise DamagedFileError(f"{path} is damaged: not a readable torch.save file ({error})") from None
+
+
 def _write_json(path: Path, value) -> None:
     atomic_write(path, lambda t: t.write_text(json.dumps(value, indent=2) + "\n"))
 
@@ -105,7 +130,7 @@ def dry_run(config: Config) -> Config:
                                rewind=dataclasses.replace(config.rewind, iterations=0))
 
 
-_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|" + _TEMP.pattern)
+_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|\.lock|" + _TEMP.pattern)
 _LEVEL_FILES = re.compile(r"(mask|model|particles)\.pt|metrics\.json|" + _TEMP.pattern)
 
 
@@ -183,7 +208,7 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
     if done:
         if overrides and _writes_finished_run():   # e.g. a moved data set, for the analyses
             atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
-        return _finished_summary(config, out)
+        return _finished_summary(out)
     swamp_kernels.preferred_backend()
     return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
 
@@ -200,14 +225,29 @@ def finished(out: str | Path) -> bool:
     return all((level_dir(out, level) / "metrics.json").is_file() for level in _levels(config))
 
 
-def _finished_summary(config: Config, out: Path) -> dict:
+def completed_levels(out: str | Path) -> dict:
+    """The summary of the run in ``out`` as its level directories tell it: the levels complete
+    from level 0 on (what ``summary.json`` holds, should that be missing or damaged)."""
+    out = Path(out)
+    config = _run_config(out)
+    levels = []
+    for level in _levels(config):
+        if not (level_dir(out, level) / "metrics.json").is_file():
+            break
+        levels.append(read_json(level_dir(out, level) / "metrics.json"))
+    return {"method": config.method, "levels": levels}
+
+
+def _finished_summary(out: Path) -> dict:
     """The summary of the finished run in ``out``, from its levels' metrics; ``summary.json`` is
-    rewritten (rank 0) if a kill came between the last level's metrics and it."""
-    summary = {"method": config.method,
-               "levels": [json.loads((level_dir(out, level) / "metrics.json").read_text())
-                          for level in _levels(config)]}
+    rewritten (rank 0) if a kill came between the last level's metrics and it, or it is damaged."""
+    summary = completed_levels(out)
     path = out / "summary.json"
-    if _writes_finished_run() and (not path.is_file() or json.loads(path.read_text()) != summary):
+    try:
+        stale = read_json(path) != summary
+    except (FileNotFoundError, DamagedFileError):
+        stale = True
+    if stale and _writes_finished_run():
         _write_json(path, summary)
     return summary
 
@@ -307,7 +347,7 @@ def _stage_checkpoint(out: Path, stage: int, world: Group) -> dict | None:
     path = out / "checkpoint.pt"
 
     def saved() -> dict | None:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True) if path.is_file() else None
+        return load_file(path, map_location="cpu", mmap=True, weights_only=True) if path.is_file() else None
     checkpoint = saved() if world.index == 0 else None
     if not world.broadcast_object(checkpoint is not None and checkpoint["stage"] == stage):
         return None
@@ -326,7 +366,8 @@ def _check_schedule(config: Config, data, topology: Topology, pretrains: bool) -
                         (topology.world.size if pretrains else 1, "ranks that pre-train together")):
         if batch % ranks:
             size = f"{batch}" if batch == config.train.batch_size else (
-                f"{config.train.batch_size} is above the {batch} training examples, so a batch holds all {batch}, which")
+                f"{config.train.batch_size} is above the {batch} training examples, so a batch holds all "
+                f"{batch}, which")
             raise ConfigError(f"config key 'train.batch_size': {size} does not split over the {ranks} {what}")
 
 
@@ -337,6 +378,38 @@ def check(config: Config) -> None:
     one = Group.single()
     _check_schedule(config, load_data(config.data), Topology(one, one, one, torch.device("cpu")),
                     pretrains=bool(config.rewind.iterations))
+
+
+class RunInProgressError(OSError):
+    """Another process is training the run (it holds the run's ``.lock``)."""
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, topology: Topology):
+    """Hold ``out/.lock`` (rank 0) while the run trains: a second process resuming it meanwhile
+    fails at once, on every rank, instead of training the same levels and deleting this one's
+    files. The OS drops the lock when its holder ends, also on a kill."""
+    handle, holder = None, None
+    if topology.is_writer:
+        handle = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+        else:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+    holder = topology.world.broadcast_object(holder)
+    if holder:
+        raise RunInProgressError(f"{out} is being trained by {holder}; wait for it to end (or stop it) first")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bool = False) -> dict:
@@ -354,106 +427,106 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
     rewind = config.rewind.iterations
     particles = config.particles if config.method == "swamp" else 1
     _check_schedule(config, data, topology, pretrains=rewind and not (out / "rewind.pt").exists())
-    if writer:
-        if new:
-            out.mkdir(parents=True, exist_ok=True)
+    if writer and new:
+        out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        held.enter_context(_run_lock(out, topology))
+        if writer:
+            if not new:
+                _remove_partial_writes(out)
+            atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))   # resume: with its overrides
+        log_file = held.enter_context(open(out / "log.txt", "a")) if writer else None
+
+        def log(line: str) -> None:
+            if log_file:
+                log_file.write(line + "\n")
+                log_file.flush()
+        if not new:
+            log("resumed: the epochs after the last checkpoint train again, so their lines repeat below")
+
+        def progress(desc: str):
+            return lambda n: tqdm(total=n, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
+
+        def checkpoint(full: dict) -> None:
+            _save(out / "checkpoint.pt", full)
+
+        def finish_stage() -> None:
+            if writer:
+                (out / "checkpoint.pt").unlink(missing_ok=True)
+
+        if (out / "rewind.pt").exists():
+            rewind_state = load_file(out / "rewind.pt", map_location=device)
         else:
-            _remove_partial_writes(out)
-        atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))   # resume: with its overrides
-    log_file = open(out / "log.txt", "a") if writer else None
+            state = stack_state(model, 1)
+            if rewind:
+                state = train_particles(model, state, data, config, stage=-1, begin=0, end=rewind, swa=False,
+                                        placement=topology.placement(1), checkpoint=checkpoint,
+                                        resume=_stage_checkpoint(out, -1, topology.world),
+                                        log=lambda line: log(f"pretrain {line}"),
+                                        progress=progress("pretrain")).state
+            topology.world.broadcast_(list(state.values()))
+            rewind_state = {n: t[0] for n, t in state.items()}
+            if writer:
+                _save(out / "rewind.pt", rewind_state)
+            finish_stage()
 
-    def log(line: str) -> None:
-        if log_file:
-            log_file.write(line + "\n")
-            log_file.flush()
-    if not new:
-        log("resumed: the epochs after the last checkpoint train again, so their lines repeat below")
+        placement = topology.placement(particles)
+        swa = config.method in ("imp_swa", "swamp")
+        masks = model_masks(model)
+        total_weights = sum(m.numel() for m in masks.values())
+        summary = {"method": config.method, "levels": []}
+        def run_level(level: int, masks: dict) -> tuple[dict, dict, dict]:
+            """Level ``level`` (read back when its directory is complete, else trained, averaged,
+            evaluated and written): its metrics, final (averaged) state and masks. What training
+            held (the particles, their average) is freed on return, before the next level trains."""
+            directory = level_dir(out, level)
+            if (directory / "metrics.json").exists():
+                return (read_json(directory / "metrics.json"),
+                        load_file(directory / "model.pt", map_location=device),
+                        load_file(directory / "mask.pt", map_location=device))
+            set_masks(model, masks)
+            local = len(placement.particles)
+            start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
+                     for n, t in rewind_state.items()}
+            result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
+                                     swa=swa, placement=placement, checkpoint=checkpoint,
+                                     resume=_stage_checkpoint(out, level, topology.world),
+                                     log=lambda line: log(f"level {level} {line}"),
+                                     progress=progress(f"level {level}"))
+            trained = time.perf_counter()
+            final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)
+            final_state = final.state_dict()
+            kept = sum(int(m.sum()) for m in masks.values())
+            metrics = {"level": level, "density": kept / total_weights, **metrics,
+                       "train_loss": result.train_loss, "seconds": result.seconds + time.perf_counter() - trained,
+                       "images_per_second": result.images / max(result.seconds, 1e-9)}
+            stacked = (placement.cross.gather_cat(list(result.state.values()))
+                       if particles > 1 and placement.data.index == 0 else None)
+            if writer:
+                directory.mkdir(exist_ok=True)
+                _save(directory / "mask.pt", masks)
+                _save(directory / "model.pt", final_state)
+                if stacked is not None:
+                    _save(directory / "particles.pt", dict(zip(result.state, stacked)))
+                _write_json(directory / "metrics.json", metrics)
+                log(f"level {level} density {metrics['density']:.4f} "
+                    f"test_accuracy {metrics['test_accuracy']:.4f}")
+            finish_stage()
+            return metrics, final_state, masks
 
-    def progress(desc: str):
-        return lambda n: tqdm(total=n, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
-
-    def checkpoint(full: dict) -> None:
-        _save(out / "checkpoint.pt", full)
-
-    def finish_stage() -> None:
-        if writer:
-            (out / "checkpoint.pt").unlink(missing_ok=True)
-
-    if (out / "rewind.pt").exists():
-        rewind_state = torch.load(out / "rewind.pt", map_location=device)
-    else:
-        state = stack_state(model, 1)
-        if rewind:
-            state = train_particles(model, state, data, config, stage=-1, begin=0, end=rewind, swa=False,
-                                    placement=topology.placement(1), checkpoint=checkpoint,
-                                    resume=_stage_checkpoint(out, -1, topology.world),
-                                    log=lambda line: log(f"pretrain {line}"),
-                                    progress=progress("pretrain")).state
-        topology.world.broadcast_(list(state.values()))
-        rewind_state = {n: t[0] for n, t in state.items()}
-        if writer:
-            _save(out / "rewind.pt", rewind_state)
-        finish_stage()
-
-    placement = topology.placement(particles)
-    swa = config.method in ("imp_swa", "swamp")
-    masks = model_masks(model)
-    total_weights = sum(m.numel() for m in masks.values())
-    summary = {"method": config.method, "levels": []}
-    def run_level(level: int, masks: dict) -> tuple[dict, dict, dict]:
-        """Level ``level`` (read back when its directory is complete, else trained, averaged,
-        evaluated and written): its metrics, final (averaged) state and masks. What training
-        held (the particles, their average) is freed on return, before the next level trains."""
-        directory = level_dir(out, level)
-        if (directory / "metrics.json").exists():
-            return (json.loads((directory / "metrics.json").read_text()),
-                    torch.load(directory / "model.pt", map_location=device),
-                    torch.load(directory / "mask.pt", map_location=device))
-        set_masks(model, masks)
-        local = len(placement.particles)
-        start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
-                 for n, t in rewind_state.items()}
-        result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
-                                 swa=swa, placement=placement, checkpoint=checkpoint,
-                                 resume=_stage_checkpoint(out, level, topology.world),
-                                 log=lambda line: log(f"level {level} {line}"),
-                                 progress=progress(f"level {level}"))
-        trained = time.perf_counter()
-        final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)
-        final_state = final.state_dict()
-        kept = sum(int(m.sum()) for m in masks.values())
-        metrics = {"level": level, "density": kept / total_weights, **metrics,
-                   "train_loss": result.train_loss, "seconds": result.seconds + time.perf_counter() - trained,
-                   "images_per_second": result.images / max(result.seconds, 1e-9)}
-        stacked = (placement.cross.gather_cat(list(result.state.values()))
-                   if particles > 1 and placement.data.index == 0 else None)
-        if writer:
-            directory.mkdir(exist_ok=True)
-            _save(directory / "mask.pt", masks)
-            _save(directory / "model.pt", final_state)
-            if stacked is not None:
-                _save(directory / "particles.pt", dict(zip(result.state, stacked)))
-            _write_json(directory / "metrics.json", metrics)
-            log(f"level {level} density {metrics['density']:.4f} "
-                f"test_accuracy {metrics['test_accuracy']:.4f}")
-        finish_stage()
-        return metrics, final_state, masks
-
-    levels = _levels(config)
-    for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
-        metrics, final_state, masks = run_level(level, masks)
-        summary["levels"].append(metrics)
-        if writer:
-            _write_json(out / "summary.json", summary)
-        if level < levels[-1]:
-            new_masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
-            emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
-            if emptied and writer:
-                log(f"level {level} warning: {collapse_warning(emptied)}")
-                warnings.warn(collapse_warning(emptied), stacklevel=2)
-            masks = new_masks
-            topology.world.broadcast_(list(masks.values()))
-        del final_state  # the next level trains without this one's weights held
-    if log_file:
-        log_file.close()
-    return summary
+        levels = _levels(config)
+        for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
+            metrics, final_state, masks = run_level(level, masks)
+            summary["levels"].append(metrics)
+            if writer:
+                _write_json(out / "summary.json", summary)
+            if level < levels[-1]:
+                new_masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
+                emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
+                if emptied and writer:
+                    log(f"level {level} warning: {collapse_warning(emptied)}")
+                    warnings.warn(collapse_warning(emptied), stacklevel=2)
+                masks = new_masks
+                topology.world.broadcast_(list(masks.values()))
+            del final_state  # the next level trains without this one's weights held
+        return summary

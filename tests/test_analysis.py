@@ -81,6 +81,16 @@ def test_masks_restrict_a_plain_model_too():
     assert torch.equal(model[0].weight, before) and model.training
 
 
+def test_too_few_iterations_warn_that_the_eigenvalues_did_not_converge(recwarn):
+    model, batches, hessian = least_squares()
+    with pytest.warns(UserWarning, match=r"3 Lanczos iterations ended before the top 3 eigenvalues converged "
+                                         r"\(relative residual up to .* > tol 0.0001\): they may be too low"):
+        got = top_hessian_eigenvalues(model, squared_error, batches, k=3, iters=3)
+    assert got[2] < 0.9 * np.linalg.eigvalsh(hessian)[::-1][2]   # indeed too low
+    top_hessian_eigenvalues(model, squared_error, batches, k=3, iters=100)
+    assert not recwarn.list
+
+
 def test_eigenvalues_argument_errors():
     model, batches, _ = least_squares(d=8)
     with pytest.raises(ValueError, match="k must lie in"):
@@ -260,9 +270,11 @@ def test_instability_trains_two_copies(swamp_run):
 
 
 @pytest.mark.parametrize("argv, files", [
-    (["levels", "{run}", "--points", "3"], ["levels.json", "levels.png"]),
-    (["instability", "{run}", "--level", "2", "--points", "3"], ["instability_level_02.json", "instability_level_02.png"]),
-    (["hessian", "{run}", "--k", "2", "--iters", "30", "--trace-samples", "4"], ["hessian.json", "hessian.png"]),
+    (["levels", "{run}", "--points", "3"], ["levels_swamp.json", "levels_swamp.png"]),
+    (["instability", "{run}", "--level", "2", "--points", "3"],
+     ["instability_swamp_level_02.json", "instability_swamp_level_02.png"]),
+    (["hessian", "{run}", "--k", "2", "--iters", "30", "--trace-samples", "4"],
+     ["hessian_swamp.json", "hessian_swamp.png"]),
     (["barrier", "{run}/level_00", "{run}/level_02", "--points", "3"],
      ["barrier_swamp_00_swamp_02.json", "barrier_swamp_00_swamp_02.png"]),
     (["masks", "{run}/level_01", "{run}/level_02"], ["masks_swamp_01_swamp_02.json"]),
@@ -318,6 +330,17 @@ def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):
     assert "no complete level directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damaged", ["level_01/model.pt", "level_02/mask.pt"])
+def test_a_damaged_level_file_is_named(swamp_run, tmp_path, capsys, damaged):
+    copy = tmp_path / "swamp"
+    shutil.copytree(swamp_run, copy)
+    (copy / damaged).write_bytes((copy / damaged).read_bytes()[:100])   # truncated by a failed copy
+    assert cli.main(["analyze", "masks", str(copy / "level_01"), str(copy / "level_02"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert f"swamp analyze: error: {copy / damaged} is damaged: not a readable torch.save file" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("analysis", ["levels", "hessian"])
 def test_cli_refuses_a_run_without_complete_levels(swamp_run, tmp_path, capsys, analysis):
     started = tmp_path / "started"
@@ -331,6 +354,10 @@ def test_cli_refuses_a_run_without_complete_levels(swamp_run, tmp_path, capsys, 
     (["hessian", "{run}", "--k", "0"], "argument --k: must be >= 1, got 0"),
     (["levels", "{run}", "--points", "1"], "argument --points: must be >= 2, got 1"),
     (["hessian", "{run}", "--trace-samples", "x"], "argument --trace-samples: 'x' is not an integer"),
+    (["hessian", "{run}", "--tol", "-1"], "argument --tol: must be a finite number > 0, got -1"),
+    (["hessian", "{run}", "--tol", "nan"], "argument --tol: must be a finite number > 0, got nan"),
+    (["hessian", "{run}", "--k", "100000", "--out", "{tmp}/typo"], "k = 100000 is above the"),
+    (["masks", "{run}/level_01", "{run}/level_09", "--out", "{tmp}/typo"], "no complete level directory"),
     (["instability", "{run}", "--level", "1", "--seeds", "3", "3"], "--seeds must be two different seeds"),
     (["levels", "{tmp}/typo"], "typo is not a run directory"),
     (["levels", "{run}", "--device", "gpu"], "argument --device: must be cpu, auto or cuda[:N], got 'gpu'"),

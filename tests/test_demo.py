@@ -33,7 +33,7 @@ def test_a_folder_with_other_files_is_refused(tmp_path, capsys):
     assert (out / "my_run").is_dir()
 
 
-@pytest.mark.parametrize("own, named", [("imp/notes.txt", "imp/notes.txt"), ("swamp/analysis/levels.json", "swamp/analysis"),
+@pytest.mark.parametrize("own, named", [("imp/notes.txt", "imp/notes.txt"), ("swamp/analysis/levels_swamp.json", "swamp/analysis"),
                                         ("swamp/level_01/mine.pt", "swamp/level_01/mine.pt"),
                                         ("dense/level_02", "dense/level_02")])
 def test_files_of_the_users_inside_the_run_folders_are_refused(tmp_path, capsys, own, named):

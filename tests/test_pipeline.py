@@ -1,8 +1,10 @@
 """swamp.pipeline end to end on digits: every method, run layout, densities, averaging, BN, resume after kill -9."""
+import fcntl
 import gc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,3 +280,21 @@ def test_pruning_that_empties_a_layer_is_logged_and_warned(tmp_path):
     emptied = [n for n, m in torch.load(tmp_path / "run" / "level_01" / "mask.pt").items() if not m.any()]
     log = (tmp_path / "run" / "log.txt").read_text()
     assert len(emptied) == 1 and f"level 0 warning: pruning removed every remaining weight of {emptied[0]}:" in log
+
+
+def test_resuming_a_run_another_process_trains_fails_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    (out / "level_01" / "metrics.json").unlink()   # unfinished: resume would train level 1
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    with open(out / ".lock", "a+") as holder:   # as a live run holds it
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.truncate(0)
+        holder.write("pid 4242 on node7\n")
+        holder.flush()
+        assert cli.main(["resume", str(out), "--quiet"]) == 2
+        assert f"swamp resume: error: {out} is being trained by pid 4242 on node7; wait for it to end" in \
+            capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before   # nothing written, nothing removed
+    assert pipeline.resume(out, quiet=True)["levels"][1]["level"] == 1   # released: resumes
+    assert (out / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"

@@ -47,3 +47,30 @@ def test_report_cli_plots_atomically_and_shows_what_unfinished_runs_have(tmp_pat
         report.plot(report.load_runs([dirs[1]]), tmp_path / "q.png")
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         report.load_runs([tmp_path / "typo"])
+
+
+def test_a_damaged_summary_is_rebuilt_from_the_level_metrics(tmp_path):
+    directory = tmp_path / "a"
+    write_run(directory, "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)])
+    for n, metrics in enumerate([level(0, 1.0, 0.9), level(1, 0.8, 0.85)]):
+        (directory / f"level_{n:02d}").mkdir()
+        (directory / f"level_{n:02d}" / "metrics.json").write_text(json.dumps(metrics))
+    expected = report.load_runs([directory])
+    (directory / "summary.json").write_text('{"method": "imp", "lev')   # truncated by a failed copy
+    assert report.load_runs([directory]) == expected
+    (directory / "summary.json").unlink()
+    assert report.load_runs([directory]) == expected
+    (directory / "level_01" / "metrics.json").write_text("{")
+    with pytest.raises(ValueError, match=r"level_01/metrics.json is damaged: not valid JSON"):
+        report.load_runs([directory])
+
+
+def test_the_plot_takes_its_format_from_the_suffix_and_refuses_a_folder(tmp_path, capsys):
+    runs = report.load_runs([write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)])])
+    assert report.plot(runs, tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    assert report.plot(runs, tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(ValueError, match=r"matplotlib cannot write .docx files; use one of .*\.png"):
+        report.plot(runs, tmp_path / "p.docx")
+    assert cli.main(["report", str(tmp_path / "a"), "--plot", str(tmp_path)]) == 2
+    assert f"--plot {tmp_path} is a folder; name the image file" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp*"))

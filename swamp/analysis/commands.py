@@ -12,6 +12,7 @@ from swamp.analysis.landscape import l2_distance, mask_overlap
 from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
 from swamp.pipeline import atomic_write
+from swamp.report import density_axis
 
 __all__ = ["add_parser", "main"]
 
@@ -27,6 +28,17 @@ def _at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
     return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _device(text: str) -> str:
@@ -48,39 +60,54 @@ def add_parser(commands) -> None:
     kinds = analyze.add_subparsers(dest="analysis", required=True)
 
     def sub(name: str, help: str, run_dir: bool = True) -> argparse.ArgumentParser:
-        parser = kinds.add_parser(name, help=help)
+        parser = kinds.add_parser(name, help=help, description=help)
         if run_dir:
             parser.add_argument("dir", help="run directory")
-        parser.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
+        where = "RUN_DIR/analysis" if run_dir else "LEVEL_A's run directory/analysis"
+        parser.add_argument("--out", help=f"output directory (default: {where})")
         parser.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda[:N] or auto")
         return parser
 
+    points = dict(type=_at_least(2), default=11, help="points along each segment, ends included (default: 11)")
     barrier = sub("barrier", "error along the segment between two levels' solutions (of runs of one config)",
                   run_dir=False)
     barrier.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
     barrier.add_argument("level_b", help="level directory (of the same run or a run of the same config)")
-    barrier.add_argument("--points", type=_at_least(2), default=11)
-    unstable = sub("instability", "train a level twice with different data orders; their barrier")
-    unstable.add_argument("--level", type=_at_least(0), required=True)
-    unstable.add_argument("--seeds", type=int, nargs=2, default=[1, 2])
-    unstable.add_argument("--points", type=_at_least(2), default=11)
+    barrier.add_argument("--points", **points)
+    unstable = sub("instability", "train a level twice with different data orders; their barrier (each copy "
+                                  "trains one network: SWAMP runs train one particle with SWA)")
+    unstable.add_argument("--level", type=_at_least(0), required=True, help="the level to train again")
+    unstable.add_argument("--seeds", type=int, nargs=2, default=[1, 2], metavar=("SEED_A", "SEED_B"),
+                          help="the two copies' data-order seeds (default: 1 2)")
+    unstable.add_argument("--points", **points)
     levels = sub("levels", "barriers between successive levels, and among SWAMP particles")
-    levels.add_argument("--points", type=_at_least(2), default=11)
+    levels.add_argument("--points", **points)
     hessian = sub("hessian", "top Hessian eigenvalues (and trace) of every level, on its mask")
-    hessian.add_argument("--k", type=_at_least(1), default=1)
-    hessian.add_argument("--batches", type=_at_least(1), default=4, help="training batches the loss averages")
-    hessian.add_argument("--iters", type=_at_least(1), default=100)
-    hessian.add_argument("--tol", type=float, default=1e-4)
-    hessian.add_argument("--trace-samples", type=_at_least(0), default=0, help="Hutchinson probes (0: no trace)")
+    hessian.add_argument("--k", type=_at_least(1), default=1, help="eigenvalues per level (default: 1)")
+    hessian.add_argument("--batches", type=_at_least(1), default=4,
+                         help="training batches the loss averages (default: 4)")
+    hessian.add_argument("--iters", type=_at_least(1), default=100,
+                         help="most Lanczos iterations (Hessian-vector products) per level (default: 100)")
+    hessian.add_argument("--tol", type=_positive, default=1e-4,
+                         help="Lanczos stops when each top eigenpair's residual is below tol x |eigenvalue| "
+                              "(default: 1e-4); a level that ends unconverged warns")
+    hessian.add_argument("--trace-samples", type=_at_least(0), default=0,
+                         help="Hutchinson probes for the trace (default: 0, no trace)")
     masks = sub("masks", "mask overlap (Jaccard) and weight distance between two level directories",
                 run_dir=False)
-    masks.add_argument("level_a")
-    masks.add_argument("level_b")
+    masks.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
+    masks.add_argument("level_b", help="level directory (of the same run or a run of the same architecture)")
+
+
+def _write(path: Path, write) -> Path:
+    """``atomic_write`` into a folder made on the first write (a failing analysis leaves none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    return path
 
 
 def _write_json(path: Path, value) -> Path:
-    atomic_write(path, lambda t: t.write_text(json.dumps(value, indent=2) + "\n"))
-    return path
+    return _write(path, lambda t: t.write_text(json.dumps(value, indent=2) + "\n"))
 
 
 def _figure():
@@ -93,7 +120,7 @@ def _figure():
 def _save_figure(plt, fig, ax, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda t: fig.savefig(t, dpi=120, format="png"))
+    _write(path, lambda t: fig.savefig(t, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -112,9 +139,7 @@ def _plot_paths(paths: dict[str, dict], path: Path) -> Path:
 def _plot_against_density(rows: list[dict], value, ylabel: str, path: Path) -> Path:
     plt, fig, ax = _figure()
     ax.plot([100 * r["density"] for r in rows], [value(r) for r in rows], marker="o", markersize=3)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("density (% of prunable weights remaining, log scale)")
+    density_axis(ax, [r["density"] for r in rows])
     ax.set_ylabel(ylabel)
     return _save_figure(plt, fig, ax, path)
 
@@ -136,7 +161,6 @@ def main(args) -> list[Path]:
     if args.analysis == "instability" and args.seeds[0] == args.seeds[1]:
         raise ValueError(f"--seeds must be two different seeds, got {args.seeds[0]} twice")
     out = Path(args.out) if args.out else run_dir / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
     if args.analysis in ("barrier", "masks"):
         (dir_a, level_a), (dir_b, level_b) = _level_path(args.level_a), _level_path(args.level_b)
         run = load_run(dir_a, args.device)
@@ -155,22 +179,26 @@ def main(args) -> list[Path]:
                 _plot_paths({f"{args.level_a} -> {args.level_b}": result}, out / f"{stem}.png")]
     if args.analysis == "instability":
         result = instability(run_dir, args.level, args.seeds, args.points, args.device)
-        stem = f"instability_level_{args.level:02d}"
+        stem = f"instability_{run_dir.resolve().name}_level_{args.level:02d}"
         print(f"level {args.level}: barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
         return [_write_json(out / f"{stem}.json", result),
                 _plot_paths({f"seeds {args.seeds[0]} vs {args.seeds[1]}": result}, out / f"{stem}.png")]
     if args.analysis == "levels":
         result = successive_barriers(run_dir, args.points, args.device)
-        files = [_write_json(out / "levels.json", result)]
+        stem = f"levels_{run_dir.resolve().name}"
+        files = [_write_json(out / f"{stem}.json", result)]
         for row in result["levels"]:
             print(f"level {row['from_level']} -> {row['to_level']}: barrier {row['barrier']:.4f}")
         if result["levels"]:
             files.append(_plot_against_density(result["levels"], lambda r: 100 * r["barrier"],
-                                               "error barrier level L -> L+1 (%)", out / "levels.png"))
+                                               "error barrier level L -> L+1 (%)", out / f"{stem}.png"))
+        else:
+            print("no plot: the run has no two successive complete levels")
         return files
     result = level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device)
     for row in result["levels"]:
         print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}")
-    return [_write_json(out / "hessian.json", result),
+    stem = f"hessian_{run_dir.resolve().name}"
+    return [_write_json(out / f"{stem}.json", result),
             _plot_against_density(result["levels"], lambda r: r["eigenvalues"][0],
-                                  "top Hessian eigenvalue", out / "hessian.png")]
+                                  "top Hessian eigenvalue", out / f"{stem}.png")]

@@ -8,6 +8,7 @@ on those coordinates.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -102,7 +103,7 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterab
     v = operator.random(generator, rademacher=False)
     basis = [v / v.norm()]
     alphas, betas = [], []
-    theta = np.zeros(0)
+    theta, residuals = np.zeros(0), [float("nan")]
     for j in range(iters):
         w = operator(basis[j])
         alphas.append(float(w @ basis[j]))
@@ -118,10 +119,15 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterab
             basis.append(w / w.norm())
             continue
         top = np.argsort(theta)[::-1][:k]
-        if len(top) == k and all(abs(beta * vectors[-1, i]) <= tol * abs(theta[i]) for i in top):
+        residuals = [abs(beta * vectors[-1, i]) / max(abs(theta[i]), 1e-300) for i in top]
+        if len(top) == k and max(residuals) <= tol:
             break
         betas.append(beta)
         basis.append(w / beta)
+    else:
+        warnings.warn(f"top_hessian_eigenvalues: {iters} Lanczos iterations ended before the top {k} eigenvalues "
+                      f"converged (relative residual up to {max(residuals):.2g} > tol {tol:g}): they may be "
+                      "too low; raise iters", stacklevel=2)
     return sorted(theta.tolist(), reverse=True)[:k]
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -19,7 +18,7 @@ from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
-from swamp.pipeline import level_dir
+from swamp.pipeline import level_dir, load_file, read_json
 from swamp.sparsify import set_masks, sparsify
 from swamp.train import train_particles
 
@@ -60,21 +59,21 @@ class Run:
         return path
 
     def metrics(self, level: int) -> dict:
-        return json.loads(self._file(level, "metrics.json").read_text())
+        return read_json(self._file(level, "metrics.json"))
 
     def state(self, level: int) -> dict[str, torch.Tensor]:
         """The level's final (averaged, BN-recomputed) state_dict."""
-        return torch.load(self._file(level, "model.pt"), map_location=self.device)
+        return load_file(self._file(level, "model.pt"), map_location=self.device)
 
     def masks(self, level: int) -> dict[str, torch.Tensor]:
-        return torch.load(self._file(level, "mask.pt"), map_location=self.device)
+        return load_file(self._file(level, "mask.pt"), map_location=self.device)
 
     def particle_states(self, level: int) -> list[dict[str, torch.Tensor]]:
         """Each particle's final state (SWAMP runs save ``particles.pt``); [] when not saved."""
         path = self._file(level, "particles.pt")
         if not path.is_file():
             return []
-        stacked = torch.load(path, map_location=self.device)
+        stacked = load_file(path, map_location=self.device)
         base = self.state(level)
         count = next(iter(stacked.values())).shape[0]
         return [{**base, **{n: t[p] for n, t in stacked.items()}} for p in range(count)]
@@ -122,13 +121,14 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
                 device: str | torch.device = "cpu") -> dict:
     """Frankle et al.'s instability analysis of ``level``: two copies trained from the rewind
     weights under the level's mask, with the pipeline's trainer and schedule but batch orders
-    seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path, barrier and L2 distance."""
+    seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path, barrier and L2 distance.
+    Each copy is one network: for a SWAMP run, one particle with SWA (not the P-particle average)."""
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise ValueError(f"seeds must be two different integers, got {tuple(seeds)}")
     run = load_run(run_dir, device)
     config, masks = run.config, run.masks(level)
     set_masks(run.model, masks)
-    rewind = torch.load(run.directory / "rewind.pt", map_location=run.device)
+    rewind = load_file(run.directory / "rewind.pt", map_location=run.device)
     total = config.train.epochs * run.data.steps_per_epoch(config.train.batch_size)
     swa = config.method in ("imp_swa", "swamp")
     finals = []
@@ -174,6 +174,12 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
     every completed level's solution, restricted to its mask, on the first ``batches`` training
     batches (un-augmented) with the cross-entropy loss."""
     run = load_run(run_dir, device)
+    parameters = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    for level in run.levels():   # before the first level's work
+        masks = run.masks(level)
+        unpruned = parameters - sum(int((~m).sum()) for m in masks.values())
+        if k > unpruned:
+            raise ValueError(f"k = {k} is above the {unpruned} unpruned parameters of level {level}")
     train = [b for _, b in zip(range(batches), run.data.eval_batches("train", run.batch_size))]
     rows = []
     for level in run.levels():
