@@ -93,6 +93,11 @@ def main(argv=None) -> int:
         else:
             runs = report.load_runs(args.dirs)
             print(report.markdown_table(runs))
+            partial = [f"{label} ({len(summary['levels'])} of {pipeline.level_count(directory)} levels)"
+                       for (label, summary), directory in zip(runs.items(), args.dirs)
+                       if len(summary["levels"]) < pipeline.level_count(directory)]
+            if partial:
+                print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
             if any(summary["levels"] for summary in runs.values()):
                 print(f"\nplot: {report.plot(runs, args.plot)}")
             else:

@@ -225,6 +225,11 @@ def finished(out: str | Path) -> bool:
     return all((level_dir(out, level) / "metrics.json").is_file() for level in _levels(config))
 
 
+def level_count(out: str | Path) -> int:
+    """How many levels the run in ``out`` trains when finished (level 0 included)."""
+    return len(_levels(_run_config(Path(out))))
+
+
 def completed_levels(out: str | Path) -> dict:
     """The summary of the run in ``out`` as its level directories tell it: the levels complete
     from level 0 on (what ``summary.json`` holds, should that be missing or damaged)."""

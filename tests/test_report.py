@@ -36,6 +36,8 @@ def test_report_cli_plots_atomically_and_shows_what_unfinished_runs_have(tmp_pat
     plot = tmp_path / "p.png"
     assert cli.main(["report", *dirs, "--plot", str(plot)]) == 0
     assert plot.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*tmp*"))
+    assert "unfinished (still training, or stopped: `swamp resume`): a (2 of 11 levels), b (0 of 11 levels)" \
+        in capsys.readouterr().out
     assert cli.main(["report", dirs[0], "--plot", str(tmp_path / "new" / "dir" / "p.png")]) == 0   # folders made
     assert (tmp_path / "new" / "dir" / "p.png").is_file()
     capsys.readouterr()
