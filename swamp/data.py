@@ -12,7 +12,10 @@ on ``n``, so particle p sees the same data in the same order on any number of ra
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -119,13 +122,13 @@ class TensorData:
             x = torch.where(flips.to(x.device)[:, None, None, None], x.flip(-1), x)
         return x
 
-    def train_batches(self, generators: Sequence[torch.Generator], batch_size: int,
-                      augment: bool = True, shard: Shard = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of ``(x [P, B/n, ...], y [P, B/n])``: this rank's part of every batch;
-        particle p's order comes from ``generators[p]``."""
+    def train_batches(self, generators: Sequence[torch.Generator], batch_size: int, augment: bool = True,
+                      shard: Shard = (0, 1), skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x [P, B/n, ...], y [P, B/n])``: this rank's part of every batch but the
+        first ``skip`` (not made at all); particle p's order comes from ``generators[p]``."""
         batch_size, part = _epoch_batch(batch_size, self.num_train, shard)
         plans = [self._epoch_plan(g, augment) for g in generators]
-        for step in range(self.steps_per_epoch(batch_size)):
+        for step in range(skip, self.steps_per_epoch(batch_size)):
             xs, ys = [], []
             for order, offsets, flips in plans:
                 start = step * batch_size
@@ -204,7 +207,12 @@ class FolderData:
         self.train_plain = datasets.ImageFolder(str(root / "train"), transforms.Compose([
             transforms.Resize(image_size * 8 // 7), transforms.CenterCrop(image_size),
             transforms.PILToTensor()]))
-        self.test = _folder_with_classes(root / "val", self.train_plain.transform, self.train.classes)
+        try:
+            self.test = _folder_with_classes(root / "val", self.train_plain.transform, self.train.classes)
+        except FileNotFoundError as error:   # ILSVRC2012_img_val.tar unpacks flat
+            raise ConfigError(f"data.path: {error} ImageFolder needs {root / 'val'}/<class>/<image>, like "
+                              "train/: sort the validation images into their classes' folders (the "
+                              "flat ILSVRC2012 validation archive needs its devkit labels for that)") from error
         self.num_classes = len(self.train.classes)
         self.input_shape = (3, image_size, image_size)
         self.workers = workers
@@ -244,11 +252,12 @@ class FolderData:
         pairs = torch.stack([seeds, order[:steps * batch_size]], dim=1).view(steps, batch_size, 2)
         return [tuple(pair) for pair in pairs[:, part].reshape(-1, 2).tolist()]
 
-    def train_batches(self, generators, batch_size: int, augment: bool = True, shard: Shard = (0, 1)):
+    def train_batches(self, generators, batch_size: int, augment: bool = True, shard: Shard = (0, 1),
+                      skip: int = 0):
         batch_size, part = _epoch_batch(batch_size, self.num_train, shard)
         dataset = _Seeded(self.train if augment else self.train_plain)
-        loaders = [self._loader(dataset, part.stop - part.start, self._rank_samples(g, batch_size, part),
-                                drop_last=True)
+        share = part.stop - part.start
+        loaders = [self._loader(dataset, share, self._rank_samples(g, batch_size, part)[skip * share:], drop_last=True)
                    for g in generators]
         for batches in zip(*loaders):   # pinned batches copied as they are, stacked on the device
             yield (torch.stack([self._on_device(x) for x, _ in batches]),
@@ -285,6 +294,10 @@ def _checked(source: str, x_train, y_train, x_test, y_test):
     finite and within float32, one shape for both splits, ``[N, H, W]`` given a channel axis and
     channel-last ``[N, H, W, C]`` moved to ``[N, C, H, W]``; labels one non-negative integer per
     example. Returns them and the class count (the largest label + 1)."""
+    native = lambda a: a.astype(a.dtype.newbyteorder("="), copy=False)   # big-endian files too
+    squeezed = lambda y: y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y   # Keras's [N, 1] labels
+    x_train, x_test = native(x_train), native(x_test)
+    y_train, y_test = squeezed(native(y_train)), squeezed(native(y_test))
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
             raise ConfigError(f"{source}: x_{name} has dtype {x.dtype}; inputs must be real numbers")
@@ -300,8 +313,9 @@ def _checked(source: str, x_train, y_train, x_test, y_test):
         integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_ or (
             np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all())
         if not integral or (y < 0).any():
+            shown = y[(y < 0) | (y != np.round(y))] if np.issubdtype(y.dtype, np.number) else y   # the bad ones
             raise ConfigError(f"{source}: y_{name} must hold class indices 0, 1, ..., K-1 as integers "
-                              f"(dtype {y.dtype}, values such as {y[:3].tolist()})")
+                              f"(dtype {y.dtype}, values such as {shown[:3].tolist()})")
     if x_test.shape[1:] != x_train.shape[1:]:
         raise ConfigError(f"{source}: x_train examples have shape {x_train.shape[1:]} but x_test's have "
                           f"{x_test.shape[1:]}")
@@ -309,6 +323,10 @@ def _checked(source: str, x_train, y_train, x_test, y_test):
         x_train, x_test = x_train[:, None], x_test[:, None]
     elif x_train.ndim == 4 and x_train.shape[-1] in _CHANNELS and x_train.shape[1] not in _CHANNELS:
         x_train, x_test = x_train.transpose(0, 3, 1, 2), x_test.transpose(0, 3, 1, 2)   # [N, H, W, C]
+    elif x_train.ndim == 4 and x_train.shape[1] not in _CHANNELS and x_train.shape[-1] < x_train.shape[1]:
+        raise ConfigError(f"{source}: x_train has shape {x_train.shape}, whose channels are not clear: [N, H, W, C] "
+                          f"with C = {x_train.shape[-1]}? Channels-last images are read with C in "
+                          f"{', '.join(map(str, _CHANNELS))} only; give [N, C, H, W] (np.moveaxis(x, -1, 1))")
     classes = int(max(y_train.max(), y_test.max())) + 1
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes
 
@@ -326,7 +344,7 @@ def _digits() -> TensorData:
 def _npz(path: Path) -> TensorData:
     try:
         arrays = np.load(path)
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ConfigError(f"data.path {str(path)!r} is not a readable .npz file ({error})") from error
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise ConfigError(f"data.path {str(path)!r} holds one array, not an .npz of x_train, y_train, x_test, y_test")
@@ -339,6 +357,8 @@ def _npz(path: Path) -> TensorData:
             x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
         except ValueError as error:   # object arrays need pickle, which loading user files must not run
             raise ConfigError(f"data.path {str(path)!r}: {error}") from error
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:   # a damaged member
+            raise ConfigError(f"data.path {str(path)!r} is damaged ({error})") from error
     x_train, y_train, x_test, y_test, classes = _checked(f"data.path {str(path)!r}", x_train, y_train, x_test, y_test)
     x_train, x_test, _ = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes)
@@ -349,8 +369,13 @@ _IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyt
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
-        raw = file.read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+            raw = file.read()
+    except (OSError, EOFError, zlib.error) as error:   # a truncated download, an HTML page saved as .gz
+        raise ConfigError(f"{path} cannot be read ({error}): a truncated or failed download?") from error
+    if raw[:2] == b"\x1f\x8b":
+        raise ConfigError(f"{path} is gzip-compressed: name it {path.name}.gz or decompress it")
     try:
         ndim = raw[3]
         shape = np.frombuffer(raw, ">i4", ndim, 4)
@@ -378,9 +403,12 @@ def _mnist(root: Path, folder: str) -> TensorData:
 
 
 def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
+    """torchvision's CIFAR files, normalised per channel with the training set's statistics
+    (OpenLTH uses ImageNet's constants: another affine map of the input, which the first
+    BatchNorm all but undoes)."""
     folder, train_files, label_key = (
-        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], b"labels") if classes == 10
-        else ("cifar-100-python", ["train"], b"fine_labels"))
+        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "labels") if classes == 10
+        else ("cifar-100-python", ["train"], "fine_labels"))
     test_file = "test_batch" if classes == 10 else "test"
     directory = root / folder if (root / folder).is_dir() else root
     needed = [*train_files, test_file]
@@ -389,10 +417,33 @@ def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
                           f"{', '.join(needed)} in {root / folder} (extract the python-version "
                           "archive there)")
 
+    def field(part: dict, key: str, name: str):
+        """``part[key]``, whether the batch was pickled by Python 2 (as distributed) or 3."""
+        value = part.get(key, part.get(key.encode()))
+        if value is None:
+            raise ConfigError(f"{directory / name} holds no {key!r} entry: not a CIFAR-{classes} batch")
+        return value
+
+    def batch(name: str) -> dict:
+        try:
+            with open(directory / name, "rb") as file:
+                part = pickle.load(file, encoding="latin1")   # as torchvision reads them
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+            raise ConfigError(f"{directory / name} cannot be read ({error}): a truncated or failed "
+                              "download?") from error
+        if not isinstance(part, dict):
+            raise ConfigError(f"{directory / name} holds a {type(part).__name__}, not a CIFAR-{classes} batch")
+        return part
+
     def read(names):
-        parts = [pickle.load(open(directory / n, "rb"), encoding="bytes") for n in names]
-        x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
-        return x, np.concatenate([np.asarray(p[label_key]) for p in parts]).astype(np.int64)
+        parts = {name: batch(name) for name in names}
+        try:
+            x = np.concatenate([np.asarray(field(p, "data", n), dtype=np.uint8) for n, p in parts.items()])
+            x = x.reshape(-1, 3, 32, 32)
+        except ValueError as error:
+            raise ConfigError(f"{directory}: the batches' data is not [N, 3072] uint8 images ({error})") from error
+        labels = [np.asarray(field(p, label_key, n)) for n, p in parts.items()]
+        return x, np.concatenate(labels).astype(np.int64)
     (x_train, y_train), (x_test, y_test) = read(train_files), read([test_file])
     x_train, x_test, black = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes,
@@ -414,12 +465,15 @@ _SHAPES = {"digits": ([1, 8, 8], 10), "mnist": ([1, 28, 28], 10), "fashion_mnist
 
 
 def input_spec(config: DataConfig) -> tuple[list[int], int]:
-    """(input shape, classes) of the dataset ``config`` names, without loading it (npz: its
-    arrays' header; imagenet: 1000 classes at ``image_size``)."""
+    """(input shape, classes) of the dataset ``config`` names without loading its images (npz:
+    the file is read; imagenet: ``image_size`` and the class folders of ``train/``, or 1000
+    classes when there is no such folder, as for a dry run)."""
     if config.name == "synthetic":
         return list(config.shape), config.classes
     if config.name == "imagenet":
-        return [3, config.image_size, config.image_size], 1000
+        train = Path(config.path) / "train"
+        classes = sum(entry.is_dir() for entry in os.scandir(train)) if train.is_dir() else 1000
+        return [3, config.image_size, config.image_size], classes
     if config.name == "npz":
         data = _npz(Path(config.path))
         return list(data.input_shape), data.num_classes
@@ -430,8 +484,8 @@ def load_data(config: DataConfig):
     """The dataset ``config`` names, on the CPU. Nothing is downloaded."""
     name, root = config.name, Path(config.path)
     if name in ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet") and not root.exists():
-        raise ConfigError(f"data.path {config.path!r} does not exist; see swamp/data.py for the "
-                          f"layout dataset {name} expects")
+        raise ConfigError(f"data.path {config.path!r} does not exist; the README's data section says "
+                          f"what dataset {name} expects there")
     if name == "digits":
         return _digits()
     if name == "synthetic":

@@ -1,6 +1,8 @@
 """Model registry: ``build_model(config, input_shape, num_classes)`` -> a dense ``nn.Module``.
 
-Names: ``mlp`` (``hidden`` sizes; LeNet-300-100 is ``[300, 100]``), ``lenet5`` (small CNN),
+Names: ``mlp`` (``hidden`` sizes; LeNet-300-100 is ``[300, 100]``), ``lenet5`` (LeNet-5-style
+CNN with "same" padding in both convs: 107,786 parameters on 28x28 inputs, where the classic
+LeNet-5 has 61,706),
 OpenLTH ``cifar_resnet_D[_W]`` (D = 6n + 2, width W, default 16), ``wrn_D_k`` (pre-activation
 wide ResNet, D = 6n + 4), ``cifar_vgg_{11,13,16,19}``, torchvision ``resnet50``. ``model.init``
 ``openlth`` (the default) initialises them all as OpenLTH does; ``torch`` keeps PyTorch's.

@@ -381,11 +381,10 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
             generators = [epoch_generator(config.seed, stage, p, epoch) for p in placement.particles]
             in_swa = swa and epoch >= swa_epoch
             loss_sum, loss_count = torch.zeros(particles, device=device), 0
-            batches = data.train_batches(generators, train.batch_size, config.data.augment, shard=shard)
-            for i, (x, y) in enumerate(batches):
+            skip = max(0, begin - epoch * steps_per_epoch)   # the steps before the rewind point
+            batches = data.train_batches(generators, train.batch_size, config.data.augment, shard=shard, skip=skip)
+            for i, (x, y) in enumerate(batches, start=skip):
                 step = epoch * steps_per_epoch + i
-                if step < begin:
-                    continue
                 if step >= end:
                     break
                 lr = (swa_learning_rate(step, steps_per_epoch, config) if in_swa

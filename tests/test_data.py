@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from swamp.config import ConfigError, DataConfig
-from swamp.data import TensorData, epoch_generator, load_data
+from swamp.data import TensorData, epoch_generator, input_spec, load_data
 
 
 def test_digits_is_embedded_and_normalised():
@@ -74,19 +74,38 @@ def test_npz_that_cannot_be_right_is_refused_naming_the_array(tmp_path, change, 
         load_data(write_npz(tmp_path / "bad.npz", **arrays))
 
 
+def test_npz_of_other_conventions_loads_and_ambiguous_or_damaged_ones_are_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    x = rng.random((8, 5, 5, 3)).astype(">f4")   # big-endian, channels last
+    data = load_data(write_npz(tmp_path / "be.npz", x, (np.arange(8) % 2)[:, None], x[:3], np.zeros((3, 1))))
+    assert data.input_shape == (3, 5, 5) and data.y_train.tolist() == [0, 1] * 4   # Keras's [N, 1] labels
+    two = np.zeros((8, 6, 6, 2))
+    with pytest.raises(ConfigError, match=r"x_train has shape \(8, 6, 6, 2\), whose channels are not clear"):
+        load_data(write_npz(tmp_path / "two.npz", two, np.zeros(8), two[:2], np.zeros(2)))
+    with pytest.raises(ConfigError, match=r"values such as \[-1, -3\]"):
+        load_data(write_npz(tmp_path / "neg.npz", np.zeros((4, 2)), np.array([0, -1, 2, -3]), np.zeros((1, 2)),
+                            np.zeros(1)))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes((tmp_path / "be.npz").read_bytes()[:500])
+    with pytest.raises(ConfigError, match=r"cut.npz' is (not a readable .npz file|damaged)"):
+        load_data(DataConfig(name="npz", path=str(cut)))
+
+
 def test_npz_labels_may_be_whole_floats_or_bools(tmp_path):
     x = np.zeros((6, 2))
     data = load_data(write_npz(tmp_path / "a.npz", x, np.array([0.0, 1.0, 2.0] * 2), x, np.array([True, False] * 3)))
     assert data.y_train.tolist() == [0, 1, 2] * 2 and data.y_test.tolist() == [1, 0] * 3 and data.num_classes == 3
 
 
-def write_cifar10(root, n_per_batch=6):
+def write_cifar10(root, n_per_batch=6, key=lambda name: name.encode()):
+    """torchvision's CIFAR-10 files; keys bytes as in the Python 2 pickles distributed (``key=str``:
+    as Python 3 writes a batch it re-pickles)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 b"labels": list(rng.integers(0, 10, n_per_batch))}
+        batch = {key("data"): rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 key("labels"): list(rng.integers(0, 10, n_per_batch))}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
 
@@ -127,6 +146,39 @@ def test_fashion_mnist_idx_files(tmp_path, layout):
     assert data.x_train.shape == (12, 1, 28, 28) and data.y_train.tolist() == [i % 10 for i in range(12)]
     assert data.crop_padding == 0 and not data.flip   # no augmentation for MNIST, as OpenLTH
     assert data.y_test.tolist() == list(range(5))
+
+
+def test_cifar10_batches_pickled_by_python_3_load_alike_and_damaged_ones_are_named(tmp_path):
+    write_cifar10(tmp_path / "py2")
+    write_cifar10(tmp_path / "py3", key=str)
+    a, b = (load_data(DataConfig(name="cifar10", path=str(tmp_path / d))) for d in ("py2", "py3"))
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    batch = tmp_path / "py3" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:200])   # an interrupted copy
+    with pytest.raises(ConfigError, match=r"data_batch_3 cannot be read \(.*\): a truncated or failed download"):
+        load_data(DataConfig(name="cifar10", path=str(tmp_path / "py3")))
+
+
+def test_idx_files_that_cannot_be_read_are_named(tmp_path):
+    rng = np.random.default_rng(2)
+    for name, array in (("train-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28))),
+                        ("train-labels-idx1-ubyte.gz", np.arange(12) % 10),
+                        ("t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (5, 28, 28))),
+                        ("t10k-labels-idx1-ubyte", np.arange(5))):
+        write_idx(tmp_path / name, array)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:300])   # an interrupted download
+    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte.gz cannot be read \(.*\): a truncated"):
+        load_data(DataConfig(name="mnist", path=str(tmp_path)))
+    images.write_bytes(b"<html>Not Found</html>")   # a web page saved under the name
+    with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte.gz cannot be read"):
+        load_data(DataConfig(name="mnist", path=str(tmp_path)))
+    write_idx(images, rng.integers(0, 256, (12, 28, 28)))
+    labels = tmp_path / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(gzip.compress(labels.read_bytes()))   # compressed, named without .gz
+    with pytest.raises(ConfigError, match=r"t10k-labels-idx1-ubyte is gzip-compressed: name it "
+                                          r"t10k-labels-idx1-ubyte.gz or decompress it"):
+        load_data(DataConfig(name="mnist", path=str(tmp_path)))
 
 
 def test_idx_files_that_disagree_or_are_cut_short_are_refused(tmp_path):
@@ -202,6 +254,17 @@ def test_image_folder_val_takes_the_train_class_numbers(tmp_path):
         load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=8, workers=0))
 
 
+def test_a_flat_val_folder_says_how_image_folder_wants_it(tmp_path):
+    from PIL import Image
+    for folder in ("train/n01440764", "val"):   # val/ as the ILSVRC2012 validation archive unpacks
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(ConfigError, match=r"ImageFolder needs .*val/<class>/<image>, like train/"):
+        load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=8, workers=0))
+    assert input_spec(DataConfig(name="imagenet", path=str(tmp_path), image_size=8)) == ([3, 8, 8], 1)
+    assert input_spec(DataConfig(name="imagenet", path=str(tmp_path / "gone"), image_size=8))[1] == 1000
+
+
 def test_image_folder_augmentation_follows_the_particle_seed(tmp_path):
     """A sample's crop and flip depend on the particle's generator and its position only: not on
     the loader workers, the rank count or torch's global generator (which is left untouched)."""
@@ -224,6 +287,18 @@ def test_image_folder_augmentation_follows_the_particle_seed(tmp_path):
         assert len(other) == len(reference) == 2
         assert all(torch.equal(a, b) for a, b in zip(reference, other))
     assert not any(torch.equal(a, b) for a, b in zip(reference, epoch(1, workers=0)))
+    data = load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=12, workers=0))
+    skipped = [x for x, _ in data.train_batches([epoch_generator(0, 0, 0, 0)], 4, skip=1)]   # the rewind point
+    assert len(skipped) == 1 and torch.equal(skipped[0], reference[1])
+
+
+def test_skipped_batches_leave_the_rest_of_the_epoch_as_it_was():
+    data = indexed_data(n=40, crop_padding=2)
+    generators = lambda: [epoch_generator(0, 3, p, 1) for p in range(2)]
+    full = list(data.train_batches(generators(), 8, shard=(1, 2)))
+    tail = list(data.train_batches(generators(), 8, shard=(1, 2), skip=3))
+    assert len(full) == 5 and len(tail) == 2
+    assert all(torch.equal(a, b) for pair in zip(full[3:], tail) for a, b in zip(*pair))
 
 
 def test_a_training_set_smaller_than_a_batch_is_one_batch():
