@@ -107,6 +107,8 @@ def main(argv=None) -> int:
         return 2
     except DistributedError as error:
         _error(args.command, error)
+        if _resume_hint(args):
+            _show(f"swamp {args.command}: the job stopped{_resume_hint(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _show(f"\nswamp {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)

@@ -210,7 +210,11 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
             atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
         return _finished_summary(out)
     swamp_kernels.preferred_backend()
-    return _distributed(config, lambda topology: _execute(config, out, quiet, topology))
+
+    def body(topology: Topology) -> dict:
+        with _run_lock(out, topology):   # before loading anything: a live run is refused at once
+            return _execute(config, out, quiet, topology)
+    return _distributed(config, body)
 
 
 def _levels(config: Config) -> range:
@@ -418,8 +422,9 @@ def _run_lock(out: Path, topology: Topology):
 
 
 def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bool = False) -> dict:
-    """Run (or, unless ``new``, continue) the run of ``config`` in ``out``. A new run's directory
-    and ``config.yaml`` are written once data, model and config have passed every check."""
+    """Run (or, unless ``new``, continue: the caller holds the run's lock) the run of ``config``
+    in ``out``. A new run's directory and ``config.yaml`` are written once data, model and
+    config have passed every check."""
     device, writer = topology.device, topology.is_writer
     quiet = quiet or not writer
     data = load_data(config.data).to(device)
@@ -435,7 +440,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
     if writer and new:
         out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
-        held.enter_context(_run_lock(out, topology))
+        if new:   # a resume holds the lock already
+            held.enter_context(_run_lock(out, topology))
         if writer:
             if not new:
                 _remove_partial_writes(out)

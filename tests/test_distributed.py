@@ -151,6 +151,8 @@ def test_a_failed_rank_ends_the_job_with_an_error(tmp_path, fault):
     if fault != "crash":
         assert "another rank died, could not be reached, or stalled" in output and f"timeout_s = {timeout}" in output, \
             output[-3000:]
+        assert (f"swamp run: the job stopped; continue with the same torchrun line with `swamp resume "
+                f"{tmp_path / 'run'}`") in output, output[-3000:]
     assert not (tmp_path / "run" / "level_00" / "metrics.json").exists()
 
 

@@ -282,7 +282,7 @@ def test_pruning_that_empties_a_layer_is_logged_and_warned(tmp_path):
     assert len(emptied) == 1 and f"level 0 warning: pruning removed every remaining weight of {emptied[0]}:" in log
 
 
-def test_resuming_a_run_another_process_trains_fails_at_once(tmp_path, capsys):
+def test_resuming_a_run_another_process_trains_fails_at_once(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     pipeline.run(tiny("imp", levels=1), out, quiet=True)
     (out / "level_01" / "metrics.json").unlink()   # unfinished: resume would train level 1
@@ -292,7 +292,9 @@ def test_resuming_a_run_another_process_trains_fails_at_once(tmp_path, capsys):
         holder.truncate(0)
         holder.write("pid 4242 on node7\n")
         holder.flush()
-        assert cli.main(["resume", str(out), "--quiet"]) == 2
+        with monkeypatch.context() as patch:   # before the data set is loaded
+            patch.setattr(pipeline, "load_data", lambda config: pytest.fail("the data was loaded"))
+            assert cli.main(["resume", str(out), "--quiet"]) == 2
         assert f"swamp resume: error: {out} is being trained by pid 4242 on node7; wait for it to end" in \
             capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == before   # nothing written, nothing removed
