@@ -17,7 +17,7 @@ venv: $(STAMP)
 # cannot shadow the package as setuptools' default editable finder lets it.
 # --no-cache-dir: the CUDA wheels take ~5 GB; pip's cached copy of them would double what a
 # fresh install needs on disk (the last CI run failed with ENOSPC inside pip).
-$(STAMP): requirements-dev.txt pyproject.toml setup.py $(CSRC)
+$(STAMP): Makefile requirements-dev.txt pyproject.toml setup.py $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-cache-dir -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-cache-dir --no-deps --upgrade --target $(VENV)/triton-gpu-image triton==$(GPU_IMAGE_TRITON)

@@ -313,7 +313,8 @@ def _checked(source: str, x_train, y_train, x_test, y_test):
         integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_ or (
             np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all())
         if not integral or (y < 0).any():
-            shown = y[(y < 0) | (y != np.round(y))] if np.issubdtype(y.dtype, np.number) else y   # the bad ones
+            shown = y[(y < 0) | (y != np.round(y)) | ~np.isfinite(y)] if np.issubdtype(y.dtype, np.number) \
+                else y   # the bad ones
             raise ConfigError(f"{source}: y_{name} must hold class indices 0, 1, ..., K-1 as integers "
                               f"(dtype {y.dtype}, values such as {shown[:3].tolist()})")
     if x_test.shape[1:] != x_train.shape[1:]:
@@ -323,7 +324,8 @@ def _checked(source: str, x_train, y_train, x_test, y_test):
         x_train, x_test = x_train[:, None], x_test[:, None]
     elif x_train.ndim == 4 and x_train.shape[-1] in _CHANNELS and x_train.shape[1] not in _CHANNELS:
         x_train, x_test = x_train.transpose(0, 3, 1, 2), x_test.transpose(0, 3, 1, 2)   # [N, H, W, C]
-    elif x_train.ndim == 4 and x_train.shape[1] not in _CHANNELS and x_train.shape[-1] < x_train.shape[1]:
+    elif x_train.ndim == 4 and x_train.shape[1] == x_train.shape[2] and x_train.shape[-1] < x_train.shape[1] \
+            and x_train.shape[1] not in _CHANNELS:   # square [N, H, H, C] images, it seems
         raise ConfigError(f"{source}: x_train has shape {x_train.shape}, whose channels are not clear: [N, H, W, C] "
                           f"with C = {x_train.shape[-1]}? Channels-last images are read with C in "
                           f"{', '.join(map(str, _CHANNELS))} only; give [N, C, H, W] (np.moveaxis(x, -1, 1))")
@@ -466,14 +468,14 @@ _SHAPES = {"digits": ([1, 8, 8], 10), "mnist": ([1, 28, 28], 10), "fashion_mnist
 
 def input_spec(config: DataConfig) -> tuple[list[int], int]:
     """(input shape, classes) of the dataset ``config`` names without loading its images (npz:
-    the file is read; imagenet: ``image_size`` and the class folders of ``train/``, or 1000
-    classes when there is no such folder, as for a dry run)."""
+    the file is read; imagenet: ``image_size`` and the class folders of ``train/``)."""
     if config.name == "synthetic":
         return list(config.shape), config.classes
     if config.name == "imagenet":
         train = Path(config.path) / "train"
-        classes = sum(entry.is_dir() for entry in os.scandir(train)) if train.is_dir() else 1000
-        return [3, config.image_size, config.image_size], classes
+        if not train.is_dir():
+            raise ConfigError(f"data.path {config.path!r}: no ImageFolder {train} to count the classes of")
+        return [3, config.image_size, config.image_size], sum(entry.is_dir() for entry in os.scandir(train))
     if config.name == "npz":
         data = _npz(Path(config.path))
         return list(data.input_shape), data.num_classes

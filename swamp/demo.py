@@ -15,6 +15,7 @@ import torch
 
 from swamp import config as cfg
 from swamp import pipeline, report
+from swamp.runlock import holder as lock_holder
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "digits_mlp_swamp.yaml"
 METHODS = ("dense", "imp", "swamp", "random")
@@ -31,6 +32,8 @@ def _clear(out: Path) -> None:
     others = []
     for path in out.iterdir():
         if path.name in METHODS and path.is_dir():
+            if taken_by := lock_holder(path):
+                raise FileExistsError(f"--out {out}: {path} is being trained by {taken_by}")
             others += pipeline.foreign_files(path)
         elif path.name not in OUTPUTS or not path.is_file():
             others.append(path)
@@ -54,8 +57,7 @@ def main(argv=None) -> int:
         if any(item.partition("=")[0].strip() == "method" for item in args.overrides):
             raise cfg.ConfigError("the demo runs every method in turn: drop --set method=...")
         configs = {method: cfg.load(PRESET, [f"method={method}", *args.overrides]) for method in METHODS}
-        for config in configs.values():
-            pipeline.check(config)
+        pipeline.check(configs[METHODS[-1]])   # the data set and schedule checks (the methods share them)
         _clear(out)
     except (ValueError, OSError) as error:   # a bad --set (ConfigError), an occupied --out
         print(f"swamp demo: error: {error}", file=sys.stderr)

@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
-import pickle
 import re
 import shutil
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -55,6 +52,7 @@ from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
 from swamp.models import build_model
+from swamp.runlock import LOCK_NAME, RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
 
@@ -94,7 +92,7 @@ def read_json(path: Path):
     """The JSON value in ``path``; DamagedFileError naming it when it is not valid JSON."""
     try:
         return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:   # not JSON, or not even UTF-8 text
         raise DamagedFileError(f"{path} is damaged: not valid JSON ({error})") from None
 
 
@@ -102,8 +100,11 @@ def load_file(path: Path, **kwargs):
     """``torch.load(path, **kwargs)``; DamagedFileError naming it when it is no readable file."""
     try:
         return torch.load(path, **kwargs)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise DamagedFileError(f"{path} is damaged: not a readable torch.save file ({error})") from None
+    except OSError:   # a missing or unreadable file: its own clear error
+        raise
+    except Exception as error:   # torch.load fails on damage in many ways (KeyError, struct.error, ...)
+        raise DamagedFileError(f"{path} is damaged: not a readable torch.save file "
+                               f"({type(error).__name__}: {error})") from None
 
 
 def _write_json(path: Path, value) -> None:
@@ -121,7 +122,10 @@ def level_dir(out: Path, level: int) -> Path:
 def dry_run(config: Config) -> Config:
     """``config`` on synthetic data of its dataset's input shape and classes: levels 0 and 1 (at
     most) of one epoch of ``DRY_RUN_STEPS`` steps from initialisation, for measuring throughput."""
-    shape, classes = input_spec(config.data)
+    if config.data.name == "imagenet" and not (Path(config.data.path) / "train").is_dir():
+        shape, classes = [3, config.data.image_size, config.data.image_size], 1000   # ImageNet-1k, no data
+    else:
+        shape, classes = input_spec(config.data)
     batch = config.train.batch_size
     data = DataConfig(name="synthetic", shape=shape, classes=classes, augment=False,
                       train_size=DRY_RUN_STEPS * batch, test_size=batch)
@@ -130,7 +134,8 @@ def dry_run(config: Config) -> Config:
                                rewind=dataclasses.replace(config.rewind, iterations=0))
 
 
-_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|\.lock|" + _TEMP.pattern)
+_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|" + re.escape(LOCK_NAME) + "|"
+                        + _TEMP.pattern)
 _LEVEL_FILES = re.compile(r"(mask|model|particles)\.pt|metrics\.json|" + _TEMP.pattern)
 
 
@@ -154,6 +159,25 @@ def _holds_dry_run(out: Path) -> bool:
     return config == dry_run(config) and not foreign_files(out)
 
 
+def _claim(out: Path, replace_dry_run: bool) -> str | None:
+    """Why a new run cannot start in ``out`` (None: it can), once an earlier dry run there is
+    removed if ``replace_dry_run``. Rank 0 decides: it returns what every rank raises."""
+    if replace_dry_run and _holds_dry_run(out):
+        taken_by = lock_holder(out)
+        if taken_by:
+            return f"{out} is being trained by {taken_by}; wait for it to end (or stop it) first"
+        try:
+            shutil.rmtree(out)
+        except OSError as error:
+            return f"{out}: removing the earlier dry run failed ({error})"
+    if not (out / "config.yaml").exists():
+        return None
+    if replace_dry_run:
+        return (f"{out} already holds a run that is not a dry run (or files besides one); a dry run "
+                "replaces only an earlier dry run: pick another --out")
+    return f"{out} already holds a run; continue it with `swamp resume {out}`"
+
+
 def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: bool = False) -> dict:
     """Start a new run of ``config`` in directory ``out``; returns the summary.
 
@@ -164,16 +188,9 @@ def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: b
     out = Path(out)
 
     def start(topology: Topology) -> dict:
-        def occupied() -> bool:
-            if replace_dry_run and _holds_dry_run(out):
-                shutil.rmtree(out)
-            return (out / "config.yaml").exists()
-        exists = topology.world.broadcast_object(occupied() if topology.is_writer else None)
-        if exists and replace_dry_run:
-            raise FileExistsError(f"{out} already holds a run that is not a dry run (or files besides one); "
-                                  "a dry run replaces only an earlier dry run: pick another --out")
-        if exists:
-            raise FileExistsError(f"{out} already holds a run; continue it with `swamp resume {out}`")
+        problem = topology.world.broadcast_object(_claim(out, replace_dry_run) if topology.is_writer else None)
+        if problem:
+            raise FileExistsError(problem)
         return _execute(config, out, quiet, topology, new=True)
     return _distributed(config, start)
 
@@ -390,35 +407,23 @@ def check(config: Config) -> None:
 
 
 class RunInProgressError(OSError):
-    """Another process is training the run (it holds the run's ``.lock``)."""
+    """Another process is training the run (it holds the run's lock: :mod:`swamp.runlock`)."""
 
 
 @contextlib.contextmanager
 def _run_lock(out: Path, topology: Topology):
-    """Hold ``out/.lock`` (rank 0) while the run trains: a second process resuming it meanwhile
+    """Hold the run's lock (rank 0) while the run trains: a second process resuming it meanwhile
     fails at once, on every rank, instead of training the same levels and deleting this one's
-    files. The OS drops the lock when its holder ends, also on a kill."""
-    handle, holder = None, None
-    if topology.is_writer:
-        handle = open(out / ".lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-        else:
-            handle.truncate(0)
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
-    holder = topology.world.broadcast_object(holder)
-    if holder:
-        raise RunInProgressError(f"{out} is being trained by {holder}; wait for it to end (or stop it) first")
+    files."""
+    lock = RunLock(out) if topology.is_writer else None
     try:
+        taken_by = topology.world.broadcast_object(lock.acquire() if lock else None)
+        if taken_by:
+            raise RunInProgressError(f"{out} is being trained by {taken_by}; wait for it to end (or stop it) first")
         yield
     finally:
-        if handle is not None:
-            handle.close()
+        if lock is not None:
+            lock.release()
 
 
 def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bool = False) -> dict:
@@ -534,7 +539,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             if level < levels[-1]:
                 new_masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
                 emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
-                if emptied and writer:
+                if emptied and writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once
                     log(f"level {level} warning: {collapse_warning(emptied)}")
                     warnings.warn(collapse_warning(emptied), stacklevel=2)
                 masks = new_masks

@@ -138,9 +138,13 @@ def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict weight name -> bool tensor, got {type(masks).__name__}")
     layers = _masked_layers(model, aliases=True)
+    named: dict[int, str] = {}   # id(layer) -> the first key naming it
     for key, mask in masks.items():
         if key not in layers:
             raise _unknown_key(model, key, layers, masks)
+        other = named.setdefault(id(layers[key]), key)
+        if other != key and isinstance(mask, torch.Tensor) and not torch.equal(mask.cpu(), masks[other].cpu()):
+            raise ValueError(f"masks[{key!r}] and masks[{other!r}] name one layer but differ; give it one mask")
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"masks[{key!r}] is a {type(mask).__name__}, not a tensor")
         if mask.dtype != torch.bool:

@@ -66,9 +66,11 @@ def _span(x: torch.Tensor) -> tuple[int, int]:
 
 def distinct(*written: tuple[str, Sequence[torch.Tensor]]) -> None:
     """Raise if two tensors written in place, in the ``(name, tensors)`` lists given, share
-    memory (a tied weight listed twice, a momentum buffer shared by two params, views of one
-    buffer that overlap): their updates would race on the GPU. None entries (buffers not made
-    yet) are skipped."""
+    memory (a tied weight listed twice, a momentum buffer shared by two params, overlapping
+    views of one buffer): their updates would race on the GPU. Exact for tensors dense in
+    memory; a strided view (gaps between its entries) counts by its first entry only, so
+    interleaved views that share a later entry pass. None entries (buffers not made yet) are
+    skipped."""
     spans = sorted(((*_span(x), name, i) for name, xs in written for i, x in enumerate(xs)
                     if x is not None and x.numel() > 0), key=lambda span: (span[0], -span[1]))
     reach = None   # the span reaching furthest so far

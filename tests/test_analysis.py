@@ -88,7 +88,11 @@ def test_too_few_iterations_warn_that_the_eigenvalues_did_not_converge(recwarn):
         got = top_hessian_eigenvalues(model, squared_error, batches, k=3, iters=3)
     assert got[2] < 0.9 * np.linalg.eigvalsh(hessian)[::-1][2]   # indeed too low
     top_hessian_eigenvalues(model, squared_error, batches, k=3, iters=100)
-    assert not recwarn.list
+    x = torch.randn(1, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rank_one = nn.Sequential(nn.Linear(50, 1, bias=False)).double()   # H = 2 x^T x: Lanczos restarts
+    got = top_hessian_eigenvalues(rank_one, squared_error, [(x, torch.zeros(1, dtype=torch.float64))], iters=10)
+    assert got == pytest.approx([2 * float(x.square().sum())], rel=1e-9)
+    assert not recwarn.list   # exact after restarts: no warning
 
 
 def test_eigenvalues_argument_errors():
@@ -330,11 +334,13 @@ def test_cli_reports_a_missing_level(swamp_run, tmp_path, capsys):
     assert "no complete level directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damaged", ["level_01/model.pt", "level_02/mask.pt"])
-def test_a_damaged_level_file_is_named(swamp_run, tmp_path, capsys, damaged):
+@pytest.mark.parametrize("damaged, content", [("level_01/model.pt", lambda b: b[:100]),   # a failed copy
+                                              ("level_02/mask.pt", lambda b: b[:100]),
+                                              ("level_02/mask.pt", lambda b: b"hello world")])
+def test_a_damaged_level_file_is_named(swamp_run, tmp_path, capsys, damaged, content):
     copy = tmp_path / "swamp"
     shutil.copytree(swamp_run, copy)
-    (copy / damaged).write_bytes((copy / damaged).read_bytes()[:100])   # truncated by a failed copy
+    (copy / damaged).write_bytes(content((copy / damaged).read_bytes()))
     assert cli.main(["analyze", "masks", str(copy / "level_01"), str(copy / "level_02"),
                      "--out", str(tmp_path / "out")]) == 2
     assert f"swamp analyze: error: {copy / damaged} is damaged: not a readable torch.save file" in \

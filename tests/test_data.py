@@ -82,6 +82,11 @@ def test_npz_of_other_conventions_loads_and_ambiguous_or_damaged_ones_are_refuse
     two = np.zeros((8, 6, 6, 2))
     with pytest.raises(ConfigError, match=r"x_train has shape \(8, 6, 6, 2\), whose channels are not clear"):
         load_data(write_npz(tmp_path / "two.npz", two, np.zeros(8), two[:2], np.zeros(2)))
+    wide = np.zeros((8, 64, 7, 7))   # [N, C, H, W] with many channels
+    assert load_data(write_npz(tmp_path / "wide.npz", wide, np.zeros(8), wide[:2], np.zeros(2))).input_shape == (64, 7, 7)
+    with pytest.raises(ConfigError, match=r"values such as \[inf\]"):
+        load_data(write_npz(tmp_path / "inf.npz", np.zeros((2, 2)), np.array([0.0, np.inf]), np.zeros((1, 2)),
+                            np.zeros(1)))
     with pytest.raises(ConfigError, match=r"values such as \[-1, -3\]"):
         load_data(write_npz(tmp_path / "neg.npz", np.zeros((4, 2)), np.array([0, -1, 2, -3]), np.zeros((1, 2)),
                             np.zeros(1)))
@@ -262,7 +267,8 @@ def test_a_flat_val_folder_says_how_image_folder_wants_it(tmp_path):
     with pytest.raises(ConfigError, match=r"ImageFolder needs .*val/<class>/<image>, like train/"):
         load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=8, workers=0))
     assert input_spec(DataConfig(name="imagenet", path=str(tmp_path), image_size=8)) == ([3, 8, 8], 1)
-    assert input_spec(DataConfig(name="imagenet", path=str(tmp_path / "gone"), image_size=8))[1] == 1000
+    with pytest.raises(ConfigError, match=r"no ImageFolder .*gone/train to count the classes of"):
+        input_spec(DataConfig(name="imagenet", path=str(tmp_path / "gone"), image_size=8))
 
 
 def test_image_folder_augmentation_follows_the_particle_seed(tmp_path):

@@ -1,5 +1,6 @@
 """swamp.pipeline end to end on digits: every method, run layout, densities, averaging, BN, resume after kill -9."""
-import fcntl
+import contextlib
+import errno
 import gc
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swamp import cli, evaluate, pipeline, report
+from swamp import cli, evaluate, pipeline, report, runlock
 from swamp import config as C
 from swamp.data import load_data
 from swamp.models import build_model
@@ -282,21 +283,77 @@ def test_pruning_that_empties_a_layer_is_logged_and_warned(tmp_path):
     assert len(emptied) == 1 and f"level 0 warning: pruning removed every remaining weight of {emptied[0]}:" in log
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(out: Path):
+    """``out``'s run lock held by another process (a POSIX lock: the owner is a process), as a
+    live run holds it, with "pid 4242 on node7" in the file."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB); f.truncate(0); f.write('pid 4242 on node7'); "
+         "f.flush(); print('locked', flush=True); sys.stdin.read()", str(out / runlock.LOCK_NAME)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
 def test_resuming_a_run_another_process_trains_fails_at_once(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     pipeline.run(tiny("imp", levels=1), out, quiet=True)
     (out / "level_01" / "metrics.json").unlink()   # unfinished: resume would train level 1
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    with open(out / ".lock", "a+") as holder:   # as a live run holds it
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        holder.truncate(0)
-        holder.write("pid 4242 on node7\n")
-        holder.flush()
-        with monkeypatch.context() as patch:   # before the data set is loaded
-            patch.setattr(pipeline, "load_data", lambda config: pytest.fail("the data was loaded"))
-            assert cli.main(["resume", str(out), "--quiet"]) == 2
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != runlock.LOCK_NAME}
+    with lock_held_elsewhere(out), monkeypatch.context() as patch:
+        patch.setattr(pipeline, "load_data", lambda config: pytest.fail("the data was loaded"))   # refused first
+        assert cli.main(["resume", str(out), "--quiet"]) == 2
         assert f"swamp resume: error: {out} is being trained by pid 4242 on node7; wait for it to end" in \
             capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == before   # nothing written, nothing removed
     assert pipeline.resume(out, quiet=True)["levels"][1]["level"] == 1   # released: resumes
-    assert (out / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    assert (out / runlock.LOCK_NAME).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+def test_a_dry_run_does_not_replace_a_dry_run_in_progress(tmp_path, capsys):
+    config, out = tmp_path / "c.yaml", tmp_path / "dry"
+    config.write_text(C.dump(tiny("dense")))
+    assert cli.main(["run", str(config), "--out", str(out), "--dry-run", "--quiet"]) == 0
+    with lock_held_elsewhere(out):
+        assert cli.main(["run", str(config), "--out", str(out), "--dry-run", "--quiet"]) == 2
+        assert f"{out} is being trained by pid 4242 on node7" in capsys.readouterr().err
+        assert (out / "summary.json").is_file()
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    def refused(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(runlock.fcntl, "lockf", refused)
+    with pytest.warns(UserWarning, match=r"\.lock: cannot lock the run \(\[Errno \d+\] No locks available\)"):
+        lock = runlock.RunLock(tmp_path)
+        assert lock.acquire() is None
+    lock.release()
+    assert runlock.holder(tmp_path) is None
+
+
+def test_the_lock_ends_with_its_process_not_with_the_workers_it_forked(tmp_path):
+    """A killed run's DataLoader workers (forked while it held the lock) live on a few seconds:
+    the lock must not live on in them, or an immediate resume would be refused."""
+    script = ("import os, sys, time\n"
+              "from swamp.runlock import RunLock\n"
+              "lock = RunLock(sys.argv[1])\n"
+              "assert lock.acquire() is None\n"
+              "child = os.fork()\n"
+              "if child == 0:   # the worker: off the parent's pipes, alive for a while\n"
+              "    quiet = os.open(os.devnull, os.O_WRONLY)\n"
+              "    os.dup2(quiet, 1), os.dup2(quiet, 2)\n"
+              "    time.sleep(30)\n"
+              "print(child, flush=True)\n"
+              "os._exit(0)\n")
+    parent = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    worker = int(parent.stdout)
+    try:
+        assert runlock.holder(tmp_path) is None
+    finally:
+        os.kill(worker, signal.SIGKILL)

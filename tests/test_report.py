@@ -60,6 +60,8 @@ def test_a_damaged_summary_is_rebuilt_from_the_level_metrics(tmp_path):
     expected = report.load_runs([directory])
     (directory / "summary.json").write_text('{"method": "imp", "lev')   # truncated by a failed copy
     assert report.load_runs([directory]) == expected
+    (directory / "summary.json").write_bytes(b"PK\x03\x04\x80\xff")   # not even text
+    assert report.load_runs([directory]) == expected
     (directory / "summary.json").unlink()
     assert report.load_runs([directory]) == expected
     (directory / "level_01" / "metrics.json").write_text("{")

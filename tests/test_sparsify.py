@@ -162,6 +162,12 @@ def test_set_masks_takes_any_name_of_a_layer_and_hints_at_wrappers():
     swamp.set_masks(model, {"classifier.weight": torch.eye(5, 8, dtype=torch.bool)})
     assert torch.equal(model.head.weight_mask, torch.eye(5, 8, dtype=torch.bool))
     assert torch.count_nonzero(model.head.weight) == 5
+    with pytest.raises(ValueError, match=r"masks\['head.weight'\] and masks\['classifier.weight'\] name one layer "
+                                         r"but differ"):
+        swamp.set_masks(model, {"classifier.weight": torch.eye(5, 8, dtype=torch.bool),
+                                "head.weight": torch.ones(5, 8, dtype=torch.bool)})
+    swamp.set_masks(model, {"classifier.weight": torch.eye(5, 8, dtype=torch.bool),   # equal: fine
+                            "head.weight": torch.eye(5, 8, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"Only the masks' keys start with '_orig_mod.' \(torch.compile\): "
                                          r"name the weights as the model passed does"):
         swamp.set_masks(model, swamp.masks(torch.compile(model)))

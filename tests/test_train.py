@@ -3,12 +3,13 @@ stage resumed from any epoch checkpoint ends bitwise equal to an uninterrupted o
 rates against torch's schedulers."""
 import dataclasses
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from swamp import cli
+from swamp import cli, pipeline
 from swamp import config as C
 from swamp.data import epoch_generator, load_data
 from swamp.distributed import Group
@@ -205,3 +206,10 @@ def test_a_dry_run_replaces_an_earlier_dry_run_only(tmp_path, capsys):
     assert cli.main(["run", str(config), "--out", str(real), "--dry-run", "--quiet"]) == 2
     assert "a dry run replaces only an earlier dry run" in capsys.readouterr().err
     assert (real / "summary.json").is_file()
+
+
+def test_a_dry_run_of_imagenet_takes_its_shapes_without_the_data_set(tmp_path):
+    config = C.load(Path(__file__).resolve().parent.parent / "configs" / "imagenet_resnet50_swamp.yaml",
+                    [f"data.path={tmp_path / 'nowhere'}"], check_paths=False)
+    data = pipeline.dry_run(config).data
+    assert (data.name, data.shape, data.classes) == ("synthetic", [3, 224, 224], 1000)

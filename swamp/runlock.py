@@ -1,0 +1,73 @@
+"""The lock a process holds on a run directory while it trains the run: ``DIR/.lock``.
+
+A POSIX record lock (``fcntl.lockf``): it belongs to the process, so DataLoader workers forked
+while it is held do not keep it after their parent is killed, and the OS drops it when the
+process ends however it ends. It also works across the nodes of a shared NFS filesystem. A
+filesystem that refuses locks (some Lustre or NFS mounts) gets a warning and an unlocked run.
+The file holds the holder's pid and host, for the message of whoever finds it taken.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import warnings
+from pathlib import Path
+
+__all__ = ["LOCK_NAME", "RunLock", "holder"]
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """The lock of the run directory ``out``: :meth:`acquire`, then :meth:`release`."""
+
+    def __init__(self, out: str | Path):
+        self.path = Path(out) / LOCK_NAME
+        self._file = None
+
+    def acquire(self) -> str | None:
+        """Take the lock and return None, or return who holds it ("pid N on HOST"). Never
+        raises OSError: a lock the filesystem refuses is warned of and skipped."""
+        try:
+            file = open(self.path, "a+")
+        except OSError as error:
+            return self._unlocked(error)
+        try:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):   # EAGAIN / EACCES: another process has it
+            file.seek(0)
+            taken_by = file.read().strip() or "another process"
+            file.close()
+            return taken_by
+        except OSError as error:   # ENOLCK, EOPNOTSUPP: no locks on this filesystem
+            file.close()
+            return self._unlocked(error)
+        file.truncate(0)
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return None
+
+    def _unlocked(self, error: OSError) -> None:
+        warnings.warn(f"{self.path}: cannot lock the run ({error}); a second `swamp resume` of it while "
+                      "it trains would not be refused", stacklevel=3)
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def holder(out: str | Path) -> str | None:
+    """Who holds the lock of the run directory ``out`` (None: nobody), without keeping it.
+    Not for the holding process itself: closing its probe would drop its own POSIX lock."""
+    if not (Path(out) / LOCK_NAME).is_file():
+        return None
+    lock = RunLock(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a filesystem without locks: nobody can hold one
+        taken_by = lock.acquire()
+    lock.release()
+    return taken_by
