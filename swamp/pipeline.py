@@ -230,6 +230,8 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
 
     def body(topology: Topology) -> dict:
         with _run_lock(out, topology):   # before loading anything: a live run is refused at once
+            if topology.world.broadcast_object(finished(out) if topology.is_writer else None):
+                return _finished_summary(out)   # finished by its last holder since the check above
             return _execute(config, out, quiet, topology)
     return _distributed(config, body)
 

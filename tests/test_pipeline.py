@@ -357,3 +357,14 @@ def test_the_lock_ends_with_its_process_not_with_the_workers_it_forked(tmp_path)
         assert runlock.holder(tmp_path) is None
     finally:
         os.kill(worker, signal.SIGKILL)
+
+
+def test_a_resume_that_finds_the_run_finished_once_it_holds_the_lock_trains_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    summary = pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    real, calls = pipeline.finished, []
+    monkeypatch.setattr(pipeline, "finished", lambda d: bool(calls.append(d)) or len(calls) > 1 and real(d))
+    monkeypatch.setattr(pipeline, "_execute", lambda *args, **kwargs: pytest.fail("it trained"))
+    log = (out / "log.txt").read_text()
+    assert pipeline.resume(out, quiet=True) == summary and len(calls) == 2   # unfinished, then finished
+    assert (out / "log.txt").read_text() == log   # no "resumed:" line
