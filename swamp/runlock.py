@@ -29,30 +29,12 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock and return None, or return who holds it ("pid N on HOST"). Never
         raises OSError: a lock the filesystem refuses is warned of and skipped."""
-        try:
-            file = open(self.path, "a+")
-        except OSError as error:
-            return self._unlocked(error)
-        try:
-            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):   # EAGAIN / EACCES: another process has it
-            file.seek(0)
-            taken_by = file.read().strip() or "another process"
-            file.close()
-            return taken_by
-        except OSError as error:   # ENOLCK, EOPNOTSUPP: no locks on this filesystem
-            file.close()
-            return self._unlocked(error)
-        file.truncate(0)
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        file.flush()
-        self._file = file
-        return None
-
-    def _unlocked(self, error: OSError) -> None:
-        warnings.warn(f"{self.path}: cannot lock the run ({error}); a second `swamp resume` of it while "
-                      "it trains would not be refused", stacklevel=3)
-        return None
+        self._file, taken_by = _locked(self.path)
+        if self._file is not None:
+            self._file.truncate(0)
+            self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            self._file.flush()
+        return taken_by
 
     def release(self) -> None:
         if self._file is not None:
@@ -60,14 +42,41 @@ class RunLock:
             self._file = None
 
 
+def _locked(path: Path):
+    """(``path`` opened and locked, None), or (None, who holds it), or (None, None) with a warning
+    when the filesystem refuses to lock it."""
+    try:
+        file = open(path, "a+")
+    except OSError as error:
+        return None, _unlocked(path, error)
+    try:
+        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):   # EAGAIN / EACCES: another process has it
+        file.seek(0)
+        taken_by = file.read().strip() or "another process"
+        file.close()
+        return None, taken_by
+    except OSError as error:   # ENOLCK, EOPNOTSUPP: no locks on this filesystem
+        file.close()
+        return None, _unlocked(path, error)
+    return file, None
+
+
+def _unlocked(path: Path, error: OSError) -> None:
+    warnings.warn(f"{path}: cannot lock the run ({error}); a second `swamp resume` of it while it trains "
+                  "would not be refused", stacklevel=4)
+
+
 def holder(out: str | Path) -> str | None:
-    """Who holds the lock of the run directory ``out`` (None: nobody), without keeping it.
-    Not for the holding process itself: closing its probe would drop its own POSIX lock."""
-    if not (Path(out) / LOCK_NAME).is_file():
+    """Who holds the lock of the run directory ``out`` (None: nobody), without taking it or
+    changing the file. Not for the holding process itself: closing its probe would drop its
+    own POSIX lock."""
+    path = Path(out) / LOCK_NAME
+    if not path.is_file():
         return None
-    lock = RunLock(out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # a filesystem without locks: nobody can hold one
-        taken_by = lock.acquire()
-    lock.release()
+        file, taken_by = _locked(path)
+    if file is not None:
+        file.close()
     return taken_by

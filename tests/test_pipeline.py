@@ -368,3 +368,10 @@ def test_a_resume_that_finds_the_run_finished_once_it_holds_the_lock_trains_noth
     log = (out / "log.txt").read_text()
     assert pipeline.resume(out, quiet=True) == summary and len(calls) == 2   # unfinished, then finished
     assert (out / "log.txt").read_text() == log   # no "resumed:" line
+
+
+def test_probing_a_free_lock_leaves_its_file_as_it_was(tmp_path):
+    (tmp_path / runlock.LOCK_NAME).write_text("pid 7 on earlier-host\n")
+    assert runlock.holder(tmp_path) is None
+    assert (tmp_path / runlock.LOCK_NAME).read_text() == "pid 7 on earlier-host\n"
+    assert runlock.holder(tmp_path / "no-run") is None and not (tmp_path / "no-run").exists()
