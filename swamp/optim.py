@@ -60,7 +60,7 @@ class MaskedSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.backend = backend
         self._masks: dict[torch.Tensor, torch.Tensor] = {}
-        self.set_masks(masks)
+        self._set_masks(masks)
 
     def __getstate__(self):
         return {**super().__getstate__(), "backend": self.backend, "_masks": self._masks}
@@ -84,6 +84,10 @@ class MaskedSGD(torch.optim.Optimizer):
 
     def set_masks(self, masks) -> None:
         """Replace all masks: None, a model, ``{param: mask}`` or a sequence aligned with the params."""
+        self._set_masks(masks)
+
+    def _set_masks(self, masks) -> None:
+        """:meth:`set_masks`, one frame below it and ``__init__`` alike: a warning names the user's line."""
         params = self._params()
         layers: list[MaskedLayer] = []   # a model's layers, whose masks are followed
         if isinstance(masks, nn.Module):

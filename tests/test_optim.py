@@ -240,10 +240,14 @@ def test_an_unavailable_backend_fails_at_construction(monkeypatch):
 
 def test_masks_of_a_model_whose_layers_it_does_not_hold_warn():
     model, other = (swamp.sparsify(nn.Sequential(nn.Linear(3, 2))) for _ in range(2))
-    with pytest.warns(UserWarning, match=r"holds the weight of none of the 1 masked layers of the Sequential"):
+    with pytest.warns(UserWarning, match=r"holds the weight of none of the 1 masked layers of the Sequential") as caught:
         assert not MaskedSGD(other.parameters(), lr=0.1, masks=model).masks
+    assert caught[0].filename == __file__
     with pytest.warns(UserWarning, match=r"the Sequential passed has no masked layers \(swamp.sparsify it first\)"):
-        MaskedSGD(other.parameters(), lr=0.1, masks=nn.Sequential(nn.Linear(3, 2)))
+        optimizer = MaskedSGD(other.parameters(), lr=0.1, masks=nn.Sequential(nn.Linear(3, 2)))
+    with pytest.warns(UserWarning, match="holds the weight of none") as caught:
+        optimizer.set_masks(model)
+    assert caught[0].filename == __file__   # the user's line, from the constructor or set_masks
 
 
 def test_layer_hook_skips_weights_masked_sgd_already_masks(monkeypatch):
