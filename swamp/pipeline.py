@@ -156,7 +156,7 @@ def _holds_dry_run(out: Path) -> bool:
         config = _run_config(out)
     except (OSError, ValueError):
         return False
-    return config == dry_run(config) and not foreign_files(out)
+    return config.data.name == "synthetic" and config == dry_run(config) and not foreign_files(out)
 
 
 def _claim(out: Path, replace_dry_run: bool) -> str | None:
@@ -187,8 +187,14 @@ def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: b
     swamp_kernels.preferred_backend()   # a bad SWAMP_KERNELS_BACKEND fails before the run starts
     out = Path(out)
 
+    def claim() -> str | None:
+        try:
+            return _claim(out, replace_dry_run)
+        except (OSError, ValueError) as error:   # returned, never raised on rank 0 alone
+            return f"{out}: {error}"
+
     def start(topology: Topology) -> dict:
-        problem = topology.world.broadcast_object(_claim(out, replace_dry_run) if topology.is_writer else None)
+        problem = topology.world.broadcast_object(claim() if topology.is_writer else None)
         if problem:
             raise FileExistsError(problem)
         return _execute(config, out, quiet, topology, new=True)
@@ -222,16 +228,18 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
     config = from_dict(apply_overrides(to_dict(config), overrides))
     done = finished(out)
     validate(config, check_paths=bool(overrides) or not done)   # a finished run needs no data
-    if done:
+    def finish() -> dict:
         if overrides and _writes_finished_run():   # e.g. a moved data set, for the analyses
             atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
         return _finished_summary(out)
+    if done:
+        return finish()
     swamp_kernels.preferred_backend()
 
     def body(topology: Topology) -> dict:
         with _run_lock(out, topology):   # before loading anything: a live run is refused at once
             if topology.world.broadcast_object(finished(out) if topology.is_writer else None):
-                return _finished_summary(out)   # finished by its last holder since the check above
+                return finish()   # finished by its last holder since the check above
             return _execute(config, out, quiet, topology)
     return _distributed(config, body)
 
@@ -449,6 +457,9 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
     with contextlib.ExitStack() as held:
         if new:   # a resume holds the lock already
             held.enter_context(_run_lock(out, topology))
+            if topology.world.broadcast_object((out / "config.yaml").exists() if writer else None):
+                raise FileExistsError(f"{out} already holds a run (started meanwhile by another process); "
+                                      f"continue it with `swamp resume {out}`")
         if writer:
             if not new:
                 _remove_partial_writes(out)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
 __all__ = ["LOCK_NAME", "RunLock", "holder"]
 
 LOCK_NAME = ".lock"
+_ATTEMPTS = 3   # tries of a lock found taken, 50 ms apart
 
 
 class RunLock:
@@ -29,11 +31,18 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock and return None, or return who holds it ("pid N on HOST"). Never
         raises OSError: a lock the filesystem refuses is warned of and skipped."""
-        self._file, taken_by = _locked(self.path)
+        for attempt in range(_ATTEMPTS):   # a probe (:func:`holder`) holds a free lock for an instant
+            self._file, taken_by = _locked(self.path)
+            if taken_by is None or attempt == _ATTEMPTS - 1:
+                break
+            time.sleep(0.05)
         if self._file is not None:
-            self._file.truncate(0)
-            self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            self._file.flush()
+            try:
+                self._file.truncate(0)
+                self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                self._file.flush()
+            except OSError:   # a full disk: the lock holds, its file just cannot name us
+                pass
         return taken_by
 
     def release(self) -> None:
@@ -46,7 +55,7 @@ def _locked(path: Path):
     """(``path`` opened and locked, None), or (None, who holds it), or (None, None) with a warning
     when the filesystem refuses to lock it."""
     try:
-        file = open(path, "a+")
+        file = open(path, "a+", errors="replace")
     except OSError as error:
         return None, _unlocked(path, error)
     try:
@@ -68,9 +77,9 @@ def _unlocked(path: Path, error: OSError) -> None:
 
 
 def holder(out: str | Path) -> str | None:
-    """Who holds the lock of the run directory ``out`` (None: nobody), without taking it or
-    changing the file. Not for the holding process itself: closing its probe would drop its
-    own POSIX lock."""
+    """Who holds the lock of the run directory ``out`` (None: nobody), leaving the file as it
+    was; a free lock is taken for an instant (:meth:`RunLock.acquire` retries past that). Not
+    for the holding process itself: closing its probe would drop its own POSIX lock."""
     path = Path(out) / LOCK_NAME
     if not path.is_file():
         return None

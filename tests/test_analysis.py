@@ -55,18 +55,22 @@ def test_top_eigenvalues_match_eigvalsh(k, masked):
     np.testing.assert_allclose(got, expected, rtol=1e-3)
 
 
+def diagonal_hessian(norms, n=240):
+    """(model, batches, eigenvalues descending) of least squares on orthogonal columns of ``norms``."""
+    norms = torch.tensor(norms, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(n, len(norms), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    model = nn.Sequential(nn.Linear(len(norms), 1, bias=False)).double()
+    return model, [(q * norms, torch.zeros(n, dtype=torch.float64))], sorted((2 * norms ** 2 / n).tolist(),
+                                                                            reverse=True)
+
+
 def test_repeated_eigenvalues_are_found_as_often_as_they_occur():
     """A diagonal Hessian with a threefold top eigenvalue: one Krylov space holds one copy of each
     distinct eigenvalue, so Lanczos must restart beside it to find the others."""
-    n, d = 240, 10
-    q, _ = torch.linalg.qr(torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-    norms = torch.tensor([3.0, 3.0, 3.0, 2.0, 2.0, 1.5, 1.0, 1.0, 0.5, 0.25], dtype=torch.float64)
-    x = q * norms
-    model = nn.Sequential(nn.Linear(d, 1, bias=False)).double()
-    batches = [(x, torch.zeros(n, dtype=torch.float64))]
-    expected = sorted((2 * norms ** 2 / n).tolist(), reverse=True)
+    model, batches, expected = diagonal_hessian([3.0, 3.0, 3.0, 2.0, 2.0, 1.5, 1.0, 1.0, 0.5, 0.25])
     for k in (3, 5, 10):
-        got = top_hessian_eigenvalues(model, squared_error, batches, k=k, iters=d)
+        got = top_hessian_eigenvalues(model, squared_error, batches, k=k, iters=10)
         np.testing.assert_allclose(got, expected[:k], rtol=1e-9)
 
 
@@ -92,7 +96,11 @@ def test_too_few_iterations_warn_that_the_eigenvalues_did_not_converge(recwarn):
     rank_one = nn.Sequential(nn.Linear(50, 1, bias=False)).double()   # H = 2 x^T x: Lanczos restarts
     got = top_hessian_eigenvalues(rank_one, squared_error, [(x, torch.zeros(1, dtype=torch.float64))], iters=10)
     assert got == pytest.approx([2 * float(x.square().sum())], rel=1e-9)
-    assert not recwarn.list   # exact after restarts: no warning
+    assert not recwarn.list   # exact at the first invariant subspace: no warning
+    model, batches, expected = diagonal_hessian([3.0, 3.0, 1.0])   # one Krylov space: 2 distinct values
+    with pytest.warns(UserWarning, match=r"ended searching for more copies of repeated eigenvalues"):
+        got = top_hessian_eigenvalues(model, squared_error, batches, k=2, iters=2)
+    assert got[1] < expected[1]   # the second copy of the top one is indeed missing
 
 
 def test_eigenvalues_argument_errors():

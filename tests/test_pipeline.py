@@ -366,8 +366,35 @@ def test_a_resume_that_finds_the_run_finished_once_it_holds_the_lock_trains_noth
     monkeypatch.setattr(pipeline, "finished", lambda d: bool(calls.append(d)) or len(calls) > 1 and real(d))
     monkeypatch.setattr(pipeline, "_execute", lambda *args, **kwargs: pytest.fail("it trained"))
     log = (out / "log.txt").read_text()
-    assert pipeline.resume(out, quiet=True) == summary and len(calls) == 2   # unfinished, then finished
+    assert pipeline.resume(out, quiet=True, overrides=["train.checkpoint_every=3"]) == summary
+    assert len(calls) == 2   # unfinished, then finished
     assert (out / "log.txt").read_text() == log   # no "resumed:" line
+    assert C.load(out / "config.yaml").train.checkpoint_every == 3   # the --set values still recorded
+
+
+def test_a_run_started_meanwhile_in_the_same_folder_is_not_adopted(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    before = (out / "config.yaml").read_text()
+    monkeypatch.setattr(pipeline, "_claim", lambda out, replace_dry_run: None)   # it appeared after the claim
+    with pytest.raises(FileExistsError, match="already holds a run \\(started meanwhile by another process\\)"):
+        pipeline.run(tiny("imp", levels=1, seed=123), out, quiet=True)
+    assert (out / "config.yaml").read_text() == before
+
+
+def test_a_dry_run_over_a_run_whose_data_moved_says_the_folder_is_taken(tmp_path, capsys):
+    import numpy as np
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=np.zeros((8, 3)), y_train=np.arange(8) % 2, x_test=np.zeros((2, 3)), y_test=np.zeros(2))
+    config, out = tmp_path / "c.yaml", tmp_path / "run"
+    config.write_text(C.dump(tiny("dense", data={"name": "npz", "path": str(data)},
+                                  train={"epochs": 1, "batch_size": 4}, rewind={"iterations": 0})))
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    data.unlink()
+    other = tmp_path / "digits.yaml"
+    other.write_text(C.dump(tiny("dense")))
+    assert cli.main(["run", str(other), "--out", str(out), "--dry-run", "--quiet"]) == 2
+    assert "already holds a run that is not a dry run" in capsys.readouterr().err
 
 
 def test_probing_a_free_lock_leaves_its_file_as_it_was(tmp_path):

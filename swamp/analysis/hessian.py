@@ -103,7 +103,7 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterab
     v = operator.random(generator, rademacher=False)
     basis = [v / v.norm()]
     alphas, betas = [], []
-    theta, residuals = np.zeros(0), [float("nan")]
+    theta, residuals, converged, invariant = np.zeros(0), [float("nan")], False, False
     for j in range(iters):
         w = operator(basis[j])
         alphas.append(float(w @ basis[j]))
@@ -115,20 +115,26 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterab
             break
         top = np.argsort(theta)[::-1][:k]
         residuals = [abs(beta * vectors[-1, i]) / max(abs(theta[i]), 1e-300) for i in top]
-        if beta <= 1e-10 * max(1.0, np.abs(theta).max()):   # invariant subspace: restart beside it
+        converged = len(top) == k and max(residuals) <= tol
+        invariant = beta <= 1e-10 * max(1.0, np.abs(theta).max())
+        if converged and (k == 1 or not invariant):   # (the top one is exact at an invariant subspace)
+            break
+        if invariant:   # restart beside it: another copy of a repeated eigenvalue may lie outside
             w = _orthogonalised(operator.random(generator, rademacher=False), basis)
             betas.append(0.0)
             basis.append(w / w.norm())
             continue
-        if len(top) == k and max(residuals) <= tol:
-            break
         betas.append(beta)
         basis.append(w / beta)
-    else:   # out of iterations; the last step's residuals are ~0 after a restart (exact on what it spans)
-        if len(residuals) < k or max(residuals) > tol:
+    else:
+        if not converged:
             warnings.warn(f"top_hessian_eigenvalues: {iters} Lanczos iterations ended before the top {k} "
                           f"eigenvalues converged (relative residual up to {max(residuals):.2g} > tol {tol:g}): "
                           "they may be too low; raise iters", stacklevel=2)
+        elif invariant:
+            warnings.warn(f"top_hessian_eigenvalues: {iters} Lanczos iterations ended searching for more copies "
+                          f"of repeated eigenvalues among the top {k}: some may be missing; raise iters",
+                          stacklevel=2)
     return sorted(theta.tolist(), reverse=True)[:k]
 
 
