@@ -15,6 +15,7 @@ import torch
 
 from swamp import config as cfg
 from swamp import pipeline, report
+from swamp.rundir import atomic_write, foreign_files
 from swamp.runlock import holder as lock_holder
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "digits_mlp_swamp.yaml"
@@ -34,7 +35,7 @@ def _clear(out: Path) -> None:
         if path.name in METHODS and path.is_dir():
             if taken_by := lock_holder(path):
                 raise FileExistsError(f"--out {out}: {path} is being trained by {taken_by}")
-            others += pipeline.foreign_files(path)
+            others += foreign_files(path)
         elif path.name not in OUTPUTS or not path.is_file():
             others.append(path)
     if others:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         print(f"== {method}", flush=True)
         runs[method] = pipeline.run(config, out / method, quiet=True)
     table = report.markdown_table(runs)
-    pipeline.atomic_write(out / "results.md", lambda t: t.write_text(table + "\n"))
+    atomic_write(out / "results.md", lambda t: t.write_text(table + "\n"))
     print(table)
     print(f"\ntable: {out / 'results.md'}\nplot: {report.plot(runs, out / 'accuracy_vs_density.png')}")
     return 0

@@ -2,24 +2,12 @@
 
 Methods: ``dense`` (level 0 only), ``imp`` (one particle), ``imp_swa`` (one particle with SWA),
 ``swamp`` (``particles`` particles with SWA, averaged), ``random`` (IMP's schedule with random
-instead of magnitude pruning). Run directory::
+instead of magnitude pruning). The run directory's files: :mod:`swamp.rundir`.
 
-    DIR/config.yaml          resolved config
-    DIR/rewind.pt            state at the rewind point (parameters and buffers)
-    DIR/level_XX/mask.pt     {weight name: bool mask} this level trained with
-    DIR/level_XX/model.pt    final (averaged, BN-recomputed) state_dict
-    DIR/level_XX/particles.pt   swamp only: the particles' final states, stacked ``[P, ...]``
-    DIR/level_XX/metrics.json   written last: a level with it is complete
-    DIR/summary.json         {"method", "levels": [metrics of each completed level]}
-    DIR/checkpoint.pt        the stage in progress, every ``train.checkpoint_every`` epochs
-    DIR/log.txt              one line per epoch; a resume adds a marker line and repeats the
-                             epochs trained after the last checkpoint
-    DIR/.lock                locked by the process training the run (its pid and host inside)
-
-Every file is written atomically (temp file + ``os.replace``). A killed run resumes from its
-last checkpoint (at most ``train.checkpoint_every`` epochs lost). All randomness comes from
-generators seeded by ``(seed, stage, particle, epoch)`` (see :mod:`swamp.train`) and the model
-initialisation from ``seed``, so a resumed run ends bitwise equal to an uninterrupted one on the CPU.
+A killed run resumes from its last checkpoint (at most ``train.checkpoint_every`` epochs lost).
+All randomness comes from generators seeded by ``(seed, stage, particle, epoch)`` (see
+:mod:`swamp.train`) and the model initialisation from ``seed``, so a resumed run ends bitwise
+equal to an uninterrupted one on the CPU.
 
 Under ``torchrun`` (see :mod:`swamp.distributed`) every rank runs this same code: particle
 groups train their particles, the level's average and evaluation go through collectives
@@ -31,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -52,71 +38,15 @@ from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
 from swamp.models import build_model
-from swamp.runlock import LOCK_NAME, RunLock, holder as lock_holder
+from swamp.rundir import (DamagedFileError, atomic_write, foreign_files, level_dir, load_file, read_json,
+                          remove_partial_writes, save, write_json)
+from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
 
-__all__ = ["run", "resume", "dry_run", "level_dir", "atomic_write", "DRY_RUN_STEPS"]
+__all__ = ["run", "resume", "dry_run", "check", "finished", "DRY_RUN_STEPS"]
 
 DRY_RUN_STEPS = 20
-
-
-_TEMP = re.compile(r"\..+\.tmp\d+")   # atomic_write's temporary files: .NAME.tmpPID
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temp)`` then rename over ``path``: readers see the old file or the whole new one.
-    A write that fails removes its temporary file (one killed mid-write leaves it for
-    :func:`_remove_partial_writes`)."""
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_partial_writes(out: Path) -> None:
-    """Delete the temporary files of writes killed in ``out`` and its level directories."""
-    for temp in [*out.iterdir(), *(f for d in out.glob("level_*") if d.is_dir() for f in d.iterdir())]:
-        if _TEMP.fullmatch(temp.name) and temp.is_file():
-            temp.unlink(missing_ok=True)
-
-
-class DamagedFileError(ValueError):
-    """A run's file that cannot be read back (truncated, overwritten, a failed copy)."""
-
-
-def read_json(path: Path):
-    """The JSON value in ``path``; DamagedFileError naming it when it is not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except ValueError as error:   # not JSON, or not even UTF-8 text
-        raise DamagedFileError(f"{path} is damaged: not valid JSON ({error})") from None
-
-
-def load_file(path: Path, **kwargs):
-    """``torch.load(path, **kwargs)``; DamagedFileError naming it when it is no readable file."""
-    try:
-        return torch.load(path, **kwargs)
-    except OSError:   # a missing or unreadable file: its own clear error
-        raise
-    except Exception as error:   # torch.load fails on damage in many ways (KeyError, struct.error, ...)
-        raise DamagedFileError(f"{path} is damaged: not a readable torch.save file "
-                               f"({type(error).__name__}: {error})") from None
-
-
-def _write_json(path: Path, value) -> None:
-    atomic_write(path, lambda t: t.write_text(json.dumps(value, indent=2) + "\n"))
-
-
-def _save(path: Path, value) -> None:
-    atomic_write(path, lambda t: torch.save(value, t))
-
-
-def level_dir(out: Path, level: int) -> Path:
-    return Path(out) / f"level_{level:02d}"
 
 
 def dry_run(config: Config) -> Config:
@@ -132,22 +62,6 @@ def dry_run(config: Config) -> Config:
     train = dataclasses.replace(config.train, epochs=1, warmup_epochs=0.0, milestones=[], checkpoint_every=0)
     return dataclasses.replace(config, data=data, train=train, levels=min(config.levels, 1),
                                rewind=dataclasses.replace(config.rewind, iterations=0))
-
-
-_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|" + re.escape(LOCK_NAME) + "|"
-                        + _TEMP.pattern)
-_LEVEL_FILES = re.compile(r"(mask|model|particles)\.pt|metrics\.json|" + _TEMP.pattern)
-
-
-def foreign_files(out: Path) -> list[Path]:
-    """What the run directory ``out`` holds that no run writes (the user's own files and folders)."""
-    found = []
-    for path in Path(out).iterdir():
-        if re.fullmatch(r"level_\d+", path.name) and path.is_dir():
-            found += [p for p in path.iterdir() if not (_LEVEL_FILES.fullmatch(p.name) and p.is_file())]
-        elif not (_RUN_FILES.fullmatch(path.name) and path.is_file()):
-            found.append(path)
-    return found
 
 
 def _holds_dry_run(out: Path) -> bool:
@@ -284,7 +198,7 @@ def _finished_summary(out: Path) -> dict:
     except (FileNotFoundError, DamagedFileError):
         stale = True
     if stale and _writes_finished_run():
-        _write_json(path, summary)
+        write_json(path, summary)
     return summary
 
 
@@ -462,7 +376,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                                       f"continue it with `swamp resume {out}`")
         if writer:
             if not new:
-                _remove_partial_writes(out)
+                remove_partial_writes(out)
             atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))   # resume: with its overrides
         log_file = held.enter_context(open(out / "log.txt", "a")) if writer else None
 
@@ -477,7 +391,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             return lambda n: tqdm(total=n, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
 
         def checkpoint(full: dict) -> None:
-            _save(out / "checkpoint.pt", full)
+            save(out / "checkpoint.pt", full)
 
         def finish_stage() -> None:
             if writer:
@@ -496,7 +410,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             topology.world.broadcast_(list(state.values()))
             rewind_state = {n: t[0] for n, t in state.items()}
             if writer:
-                _save(out / "rewind.pt", rewind_state)
+                save(out / "rewind.pt", rewind_state)
             finish_stage()
 
         placement = topology.placement(particles)
@@ -533,11 +447,11 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                        if particles > 1 and placement.data.index == 0 else None)
             if writer:
                 directory.mkdir(exist_ok=True)
-                _save(directory / "mask.pt", masks)
-                _save(directory / "model.pt", final_state)
+                save(directory / "mask.pt", masks)
+                save(directory / "model.pt", final_state)
                 if stacked is not None:
-                    _save(directory / "particles.pt", dict(zip(result.state, stacked)))
-                _write_json(directory / "metrics.json", metrics)
+                    save(directory / "particles.pt", dict(zip(result.state, stacked)))
+                write_json(directory / "metrics.json", metrics)
                 log(f"level {level} density {metrics['density']:.4f} "
                     f"test_accuracy {metrics['test_accuracy']:.4f}")
             finish_stage()
@@ -548,7 +462,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             metrics, final_state, masks = run_level(level, masks)
             summary["levels"].append(metrics)
             if writer:
-                _write_json(out / "summary.json", summary)
+                write_json(out / "summary.json", summary)
             if level < levels[-1]:
                 new_masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
                 emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})

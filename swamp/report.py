@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from swamp.pipeline import DamagedFileError, atomic_write, completed_levels, read_json
+from swamp.pipeline import completed_levels
+from swamp.rundir import DamagedFileError, atomic_write, read_json
 
 __all__ = ["load_runs", "markdown_table", "plot", "density_axis"]
 

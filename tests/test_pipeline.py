@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swamp import cli, evaluate, pipeline, report, runlock
+from swamp import cli, evaluate, pipeline, report, rundir, runlock
 from swamp import config as C
 from swamp.data import load_data
 from swamp.models import build_model
@@ -227,7 +227,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
         temp.write_text("half")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        pipeline.atomic_write(path, fail)
+        rundir.atomic_write(path, fail)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 

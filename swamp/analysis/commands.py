@@ -11,7 +11,7 @@ import torch
 from swamp.analysis.landscape import l2_distance, mask_overlap
 from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
-from swamp.pipeline import atomic_write
+from swamp.rundir import atomic_write
 from swamp.report import density_axis
 
 __all__ = ["add_parser", "main"]

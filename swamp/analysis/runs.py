@@ -18,7 +18,7 @@ from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
-from swamp.pipeline import level_dir, load_file, read_json
+from swamp.rundir import level_dir, load_file, read_json
 from swamp.sparsify import set_masks, sparsify
 from swamp.train import train_particles
 

@@ -1,0 +1,105 @@
+"""The files of a run directory: its layout, atomic writes, and reading them back.
+
+    DIR/config.yaml          resolved config
+    DIR/rewind.pt            state at the rewind point (parameters and buffers)
+    DIR/level_XX/mask.pt     {weight name: bool mask} this level trained with
+    DIR/level_XX/model.pt    final (averaged, BN-recomputed) state_dict
+    DIR/level_XX/particles.pt   swamp only: the particles' final states, stacked ``[P, ...]``
+    DIR/level_XX/metrics.json   written last: a level with it is complete
+    DIR/summary.json         {"method", "levels": [metrics of each completed level]}
+    DIR/checkpoint.pt        the stage in progress, every ``train.checkpoint_every`` epochs
+    DIR/log.txt              one line per epoch; a resume adds a marker line and repeats the
+                             epochs trained after the last checkpoint
+    DIR/.lock                locked by the process training the run (:mod:`swamp.runlock`)
+
+Every file is written atomically (temp file + ``os.replace``); a damaged file read back raises
+:class:`DamagedFileError` naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from swamp.runlock import LOCK_NAME
+
+__all__ = ["atomic_write", "remove_partial_writes", "DamagedFileError", "read_json", "load_file", "write_json",
+           "save", "level_dir", "foreign_files"]
+
+_TEMP = re.compile(r"\..+\.tmp\d+")   # atomic_write's temporary files: .NAME.tmpPID
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temp)`` then rename over ``path``: readers see the old file or the whole new one.
+    A write that fails removes its temporary file (one killed mid-write leaves it for
+    :func:`remove_partial_writes`)."""
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def remove_partial_writes(out: Path) -> None:
+    """Delete the temporary files of writes killed in ``out`` and its level directories."""
+    for temp in [*out.iterdir(), *(f for d in out.glob("level_*") if d.is_dir() for f in d.iterdir())]:
+        if _TEMP.fullmatch(temp.name) and temp.is_file():
+            temp.unlink(missing_ok=True)
+
+
+class DamagedFileError(ValueError):
+    """A run's file that cannot be read back (truncated, overwritten, a failed copy)."""
+
+
+def read_json(path: Path):
+    """The JSON value in ``path``; DamagedFileError naming it when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as error:   # not JSON, or not even UTF-8 text
+        raise DamagedFileError(f"{path} is damaged: not valid JSON ({error})") from None
+
+
+def load_file(path: Path, **kwargs):
+    """``torch.load(path, **kwargs)``; DamagedFileError naming it when it is no readable file."""
+    try:
+        return torch.load(path, **kwargs)
+    except OSError:   # a missing or unreadable file: its own clear error
+        raise
+    except Exception as error:   # torch.load fails on damage in many ways (KeyError, struct.error, ...)
+        raise DamagedFileError(f"{path} is damaged: not a readable torch.save file "
+                               f"({type(error).__name__}: {error})") from None
+
+
+def write_json(path: Path, value) -> None:
+    atomic_write(path, lambda t: t.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def save(path: Path, value) -> None:
+    atomic_write(path, lambda t: torch.save(value, t))
+
+
+def level_dir(out: Path, level: int) -> Path:
+    """The directory of level ``level`` of the run in ``out``."""
+    return Path(out) / f"level_{level:02d}"
+
+
+_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|" + re.escape(LOCK_NAME) + "|"
+                        + _TEMP.pattern)
+_LEVEL_FILES = re.compile(r"(mask|model|particles)\.pt|metrics\.json|" + _TEMP.pattern)
+
+
+def foreign_files(out: Path) -> list[Path]:
+    """What the run directory ``out`` holds that no run writes (the user's own files and folders)."""
+    found = []
+    for path in Path(out).iterdir():
+        if re.fullmatch(r"level_\d+", path.name) and path.is_dir():
+            found += [p for p in path.iterdir() if not (_LEVEL_FILES.fullmatch(p.name) and p.is_file())]
+        elif not (_RUN_FILES.fullmatch(path.name) and path.is_file()):
+            found.append(path)
+    return found
