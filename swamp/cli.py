@@ -93,9 +93,9 @@ def main(argv=None) -> int:
         else:
             runs = report.load_runs(args.dirs)
             print(report.markdown_table(runs))
-            partial = [f"{label} ({len(summary['levels'])} of {pipeline.level_count(directory)} levels)"
-                       for (label, summary), directory in zip(runs.items(), args.dirs)
-                       if len(summary["levels"]) < pipeline.level_count(directory)]
+            planned = [pipeline.level_count(directory) for directory in args.dirs]
+            partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
+                       for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
             if partial:
                 print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
             if any(summary["levels"] for summary in runs.values()):
@@ -107,8 +107,8 @@ def main(argv=None) -> int:
         return 2
     except DistributedError as error:
         _error(args.command, error)
-        if _resume_hint(args):
-            _show(f"swamp {args.command}: the job stopped{_resume_hint(args)}", file=sys.stderr)
+        if hint := _resume_hint(args):
+            _show(f"swamp {args.command}: the job stopped{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _show(f"\nswamp {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)

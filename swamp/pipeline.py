@@ -68,14 +68,14 @@ def _holds_dry_run(out: Path) -> bool:
     """True when ``out`` holds a run of a :func:`dry_run` config and nothing else."""
     try:
         config = _run_config(out)
-    except (OSError, ValueError):
+        return config.data.name == "synthetic" and config == dry_run(config) and not foreign_files(out)
+    except (OSError, ValueError):   # unreadable: not a dry run to replace (never raised on rank 0 alone)
         return False
-    return config.data.name == "synthetic" and config == dry_run(config) and not foreign_files(out)
 
 
 def _claim(out: Path, replace_dry_run: bool) -> str | None:
     """Why a new run cannot start in ``out`` (None: it can), once an earlier dry run there is
-    removed if ``replace_dry_run``. Rank 0 decides: it returns what every rank raises."""
+    removed if ``replace_dry_run``. Rank 0 decides: it returns, never raises, what every rank raises."""
     if replace_dry_run and _holds_dry_run(out):
         taken_by = lock_holder(out)
         if taken_by:
@@ -101,14 +101,8 @@ def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: b
     swamp_kernels.preferred_backend()   # a bad SWAMP_KERNELS_BACKEND fails before the run starts
     out = Path(out)
 
-    def claim() -> str | None:
-        try:
-            return _claim(out, replace_dry_run)
-        except (OSError, ValueError) as error:   # returned, never raised on rank 0 alone
-            return f"{out}: {error}"
-
     def start(topology: Topology) -> dict:
-        problem = topology.world.broadcast_object(claim() if topology.is_writer else None)
+        problem = topology.world.broadcast_object(_claim(out, replace_dry_run) if topology.is_writer else None)
         if problem:
             raise FileExistsError(problem)
         return _execute(config, out, quiet, topology, new=True)
@@ -465,10 +459,11 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                 write_json(out / "summary.json", summary)
             if level < levels[-1]:
                 new_masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
-                emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
-                if emptied and writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once
-                    log(f"level {level} warning: {collapse_warning(emptied)}")
-                    warnings.warn(collapse_warning(emptied), stacklevel=2)
+                if writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once, not on resume
+                    emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
+                    if emptied:
+                        log(f"level {level} warning: {collapse_warning(emptied)}")
+                        warnings.warn(collapse_warning(emptied), stacklevel=2)
                 masks = new_masks
                 topology.world.broadcast_(list(masks.values()))
             del final_state  # the next level trains without this one's weights held

@@ -83,11 +83,11 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     dense = [s["levels"][0]["test_accuracy"] for s in runs.values() if s["method"] == "dense"] or \
         [s["levels"][0]["test_accuracy"] for s in runs.values()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    kind = path.suffix[1:].lower() or "png"   # the file's suffix picks the format
-    if kind not in fig.canvas.get_supported_filetypes():
+    kind, supported = path.suffix[1:].lower() or "png", fig.canvas.get_supported_filetypes()   # by suffix
+    if kind not in supported:
         plt.close(fig)
         raise ValueError(f"--plot {path}: matplotlib cannot write .{kind} files; use one of "
-                         f"{', '.join('.' + k for k in sorted(fig.canvas.get_supported_filetypes()))}")
+                         f"{', '.join('.' + k for k in sorted(supported))}")
     low, high = min(dense), max(dense)
     pad = 0.002 if high - low < 0.004 else 0.0
     ax.axhspan(100 * (low - pad), 100 * (high + pad), color="0.85", label="dense")

@@ -37,7 +37,7 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _densely_packed(shape: Sequence[int], strides: Sequence[int]) -> bool:
+def densely_packed(shape: Sequence[int], strides: Sequence[int]) -> bool:
     """True when a tensor of this shape and these strides covers exactly ``numel`` consecutive
     elements, each once, in some dimension order (size-1 dims, whose strides are arbitrary, are
     ignored; an empty tensor is trivially packed)."""
@@ -62,7 +62,7 @@ def particle_row_strides(param: torch.Tensor) -> tuple[int, ...]:
     (``param.stride(0) == numel(shape)`` unless P == 1, and ``param[0]`` densely packed), else
     contiguous strides."""
     shape, strides = param.shape[1:], param.stride()[1:]
-    if _densely_packed(shape, strides) and (param.shape[0] == 1 or param.stride(0) == math.prod(shape)):
+    if densely_packed(shape, strides) and (param.shape[0] == 1 or param.stride(0) == math.prod(shape)):
         return tuple(strides)
     return _contiguous_strides(shape)
 
@@ -120,7 +120,7 @@ class ElementwiseOperands:
             row_numel = math.prod(anchor.shape[1:])
             full_strides = (row_numel, *row_strides)
         else:
-            full_strides = (anchor.stride() if _densely_packed(anchor.shape, anchor.stride())
+            full_strides = (anchor.stride() if densely_packed(anchor.shape, anchor.stride())
                             else _contiguous_strides(anchor.shape))
         views = []
         for c, t in enumerate(operands):

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from swamp_kernels._tensors import densely_packed
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16 or bfloat16"
 
@@ -57,10 +59,10 @@ def float_tensors(name: str, xs) -> list[torch.Tensor]:
 
 
 def _span(x: torch.Tensor) -> tuple[int, int]:
-    """The bytes ``[start, end)`` that ``x`` covers exactly: all of them for a tensor dense in
-    memory (contiguous or channels_last), else just its first element's (no false overlaps
+    """The bytes ``[start, end)`` that ``x`` covers exactly: all of them for a tensor densely
+    packed in memory (any dimension order), else just its first element's (no false overlaps
     between interleaved views such as a matrix's column blocks)."""
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    dense = densely_packed(x.shape, x.stride())
     return x.data_ptr(), x.data_ptr() + (x.numel() if dense else 1) * x.element_size()
 
 

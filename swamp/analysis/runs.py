@@ -174,15 +174,15 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
     every completed level's solution, restricted to its mask, on the first ``batches`` training
     batches (un-augmented) with the cross-entropy loss."""
     run = load_run(run_dir, device)
-    parameters = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    for level in run.levels():   # before the first level's work
-        masks = run.masks(level)
-        unpruned = parameters - sum(int((~m).sum()) for m in masks.values())
-        if k > unpruned:
-            raise ValueError(f"k = {k} is above the {unpruned} unpruned parameters of level {level}")
+    levels = run.levels()
+    last = levels[-1]   # masks only shrink from level to level: the last has the fewest weights
+    unpruned = sum(p.numel() for p in run.model.parameters() if p.requires_grad) - sum(
+        int((~m).sum()) for m in run.masks(last).values())
+    if k > unpruned:   # before the first level's work
+        raise ValueError(f"k = {k} is above the {unpruned} unpruned parameters of level {last}")
     train = [b for _, b in zip(range(batches), run.data.eval_batches("train", run.batch_size))]
     rows = []
-    for level in run.levels():
+    for level in levels:
         net, masks = evaluate.network(run.model, run.state(level)), run.masks(level)
         row = {"level": level, "density": run.metrics(level)["density"],
                "eigenvalues": top_hessian_eigenvalues(net, F.cross_entropy, train, k, masks, iters, tol)}
