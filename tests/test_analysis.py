@@ -309,6 +309,46 @@ def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
         assert f"mask overlap (Jaccard) {result['global']:.4f}  l2_distance" in capsys.readouterr().out
 
 
+def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missing(swamp_run, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from swamp.analysis import runs
+    computed, top = [], runs.top_hessian_eigenvalues
+
+    def counting(net, *args):
+        computed.append(net)
+        if len(computed) == 2 and stop:
+            raise KeyboardInterrupt   # the analysis is stopped during level 1
+        return top(net, *args)
+
+    monkeypatch.setattr(runs, "top_hessian_eigenvalues", counting)
+    out, hessian = tmp_path / "out", ["analyze", "hessian", str(swamp_run), "--iters", "20"]
+    stop = True
+    assert cli.main([*hessian, "--out", str(out)]) == 130
+    assert [r["level"] for r in json.loads((out / "hessian_swamp.json").read_text())["levels"]] == [0]
+    stop, computed[:] = False, []
+    assert cli.main([*hessian, "--out", str(out)]) == 0
+    assert len(computed) == 2 and "levels [0] already there with these settings; computing [1, 2]" in \
+        capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    assert cli.main([*hessian, "--out", str(fresh)]) == 0
+    result = json.loads((out / "hessian_swamp.json").read_text())
+    assert result == json.loads((fresh / "hessian_swamp.json").read_text())
+    assert [r["level"] for r in result["levels"]] == [0, 1, 2] and (out / "hessian_swamp.png").is_file()
+    computed[:] = []
+    assert cli.main([*hessian, "--out", str(out)]) == 0 and computed == []   # nothing missing
+    assert cli.main([*hessian, "--out", str(out), "--levels", "1"]) == 0 and len(computed) == 1   # again
+    assert json.loads((out / "hessian_swamp.json").read_text()) == result
+    computed[:] = []
+    assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 0 and len(computed) == 3   # new settings
+    copy = tmp_path / "elsewhere" / "swamp"   # another run of the same name, same --out
+    shutil.copytree(swamp_run, copy)
+    shutil.rmtree(copy / "level_02")
+    computed[:] = []
+    assert cli.main(["analyze", "hessian", str(copy), "--iters", "21", "--out", str(out)]) == 0
+    assert len(computed) == 2 and [r["level"] for r in json.loads((out / "hessian_swamp.json").read_text())["levels"]] \
+        == [0, 1]
+
+
 def test_cli_takes_dot_inside_a_level_directory(swamp_run, tmp_path, monkeypatch):
     monkeypatch.chdir(swamp_run / "level_01")
     assert cli.main(["analyze", "masks", ".", "../level_02", "--out", str(tmp_path)]) == 0
@@ -371,6 +411,9 @@ def test_cli_refuses_a_run_without_complete_levels(swamp_run, tmp_path, capsys, 
     (["hessian", "{run}", "--tol", "-1"], "argument --tol: must be a finite number > 0, got -1"),
     (["hessian", "{run}", "--tol", "nan"], "argument --tol: must be a finite number > 0, got nan"),
     (["hessian", "{run}", "--k", "100000", "--out", "{tmp}/typo"], "k = 100000 is above the"),
+    (["hessian", "{run}", "--levels", "1", "7", "--out", "{tmp}/typo"],
+     "level(s) [7] not complete; complete levels are [0, 1, 2]"),
+    (["hessian", "{run}", "--levels", "-1"], "argument --levels: must be >= 0, got -1"),
     (["masks", "{run}/level_01", "{run}/level_09", "--out", "{tmp}/typo"], "no complete level directory"),
     (["instability", "{run}", "--level", "1", "--seeds", "3", "3"], "--seeds must be two different seeds"),
     (["levels", "{tmp}/typo"], "typo is not a run directory"),

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from swamp.analysis.landscape import l2_distance, mask_overlap
-from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
+from swamp.analysis.runs import complete_levels, instability, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
-from swamp.rundir import atomic_write
+from swamp.rundir import atomic_write, read_json
 from swamp.report import density_axis
 
 __all__ = ["add_parser", "main"]
@@ -93,6 +93,9 @@ def add_parser(commands) -> None:
                               "(default: 1e-4); a level that ends unconverged warns")
     hessian.add_argument("--trace-samples", type=_at_least(0), default=0,
                          help="Hutchinson probes for the trace (default: 0, no trace)")
+    hessian.add_argument("--levels", type=_at_least(0), nargs="+", metavar="L",
+                         help="the levels to compute, again if already in the output file (default: every "
+                              "complete level not yet there with the same settings)")
     masks = sub("masks", "mask overlap (Jaccard) and weight distance between two level directories",
                 run_dir=False)
     masks.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
@@ -195,10 +198,34 @@ def main(args) -> list[Path]:
         else:
             print("no plot: the run has no two successive complete levels")
         return files
-    result = level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device)
-    for row in result["levels"]:
+    return _hessians(run_dir, out / f"hessian_{run_dir.resolve().name}", args)
+
+
+def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
+    """``analyze hessian``: ``stem``.json is rewritten as each level is done (a stopped analysis
+    keeps its levels); the levels of an earlier analysis with the same settings are kept."""
+    settings = {"k": args.k, "batches": args.batches, "iters": args.iters, "tol": args.tol,
+                "trace_samples": args.trace_samples}
+    path, run = stem.with_suffix(".json"), str(run_dir.resolve())
+    earlier = read_json(path) if path.is_file() else {}
+    same = earlier.get("run") == run and earlier.get("settings") == settings
+    rows = {r["level"]: r for r in earlier["levels"]} if same else {}
+    levels = args.levels
+    if levels is None:
+        levels = [level for level in complete_levels(run_dir) if level not in rows]
+        if rows:
+            print(f"{path}: levels {sorted(rows)} already there with these settings; computing {levels}")
+    merged = {**(earlier if same else {}), "run": run, "settings": settings}
+
+    def write(result: dict) -> None:
+        row = result["levels"][-1]
         print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}")
-    stem = f"hessian_{run_dir.resolve().name}"
-    return [_write_json(out / f"{stem}.json", result),
-            _plot_against_density(result["levels"], lambda r: r["eigenvalues"][0],
-                                  "top Hessian eigenvalue", out / f"{stem}.png")]
+        rows[row["level"]] = row
+        merged.update(result, settings=settings, levels=[rows[level] for level in sorted(rows)])
+        _write_json(path, merged)
+
+    if levels:
+        level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device,
+                       levels, progress=write)
+    return [path, _plot_against_density(merged["levels"], lambda r: r["eigenvalues"][0],
+                                        "top Hessian eigenvalue", stem.with_suffix(".png"))]

@@ -6,7 +6,7 @@ import functools
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ class Run:
 
     def levels(self) -> list[int]:
         """The completed levels (those with ``metrics.json``), ascending."""
-        return sorted(int(p.parent.name[len("level_"):]) for p in self.directory.glob("level_*/metrics.json"))
+        return complete_levels(self.directory)
 
     def _file(self, level: int, name: str) -> Path:
         path = level_dir(self.directory, level) / name
@@ -93,6 +93,11 @@ class Run:
         path = interpolation_barrier(self.model, state_a, state_b, data_eval_fn(self.data, self.batch_size),
                                      num_points, Batches(self.data, "train", self.batch_size) if has_bn else None)
         return {**path, "l2_distance": l2_distance(state_a, state_b, self.parameter_names)}
+
+
+def complete_levels(run_dir: str | Path) -> list[int]:
+    """The levels of the run in ``run_dir`` that are complete (have ``metrics.json``), ascending."""
+    return sorted(int(p.parent.name[len("level_"):]) for p in Path(run_dir).glob("level_*/metrics.json"))
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
@@ -169,24 +174,35 @@ def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str |
 
 
 def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int = 100, tol: float = 1e-4,
-                   trace_samples: int = 0, device: str | torch.device = "cpu") -> dict:
+                   trace_samples: int = 0, device: str | torch.device = "cpu", levels: Sequence[int] | None = None,
+                   progress: Callable[[dict], None] | None = None) -> dict:
     """Top-``k`` Hessian eigenvalues (and, with ``trace_samples`` > 0, the Hutchinson trace) of
-    every completed level's solution, restricted to its mask, on the first ``batches`` training
-    batches (un-augmented) with the cross-entropy loss."""
+    the solution of each of ``levels`` (default: every completed level), restricted to its mask,
+    on the first ``batches`` training batches (un-augmented) with the cross-entropy loss.
+    ``progress(result)`` is called with the result so far as each level is done."""
     run = load_run(run_dir, device)
-    levels = run.levels()
+    complete = run.levels()
+    levels = complete if levels is None else sorted(set(levels))
+    missing = [level for level in levels if level not in complete]
+    if missing:
+        raise FileNotFoundError(f"{run.directory}: level(s) {missing} not complete; complete levels are {complete}")
+    result = {"method": run.config.method, "batches": 0, "levels": []}
+    if not levels:
+        return result
     last = levels[-1]   # masks only shrink from level to level: the last has the fewest weights
     unpruned = sum(p.numel() for p in run.model.parameters() if p.requires_grad) - sum(
         int((~m).sum()) for m in run.masks(last).values())
     if k > unpruned:   # before the first level's work
         raise ValueError(f"k = {k} is above the {unpruned} unpruned parameters of level {last}")
     train = [b for _, b in zip(range(batches), run.data.eval_batches("train", run.batch_size))]
-    rows = []
+    result["batches"] = len(train)
     for level in levels:
         net, masks = evaluate.network(run.model, run.state(level)), run.masks(level)
         row = {"level": level, "density": run.metrics(level)["density"],
                "eigenvalues": top_hessian_eigenvalues(net, F.cross_entropy, train, k, masks, iters, tol)}
         if trace_samples:
             row["trace"] = hessian_trace(net, F.cross_entropy, train, masks, trace_samples)
-        rows.append(row)
-    return {"method": run.config.method, "batches": len(train), "levels": rows}
+        result["levels"].append(row)
+        if progress is not None:
+            progress(result)
+    return result
