@@ -149,9 +149,27 @@ class MaskedLayer(nn.Module):
         return self
 
     def __setattr__(self, name: str, value) -> None:
+        if name == "weight_mask" and isinstance(value, torch.Tensor):
+            _require_bool_mask(value)
+        if name == "weight" and "weight" not in self._parameters and not isinstance(value, nn.Parameter):
+            raise TypeError(f"{type(self).__name__}: its weight must stay a parameter, but something deleted it "
+                            f"and now sets a computed weight (torch.nn.utils.weight_norm?), which "
+                            f"weight_mask does not cover; this layer is left without its weight. {_NO_REPLACED_WEIGHT}")
         super().__setattr__(name, value)
         if name == "weight_mask":
             _mask_replaced()
+
+    def __delattr__(self, name: str) -> None:
+        if name == "weight":
+            raise TypeError(f"{type(self).__name__}: its weight must stay a parameter: a parametrization "
+                            f"(spectral_norm, weight_norm, orthogonal, register_parametrization) would compute "
+                            f"the weight from another tensor, which weight_mask does not cover. {_NO_REPLACED_WEIGHT}")
+        super().__delattr__(name)
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        if name == "weight_mask" and tensor is not None:
+            _require_bool_mask(tensor)
+        super().register_buffer(name, tensor, persistent)
 
     def reset_parameters(self) -> None:
         """Re-initialise ``weight`` and ``bias`` as the dense layer does, keeping the mask."""
@@ -165,11 +183,22 @@ class MaskedLayer(nn.Module):
         with torch.no_grad():
             self.weight_mask.copy_(mask)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         if self.weight_mask.is_meta and not self.weight.is_meta:   # assign=True without a mask
             self.weight_mask = torch.ones_like(self.weight, dtype=torch.bool)
+        if local_metadata.get("assign_to_params_buffers", False) and not self.weight.is_meta:
+            # the weight is the caller's tensor: mask a copy, if it needs masking, never theirs
+            with torch.no_grad():
+                if torch.any(self.weight.masked_select(~self.weight_mask) != 0):
+                    self.weight = nn.Parameter(self.weight.masked_fill(~self.weight_mask, 0),
+                                               self.weight.requires_grad)
         _zero_pruned([self])
+
+    def __prepare_scriptable__(self):
+        raise TypeError(f"{type(self).__name__} cannot be scripted (its weight gradient is masked by an autograd "
+                        "Function): script swamp.export_dense(model), the same network with plain layers, or "
+                        "use torch.jit.trace, torch.export or torch.compile")
 
     def __setstate__(self, state) -> None:  # deepcopy and unpickling
         super().__setstate__(state)
@@ -188,6 +217,16 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, mask_grad(self.weight, self.weight_mask), self.bias)
+
+
+_NO_REPLACED_WEIGHT = ("Apply it to the plain layer (keep this one dense: swamp.sparsify(model, exclude=...)), "
+                       "or to a dense copy of the pruned model (swamp.export_dense(model)).")
+
+
+def _require_bool_mask(mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"weight_mask must be a bool tensor, got {mask.dtype} (torch.nn.utils.prune on a swamp "
+                        "layer sets a float one: prune swamp layers with swamp.prune or swamp.set_masks)")
 
 
 _MASKED_CLASS = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}

@@ -7,6 +7,7 @@ torch.compile(fullgraph), deepcopy/pickle, state_dict, autocast, channels_last, 
 import copy
 import io
 import random
+import warnings
 import zlib
 
 import pytest
@@ -364,6 +365,20 @@ def test_dense_checkpoint_assigned_into_a_meta_model_gets_a_full_mask():
     assert torch.equal(layer.weight.grad != 0, torch.ones(6, 8, dtype=torch.bool))
 
 
+def test_a_dense_checkpoint_assigned_into_a_pruned_model_is_not_changed_in_the_callers_hands():
+    layer = MaskedLinear(8, 6)
+    swamp.set_masks(layer, {"weight": torch.rand(6, 8) < 0.5})
+    dense = nn.Linear(8, 6).state_dict()
+    kept = copy.deepcopy(dense)
+    layer.load_state_dict(dense, strict=False, assign=True)
+    assert all(torch.equal(dense[k], kept[k]) for k in dense)
+    assert torch.equal(layer.weight, kept["weight"] * layer.weight_mask)
+    masked = layer.state_dict()   # already zero where pruned: assigned as it is, no copy
+    other = MaskedLinear(8, 6)
+    other.load_state_dict(masked, assign=True)
+    assert other.weight.data_ptr() == masked["weight"].data_ptr()
+
+
 def test_weight_shared_by_two_layers_is_zeroed_where_either_mask_is_false():
     first, second = MaskedLinear(8, 6), MaskedLinear(8, 6)
     second.weight = first.weight
@@ -615,9 +630,44 @@ def test_forward_mode_derivatives_are_masked_like_gradients():
     torch.testing.assert_close(masked, expected)
 
 
-def test_torch_prune_on_a_swamp_layer_is_named_at_the_forward():
+def test_torch_prune_on_a_swamp_layer_is_refused_and_leaves_it_as_it_was():
     layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
-    torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.3)   # replaces weight_mask by a float mask
-    with pytest.raises(TypeError, match="the weight mask has dtype torch.float32; expected bool "
+    weight, x = layer.weight, torch.randn(2, 4)
+    expected = layer(x)
+    with pytest.raises(TypeError, match=r"weight_mask must be a bool tensor, got torch.float32 "
                                         r"\(torch.nn.utils.prune on a swamp layer"):
-        layer(torch.randn(1, 4))
+        torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.3)   # would set a float weight_mask
+    assert layer.weight is weight and layer.weight_mask.dtype == torch.bool and torch.equal(layer(x), expected)
+    assert sorted(layer._parameters) == ["bias", "weight"] and not layer._forward_pre_hooks
+    with pytest.raises(TypeError, match="weight_mask must be a bool tensor, got torch.uint8"):
+        layer.weight_mask = torch.ones(4, 4, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("reparametrize", [
+    torch.nn.utils.parametrizations.spectral_norm, torch.nn.utils.parametrizations.weight_norm,
+    torch.nn.utils.parametrizations.orthogonal, torch.nn.utils.spectral_norm])
+def test_a_parametrization_of_the_weight_is_refused_and_leaves_the_layer_as_it_was(reparametrize):
+    layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
+    weight = layer.weight
+    with pytest.raises(TypeError, match="MaskedLinear: its weight must stay a parameter: a parametrization"):
+        reparametrize(layer)
+    assert type(layer) is MaskedLinear and layer.weight is weight and sorted(layer._parameters) == ["bias", "weight"]
+    assert not layer._forward_pre_hooks and not hasattr(layer, "parametrizations")
+
+
+def test_the_old_weight_norm_is_refused():
+    layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
+    with warnings.catch_warnings(), pytest.raises(TypeError, match=r"sets a computed weight \(torch.nn.utils."
+                                                                  r"weight_norm\?\), which weight_mask does not"):
+        warnings.simplefilter("ignore", FutureWarning)   # deprecated by torch
+        torch.nn.utils.weight_norm(layer)
+    assert "weight" not in layer._parameters   # as the message says: build the layer again
+
+
+def test_scripting_a_masked_model_names_what_works_instead():
+    model = swamp.sparsify(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    swamp.prune(model, 0.5)
+    with pytest.raises(TypeError, match=r"MaskedLinear cannot be scripted .* script swamp.export_dense\(model\)"):
+        torch.jit.script(model)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(torch.jit.script(swamp.export_dense(model))(x), model(x))
