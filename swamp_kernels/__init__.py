@@ -206,20 +206,16 @@ def _checked_sgd_step_(params, grads, momentum_buffers, masks, backend: str, hyp
         raise
 
 
-def _layer_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    check.float_tensors("weight", [weight])
-    check.bool_masks([mask], "weight", [weight])
-
-
 def masked_linear(x, weight, mask, bias=None, *, backend: str = "auto") -> torch.Tensor:
     """``F.linear(x, weight * mask, bias)`` with autograd; the weight gradient is 0 where masked."""
-    _layer_mask(weight, mask)
+    check.layer_weight(weight, mask)
+    check.linear_operands(x, weight, bias)
     return _run("masked_linear", backend, x.device, x, weight, mask, bias)
 
 
 def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                   backend: str = "auto") -> torch.Tensor:
     """``F.conv2d(x, weight * mask, ...)`` with autograd; the weight gradient is 0 where masked."""
-    _layer_mask(weight, mask)
+    check.layer_weight(weight, mask)
     return _run("masked_conv2d", backend, x.device, x, weight, mask, bias, stride, padding,
                 dilation, groups)

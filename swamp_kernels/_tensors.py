@@ -51,6 +51,20 @@ def densely_packed(shape: Sequence[int], strides: Sequence[int]) -> bool:
     return True
 
 
+def overlaps_itself(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """True when two indices of a tensor of this shape and these strides may address one element
+    (an ``expand``-ed or overlapping ``as_strided`` view). Exact for dense layouts and views of
+    them; an interleaving in which no dimension's stride steps past all smaller ones counts too."""
+    if 0 in shape:
+        return False
+    reach = 0   # the largest offset the dimensions of smaller stride reach
+    for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def _same_layout(shape: Sequence[int], strides: Sequence[int], target: Sequence[int]) -> bool:
     """True when ``strides`` and ``target`` place every element of ``shape`` at the same offset."""
     return 0 in shape or all(size == 1 or a == b for size, a, b in zip(shape, strides, target))

@@ -11,20 +11,24 @@ from typing import Sequence
 
 import torch
 
-from swamp_kernels._tensors import densely_packed
+from swamp_kernels._tensors import densely_packed, overlaps_itself
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16 or bfloat16"
 
 
-def _dense_tensor(name: str, i: int, x) -> None:
-    """Raise unless ``x`` (``name[i]``) is a dense (strided) tensor."""
+def _dense_tensor(name: str, i: int | None, x) -> None:
+    """Raise unless ``x`` (``name[i]``; ``name`` if ``i`` is None) is a dense (strided) tensor."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}[{i}] is a {type(x).__name__}, not a tensor")
+        raise TypeError(f"{_label(name, i)} is a {type(x).__name__}, not a tensor")
     if x.layout != torch.strided:
-        raise TypeError(f"{name}[{i}] is a {str(x.layout).replace('torch.', '')} tensor; the ops take dense "
+        raise TypeError(f"{_label(name, i)} is a {str(x.layout).replace('torch.', '')} tensor; the ops take dense "
                         "(strided) tensors: convert it with .to_dense() (e.g. nn.Embedding(sparse=True) gives "
                         "sparse gradients)")
+
+
+def _label(name: str, i: int | None) -> str:
+    return name if i is None else f"{name}[{i}]"
 
 
 def tensor_list(name: str, xs) -> list[torch.Tensor]:
@@ -62,7 +66,7 @@ def _span(x: torch.Tensor) -> tuple[int, int]:
     """The bytes ``[start, end)`` that ``x`` covers exactly: all of them for a tensor densely
     packed in memory (any dimension order), else just its first element's (no false overlaps
     between interleaved views such as a matrix's column blocks)."""
-    dense = densely_packed(x.shape, x.stride())
+    dense = x.is_contiguous() or densely_packed(x.shape, x.stride())
     return x.data_ptr(), x.data_ptr() + (x.numel() if dense else 1) * x.element_size()
 
 
@@ -71,10 +75,19 @@ def distinct(*written: tuple[str, Sequence[torch.Tensor]]) -> None:
     memory (a tied weight listed twice, a momentum buffer shared by two params, overlapping
     views of one buffer): their updates would race on the GPU. Exact for tensors dense in
     memory; a strided view (gaps between its entries) counts by its first entry only, so
-    interleaved views that share a later entry pass. None entries (buffers not made yet) are
-    skipped."""
-    spans = sorted(((*_span(x), name, i) for name, xs in written for i, x in enumerate(xs)
-                    if x is not None and x.numel() > 0), key=lambda span: (span[0], -span[1]))
+    interleaved views that share a later entry pass. A tensor whose own entries share memory
+    (``expand``) is refused too. None entries (buffers not made yet) are skipped."""
+    spans = []
+    for name, xs in written:
+        for i, x in enumerate(xs):
+            if x is None or x.numel() == 0:
+                continue
+            if not x.is_contiguous() and overlaps_itself(x.shape, x.stride()):
+                raise ValueError(f"{name}[{i}] has entries that share memory (an expanded or as_strided view, "
+                                 f"strides {tuple(x.stride())}); a tensor written in place needs its own memory "
+                                 "for each entry: pass a .clone()")
+            spans.append((*_span(x), name, i))
+    spans.sort(key=lambda span: (span[0], -span[1]))
     reach = None   # the span reaching furthest so far
     for span in spans:
         start, end, name, i = span
@@ -133,6 +146,43 @@ def bool_masks(masks, like_name: str, like: Sequence[torch.Tensor], *, leading: 
         return None
     return companions("masks", masks, like_name, like, dtypes=(torch.bool,), leading=leading,
                       particle_dim=particle_dim, optional=optional)
+
+
+def layer_weight(weight, mask) -> None:
+    """The ``weight`` of a masked layer op (float32, float16 or bfloat16) and its bool ``mask``
+    of the same shape and device."""
+    _dense_tensor("weight", None, weight)
+    _dense_tensor("mask", None, mask)
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight has dtype {weight.dtype}; expected {_DTYPE_NAMES}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask has dtype {mask.dtype}; expected bool")
+    if mask.device != weight.device:
+        raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(weight.shape)} like weight")
+
+
+def linear_operands(x, weight: torch.Tensor, bias) -> None:
+    """``x`` [..., K] and ``bias`` (None or [N]) of :func:`masked_linear` with ``weight`` [N, K]:
+    dense, on the weight's device, in its dtype unless autocast is on there."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    autocast = torch.is_autocast_enabled(weight.device.type)
+    for name, t in (("x", x), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        _dense_tensor(name, None, t)
+        if t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+        if t.dtype != weight.dtype and not autocast:
+            raise TypeError(f"{name} has dtype {t.dtype} but weight has {weight.dtype}; "
+                            "masked_linear needs one dtype (or run under torch.autocast)")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., {k}] for weight of shape ({n}, {k})")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},) for weight of shape ({n}, {k})")
 
 
 def check_amount(amount) -> None:

@@ -119,6 +119,13 @@ BAD_INPUTS = {
     "tensors overlap": (lambda d: (lambda t: ([t[4:], t[:5]], [_ones(4, dtype=torch.bool, device=d),
                                                              _ones(5, dtype=torch.bool, device=d)]))(_ones(8, device=d)),
                         ValueError, r"tensors\[0\] overlaps the memory of tensors\[1\]"),
+    "expanded tensor": (lambda d: ([_ones(3, device=d), _ones(1, 5, device=d).expand(4, 5)],
+                                   [_ones(3, dtype=torch.bool, device=d), _ones(4, 5, dtype=torch.bool, device=d)]),
+                        ValueError, r"tensors\[1\] has entries that share memory \(an expanded or as_strided view, "
+                                    r"strides \(0, 1\)\)"),
+    "self-overlapping view": (lambda d: ([_ones(6, device=d).as_strided((3, 3), (1, 1))],
+                                         [_ones(3, 3, dtype=torch.bool, device=d)]),
+                              ValueError, r"tensors\[0\] has entries that share memory"),
     "tensor device": (lambda d: ([_ones(3, device=d), _ones(3, device="meta")],
                                  [_ones(3, dtype=torch.bool, device=d)] * 2),
                       ValueError, r"tensors\[1\] is on meta but tensors\[0\] is on"),

@@ -134,15 +134,16 @@ def _bool(*shape, device):
 
 LAYER_ERRORS = {
     "mask shape": (lambda w, d: dict(mask=_bool(*w.shape[:-1], device=d)), ValueError,
-                   r"masks\[0\] has shape .*, expected .* like weight\[0\]"),
+                   r"^mask has shape .*, expected .* like weight$"),
     "mask dtype": (lambda w, d: dict(mask=torch.ones_like(w)), TypeError,
-                   r"masks\[0\] has dtype torch.float32; expected bool"),
-    "mask None": (lambda w, d: dict(mask=None), TypeError, r"masks\[0\] is a NoneType, not a tensor"),
+                   r"^mask has dtype torch.float32; expected bool"),
+    "mask None": (lambda w, d: dict(mask=None), TypeError, r"^mask is a NoneType, not a tensor"),
     "mask device": (lambda w, d: dict(mask=torch.ones(w.shape, dtype=torch.bool, device="meta")), ValueError,
-                    r"masks\[0\] is on meta but weight\[0\] is on"),
+                    r"^mask is on meta but weight is on"),
     "float64 weight": (lambda w, d: dict(weight=w.double()), TypeError,
-                       r"weight\[0\] has dtype torch.float64; expected float32, float16 or bfloat16"),
-    "int weight": (lambda w, d: dict(weight=w.long()), TypeError, r"weight\[0\] has dtype torch.int64"),
+                       r"^weight has dtype torch.float64; expected float32, float16 or bfloat16"),
+    "int weight": (lambda w, d: dict(weight=w.long()), TypeError, r"^weight has dtype torch.int64"),
+    "sparse weight": (lambda w, d: dict(weight=w.to_sparse()), TypeError, r"^weight is a sparse_coo tensor"),
 }
 
 
@@ -158,3 +159,33 @@ def test_bad_input_is_named(backend, device, op, case):
     kwargs |= make_change(weight, device)
     with pytest.raises(error, match=message):
         getattr(sk, op)(**kwargs, backend=backend)
+
+
+def _linear_operands(device, x=(3, 4), weight=(5, 4), bias=(5,), x_dtype=torch.float32, bias_dtype=torch.float32):
+    weight = torch.ones(weight, device=device)
+    return dict(x=torch.ones(x, dtype=x_dtype, device=device), weight=weight, mask=_bool(*weight.shape, device=device),
+                bias=None if bias is None else torch.ones(bias, dtype=bias_dtype, device=device))
+
+
+LINEAR_ERRORS = {   # every backend accepts and refuses the same operands, with the same errors
+    "x in_features": (dict(x=(3, 5)), ValueError, r"^x has shape \(3, 5\), expected \[\.\.\., 4\] for weight"),
+    "0-d x": (dict(x=()), ValueError, r"^x has shape \(\), expected \[\.\.\., 4\]"),
+    "bias size": (dict(bias=(4,)), ValueError, r"^bias has shape \(4,\), expected \(5,\) for weight"),
+    "0-d bias": (dict(bias=()), ValueError, r"^bias has shape \(\), expected \(5,\)"),
+    "1-D weight": (dict(weight=(4,), bias=None), ValueError, r"^weight must be 2-D \[out_features, in_features\]"),
+    "float64 x": (dict(x_dtype=torch.float64), TypeError, r"^x has dtype torch.float64 but weight has torch.float32"),
+    "int x": (dict(x_dtype=torch.int64, bias=None), TypeError, r"^x has dtype torch.int64 but weight has"),
+    "fp16 bias": (dict(bias_dtype=torch.float16), TypeError, r"^bias has dtype torch.float16 but weight has"),
+}
+
+
+@every_backend
+@pytest.mark.parametrize("case", LINEAR_ERRORS, ids=list(LINEAR_ERRORS))
+def test_bad_linear_operands_are_named(backend, device, case):
+    skip_unless_runs("masked_linear", backend, device)
+    change, error, message = LINEAR_ERRORS[case]
+    with pytest.raises(error, match=message):
+        sk.masked_linear(**_linear_operands(device, **change), backend=backend)
+    with pytest.raises(TypeError, match=r"^x is a list, not a tensor"):
+        sk.masked_linear(**(_linear_operands(device) | dict(x=[1.0, 2.0])), backend=backend)
+

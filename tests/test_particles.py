@@ -184,6 +184,8 @@ SWA_ERRORS = {
     "swa twice": (lambda d: (lambda t: dict(params=[torch.randn(2, 4, device=d)] * 2, swa=[t, t]))(
                       torch.zeros(4, device=d)),
                   ValueError, r"swa\[1\] is the memory of swa\[0\]"),
+    "expanded swa": (lambda d: dict(swa=[torch.zeros(4, device=d), torch.zeros(1, 3, device=d).expand(2, 3)]),
+                     ValueError, r"swa\[1\] has entries that share memory \(an expanded or as_strided view"),
     "negative count": (lambda d: dict(n_averaged=-1), ValueError, rf"{COUNT_RANGE}, got -1"),
     "float count": (lambda d: dict(n_averaged=1.5), ValueError, rf"{COUNT_RANGE}, got 1.5"),
     "bool count": (lambda d: dict(n_averaged=True), ValueError, rf"{COUNT_RANGE}, got True"),

@@ -232,6 +232,11 @@ BAD_INPUTS = {
                                                               momentum_buffers=[flat[2:6], None], momentum=0.9)
                                            )(torch.randn(12, device=d)), ValueError,
                                 r"momentum_buffers\[0\] overlaps the memory of params\[0\] \(views of one buffer\?\)"),
+    "expanded param": (lambda d: _args(d, params=[torch.randn(4, device=d), torch.randn(1, 3, device=d).expand(2, 3)],
+                                       momentum=0.9), ValueError,
+                       r"params\[1\] has entries that share memory \(an expanded or as_strided view"),
+    "expanded buffer": (lambda d: _args(d, momentum_buffers=[None, torch.zeros(1, device=d).expand(2, 3)],
+                                        momentum=0.9), ValueError, r"momentum_buffers\[1\] has entries that share"),
 }
 
 
