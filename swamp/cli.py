@@ -13,6 +13,7 @@ from swamp import config as cfg
 from swamp import pipeline, report
 from swamp.analysis import commands as analyze
 from swamp.distributed import DistributedError
+from swamp.rundir import WriteError
 from swamp_kernels import BackendError
 
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("dir", help="run directory (the --out of swamp run)")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a key that does not change the results (a moved data set, another "
-                             f"torchrun layout): {', '.join(pipeline.RESUME_KEYS)} (repeatable)")
+                             f"torchrun layout, more levels): {', '.join(pipeline.RESUME_KEYS)} (repeatable)")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = commands.add_parser("report", help="table and plot comparing run directories")
     rep.add_argument("dirs", nargs="+", help="run directories (a run still training shows the levels it has "
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
             if args.dry_run:
                 _show(f"images/s: {summary['levels'][-1]['images_per_second']:.1f} (particle-images, all ranks)")
         elif args.command == "resume":
-            complete = pipeline.finished(args.dir)
+            complete = pipeline.finished(args.dir, args.overrides)
             summary = pipeline.resume(args.dir, quiet=args.quiet, overrides=args.overrides)
             if complete:
                 keys = ", ".join(item.partition("=")[0] for item in args.overrides)
@@ -102,6 +103,11 @@ def main(argv=None) -> int:
                 print(f"\nplot: {report.plot(runs, args.plot)}")
             else:
                 print("\nno plot: no run has finished a level yet")
+    except WriteError as error:   # a full disk, say: what was written before stays
+        _error(args.command, error)
+        if hint := _resume_hint(args):
+            _show(f"swamp {args.command}: the run stopped{hint}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, BackendError) as error:   # bad input (ConfigError is one), files, backends
         _error(args.command, error)
         return 2

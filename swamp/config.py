@@ -165,6 +165,21 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def changed_keys(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for each key whose value differs, in key order."""
+    def flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        found = {}
+        for key, value in values.items():
+            if isinstance(value, Mapping):
+                found.update(flat(value, f"{prefix}{key}."))
+            else:
+                found[prefix + key] = value
+        return found
+    first, second = flat(to_dict(a)), flat(to_dict(b))
+    return [(key, first.get(key), second.get(key)) for key in sorted(first.keys() | second.keys())
+            if first.get(key) != second.get(key)]
+
+
 def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
     """Apply ``a.b=value`` strings (value parsed as YAML) to nested dicts; returns a new dict."""
     values = copy.deepcopy(values)

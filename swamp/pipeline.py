@@ -33,13 +33,14 @@ import swamp_kernels
 from torch.distributed import DistError
 
 from swamp import distributed, evaluate
-from swamp.config import Config, ConfigError, DataConfig, apply_overrides, dump, from_dict, load, to_dict, validate
+from swamp.config import (Config, ConfigError, DataConfig, apply_overrides, changed_keys, dump, from_dict, load, to_dict,
+                          validate)
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
 from swamp.models import build_model
-from swamp.rundir import (DamagedFileError, atomic_write, foreign_files, level_dir, load_file, read_json,
-                          remove_partial_writes, save, write_json)
+from swamp.rundir import (STARTED_CONFIG, DamagedFileError, atomic_write, foreign_files, level_dir, load_file,
+                          read_json, remove_partial_writes, save, write_json)
 from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
@@ -73,6 +74,9 @@ def _holds_dry_run(out: Path) -> bool:
         return False
 
 
+_RESULTS = ("rewind.pt", "checkpoint.pt", "summary.json")   # what a run computed, besides its level folders
+
+
 def _claim(out: Path, replace_dry_run: bool) -> str | None:
     """Why a new run cannot start in ``out`` (None: it can), once an earlier dry run there is
     removed if ``replace_dry_run``. Rank 0 decides: it returns, never raises, what every rank raises."""
@@ -85,6 +89,10 @@ def _claim(out: Path, replace_dry_run: bool) -> str | None:
         except OSError as error:
             return f"{out}: removing the earlier dry run failed ({error})"
     if not (out / "config.yaml").exists():
+        results = [name for name in _RESULTS if (out / name).exists()] + sorted(p.name for p in out.glob("level_*"))
+        if results:
+            return (f"{out} holds the files of a run ({', '.join(results)}) but no config.yaml (deleted, or a "
+                    "removal stopped midway): a new run would take them for its own; delete them or pick another --out")
         return None
     if replace_dry_run:
         return (f"{out} already holds a run that is not a dry run (or files besides one); a dry run "
@@ -115,18 +123,15 @@ def _run_config(out: Path) -> Config:
     return load(out / "config.yaml", check_paths=False)
 
 
-# What ``resume --set`` may change: where and how the run executes, never what it computes.
+# What ``resume --set`` (or an edit of the run's config.yaml) may change: where and how the run
+# executes, and how many levels it trains; never what a level computes.
 RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_groups", "distributed.timeout_s",
-               "train.checkpoint_every")
+               "train.checkpoint_every", "levels")
 
 
-def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) -> dict:
-    """Continue the run in ``out`` from its last checkpoint; returns the summary. ``overrides``
-    (``key=value``) may change the keys of :data:`RESUME_KEYS` (a moved data set, another layout),
-    which the run's ``config.yaml`` then keeps. A finished run returns its stored summary and
-    needs nothing else (no data, device or other ranks); its ``config.yaml`` still records
-    ``overrides`` (a moved data set, for the analyses)."""
-    out = Path(out)
+def _resume_config(out: Path, overrides: Sequence[str] = ()) -> Config:
+    """The run's config.yaml with ``overrides`` (keys of :data:`RESUME_KEYS` only); ConfigError
+    where it differs from the config the run started with in any other key (an edited file)."""
     config = _run_config(out)
     for item in overrides:
         key = item.partition("=")[0]
@@ -134,11 +139,33 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
             raise ConfigError(f"resume --set {item!r}: {key!r} would change the run's results; resume can "
                               f"change only {', '.join(RESUME_KEYS)}")
     config = from_dict(apply_overrides(to_dict(config), overrides))
-    done = finished(out)
+    if (out / STARTED_CONFIG).is_file():   # absent in runs started before it was kept
+        started = load(out / STARTED_CONFIG, check_paths=False)
+        changed = [f"{key}: {now!r}, started with {then!r}"
+                   for key, then, now in changed_keys(started, config) if key not in RESUME_KEYS]
+        if changed:
+            raise ConfigError(f"{out}/config.yaml differs from the config the run started with ({out / STARTED_CONFIG}) "
+                              f"in what its levels compute: {'; '.join(changed)}. Put it back; resume can change "
+                              f"only {', '.join(RESUME_KEYS)}")
+    return config
+
+
+def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) -> dict:
+    """Continue the run in ``out`` from its last checkpoint; returns the summary. ``overrides``
+    (``key=value``) may change the keys of :data:`RESUME_KEYS` (a moved data set, another layout,
+    more levels), which the run's ``config.yaml`` then keeps. A finished run returns its stored
+    summary and needs nothing else (no data, device or other ranks); its ``config.yaml`` still
+    records ``overrides`` (a moved data set, for the analyses)."""
+    out = Path(out)
+    config = _resume_config(out, overrides)
+    done = _all_levels_done(out, config)
     validate(config, check_paths=bool(overrides) or not done)   # a finished run needs no data
     def finish() -> dict:
-        if overrides and _writes_finished_run():   # e.g. a moved data set, for the analyses
-            atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
+        if _writes_finished_run():
+            remove_partial_writes(out)   # of a kill after the last level was written
+            (out / "checkpoint.pt").unlink(missing_ok=True)
+            if overrides:   # e.g. a moved data set, for the analyses
+                atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
         return _finished_summary(out)
     if done:
         return finish()
@@ -146,7 +173,7 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
 
     def body(topology: Topology) -> dict:
         with _run_lock(out, topology):   # before loading anything: a live run is refused at once
-            if topology.world.broadcast_object(finished(out) if topology.is_writer else None):
+            if topology.world.broadcast_object(_all_levels_done(out, config) if topology.is_writer else None):
                 return finish()   # finished by its last holder since the check above
             return _execute(config, out, quiet, topology)
     return _distributed(config, body)
@@ -157,10 +184,14 @@ def _levels(config: Config) -> range:
     return range((0 if config.method == "dense" else config.levels) + 1)
 
 
-def finished(out: str | Path) -> bool:
-    """True when the run in ``out`` has completed all its levels (``resume`` trains nothing)."""
+def finished(out: str | Path, overrides: Sequence[str] = ()) -> bool:
+    """True when the run in ``out`` has completed all its levels (``resume`` with ``overrides``,
+    e.g. ``levels=15``, trains nothing)."""
     out = Path(out)
-    config = _run_config(out)
+    return _all_levels_done(out, _resume_config(out, overrides))
+
+
+def _all_levels_done(out: Path, config: Config) -> bool:
     return all((level_dir(out, level) / "metrics.json").is_file() for level in _levels(config))
 
 
@@ -369,8 +400,9 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                 raise FileExistsError(f"{out} already holds a run (started meanwhile by another process); "
                                       f"continue it with `swamp resume {out}`")
         if writer:
-            if not new:
-                remove_partial_writes(out)
+            remove_partial_writes(out)
+            if new:   # before config.yaml, which marks a run
+                atomic_write(out / STARTED_CONFIG, lambda t: t.write_text(dump(config)))
             atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))   # resume: with its overrides
         log_file = held.enter_context(open(out / "log.txt", "a")) if writer else None
 

@@ -5,22 +5,20 @@ from pathlib import Path
 from typing import Sequence
 
 from swamp.pipeline import completed_levels
-from swamp.rundir import DamagedFileError, atomic_write, read_json
+from swamp.rundir import atomic_write
 
 __all__ = ["load_runs", "markdown_table", "plot", "density_axis"]
 
 
 def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
-    """``{label: summary}`` for each run directory (label: the directory name); a run that has
+    """``{label: summary}`` for each run directory (label: the directory name), read from its
+    level folders (``summary.json`` lags them by a kill between the two writes); a run that has
     not finished a level yet has no levels."""
     runs = {}
     for directory in directories:
         if not (Path(directory) / "config.yaml").is_file():
             raise FileNotFoundError(f"{directory} is not a run directory (no config.yaml)")
-        try:
-            summary = read_json(Path(directory) / "summary.json")
-        except (FileNotFoundError, DamagedFileError):   # no level finished yet, or a damaged copy
-            summary = completed_levels(directory)
+        summary = completed_levels(directory)
         label, n = Path(directory).resolve().name, 2
         while label in runs:
             label, n = f"{Path(directory).resolve().name}#{n}", n + 1

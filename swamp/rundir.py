@@ -1,6 +1,8 @@
 """The files of a run directory: its layout, atomic writes, and reading them back.
 
-    DIR/config.yaml          resolved config
+    DIR/config.yaml          resolved config (``resume --set`` records its changes here)
+    DIR/.started.yaml        the config the run started with: a resume refuses a config.yaml
+                             changed in what the levels compute
     DIR/rewind.pt            state at the rewind point (parameters and buffers)
     DIR/level_XX/mask.pt     {weight name: bool mask} this level trained with
     DIR/level_XX/model.pt    final (averaged, BN-recomputed) state_dict
@@ -27,22 +29,31 @@ import torch
 
 from swamp.runlock import LOCK_NAME
 
-__all__ = ["atomic_write", "remove_partial_writes", "DamagedFileError", "read_json", "load_file", "write_json",
+__all__ = ["STARTED_CONFIG", "WriteError", "atomic_write", "remove_partial_writes", "DamagedFileError", "read_json", "load_file", "write_json",
            "save", "level_dir", "foreign_files"]
 
 _TEMP = re.compile(r"\..+\.tmp\d+")   # atomic_write's temporary files: .NAME.tmpPID
+STARTED_CONFIG = ".started.yaml"
+
+
+class WriteError(OSError):
+    """Writing a file failed (a full disk, a lost mount); the file is as it was before."""
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temp)`` then rename over ``path``: readers see the old file or the whole new one.
     A write that fails removes its temporary file (one killed mid-write leaves it for
-    :func:`remove_partial_writes`)."""
+    :func:`remove_partial_writes`) and raises :class:`WriteError` naming ``path`` (torch.save
+    reports a full disk as a RuntimeError)."""
     temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(temp)
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         temp.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, WriteError):
+            raise WriteError(f"writing {path} failed ({type(error).__name__}: {error}); "
+                             f"the file is as it was before") from error
         raise
 
 
@@ -90,7 +101,7 @@ def level_dir(out: Path, level: int) -> Path:
 
 
 _RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|" + re.escape(LOCK_NAME) + "|"
-                        + _TEMP.pattern)
+                        + re.escape(STARTED_CONFIG) + "|" + _TEMP.pattern)
 _LEVEL_FILES = re.compile(r"(mask|model|particles)\.pt|metrics\.json|" + _TEMP.pattern)
 
 

@@ -185,7 +185,7 @@ def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(C, "load", lambda *args, **kwargs: None)
     monkeypatch.setattr(cli.pipeline, argv[0], interrupted)
-    monkeypatch.setattr(cli.pipeline, "finished", lambda out: False)
+    monkeypatch.setattr(cli.pipeline, "finished", lambda out, overrides: False)
     assert cli.main(argv) == 130   # before the run directory holds a run: nothing to resume
     assert capsys.readouterr().err.strip() == (f"swamp {argv[0]}: interrupted; nothing was saved in runs/a: "
                                                "start again with `swamp run`")
@@ -203,7 +203,7 @@ def test_under_torchrun_errors_name_the_rank_and_rank_0_alone_prints_the_resume_
     (tmp_path / "runs" / "a").mkdir(parents=True)
     (tmp_path / "runs" / "a" / "config.yaml").write_text("method: imp\n")
     monkeypatch.setattr(cli.pipeline, "resume", interrupted)
-    monkeypatch.setattr(cli.pipeline, "finished", lambda out: False)
+    monkeypatch.setattr(cli.pipeline, "finished", lambda out, overrides: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, expected in (("0", "swamp resume: interrupted; continue with the same torchrun line with "
                                  "`swamp resume runs/a`"), ("1", "")):

@@ -103,7 +103,8 @@ def test_particle_groups_match_the_single_process_run(groups_runs):
 def test_rank_zero_alone_writes(groups_runs):
     root, _ = groups_runs
     names = sorted(p.name for p in (root / "distributed").iterdir())
-    assert names == [".lock", "config.yaml", "level_00", "level_01", "level_02", "log.txt", "rewind.pt", "summary.json"]
+    assert names == [".lock", ".started.yaml", "config.yaml", "level_00", "level_01", "level_02", "log.txt", "rewind.pt",
+                     "summary.json"]
     assert not list((root / "distributed").rglob(".*tmp*")), "a temporary file was left behind"
     log = (root / "distributed" / "log.txt").read_text()
     assert log.count("level 1 stage 1 epoch 2/4") == 1   # one writer, not one per rank

@@ -362,8 +362,9 @@ def test_the_lock_ends_with_its_process_not_with_the_workers_it_forked(tmp_path)
 def test_a_resume_that_finds_the_run_finished_once_it_holds_the_lock_trains_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
     summary = pipeline.run(tiny("imp", levels=1), out, quiet=True)
-    real, calls = pipeline.finished, []
-    monkeypatch.setattr(pipeline, "finished", lambda d: bool(calls.append(d)) or len(calls) > 1 and real(d))
+    real, calls = pipeline._all_levels_done, []
+    monkeypatch.setattr(pipeline, "_all_levels_done",
+                        lambda d, config: bool(calls.append(d)) or len(calls) > 1 and real(d, config))
     monkeypatch.setattr(pipeline, "_execute", lambda *args, **kwargs: pytest.fail("it trained"))
     log = (out / "log.txt").read_text()
     assert pipeline.resume(out, quiet=True, overrides=["train.checkpoint_every=3"]) == summary
@@ -402,3 +403,81 @@ def test_probing_a_free_lock_leaves_its_file_as_it_was(tmp_path):
     assert runlock.holder(tmp_path) is None
     assert (tmp_path / runlock.LOCK_NAME).read_text() == "pid 7 on earlier-host\n"
     assert runlock.holder(tmp_path / "no-run") is None and not (tmp_path / "no-run").exists()
+
+
+def _edited(out: Path, item: str) -> str:
+    """The run's config.yaml with ``item`` (key=value) changed."""
+    values = C.apply_overrides(C.to_dict(C.load(out / "config.yaml", check_paths=False)), [item])
+    return C.dump(C.from_dict(values))
+
+
+def test_resume_refuses_a_config_yaml_edited_in_what_its_levels_compute(tmp_path, capsys):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    (out / "level_01" / "metrics.json").unlink()   # unfinished
+    original = (out / "config.yaml").read_text()
+    for item, change in (("particles=3", "particles: 3, started with 2"), ("train.epochs=1", "train.epochs: 1, "
+                         "started with 2"), ("model.hidden=[12]", "model.hidden: [12], started with [24]"),
+                         ("method=swamp", "method: 'swamp', started with 'imp'")):
+        (out / "config.yaml").write_text(_edited(out, item))
+        assert cli.main(["resume", str(out), "--quiet"]) == 2
+        error = capsys.readouterr().err
+        assert f"{out}/config.yaml differs from the config the run started with ({out}/.started.yaml) in what its " \
+               f"levels compute: {change}. Put it back; resume can change only data.path" in error
+        (out / "config.yaml").write_text(original)
+    (out / "config.yaml").write_text(_edited(out, "train.checkpoint_every=2"))   # how it runs: allowed
+    assert cli.main(["resume", str(out), "--quiet"]) == 0
+
+
+def test_resume_with_more_levels_continues_a_finished_run_as_if_it_had_planned_them(tmp_path, capsys):
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    first = pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    assert pipeline.finished(out) and not pipeline.finished(out, ["levels=2"])
+    assert cli.main(["resume", str(out), "--quiet", "--set", "levels=2"]) == 0
+    assert "already complete" not in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["levels"]) == 3 and summary["levels"][:2] == first["levels"]
+    assert C.load(out / "config.yaml").levels == 2 and pipeline.finished(out)
+    pipeline.run(tiny("imp", levels=2), straight, quiet=True)
+    for name in ("mask.pt", "model.pt"):
+        a, b = (torch.load(d / "level_02" / name) for d in (out, straight))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_new_run_refuses_results_without_a_config_yaml_and_clears_a_killed_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    (out / "config.yaml").unlink()   # deleted, or a dry run's removal stopped midway
+    for dry_run in (False, True):
+        with pytest.raises(FileExistsError, match=r"holds the files of a run \(rewind.pt, summary.json, level_00, "
+                                                  r"level_01\) but no config.yaml"):
+            pipeline.run(tiny("imp", levels=1), out, quiet=True, replace_dry_run=dry_run)
+    killed = tmp_path / "killed"   # a start killed before its config.yaml was written
+    killed.mkdir()
+    (killed / ".started.yaml").write_text("method: imp\n")
+    (killed / ".config.yaml.tmp12345").write_text("method: im")
+    pipeline.run(tiny("dense"), killed, quiet=True)
+    assert not list(killed.glob(".*tmp*")) and C.load(killed / ".started.yaml").method == "dense"
+
+
+def test_resuming_a_finished_run_removes_what_a_kill_after_its_last_level_left(tmp_path):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    (out / "checkpoint.pt").write_bytes(b"the last level's")
+    (out / ".summary.json.tmp12345").write_text("{")
+    pipeline.resume(out, quiet=True)
+    assert not (out / "checkpoint.pt").exists() and not list(out.glob(".*tmp*"))
+
+
+def test_a_failed_write_names_the_file_and_how_to_continue(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(C.dump(tiny("imp", levels=1)))
+
+    def full_disk(value, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 969280 vs 969200")
+    monkeypatch.setattr(rundir.torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert f"writing {out}/rewind.pt failed (RuntimeError: [enforce fail" in error
+    assert f"the run stopped; continue with `swamp resume {out}`" in error and not list(out.glob(".*tmp*"))
