@@ -118,6 +118,8 @@ def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: b
 
 
 def _run_config(out: Path) -> Config:
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} does not exist" if not out.exists() else f"{out} is no run directory (a file)")
     if not (out / "config.yaml").is_file():
         raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
     return load(out / "config.yaml", check_paths=False)
@@ -159,7 +161,12 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
     out = Path(out)
     config = _resume_config(out, overrides)
     done = _all_levels_done(out, config)
-    validate(config, check_paths=bool(overrides) or not done)   # a finished run needs no data
+    try:
+        validate(config, check_paths=bool(overrides) or not done)   # a finished run needs no data
+    except ConfigError as error:
+        if "data.path" not in str(error) or any(item.startswith("data.path=") for item in overrides):
+            raise
+        raise ConfigError(f"{error}; if the data set moved: `swamp resume {out} --set data.path=NEW`") from error
     def finish() -> dict:
         if _writes_finished_run():
             remove_partial_writes(out)   # of a kill after the last level was written

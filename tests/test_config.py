@@ -166,7 +166,8 @@ def test_resume_may_move_the_data_set_but_not_change_the_results(tmp_path, capsy
             "only data.path, data.workers, device" in capsys.readouterr().err)
     (out / "level_00" / "metrics.json").unlink()   # unfinished again: resuming needs the data set
     assert cli.main(["resume", str(out), "--quiet"]) == 2
-    assert "'data.path'" in capsys.readouterr().err
+    assert "'data.path'" in (error := capsys.readouterr().err)
+    assert f"; if the data set moved: `swamp resume {out} --set data.path=NEW`" in error
     assert cli.main(["resume", str(out), "--quiet", "--set", f"data.path={moved}"]) == 0
     assert C.load(out / "config.yaml").data.path == str(moved)   # later resumes find it too
     assert cli.main(["resume", str(out), "--quiet"]) == 0
@@ -214,4 +215,4 @@ def test_under_torchrun_errors_name_the_rank_and_rank_0_alone_prints_the_resume_
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert cli.main(["resume", "no/such/run"]) == 2
-    assert capsys.readouterr().err.strip() == "swamp resume: error (rank 1 of 2): no/such/run holds no run (no config.yaml)"
+    assert capsys.readouterr().err.strip() == "swamp resume: error (rank 1 of 2): no/such/run does not exist"

@@ -4,6 +4,7 @@ import errno
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -481,3 +482,11 @@ def test_a_failed_write_names_the_file_and_how_to_continue(tmp_path, monkeypatch
     error = capsys.readouterr().err
     assert f"writing {out}/rewind.pt failed (RuntimeError: [enforce fail" in error
     assert f"the run stopped; continue with `swamp resume {out}`" in error and not list(out.glob(".*tmp*"))
+
+
+def test_resuming_what_is_no_run_directory_says_what_it_is(tmp_path):
+    (tmp_path / "file").write_text("")
+    for path, what in ((tmp_path / "typo", "does not exist"), (tmp_path / "file", "is no run directory (a file)"),
+                       (tmp_path, "holds no run (no config.yaml)")):
+        with pytest.raises(FileNotFoundError, match=rf"{path} {re.escape(what)}"):
+            pipeline.resume(path)
