@@ -187,7 +187,8 @@ class MaskedLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         if self.weight_mask.is_meta and not self.weight.is_meta:   # assign=True without a mask
             self.weight_mask = torch.ones_like(self.weight, dtype=torch.bool)
-        if local_metadata.get("assign_to_params_buffers", False) and not self.weight.is_meta:
+        assigned = local_metadata.get("assign_to_params_buffers", False) and prefix + "weight" in state_dict
+        if assigned and not self.weight.is_meta:
             # the weight is the caller's tensor: mask a copy, if it needs masking, never theirs
             with torch.no_grad():
                 if torch.any(self.weight.masked_select(~self.weight_mask) != 0):

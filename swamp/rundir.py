@@ -51,10 +51,18 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(temp, path)
     except BaseException as error:
         temp.unlink(missing_ok=True)
-        if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, WriteError):
+        if _failed_write(error):
             raise WriteError(f"writing {path} failed ({type(error).__name__}: {error}); "
                              f"the file is as it was before") from error
         raise
+
+
+def _failed_write(error: BaseException) -> bool:
+    """An OSError, or torch.save's writer reporting one (a RuntimeError; not a CUDA or NCCL error)."""
+    if isinstance(error, WriteError):
+        return False
+    return isinstance(error, OSError) or isinstance(error, RuntimeError) and any(
+        mark in str(error) for mark in ("PytorchStreamWriter", "inline_container", "file write failed"))
 
 
 def remove_partial_writes(out: Path) -> None:

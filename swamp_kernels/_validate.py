@@ -176,9 +176,10 @@ def linear_operands(x, weight: torch.Tensor, bias) -> None:
         _dense_tensor(name, None, t)
         if t.device != weight.device:
             raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
-        if t.dtype != weight.dtype and not autocast:
+        if t.dtype != weight.dtype and not (autocast and t.dtype in FLOAT_DTYPES):
             raise TypeError(f"{name} has dtype {t.dtype} but weight has {weight.dtype}; "
-                            "masked_linear needs one dtype (or run under torch.autocast)")
+                            "masked_linear needs one dtype (or run under torch.autocast: "
+                            f"{_DTYPE_NAMES} operands)")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., {k}] for weight of shape ({n}, {k})")
     if bias is not None and tuple(bias.shape) != (n,):

@@ -177,6 +177,10 @@ LINEAR_ERRORS = {   # every backend accepts and refuses the same operands, with 
     "int x": (dict(x_dtype=torch.int64, bias=None), TypeError, r"^x has dtype torch.int64 but weight has"),
     "fp16 bias": (dict(bias_dtype=torch.float16), TypeError, r"^bias has dtype torch.float16 but weight has"),
 }
+AUTOCAST_ERRORS = {   # autocast casts float operands, not others
+    "int x": (dict(x_dtype=torch.int64, bias=None), TypeError, r"^x has dtype torch.int64 but weight has"),
+    "float64 bias": (dict(bias_dtype=torch.float64), TypeError, r"^bias has dtype torch.float64 but weight has"),
+}
 
 
 @every_backend
@@ -188,4 +192,15 @@ def test_bad_linear_operands_are_named(backend, device, case):
         sk.masked_linear(**_linear_operands(device, **change), backend=backend)
     with pytest.raises(TypeError, match=r"^x is a list, not a tensor"):
         sk.masked_linear(**(_linear_operands(device) | dict(x=[1.0, 2.0])), backend=backend)
+
+
+@every_backend
+@pytest.mark.parametrize("case", AUTOCAST_ERRORS, ids=list(AUTOCAST_ERRORS))
+def test_autocast_takes_float_operands_only(backend, device, case):
+    skip_unless_runs("masked_linear", backend, device)
+    change, error, message = AUTOCAST_ERRORS[case]
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        sk.masked_linear(**_linear_operands(device, x_dtype=torch.float16), backend=backend)   # cast: fine
+        with pytest.raises(error, match=message):
+            sk.masked_linear(**_linear_operands(device, **change), backend=backend)
 

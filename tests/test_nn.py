@@ -377,6 +377,9 @@ def test_a_dense_checkpoint_assigned_into_a_pruned_model_is_not_changed_in_the_c
     other = MaskedLinear(8, 6)
     other.load_state_dict(masked, assign=True)
     assert other.weight.data_ptr() == masked["weight"].data_ptr()
+    weight, mask = layer.weight, layer.weight_mask   # a state_dict without the weight keeps it (an optimizer holds it)
+    layer.load_state_dict({"weight_mask": torch.rand(6, 8) < 0.5}, strict=False, assign=True)
+    assert layer.weight is weight and torch.equal(layer.weight != 0, mask & layer.weight_mask)
 
 
 def test_weight_shared_by_two_layers_is_zeroed_where_either_mask_is_false():

@@ -470,6 +470,20 @@ def test_resuming_a_finished_run_removes_what_a_kill_after_its_last_level_left(t
     assert not (out / "checkpoint.pt").exists() and not list(out.glob(".*tmp*"))
 
 
+def test_only_write_failures_are_called_failed_writes(tmp_path):
+    def fails(error):
+        def write(temp):
+            raise error
+        return write
+    with pytest.raises(rundir.WriteError, match="file write failed"):
+        rundir.atomic_write(tmp_path / "a.pt", fails(RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                                  "PytorchStreamWriter failed writing file data/0: "
+                                                                  "file write failed")))
+    with pytest.raises(RuntimeError, match="CUDA error: an illegal memory access") as raised:
+        rundir.atomic_write(tmp_path / "a.pt", fails(RuntimeError("CUDA error: an illegal memory access")))
+    assert not isinstance(raised.value, rundir.WriteError) and not list(tmp_path.iterdir())
+
+
 def test_a_failed_write_names_the_file_and_how_to_continue(tmp_path, monkeypatch, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(C.dump(tiny("imp", levels=1)))

@@ -154,6 +154,28 @@ def test_empty_dimensions(x_shape, w_shape, seed):
     assert_like_reference(x, weight, mask, bias, TOL[torch.float32])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_4096_linear_on_8192_tokens(dtype):
+    torch.manual_seed(0)
+    x, weight, mask, b = make_inputs((8, 1024, 4096), 4096, dtype, device="cuda")
+    grad_out = torch.randn(8, 1024, 4096, device="cuda").to(dtype)
+    assert_like_reference(x, weight, mask, b, TOL[dtype], grad_out)
+
+
+def test_output_takes_in_place_ops_as_f_linear_does():
+    """``nn.ReLU(inplace=True)`` after the layer: the output is no view of the Function's."""
+    x, weight, mask, b = make_inputs((3, 5, 17), 7, torch.float32)
+    grads = []
+    for backend in ("triton", "torch"):
+        inputs = [t.detach().requires_grad_() for t in (x, weight, b)]
+        out = sk.masked_linear(inputs[0], inputs[1], mask, inputs[2], backend=backend)
+        out.relu_().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for a, e in zip(*grads):
+        assert_rel_close(a, e, TOL[torch.float32])
+
+
 def test_double_backward_raises_rather_than_dropping_terms():
     x, weight, mask, b = make_inputs((4, 9), 5, torch.float32)
     x, weight = x.requires_grad_(), weight.requires_grad_()
