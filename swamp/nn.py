@@ -45,6 +45,7 @@ own). Pass weights that are zero where the mask is False to compute the pruned n
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Iterable
 
@@ -151,19 +152,21 @@ class MaskedLayer(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         if name == "weight_mask" and isinstance(value, torch.Tensor):
             _require_bool_mask(value)
-        if name == "weight" and "weight" not in self._parameters and not isinstance(value, nn.Parameter):
-            raise TypeError(f"{type(self).__name__}: its weight must stay a parameter, but something deleted it "
-                            f"and now sets a computed weight (torch.nn.utils.weight_norm?), which "
-                            f"weight_mask does not cover; this layer is left without its weight. {_NO_REPLACED_WEIGHT}")
+        if name == "weight" and "weight" not in self._parameters and _reparametrizing():
+            raise TypeError(f"{type(self).__name__}: torch.nn.utils.weight_norm replaced its weight parameter by "
+                            "weight_g and weight_v, which weight_mask does not cover; this layer is left without its "
+                            f"weight. {_NO_REPLACED_WEIGHT}")
         super().__setattr__(name, value)
         if name == "weight_mask":
             _mask_replaced()
 
     def __delattr__(self, name: str) -> None:
-        if name == "weight":
+        if name == "weight" and _reparametrizing():
+            _zero_pruned([self])   # a parametrization's right_inverse may have rewritten the weight already
             raise TypeError(f"{type(self).__name__}: its weight must stay a parameter: a parametrization "
                             f"(spectral_norm, weight_norm, orthogonal, register_parametrization) would compute "
-                            f"the weight from another tensor, which weight_mask does not cover. {_NO_REPLACED_WEIGHT}")
+                            f"the weight from another tensor, which weight_mask does not cover (the weight is "
+                            f"kept, with any values its right_inverse wrote). {_NO_REPLACED_WEIGHT}")
         super().__delattr__(name)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
@@ -222,6 +225,16 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
 
 _NO_REPLACED_WEIGHT = ("Apply it to the plain layer (keep this one dense: swamp.sparsify(model, exclude=...)), "
                        "or to a dense copy of the pruned model (swamp.export_dense(model)).")
+
+
+_REPARAMETRIZERS = ("torch.nn.utils.parametrize", "torch.nn.utils.spectral_norm", "torch.nn.utils.weight_norm")
+
+
+def _reparametrizing() -> bool:
+    """True when the code deleting or setting a masked layer's weight (two frames up) is torch's
+    weight reparametrization (parametrizations, the old spectral_norm / weight_norm). Others
+    that swap the weight for views and back, as FSDP does, go on."""
+    return sys._getframe(2).f_globals.get("__name__") in _REPARAMETRIZERS
 
 
 def _require_bool_mask(mask: torch.Tensor) -> None:

@@ -67,3 +67,32 @@ def test_ddp_gloo_two_processes(tmp_path):
         weight = states[0][key.removesuffix("_mask")]
         assert torch.count_nonzero(weight[~mask]) == 0
         assert torch.count_nonzero(weight[mask]) == mask.sum()
+
+
+FSDP_SCRIPT = """
+import sys, torch, torch.distributed as dist, swamp
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+model = swamp.sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+swamp.prune(model, 0.5)
+x = torch.randn(3, 4)
+expected = model(x)
+for use_orig_params in (False, True):
+    import copy
+    fsdp = FullyShardedDataParallel(copy.deepcopy(model), device_id=torch.device("cpu"),
+                                    use_orig_params=use_orig_params)
+    out = fsdp(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+print("ok")
+"""
+
+
+def test_fsdp_wraps_masked_layers(tmp_path):
+    """FSDP (one CPU process) swaps a masked layer's weight for views of its flat parameter: allowed."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(tmp_path / "rendezvous")], capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -634,12 +634,13 @@ def test_forward_mode_derivatives_are_masked_like_gradients():
 
 
 def test_torch_prune_on_a_swamp_layer_is_refused_and_leaves_it_as_it_was():
+    from torch.nn.utils import prune
     layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
     weight, x = layer.weight, torch.randn(2, 4)
     expected = layer(x)
     with pytest.raises(TypeError, match=r"weight_mask must be a bool tensor, got torch.float32 "
                                         r"\(torch.nn.utils.prune on a swamp layer"):
-        torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.3)   # would set a float weight_mask
+        prune.l1_unstructured(layer, "weight", 0.3)   # would set a float weight_mask
     assert layer.weight is weight and layer.weight_mask.dtype == torch.bool and torch.equal(layer(x), expected)
     assert sorted(layer._parameters) == ["bias", "weight"] and not layer._forward_pre_hooks
     with pytest.raises(TypeError, match="weight_mask must be a bool tensor, got torch.uint8"):
@@ -651,17 +652,21 @@ def test_torch_prune_on_a_swamp_layer_is_refused_and_leaves_it_as_it_was():
     torch.nn.utils.parametrizations.orthogonal, torch.nn.utils.spectral_norm])
 def test_a_parametrization_of_the_weight_is_refused_and_leaves_the_layer_as_it_was(reparametrize):
     layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
-    weight = layer.weight
+    swamp.set_masks(layer, {"weight": torch.rand(4, 4) < 0.5})
+    weight, values = layer.weight, layer.weight.detach().clone()
     with pytest.raises(TypeError, match="MaskedLinear: its weight must stay a parameter: a parametrization"):
         reparametrize(layer)
     assert type(layer) is MaskedLinear and layer.weight is weight and sorted(layer._parameters) == ["bias", "weight"]
     assert not layer._forward_pre_hooks and not hasattr(layer, "parametrizations")
+    assert torch.all(layer.weight[~layer.weight_mask] == 0)   # orthogonal's right_inverse rewrote it first
+    if reparametrize is not torch.nn.utils.parametrizations.orthogonal:
+        assert torch.equal(layer.weight, values)
 
 
 def test_the_old_weight_norm_is_refused():
     layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
-    with warnings.catch_warnings(), pytest.raises(TypeError, match=r"sets a computed weight \(torch.nn.utils."
-                                                                  r"weight_norm\?\), which weight_mask does not"):
+    with warnings.catch_warnings(), pytest.raises(TypeError, match="torch.nn.utils.weight_norm replaced its weight "
+                                                                  "parameter by weight_g and weight_v"):
         warnings.simplefilter("ignore", FutureWarning)   # deprecated by torch
         torch.nn.utils.weight_norm(layer)
     assert "weight" not in layer._parameters   # as the message says: build the layer again
