@@ -126,9 +126,21 @@ def _run_config(out: Path) -> Config:
 
 
 # What ``resume --set`` (or an edit of the run's config.yaml) may change: where and how the run
-# executes, and how many levels it trains; never what a level computes.
+# executes, and how many levels it trains (not fewer than it has reached); never what a level computes.
 RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_groups", "distributed.timeout_s",
                "train.checkpoint_every", "levels")
+
+
+def _reached_level(out: Path) -> int:
+    """The highest level the run in ``out`` has begun to write or train (-1: none)."""
+    reached = max((int(p.name[len("level_"):]) for p in out.glob("level_*") if p.name[len("level_"):].isdigit()),
+                  default=-1)
+    if (out / "checkpoint.pt").is_file():
+        try:
+            reached = max(reached, int(load_file(out / "checkpoint.pt", mmap=True, weights_only=True)["stage"]))
+        except (OSError, DamagedFileError, KeyError):   # the resume itself names a damaged checkpoint
+            pass
+    return reached
 
 
 def _resume_config(out: Path, overrides: Sequence[str] = ()) -> Config:
@@ -149,6 +161,10 @@ def _resume_config(out: Path, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"{out}/config.yaml differs from the config the run started with ({out / STARTED_CONFIG}) "
                               f"in what its levels compute: {'; '.join(changed)}. Put it back; resume can change "
                               f"only {', '.join(RESUME_KEYS)}")
+    reached = _reached_level(out)
+    if config.method != "dense" and config.levels < reached:
+        raise ConfigError(f"config key 'levels': {config.levels} is below level {reached}, which the run in {out} "
+                          "has reached already; a run's levels can only grow")
     return config
 
 
@@ -167,10 +183,12 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
         if "data.path" not in str(error) or any(item.startswith("data.path=") for item in overrides):
             raise
         raise ConfigError(f"{error}; if the data set moved: `swamp resume {out} --set data.path=NEW`") from error
-    def finish() -> dict:
+    def finish(locked: bool = False) -> dict:
+        """The finished run's summary; ``locked``: this process holds the run's lock."""
         if _writes_finished_run():
-            remove_partial_writes(out)   # of a kill after the last level was written
-            (out / "checkpoint.pt").unlink(missing_ok=True)
+            if locked or lock_holder(out) is None:   # not while another process ends the run
+                remove_partial_writes(out)   # of a kill after the last level was written
+                (out / "checkpoint.pt").unlink(missing_ok=True)
             if overrides:   # e.g. a moved data set, for the analyses
                 atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
         return _finished_summary(out)
@@ -181,7 +199,7 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
     def body(topology: Topology) -> dict:
         with _run_lock(out, topology):   # before loading anything: a live run is refused at once
             if topology.world.broadcast_object(_all_levels_done(out, config) if topology.is_writer else None):
-                return finish()   # finished by its last holder since the check above
+                return finish(locked=True)   # finished by its last holder since the check above
             return _execute(config, out, quiet, topology)
     return _distributed(config, body)
 

@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -504,3 +505,34 @@ def test_resuming_what_is_no_run_directory_says_what_it_is(tmp_path):
                        (tmp_path, "holds no run (no config.yaml)")):
         with pytest.raises(FileNotFoundError, match=rf"{path} {re.escape(what)}"):
             pipeline.resume(path)
+
+
+def test_levels_can_only_grow_past_what_the_run_has_reached(tmp_path, capsys):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=2), out, quiet=True)
+    (out / "level_02" / "metrics.json").unlink()   # killed in level 2 ...
+    rundir.save(out / "checkpoint.pt", {"stage": 2})   # ... after a checkpoint of it
+    shutil.rmtree(out / "level_02")
+    for argv in (["--set", "levels=1"], []):
+        if not argv:   # the same by hand
+            (out / "config.yaml").write_text(_edited(out, "levels=1"))
+        assert cli.main(["resume", str(out), "--quiet", *argv]) == 2
+        assert f"config key 'levels': 1 is below level 2, which the run in {out} has reached already; a run's " \
+               "levels can only grow" in capsys.readouterr().err
+        assert (out / "checkpoint.pt").is_file()
+
+
+def test_a_finished_run_being_ended_by_another_process_keeps_its_files(tmp_path):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    (out / ".summary.json.tmp12345").write_text("{")   # being written by the process that holds the lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from swamp.runlock import RunLock; "
+                               f"lock = RunLock({str(out)!r}); lock.acquire(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        pipeline.resume(out, quiet=True)
+        assert (out / ".summary.json.tmp12345").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
