@@ -340,6 +340,13 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
     assert json.loads((out / "hessian_swamp.json").read_text()) == result
     computed[:] = []
     assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 0 and len(computed) == 3   # new settings
+    computed[:] = []   # the run started again in its folder: level 1 is another solution
+    saved = (swamp_run / "level_01" / "metrics.json").read_bytes()
+    try:
+        (swamp_run / "level_01" / "metrics.json").write_text(json.dumps({**json.loads(saved), "seconds": -1}))
+        assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 0 and len(computed) == 1
+    finally:
+        (swamp_run / "level_01" / "metrics.json").write_bytes(saved)
     copy = tmp_path / "elsewhere" / "swamp"   # another run of the same name, same --out
     shutil.copytree(swamp_run, copy)
     shutil.rmtree(copy / "level_02")

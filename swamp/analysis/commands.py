@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from swamp.analysis.landscape import l2_distance, mask_overlap
 from swamp.analysis.runs import complete_levels, instability, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
-from swamp.rundir import atomic_write, read_json
+from swamp.rundir import atomic_write, level_dir, read_json
 from swamp.report import density_axis
 
 __all__ = ["add_parser", "main"]
@@ -201,24 +202,31 @@ def main(args) -> list[Path]:
     return _hessians(run_dir, out / f"hessian_{run_dir.resolve().name}", args)
 
 
+def _fingerprint(run_dir: Path, level: int) -> str:
+    """Tells a level's solution from another's in the same folder (a run started again there)."""
+    return hashlib.sha1((level_dir(run_dir, level) / "metrics.json").read_bytes()).hexdigest()
+
+
 def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
     """``analyze hessian``: ``stem``.json is rewritten as each level is done (a stopped analysis
-    keeps its levels); the levels of an earlier analysis with the same settings are kept."""
+    keeps its levels); the levels of an earlier analysis with the same settings are kept while
+    their ``metrics.json`` is unchanged."""
     settings = {"k": args.k, "batches": args.batches, "iters": args.iters, "tol": args.tol,
                 "trace_samples": args.trace_samples}
     path, run = stem.with_suffix(".json"), str(run_dir.resolve())
     earlier = read_json(path) if path.is_file() else {}
     same = earlier.get("run") == run and earlier.get("settings") == settings
-    rows = {r["level"]: r for r in earlier["levels"]} if same else {}
+    current = {level: _fingerprint(run_dir, level) for level in complete_levels(run_dir)}
+    rows = {r["level"]: r for r in earlier["levels"] if current.get(r["level"]) == r.get("metrics_sha1")} if same else {}
     levels = args.levels
     if levels is None:
-        levels = [level for level in complete_levels(run_dir) if level not in rows]
+        levels = [level for level in current if level not in rows]
         if rows:
             print(f"{path}: levels {sorted(rows)} already there with these settings; computing {levels}")
     merged = {**(earlier if same else {}), "run": run, "settings": settings}
 
     def write(result: dict) -> None:
-        row = result["levels"][-1]
+        row = {**result["levels"][-1], "metrics_sha1": _fingerprint(run_dir, result["levels"][-1]["level"])}
         print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}")
         rows[row["level"]] = row
         merged.update(result, settings=settings, levels=[rows[level] for level in sorted(rows)])
