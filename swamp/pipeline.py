@@ -74,7 +74,7 @@ def _holds_dry_run(out: Path) -> bool:
         return False
 
 
-_RESULTS = ("rewind.pt", "checkpoint.pt", "summary.json")   # what a run computed, besides its level folders
+_RESULTS = ("rewind.pt", "checkpoint.pt", "summary.json", "log.txt", "analysis")   # a run's, besides level folders
 
 
 def _claim(out: Path, replace_dry_run: bool) -> str | None:
@@ -95,8 +95,9 @@ def _claim(out: Path, replace_dry_run: bool) -> str | None:
                     "removal stopped midway): a new run would take them for its own; delete them or pick another --out")
         return None
     if replace_dry_run:
-        return (f"{out} already holds a run that is not a dry run (or files besides one); a dry run "
-                "replaces only an earlier dry run: pick another --out")
+        others = ", ".join(str(p.relative_to(out)) for p in foreign_files(out)[:5])
+        return (f"{out} already holds a run that is not a dry run" + (f", or files besides one ({others})"
+                if others else "") + "; a dry run replaces only an earlier dry run: pick another --out")
     return f"{out} already holds a run; continue it with `swamp resume {out}`"
 
 
@@ -135,11 +136,9 @@ def _reached_level(out: Path) -> int:
     """The highest level the run in ``out`` has begun to write or train (-1: none)."""
     reached = max((int(p.name[len("level_"):]) for p in out.glob("level_*") if p.name[len("level_"):].isdigit()),
                   default=-1)
-    if (out / "checkpoint.pt").is_file():
-        try:
-            reached = max(reached, int(load_file(out / "checkpoint.pt", mmap=True, weights_only=True)["stage"]))
-        except (OSError, DamagedFileError, KeyError):   # the resume itself names a damaged checkpoint
-            pass
+    if (out / "checkpoint.pt").is_file():   # unreadable: its error, rather than a level count without it
+        checkpoint = load_file(out / "checkpoint.pt", map_location="cpu", mmap=True, weights_only=True)
+        reached = max(reached, int(checkpoint["stage"]))
     return reached
 
 
@@ -153,7 +152,10 @@ def _resume_config(out: Path, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"resume --set {item!r}: {key!r} would change the run's results; resume can "
                               f"change only {', '.join(RESUME_KEYS)}")
     config = from_dict(apply_overrides(to_dict(config), overrides))
-    if (out / STARTED_CONFIG).is_file():   # absent in runs started before it was kept
+    if not (out / STARTED_CONFIG).is_file():   # a run started before it was kept, or deleted
+        warnings.warn(f"{out} has no {STARTED_CONFIG}: this resume cannot check its config.yaml against the config "
+                      "the run started with (later resumes check against this one's)", stacklevel=3)
+    else:
         started = load(out / STARTED_CONFIG, check_paths=False)
         changed = [f"{key}: {now!r}, started with {then!r}"
                    for key, then, now in changed_keys(started, config) if key not in RESUME_KEYS]
@@ -426,8 +428,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                                       f"continue it with `swamp resume {out}`")
         if writer:
             remove_partial_writes(out)
-            if new:   # before config.yaml, which marks a run
-                atomic_write(out / STARTED_CONFIG, lambda t: t.write_text(dump(config)))
+            if new or not (out / STARTED_CONFIG).exists():   # before config.yaml, which marks a run; or
+                atomic_write(out / STARTED_CONFIG, lambda t: t.write_text(dump(config)))   # checked from now on
             atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))   # resume: with its overrides
         log_file = held.enter_context(open(out / "log.txt", "a")) if writer else None
 

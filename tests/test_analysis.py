@@ -338,22 +338,26 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
     assert cli.main([*hessian, "--out", str(out)]) == 0 and computed == []   # nothing missing
     assert cli.main([*hessian, "--out", str(out), "--levels", "1"]) == 0 and len(computed) == 1   # again
     assert json.loads((out / "hessian_swamp.json").read_text()) == result
-    computed[:] = []
-    assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 0 and len(computed) == 3   # new settings
     computed[:] = []   # the run started again in its folder: level 1 is another solution
     saved = (swamp_run / "level_01" / "metrics.json").read_bytes()
     try:
         (swamp_run / "level_01" / "metrics.json").write_text(json.dumps({**json.loads(saved), "seconds": -1}))
-        assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 0 and len(computed) == 1
+        assert cli.main([*hessian, "--out", str(out)]) == 0 and len(computed) == 1
     finally:
         (swamp_run / "level_01" / "metrics.json").write_bytes(saved)
+    kept = (out / "hessian_swamp.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 2   # other settings: never overwritten
+    assert "hessian_swamp.json holds results with other settings ({'k': 1, 'batches': 4, 'iters': 20" in \
+        capsys.readouterr().err
     copy = tmp_path / "elsewhere" / "swamp"   # another run of the same name, same --out
     shutil.copytree(swamp_run, copy)
-    shutil.rmtree(copy / "level_02")
-    computed[:] = []
-    assert cli.main(["analyze", "hessian", str(copy), "--iters", "21", "--out", str(out)]) == 0
-    assert len(computed) == 2 and [r["level"] for r in json.loads((out / "hessian_swamp.json").read_text())["levels"]] \
-        == [0, 1]
+    assert cli.main(["analyze", "hessian", str(copy), "--iters", "20", "--out", str(out)]) == 2
+    assert "hessian_swamp.json holds another run's: pick another --out" in capsys.readouterr().err
+    assert (out / "hessian_swamp.json").read_bytes() == kept
+    (out / "hessian_swamp.json").write_text("[]")
+    assert cli.main([*hessian, "--out", str(out)]) == 2
+    assert "hessian_swamp.json is no hessian analysis file" in capsys.readouterr().err
 
 
 def test_cli_takes_dot_inside_a_level_directory(swamp_run, tmp_path, monkeypatch):

@@ -451,9 +451,15 @@ def test_a_new_run_refuses_results_without_a_config_yaml_and_clears_a_killed_sta
     pipeline.run(tiny("imp", levels=1), out, quiet=True)
     (out / "config.yaml").unlink()   # deleted, or a dry run's removal stopped midway
     for dry_run in (False, True):
-        with pytest.raises(FileExistsError, match=r"holds the files of a run \(rewind.pt, summary.json, level_00, "
-                                                  r"level_01\) but no config.yaml"):
+        with pytest.raises(FileExistsError, match=r"holds the files of a run \(rewind.pt, summary.json, log.txt, "
+                                                  r"level_00, level_01\) but no config.yaml"):
             pipeline.run(tiny("imp", levels=1), out, quiet=True, replace_dry_run=dry_run)
+    (out / "log.txt").unlink()
+    for name in ("rewind.pt", "summary.json", "level_00", "level_01"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    (out / "analysis").mkdir()   # what an analysis wrote, or a log, are the run's too
+    with pytest.raises(FileExistsError, match=r"holds the files of a run \(analysis\) but no config.yaml"):
+        pipeline.run(tiny("imp", levels=1), out, quiet=True)
     killed = tmp_path / "killed"   # a start killed before its config.yaml was written
     killed.mkdir()
     (killed / ".started.yaml").write_text("method: imp\n")
@@ -465,7 +471,7 @@ def test_a_new_run_refuses_results_without_a_config_yaml_and_clears_a_killed_sta
 def test_resuming_a_finished_run_removes_what_a_kill_after_its_last_level_left(tmp_path):
     out = tmp_path / "run"
     pipeline.run(tiny("imp", levels=1), out, quiet=True)
-    (out / "checkpoint.pt").write_bytes(b"the last level's")
+    rundir.save(out / "checkpoint.pt", {"stage": 1})   # the last level's
     (out / ".summary.json.tmp12345").write_text("{")
     pipeline.resume(out, quiet=True)
     assert not (out / "checkpoint.pt").exists() and not list(out.glob(".*tmp*"))
@@ -507,11 +513,13 @@ def test_resuming_what_is_no_run_directory_says_what_it_is(tmp_path):
             pipeline.resume(path)
 
 
-def test_levels_can_only_grow_past_what_the_run_has_reached(tmp_path, capsys):
+def test_levels_can_only_grow_past_what_the_run_has_reached(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     pipeline.run(tiny("imp", levels=2), out, quiet=True)
     (out / "level_02" / "metrics.json").unlink()   # killed in level 2 ...
-    rundir.save(out / "checkpoint.pt", {"stage": 2})   # ... after a checkpoint of it
+    with monkeypatch.context() as patch:   # ... after a checkpoint of it, written on a GPU
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        rundir.save(out / "checkpoint.pt", {"stage": 2, "weights": torch.ones(3)})
     shutil.rmtree(out / "level_02")
     for argv in (["--set", "levels=1"], []):
         if not argv:   # the same by hand
@@ -536,3 +544,24 @@ def test_a_finished_run_being_ended_by_another_process_keeps_its_files(tmp_path)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_dry_run_names_the_files_it_will_not_delete(tmp_path, capsys):
+    config, out = tmp_path / "c.yaml", tmp_path / "run"
+    config.write_text(C.dump(tiny("imp", levels=1)))
+    assert cli.main(["run", str(config), "--out", str(out), "--dry-run", "--quiet"]) == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli.main(["run", str(config), "--out", str(out), "--dry-run", "--quiet"]) == 2
+    assert "already holds a run that is not a dry run, or files besides one (notes.txt)" in capsys.readouterr().err
+
+
+def test_a_run_without_its_started_config_is_checked_from_its_next_resume_on(tmp_path):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    (out / "level_01" / "metrics.json").unlink()
+    (out / ".started.yaml").unlink()   # a run from before it was kept
+    with pytest.warns(UserWarning, match="has no .started.yaml: this resume cannot check its config.yaml"):
+        pipeline.resume(out, quiet=True)
+    assert C.load(out / ".started.yaml") == C.load(out / "config.yaml")
+

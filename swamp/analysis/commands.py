@@ -209,28 +209,33 @@ def _fingerprint(run_dir: Path, level: int) -> str:
 
 def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
     """``analyze hessian``: ``stem``.json is rewritten as each level is done (a stopped analysis
-    keeps its levels); the levels of an earlier analysis with the same settings are kept while
-    their ``metrics.json`` is unchanged."""
+    keeps its levels); the levels of an earlier analysis of the run are kept while their
+    ``metrics.json`` is unchanged. A file of another run, or with other settings, is refused."""
     settings = {"k": args.k, "batches": args.batches, "iters": args.iters, "tol": args.tol,
                 "trace_samples": args.trace_samples}
     path, run = stem.with_suffix(".json"), str(run_dir.resolve())
-    earlier = read_json(path) if path.is_file() else {}
-    same = earlier.get("run") == run and earlier.get("settings") == settings
+    earlier = read_json(path) if path.is_file() else {"run": run, "settings": settings, "levels": []}
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("levels"), list):
+        raise ValueError(f"{path} is no hessian analysis file; move it away or pick another --out")
+    if earlier.get("run") != run or earlier.get("settings") != settings:
+        held = "another run's" if earlier.get("run") != run else f"results with other settings ({earlier.get('settings')})"
+        raise FileExistsError(f"{path} holds {held}: pick another --out (or move the file away) to keep them")
     current = {level: _fingerprint(run_dir, level) for level in complete_levels(run_dir)}
-    rows = {r["level"]: r for r in earlier["levels"] if current.get(r["level"]) == r.get("metrics_sha1")} if same else {}
+    rows = {r["level"]: r for r in earlier["levels"] if current.get(r["level"]) == r.get("metrics_sha1")}
     levels = args.levels
     if levels is None:
         levels = [level for level in current if level not in rows]
         if rows:
-            print(f"{path}: levels {sorted(rows)} already there with these settings; computing {levels}")
-    merged = {**(earlier if same else {}), "run": run, "settings": settings}
+            print(f"{path}: levels {sorted(rows)} already there with these settings; "
+                  + (f"computing {levels}" if levels else "nothing to compute"))
+    merged = {**earlier, "run": run, "settings": settings}
 
     def write(result: dict) -> None:
         row = {**result["levels"][-1], "metrics_sha1": _fingerprint(run_dir, result["levels"][-1]["level"])}
-        print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}")
         rows[row["level"]] = row
         merged.update(result, settings=settings, levels=[rows[level] for level in sorted(rows)])
         _write_json(path, merged)
+        print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}")
 
     if levels:
         level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device,
