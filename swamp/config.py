@@ -121,7 +121,8 @@ class Config:
 
 
 def _check_type(key: str, hint, value):
-    """``value`` converted to ``hint`` (int -> float allowed), else ConfigError naming ``key``."""
+    """``value`` converted to ``hint`` (int -> float, whole float -> int allowed), else ConfigError
+    naming ``key``."""
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -136,6 +137,8 @@ def _check_type(key: str, hint, value):
         return _build(hint, value, key + ".")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)   # epochs: 3.0, or 1.0e+3
     if hint is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
         return float(value)   # 5e-4: YAML 1.1 (PyYAML) reads exponents without a dot as strings
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):

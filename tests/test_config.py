@@ -27,6 +27,8 @@ def test_overrides_set_nested_keys_with_types(tmp_path):
     assert config.method == "imp" and config.train.epochs == 3 and config.train.lr == 0.5
     assert config.model.hidden == [8, 4] and config.particles == 2
     assert isinstance(config.train.weight_decay, float)
+    whole = C.load(write(tmp_path, "train: {epochs: 3.0, batch_size: 1.28e+2}\n"))   # whole numbers: ints
+    assert (whole.train.epochs, whole.train.batch_size) == (3, 128) and isinstance(whole.train.epochs, int)
 
 
 def test_exponents_without_a_dot_and_empty_sections(tmp_path):
@@ -57,6 +59,7 @@ def test_dump_round_trips(tmp_path):
     ("", ["swa.begin=0.5"], "swa.begin"),
     ("train: {epochs: three}\n", [], "train.epochs"),
     ("train: {epochs: 2.5}\n", [], "train.epochs"),
+    ("train: {epochs: .inf}\n", [], "train.epochs"),
     ("", ["train.nesterov=3"], "train.nesterov"),
     ("", ["model.hidden=[8, x]"], "model.hidden[1]"),
     ("", ["levels=true"], "levels"),
