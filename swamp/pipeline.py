@@ -74,7 +74,7 @@ def _holds_dry_run(out: Path) -> bool:
         return False
 
 
-_RESULTS = ("rewind.pt", "checkpoint.pt", "summary.json", "log.txt", "analysis")   # a run's, besides level folders
+_RESULTS = ("rewind.pt", "checkpoint.pt", "summary.json", "log.txt")   # a run's, besides its level folders
 
 
 def _claim(out: Path, replace_dry_run: bool) -> str | None:
@@ -136,15 +136,21 @@ def _reached_level(out: Path) -> int:
     """The highest level the run in ``out`` has begun to write or train (-1: none)."""
     reached = max((int(p.name[len("level_"):]) for p in out.glob("level_*") if p.name[len("level_"):].isdigit()),
                   default=-1)
-    if (out / "checkpoint.pt").is_file():   # unreadable: its error, rather than a level count without it
-        checkpoint = load_file(out / "checkpoint.pt", map_location="cpu", mmap=True, weights_only=True)
-        reached = max(reached, int(checkpoint["stage"]))
-    return reached
+    path = out / "checkpoint.pt"
+    try:
+        checkpoint = load_file(path, map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:   # none, or just removed by the run finishing its stage
+        return reached
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("stage"), int):
+        raise DamagedFileError(f"{path} is damaged: no checkpoint of a training stage")
+    return max(reached, checkpoint["stage"])
 
 
-def _resume_config(out: Path, overrides: Sequence[str] = ()) -> Config:
+def _resume_config(out: Path, overrides: Sequence[str] = (), warn: bool = True) -> Config:
     """The run's config.yaml with ``overrides`` (keys of :data:`RESUME_KEYS` only); ConfigError
-    where it differs from the config the run started with in any other key (an edited file)."""
+    where it differs from the config the run started with in any other key (an edited file), or
+    where its levels would end below a level the run has reached. ``warn``: when the run has no
+    record of its starting config."""
     config = _run_config(out)
     for item in overrides:
         key = item.partition("=")[0]
@@ -153,8 +159,9 @@ def _resume_config(out: Path, overrides: Sequence[str] = ()) -> Config:
                               f"change only {', '.join(RESUME_KEYS)}")
     config = from_dict(apply_overrides(to_dict(config), overrides))
     if not (out / STARTED_CONFIG).is_file():   # a run started before it was kept, or deleted
-        warnings.warn(f"{out} has no {STARTED_CONFIG}: this resume cannot check its config.yaml against the config "
-                      "the run started with (later resumes check against this one's)", stacklevel=3)
+        if warn:
+            warnings.warn(f"{out} has no {STARTED_CONFIG}: this resume cannot check its config.yaml against the "
+                          "config the run started with (later resumes check against this one's)", stacklevel=3)
     else:
         started = load(out / STARTED_CONFIG, check_paths=False)
         changed = [f"{key}: {now!r}, started with {then!r}"
@@ -163,10 +170,12 @@ def _resume_config(out: Path, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(f"{out}/config.yaml differs from the config the run started with ({out / STARTED_CONFIG}) "
                               f"in what its levels compute: {'; '.join(changed)}. Put it back; resume can change "
                               f"only {', '.join(RESUME_KEYS)}")
-    reached = _reached_level(out)
-    if config.method != "dense" and config.levels < reached:
-        raise ConfigError(f"config key 'levels': {config.levels} is below level {reached}, which the run in {out} "
-                          "has reached already; a run's levels can only grow")
+    # Levels are trained in order: only a run complete up to ``levels`` can have gone past them.
+    if config.method != "dense" and _all_levels_done(out, config):
+        reached = _reached_level(out)
+        if config.levels < reached:
+            raise ConfigError(f"config key 'levels': {config.levels} is below level {reached}, which the run in "
+                              f"{out} has reached already; a run's levels can only grow")
     return config
 
 
@@ -193,6 +202,8 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
                 (out / "checkpoint.pt").unlink(missing_ok=True)
             if overrides:   # e.g. a moved data set, for the analyses
                 atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
+            if not (out / STARTED_CONFIG).exists():   # checked from now on
+                atomic_write(out / STARTED_CONFIG, lambda t: t.write_text(dump(config)))
         return _finished_summary(out)
     if done:
         return finish()
@@ -215,7 +226,7 @@ def finished(out: str | Path, overrides: Sequence[str] = ()) -> bool:
     """True when the run in ``out`` has completed all its levels (``resume`` with ``overrides``,
     e.g. ``levels=15``, trains nothing)."""
     out = Path(out)
-    return _all_levels_done(out, _resume_config(out, overrides))
+    return _all_levels_done(out, _resume_config(out, overrides, warn=False))
 
 
 def _all_levels_done(out: Path, config: Config) -> bool:

@@ -338,22 +338,21 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
     assert cli.main([*hessian, "--out", str(out)]) == 0 and computed == []   # nothing missing
     assert cli.main([*hessian, "--out", str(out), "--levels", "1"]) == 0 and len(computed) == 1   # again
     assert json.loads((out / "hessian_swamp.json").read_text()) == result
-    computed[:] = []   # the run started again in its folder: level 1 is another solution
-    saved = (swamp_run / "level_01" / "metrics.json").read_bytes()
-    try:
-        (swamp_run / "level_01" / "metrics.json").write_text(json.dumps({**json.loads(saved), "seconds": -1}))
-        assert cli.main([*hessian, "--out", str(out)]) == 0 and len(computed) == 1
-    finally:
-        (swamp_run / "level_01" / "metrics.json").write_bytes(saved)
+    moved = tmp_path / "moved" / "swamp"   # a moved run keeps its analysis
+    shutil.copytree(swamp_run, moved)
+    shutil.copytree(out, moved / "analysis")
+    computed[:] = []
+    assert cli.main(["analyze", "hessian", str(moved), "--iters", "20"]) == 0 and computed == []
     kept = (out / "hessian_swamp.json").read_bytes()
     capsys.readouterr()
     assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 2   # other settings: never overwritten
     assert "hessian_swamp.json holds results with other settings ({'k': 1, 'batches': 4, 'iters': 20" in \
         capsys.readouterr().err
-    copy = tmp_path / "elsewhere" / "swamp"   # another run of the same name, same --out
-    shutil.copytree(swamp_run, copy)
-    assert cli.main(["analyze", "hessian", str(copy), "--iters", "20", "--out", str(out)]) == 2
-    assert "hessian_swamp.json holds another run's: pick another --out" in capsys.readouterr().err
+    (moved / "level_01" / "metrics.json").write_text("{}")   # another solution (a run started again there)
+    shutil.rmtree(moved / "level_02")                        # and a level this run does not have
+    assert cli.main(["analyze", "hessian", str(moved), "--iters", "20", "--out", str(out)]) == 2
+    assert "hessian_swamp.json holds results of levels [1, 2] that are not this run's (another run, or one " \
+           "started again here): pick another --out" in capsys.readouterr().err
     assert (out / "hessian_swamp.json").read_bytes() == kept
     (out / "hessian_swamp.json").write_text("[]")
     assert cli.main([*hessian, "--out", str(out)]) == 2

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -454,12 +455,10 @@ def test_a_new_run_refuses_results_without_a_config_yaml_and_clears_a_killed_sta
         with pytest.raises(FileExistsError, match=r"holds the files of a run \(rewind.pt, summary.json, log.txt, "
                                                   r"level_00, level_01\) but no config.yaml"):
             pipeline.run(tiny("imp", levels=1), out, quiet=True, replace_dry_run=dry_run)
-    (out / "log.txt").unlink()
     for name in ("rewind.pt", "summary.json", "level_00", "level_01"):
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    (out / "analysis").mkdir()   # what an analysis wrote, or a log, are the run's too
-    with pytest.raises(FileExistsError, match=r"holds the files of a run \(analysis\) but no config.yaml"):
-        pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    with pytest.raises(FileExistsError, match=r"holds the files of a run \(log.txt\) but no config.yaml"):
+        pipeline.run(tiny("imp", levels=1), out, quiet=True)   # it would append to another run's log
     killed = tmp_path / "killed"   # a start killed before its config.yaml was written
     killed.mkdir()
     (killed / ".started.yaml").write_text("method: imp\n")
@@ -556,12 +555,26 @@ def test_a_dry_run_names_the_files_it_will_not_delete(tmp_path, capsys):
     assert "already holds a run that is not a dry run, or files besides one (notes.txt)" in capsys.readouterr().err
 
 
-def test_a_run_without_its_started_config_is_checked_from_its_next_resume_on(tmp_path):
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_without_its_started_config_is_checked_from_its_next_resume_on(tmp_path, capsys, finished):
     out = tmp_path / "run"
     pipeline.run(tiny("imp", levels=1), out, quiet=True)
-    (out / "level_01" / "metrics.json").unlink()
+    if not finished:
+        (out / "level_01" / "metrics.json").unlink()
     (out / ".started.yaml").unlink()   # a run from before it was kept
-    with pytest.warns(UserWarning, match="has no .started.yaml: this resume cannot check its config.yaml"):
-        pipeline.resume(out, quiet=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["resume", str(out), "--quiet"]) == 0
+    assert [str(w.message) for w in caught if "started.yaml" in str(w.message)] == [
+        f"{out} has no .started.yaml: this resume cannot check its config.yaml against the config the run started "
+        "with (later resumes check against this one's)"]   # once
     assert C.load(out / ".started.yaml") == C.load(out / "config.yaml")
+
+
+def test_a_checkpoint_that_is_no_checkpoint_is_named(tmp_path):
+    out = tmp_path / "run"
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    rundir.save(out / "checkpoint.pt", [1, 2])
+    with pytest.raises(rundir.DamagedFileError, match="checkpoint.pt is damaged: no checkpoint of a training stage"):
+        pipeline.resume(out, quiet=True)
 

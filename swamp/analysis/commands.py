@@ -209,26 +209,29 @@ def _fingerprint(run_dir: Path, level: int) -> str:
 
 def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
     """``analyze hessian``: ``stem``.json is rewritten as each level is done (a stopped analysis
-    keeps its levels); the levels of an earlier analysis of the run are kept while their
-    ``metrics.json`` is unchanged. A file of another run, or with other settings, is refused."""
+    keeps its levels); the levels of an earlier analysis of the run are kept. A file holding
+    other settings, or a level whose ``metrics.json`` has changed since (another run), is refused.
+    The run is told by its levels, not its path: a moved run keeps its analysis."""
     settings = {"k": args.k, "batches": args.batches, "iters": args.iters, "tol": args.tol,
                 "trace_samples": args.trace_samples}
-    path, run = stem.with_suffix(".json"), str(run_dir.resolve())
-    earlier = read_json(path) if path.is_file() else {"run": run, "settings": settings, "levels": []}
+    path = stem.with_suffix(".json")
+    earlier = read_json(path) if path.is_file() else {"settings": settings, "levels": []}
     if not isinstance(earlier, dict) or not isinstance(earlier.get("levels"), list):
         raise ValueError(f"{path} is no hessian analysis file; move it away or pick another --out")
-    if earlier.get("run") != run or earlier.get("settings") != settings:
-        held = "another run's" if earlier.get("run") != run else f"results with other settings ({earlier.get('settings')})"
-        raise FileExistsError(f"{path} holds {held}: pick another --out (or move the file away) to keep them")
     current = {level: _fingerprint(run_dir, level) for level in complete_levels(run_dir)}
-    rows = {r["level"]: r for r in earlier["levels"] if current.get(r["level"]) == r.get("metrics_sha1")}
+    foreign = [r.get("level") for r in earlier["levels"] if current.get(r.get("level")) != r.get("metrics_sha1")]
+    if earlier.get("settings") != settings or foreign:
+        held = (f"results with other settings ({earlier.get('settings')})" if earlier.get("settings") != settings
+                else f"results of levels {foreign} that are not this run's (another run, or one started again here)")
+        raise FileExistsError(f"{path} holds {held}: pick another --out (or move the file away) to keep them")
+    rows = {r["level"]: r for r in earlier["levels"]}
     levels = args.levels
     if levels is None:
         levels = [level for level in current if level not in rows]
         if rows:
             print(f"{path}: levels {sorted(rows)} already there with these settings; "
                   + (f"computing {levels}" if levels else "nothing to compute"))
-    merged = {**earlier, "run": run, "settings": settings}
+    merged = {**earlier, "settings": settings}
 
     def write(result: dict) -> None:
         row = {**result["levels"][-1], "metrics_sha1": _fingerprint(run_dir, result["levels"][-1]["level"])}
