@@ -15,7 +15,7 @@ import torch
 
 from swamp import config as cfg
 from swamp import pipeline, report
-from swamp.rundir import atomic_write, foreign_files
+from swamp.rundir import foreign_files, write_text
 from swamp.runlock import holder as lock_holder
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "digits_mlp_swamp.yaml"
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         print(f"== {method}", flush=True)
         runs[method] = pipeline.run(config, out / method, quiet=True)
     table = report.markdown_table(runs)
-    atomic_write(out / "results.md", lambda t: t.write_text(table + "\n"))
+    write_text(out / "results.md", table + "\n")
     print(table)
     print(f"\ntable: {out / 'results.md'}\nplot: {report.plot(runs, out / 'accuracy_vs_density.png')}")
     return 0

@@ -39,8 +39,8 @@ from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
 from swamp.models import build_model
-from swamp.rundir import (STARTED_CONFIG, DamagedFileError, atomic_write, foreign_files, level_dir, load_file,
-                          read_json, remove_partial_writes, save, write_json)
+from swamp.rundir import (RESULT_FILES, STARTED_CONFIG, DamagedFileError, foreign_files, level_dir, level_numbers,
+                          load_file, read_json, remove_partial_writes, save, write_json, write_text)
 from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
@@ -74,9 +74,6 @@ def _holds_dry_run(out: Path) -> bool:
         return False
 
 
-_RESULTS = ("rewind.pt", "checkpoint.pt", "summary.json", "log.txt")   # a run's, besides its level folders
-
-
 def _claim(out: Path, replace_dry_run: bool) -> str | None:
     """Why a new run cannot start in ``out`` (None: it can), once an earlier dry run there is
     removed if ``replace_dry_run``. Rank 0 decides: it returns, never raises, what every rank raises."""
@@ -89,7 +86,8 @@ def _claim(out: Path, replace_dry_run: bool) -> str | None:
         except OSError as error:
             return f"{out}: removing the earlier dry run failed ({error})"
     if not (out / "config.yaml").exists():
-        results = [name for name in _RESULTS if (out / name).exists()] + sorted(p.name for p in out.glob("level_*"))
+        levels = [level_dir(out, level).name for level in level_numbers(out)]
+        results = [name for name in RESULT_FILES if (out / name).exists()] + levels
         if results:
             return (f"{out} holds the files of a run ({', '.join(results)}) but no config.yaml (deleted, or a "
                     "removal stopped midway): a new run would take them for its own; delete them or pick another --out")
@@ -134,8 +132,7 @@ RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_grou
 
 def _reached_level(out: Path) -> int:
     """The highest level the run in ``out`` has begun to write or train (-1: none)."""
-    reached = max((int(p.name[len("level_"):]) for p in out.glob("level_*") if p.name[len("level_"):].isdigit()),
-                  default=-1)
+    reached = max(level_numbers(out), default=-1)
     path = out / "checkpoint.pt"
     try:
         checkpoint = load_file(path, map_location="cpu", mmap=True, weights_only=True)
@@ -201,9 +198,9 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
                 remove_partial_writes(out)   # of a kill after the last level was written
                 (out / "checkpoint.pt").unlink(missing_ok=True)
             if overrides:   # e.g. a moved data set, for the analyses
-                atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))
+                write_text(out / "config.yaml", dump(config))
             if not (out / STARTED_CONFIG).exists():   # checked from now on
-                atomic_write(out / STARTED_CONFIG, lambda t: t.write_text(dump(config)))
+                write_text(out / STARTED_CONFIG, dump(config))
         return _finished_summary(out)
     if done:
         return finish()
@@ -440,8 +437,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
         if writer:
             remove_partial_writes(out)
             if new or not (out / STARTED_CONFIG).exists():   # before config.yaml, which marks a run; or
-                atomic_write(out / STARTED_CONFIG, lambda t: t.write_text(dump(config)))   # checked from now on
-            atomic_write(out / "config.yaml", lambda t: t.write_text(dump(config)))   # resume: with its overrides
+                write_text(out / STARTED_CONFIG, dump(config))   # checked from now on
+            write_text(out / "config.yaml", dump(config))   # resume: with its overrides
         log_file = held.enter_context(open(out / "log.txt", "a")) if writer else None
 
         def log(line: str) -> None:

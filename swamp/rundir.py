@@ -29,11 +29,12 @@ import torch
 
 from swamp.runlock import LOCK_NAME
 
-__all__ = ["STARTED_CONFIG", "WriteError", "atomic_write", "remove_partial_writes", "DamagedFileError", "read_json", "load_file", "write_json",
-           "save", "level_dir", "foreign_files"]
+__all__ = ["STARTED_CONFIG", "RESULT_FILES", "WriteError", "atomic_write", "remove_partial_writes", "DamagedFileError",
+           "read_json", "load_file", "write_text", "write_json", "save", "level_dir", "level_numbers", "foreign_files"]
 
 _TEMP = re.compile(r"\..+\.tmp\d+")   # atomic_write's temporary files: .NAME.tmpPID
 STARTED_CONFIG = ".started.yaml"
+RESULT_FILES = ("rewind.pt", "checkpoint.pt", "summary.json", "log.txt")   # a run's, besides config and levels
 
 
 class WriteError(OSError):
@@ -95,8 +96,12 @@ def load_file(path: Path, **kwargs):
                                f"({type(error).__name__}: {error})") from None
 
 
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda t: t.write_text(text))
+
+
 def write_json(path: Path, value) -> None:
-    atomic_write(path, lambda t: t.write_text(json.dumps(value, indent=2) + "\n"))
+    write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def save(path: Path, value) -> None:
@@ -108,8 +113,14 @@ def level_dir(out: Path, level: int) -> Path:
     return Path(out) / f"level_{level:02d}"
 
 
-_RUN_FILES = re.compile(r"config\.yaml|log\.txt|summary\.json|(checkpoint|rewind)\.pt|" + re.escape(LOCK_NAME) + "|"
-                        + re.escape(STARTED_CONFIG) + "|" + _TEMP.pattern)
+def level_numbers(out: Path, complete: bool = False) -> list[int]:
+    """The levels of the run in ``out`` that have a folder (with ``complete``: and ``metrics.json``), ascending."""
+    return sorted(int(p.name[len("level_"):]) for p in Path(out).glob("level_*")
+                  if re.fullmatch(r"level_\d+", p.name) and (p / "metrics.json" if complete else p).exists())
+
+
+_RUN_FILES = re.compile("|".join(map(re.escape, (*RESULT_FILES, "config.yaml", STARTED_CONFIG, LOCK_NAME)))
+                        + "|" + _TEMP.pattern)
 _LEVEL_FILES = re.compile(r"(mask|model|particles)\.pt|metrics\.json|" + _TEMP.pattern)
 
 

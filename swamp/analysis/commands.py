@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from swamp.analysis.landscape import l2_distance, mask_overlap
-from swamp.analysis.runs import complete_levels, instability, level_hessians, load_run, successive_barriers
+from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
-from swamp.rundir import atomic_write, level_dir, read_json
+from swamp.rundir import atomic_write, level_dir, level_numbers, read_json
 from swamp.report import density_axis
 
 __all__ = ["add_parser", "main"]
@@ -160,7 +160,7 @@ def main(args) -> list[Path]:
     run_dir = Path(args.dir) if hasattr(args, "dir") else _level_path(args.level_a)[0]
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    if args.analysis in ("levels", "hessian") and not any(run_dir.glob("level_*/metrics.json")):
+    if args.analysis in ("levels", "hessian") and not level_numbers(run_dir, complete=True):
         raise ValueError(f"{run_dir} has no complete level yet (no level_XX/metrics.json): nothing to analyse")
     if args.analysis == "instability" and args.seeds[0] == args.seeds[1]:
         raise ValueError(f"--seeds must be two different seeds, got {args.seeds[0]} twice")
@@ -218,7 +218,7 @@ def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
     earlier = read_json(path) if path.is_file() else {"settings": settings, "levels": []}
     if not isinstance(earlier, dict) or not isinstance(earlier.get("levels"), list):
         raise ValueError(f"{path} is no hessian analysis file; move it away or pick another --out")
-    current = {level: _fingerprint(run_dir, level) for level in complete_levels(run_dir)}
+    current = {level: _fingerprint(run_dir, level) for level in level_numbers(run_dir, complete=True)}
     foreign = [r.get("level") for r in earlier["levels"] if current.get(r.get("level")) != r.get("metrics_sha1")]
     if earlier.get("settings") != settings or foreign:
         held = (f"results with other settings ({earlier.get('settings')})" if earlier.get("settings") != settings

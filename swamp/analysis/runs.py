@@ -18,7 +18,7 @@ from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
-from swamp.rundir import level_dir, load_file, read_json
+from swamp.rundir import level_dir, level_numbers, load_file, read_json
 from swamp.sparsify import set_masks, sparsify
 from swamp.train import train_particles
 
@@ -49,7 +49,7 @@ class Run:
 
     def levels(self) -> list[int]:
         """The completed levels (those with ``metrics.json``), ascending."""
-        return complete_levels(self.directory)
+        return level_numbers(self.directory, complete=True)
 
     def _file(self, level: int, name: str) -> Path:
         path = level_dir(self.directory, level) / name
@@ -93,11 +93,6 @@ class Run:
         path = interpolation_barrier(self.model, state_a, state_b, data_eval_fn(self.data, self.batch_size),
                                      num_points, Batches(self.data, "train", self.batch_size) if has_bn else None)
         return {**path, "l2_distance": l2_distance(state_a, state_b, self.parameter_names)}
-
-
-def complete_levels(run_dir: str | Path) -> list[int]:
-    """The levels of the run in ``run_dir`` that are complete (have ``metrics.json``), ascending."""
-    return sorted(int(p.parent.name[len("level_"):]) for p in Path(run_dir).glob("level_*/metrics.json"))
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
