@@ -359,6 +359,44 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
     assert "hessian_swamp.json is no hessian analysis file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, name", [
+    (["levels", "{run}", "--points", "2"], "levels_swamp.json"),
+    (["instability", "{run}", "--level", "1", "--points", "2"], "instability_swamp_level_01.json"),
+    (["barrier", "{run}/level_00", "{run}/level_01", "--points", "2"], "barrier_swamp_00_swamp_01.json"),
+    (["masks", "{run}/level_00", "{run}/level_01"], "masks_swamp_00_swamp_01.json"),
+])
+def test_an_analysis_never_overwrites_another_runs_file(swamp_run, tmp_path, monkeypatch, capsys, argv, name):
+    from swamp.analysis import commands
+    monkeypatch.setattr(commands, "instability", lambda run_dir, *args: instability(run_dir, *args[:-2], 2))
+    out = tmp_path / "shared"
+
+    def analyze(run):
+        return cli.main(["analyze", *[a.format(run=run) for a in argv], "--out", str(out)])
+
+    moved, other = tmp_path / "moved" / "swamp", tmp_path / "other" / "swamp"
+    shutil.copytree(swamp_run, moved)
+    shutil.copytree(swamp_run, other)
+    (other / "level_01" / "metrics.json").write_text("{}")   # another run's solution, in a folder of that name
+    assert analyze(swamp_run) == 0
+    written = (out / name).read_bytes()
+    capsys.readouterr()
+    assert analyze(other) == 2
+    printed = capsys.readouterr()
+    assert f"{out / name} holds the analysis of another run of the same folder name" in printed.err
+    assert printed.out == ""   # refused before the work
+    assert (out / name).read_bytes() == written
+    assert analyze(moved) == 0   # the same run, moved: its analysis again
+    result, before = json.loads((out / name).read_text()), json.loads(written)
+    for end, level in (("a", "level_00"), ("b", "level_01")):
+        if end in before:   # barrier, masks: the level folders as named
+            assert result.pop(end) == str(moved / level) and before.pop(end) == str(swamp_run / level)
+    assert result == before
+    assert len(result["metrics_sha1"]) == {"levels": 3, "instability": 1}.get(argv[0], 2)
+    (out / name).write_text(json.dumps({"barrier": 0.1}))   # a file that names no run
+    assert analyze(swamp_run) == 2 and "holds no record of the run it analysed" in capsys.readouterr().err
+    assert json.loads((out / name).read_text()) == {"barrier": 0.1}
+
+
 def test_cli_takes_dot_inside_a_level_directory(swamp_run, tmp_path, monkeypatch):
     monkeypatch.chdir(swamp_run / "level_01")
     assert cli.main(["analyze", "masks", ".", "../level_02", "--out", str(tmp_path)]) == 0

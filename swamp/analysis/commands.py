@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -167,35 +168,41 @@ def main(args) -> list[Path]:
     out = Path(args.out) if args.out else run_dir / "analysis"
     if args.analysis in ("barrier", "masks"):
         (dir_a, level_a), (dir_b, level_b) = _level_path(args.level_a), _level_path(args.level_b)
+        stem = out / f"{args.analysis}_{dir_a.name}_{level_a:02d}_{dir_b.name}_{level_b:02d}"
+        write = _claim(stem, {"a": _fingerprint(dir_a, level_a), "b": _fingerprint(dir_b, level_b)})
         run = load_run(dir_a, args.device)
         other = run if dir_b.resolve() == dir_a.resolve() else load_run(dir_b, args.device)
         state_a, state_b = run.state(level_a), other.state(level_b)
-        stem = f"{args.analysis}_{dir_a.name}_{level_a:02d}_{dir_b.name}_{level_b:02d}"
         if args.analysis == "masks":
             result = {"a": args.level_a, "b": args.level_b,
                       **mask_overlap(run.masks(level_a), other.masks(level_b)),
                       "l2_distance": l2_distance(state_a, state_b, run.parameter_names)}
             print(f"mask overlap (Jaccard) {result['global']:.4f}  l2_distance {result['l2_distance']:.4f}")
-            return [_write_json(out / f"{stem}.json", result)]
+            return [write(result)]
         result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points)}
         print(f"barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
-        return [_write_json(out / f"{stem}.json", result),
-                _plot_paths({f"{args.level_a} -> {args.level_b}": result}, out / f"{stem}.png")]
+        return [write(result), _plot_paths({f"{args.level_a} -> {args.level_b}": result}, stem.with_suffix(".png"))]
     if args.analysis == "instability":
+        stem = out / f"instability_{run_dir.resolve().name}_level_{args.level:02d}"
+        complete = level_numbers(run_dir, complete=True)
+        if args.level not in complete:
+            raise FileNotFoundError(f"{run_dir}: level {args.level} is not complete; complete levels are {complete}")
+        write = _claim(stem, {"level": _fingerprint(run_dir, args.level)})
         result = instability(run_dir, args.level, args.seeds, args.points, args.device)
-        stem = f"instability_{run_dir.resolve().name}_level_{args.level:02d}"
         print(f"level {args.level}: barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
-        return [_write_json(out / f"{stem}.json", result),
-                _plot_paths({f"seeds {args.seeds[0]} vs {args.seeds[1]}": result}, out / f"{stem}.png")]
+        return [write(result), _plot_paths({f"seeds {args.seeds[0]} vs {args.seeds[1]}": result},
+                                           stem.with_suffix(".png"))]
     if args.analysis == "levels":
+        stem = out / f"levels_{run_dir.resolve().name}"
+        write = _claim(stem, {str(level): _fingerprint(run_dir, level)
+                              for level in level_numbers(run_dir, complete=True)})
         result = successive_barriers(run_dir, args.points, args.device)
-        stem = f"levels_{run_dir.resolve().name}"
-        files = [_write_json(out / f"{stem}.json", result)]
+        files = [write(result)]
         for row in result["levels"]:
             print(f"level {row['from_level']} -> {row['to_level']}: barrier {row['barrier']:.4f}")
         if result["levels"]:
             files.append(_plot_against_density(result["levels"], lambda r: 100 * r["barrier"],
-                                               "error barrier level L -> L+1 (%)", out / f"{stem}.png"))
+                                               "error barrier level L -> L+1 (%)", stem.with_suffix(".png")))
         else:
             print("no plot: the run has no two successive complete levels")
         return files
@@ -205,6 +212,24 @@ def main(args) -> list[Path]:
 def _fingerprint(run_dir: Path, level: int) -> str:
     """Tells a level's solution from another's in the same folder (a run started again there)."""
     return hashlib.sha1((level_dir(run_dir, level) / "metrics.json").read_bytes()).hexdigest()
+
+
+def _claim(stem: Path, solutions: dict[str, str]) -> Callable[[dict], Path]:
+    """Checks, before any work, that ``stem``.json may be (over)written by an analysis of the
+    level solutions ``solutions`` (role -> :func:`_fingerprint`): it is absent, or it records only
+    these solutions under those roles (this analysis again, of the same run, moved or with more
+    levels). Returns the writer of a result, which records ``solutions`` in it."""
+    path = stem.with_suffix(".json")
+    if path.is_file():
+        earlier = read_json(path)
+        recorded = earlier.get("metrics_sha1") if isinstance(earlier, dict) else None
+        if not isinstance(recorded, dict):
+            raise FileExistsError(f"{path} holds no record of the run it analysed (another tool's file, or one "
+                                  "written by an older swamp): move it away or pick another --out to keep it")
+        if any(solutions.get(role) != sha1 for role, sha1 in recorded.items()):
+            raise FileExistsError(f"{path} holds the analysis of another run of the same folder name (or one "
+                                  "started again there): pick another --out (or move the file away) to keep it")
+    return lambda result: _write_json(path, {**result, "metrics_sha1": solutions})
 
 
 def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
