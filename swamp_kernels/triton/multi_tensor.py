@@ -72,11 +72,6 @@ def int64_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return _to_device(np.asarray(values, dtype=np.int64), device)
 
 
-def address_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """int64 device tensor of the tensors' data addresses (all must be contiguous)."""
-    return int64_table([t.data_ptr() for t in tensors], device)
-
-
 def tl_dtype(dtype: torch.dtype):
     """The Triton element type of a torch dtype (bool masks are read as int8)."""
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
