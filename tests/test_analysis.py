@@ -284,7 +284,7 @@ def test_instability_trains_two_copies(swamp_run):
 @pytest.mark.parametrize("argv, files", [
     (["levels", "{run}", "--points", "3"], ["levels_swamp.json", "levels_swamp.png"]),
     (["instability", "{run}", "--level", "2", "--points", "3"],
-     ["instability_swamp_level_02.json", "instability_swamp_level_02.png"]),
+     ["instability_swamp_level_02_seeds_1_2.json", "instability_swamp_level_02_seeds_1_2.png"]),
     (["hessian", "{run}", "--k", "2", "--iters", "30", "--trace-samples", "4"],
      ["hessian_swamp.json", "hessian_swamp.png"]),
     (["barrier", "{run}/level_00", "{run}/level_02", "--points", "3"],
@@ -361,7 +361,8 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
 
 @pytest.mark.parametrize("argv, name", [
     (["levels", "{run}", "--points", "2"], "levels_swamp.json"),
-    (["instability", "{run}", "--level", "1", "--points", "2"], "instability_swamp_level_01.json"),
+    (["instability", "{run}", "--level", "1", "--points", "2", "--seeds", "3", "-4"],
+     "instability_swamp_level_01_seeds_3_-4.json"),
     (["barrier", "{run}/level_00", "{run}/level_01", "--points", "2"], "barrier_swamp_00_swamp_01.json"),
     (["masks", "{run}/level_00", "{run}/level_01"], "masks_swamp_00_swamp_01.json"),
 ])

@@ -183,7 +183,8 @@ def main(args) -> list[Path]:
         print(f"barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
         return [write(result), _plot_paths({f"{args.level_a} -> {args.level_b}": result}, stem.with_suffix(".png"))]
     if args.analysis == "instability":
-        stem = out / f"instability_{run_dir.resolve().name}_level_{args.level:02d}"
+        seeds = "_".join(str(seed) for seed in args.seeds)   # another pair of copies, another file
+        stem = out / f"instability_{run_dir.resolve().name}_level_{args.level:02d}_seeds_{seeds}"
         complete = level_numbers(run_dir, complete=True)
         if args.level not in complete:
             raise FileNotFoundError(f"{run_dir}: level {args.level} is not complete; complete levels are {complete}")
