@@ -111,10 +111,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError, BackendError) as error:   # bad input (ConfigError is one), files, backends
         _error(args.command, error)
         return 2
-    except DistributedError as error:
+    except DistributedError as error:   # every rank that sees the job fail says how to go on: rank 0 may be lost
         _error(args.command, error)
         if hint := _resume_hint(args):
-            _show(f"swamp {args.command}: the job stopped{hint}", file=sys.stderr)
+            print(f"swamp {args.command}: the job stopped{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _show(f"\nswamp {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)

@@ -74,9 +74,24 @@ def _holds_dry_run(out: Path) -> bool:
         return False
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the folder ``out`` cannot be made or written (None: it looks fine), asked before the
+    run loads anything: the folder itself is made only once every check has passed."""
+    if out.exists() and not out.is_dir():
+        return f"{out} is a file, not a folder: pick another --out"
+    existing = next(p for p in (out, *out.parents) if p.exists())   # "/" always exists
+    if not existing.is_dir():
+        return f"{out} cannot be made: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{out} cannot be {'written' if existing == out else 'made'}: no write permission on {existing}"
+    return None
+
+
 def _claim(out: Path, replace_dry_run: bool) -> str | None:
     """Why a new run cannot start in ``out`` (None: it can), once an earlier dry run there is
     removed if ``replace_dry_run``. Rank 0 decides: it returns, never raises, what every rank raises."""
+    if unwritable := _unwritable(out):
+        return unwritable
     if replace_dry_run and _holds_dry_run(out):
         taken_by = lock_holder(out)
         if taken_by:

@@ -1,6 +1,7 @@
-"""``torchrun`` entry point for tests: the ``swamp`` command line, with a fault on rank 1.
+"""``torchrun`` entry point for tests: the ``swamp`` command line, with a fault on rank 1 (rank 0
+for ``crash_rank_0``).
 
-    torchrun ... tests/distributed_worker.py {stall,crash,stall_in_step} swamp-arguments...
+    torchrun ... tests/distributed_worker.py {stall,crash,crash_rank_0,stall_in_step} swamp-arguments...
 
 ``stall`` makes rank 1 sleep forever and ``crash`` makes it exit, when it first evaluates a
 network (after the first level's training): the other ranks are then waiting in a collective.
@@ -24,13 +25,14 @@ def _fault(kind: str):
 
 if __name__ == "__main__":
     kind = sys.argv[1]
-    if os.environ.get("RANK") == "1" and kind == "stall_in_step":
+    faulty_rank, kind = ("0", "crash") if kind == "crash_rank_0" else ("1", kind)
+    if os.environ.get("RANK") == faulty_rank and kind == "stall_in_step":
         step, steps = train.ModuleEngine.step, []
 
         def stalling_step(self, *args):
             steps.append(1)
             return _fault("stall")() if len(steps) == 3 else step(self, *args)
         train.ModuleEngine.step = stalling_step
-    elif os.environ.get("RANK") == "1":
+    elif os.environ.get("RANK") == faulty_rank:
         evaluate.test_probabilities = _fault(kind)
     sys.exit(cli.main(sys.argv[2:]))

@@ -467,6 +467,23 @@ def test_a_new_run_refuses_results_without_a_config_yaml_and_clears_a_killed_sta
     assert not list(killed.glob(".*tmp*")) and C.load(killed / ".started.yaml").method == "dense"
 
 
+def test_a_new_run_names_an_out_it_cannot_make_before_loading_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_data", lambda config: pytest.fail("the run started"))
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    access = os.access   # root may write anywhere: the permission as a user without root sees it
+    monkeypatch.setattr(pipeline.os, "access", lambda path, mode: path != locked and access(path, mode))
+    for out, message in [(afile, f"{afile} is a file, not a folder: pick another --out"),
+                         (afile / "run", f"{afile / 'run'} cannot be made: {afile} is a file"),
+                         (locked / "a" / "run", f"{locked / 'a' / 'run'} cannot be made: no write permission on {locked}"),
+                         (locked, f"{locked} cannot be written: no write permission on {locked}")]:
+        with pytest.raises(FileExistsError, match=re.escape(message)):
+            pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    assert afile.read_text() == "mine" and list(locked.iterdir()) == []
+
+
 def test_resuming_a_finished_run_removes_what_a_kill_after_its_last_level_left(tmp_path):
     out = tmp_path / "run"
     pipeline.run(tiny("imp", levels=1), out, quiet=True)
