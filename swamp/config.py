@@ -49,8 +49,8 @@ class DataConfig:
     workers: int = 4                     # imagenet only: loader processes per particle
 
     def __post_init__(self):
-        if isinstance(self.path, str):
-            self.path = os.path.expanduser(self.path)   # ~/data as a shell would read it
+        if isinstance(self.path, str) and self.path:   # ~/data as a shell would read it; a relative path
+            self.path = os.path.abspath(os.path.expanduser(self.path))   # as from here, wherever resumed
 
 
 @dataclass

@@ -152,10 +152,6 @@ class MaskedLayer(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         if name == "weight_mask" and isinstance(value, torch.Tensor):
             _require_bool_mask(value)
-        if name == "weight" and "weight" not in self._parameters and _reparametrizing():
-            raise TypeError(f"{type(self).__name__}: torch.nn.utils.weight_norm replaced its weight parameter by "
-                            "weight_g and weight_v, which weight_mask does not cover; this layer is left without its "
-                            f"weight. {_NO_REPLACED_WEIGHT}")
         super().__setattr__(name, value)
         if name == "weight_mask":
             _mask_replaced()
@@ -168,6 +164,18 @@ class MaskedLayer(nn.Module):
                             f"the weight from another tensor, which weight_mask does not cover (the weight is "
                             f"kept, with any values its right_inverse wrote). {_NO_REPLACED_WEIGHT}")
         super().__delattr__(name)
+
+    def register_parameter(self, name: str, param) -> None:
+        if name == "weight_g" and "weight" not in self._parameters and _reparametrizing():
+            # the old torch.nn.utils.weight_norm has just taken the weight out of _parameters: back in
+            # first place (as the dense layer registers it) it goes
+            others = dict(self._parameters)
+            self._parameters.clear()
+            self._parameters.update(weight=sys._getframe(1).f_locals["weight"], **others)
+            raise TypeError(f"{type(self).__name__}: torch.nn.utils.weight_norm would compute its weight from "
+                            "weight_g and weight_v, which weight_mask does not cover (the layer is left as it "
+                            f"was). {_NO_REPLACED_WEIGHT}")
+        super().register_parameter(name, param)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         if name == "weight_mask" and tensor is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -114,6 +114,10 @@ class MaskedSGD(torch.optim.Optimizer):
                                      f"(shape {tuple(getattr(key, 'shape', ()))}) that is not a "
                                      "parameter of this optimizer")
             aligned = [masks.get(p) for p in params]
+        elif isinstance(masks, (str, bytes, torch.Tensor)) or not isinstance(masks, Iterable):
+            one = " (one param's mask: pass [mask])" if isinstance(masks, torch.Tensor) else ""
+            raise TypeError(f"masks must be None, a model, a dict {{param: mask}} or a sequence of masks aligned "
+                            f"with the params, got {type(masks).__name__}{one}")
         else:
             aligned = masks
         aligned = check.bool_masks(aligned, "params", params, particle_dim=True, optional=True)

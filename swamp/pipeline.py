@@ -111,6 +111,8 @@ def _claim(out: Path, replace_dry_run: bool) -> str | None:
         others = ", ".join(str(p.relative_to(out)) for p in foreign_files(out)[:5])
         return (f"{out} already holds a run that is not a dry run" + (f", or files besides one ({others})"
                 if others else "") + "; a dry run replaces only an earlier dry run: pick another --out")
+    if _holds_dry_run(out):
+        return f"{out} holds a dry run (synthetic data, to measure speed): pick another --out, or delete it first"
     return f"{out} already holds a run; continue it with `swamp resume {out}`"
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from swamp.nn import MaskedLayer, to_dense_, to_masked_, zero_pruned_
 
@@ -74,6 +75,11 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     (they may use their weight outside forward); masked layers stay masked. Returns ``model``.
     """
     modules = dict(model.named_modules())
+    lazy = {n: m for n, m in modules.items() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
+            and getattr(type(m), "cls_to_become", None) in _CONVERTIBLE}
+    if lazy:
+        raise ValueError(f"lazy layers not yet initialised: {_describe(lazy)}; run the model once (a forward "
+                         "pass) before sparsify, which makes them Conv2d/Linear layers")
     candidates = {n: m for n, m in modules.items() if _is_candidate(m)}
     included = (lambda name, module: True) if include is None else \
         _predicate("include", include, modules, candidates)

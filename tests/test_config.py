@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from swamp import cli
 from swamp import config as C
@@ -102,6 +103,16 @@ def test_a_data_path_under_home_is_expanded(tmp_path, monkeypatch):
     (tmp_path / "data.npz").write_bytes(b"")
     config = C.load(write(tmp_path, "data: {name: npz, path: ~/data.npz}\n"))
     assert config.data.path == str(tmp_path / "data.npz")
+
+
+def test_a_relative_data_path_is_kept_as_the_absolute_path_it_names(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "d.npz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    config = C.load(write(tmp_path, "data: {name: npz}\n"), ["data.path=data/d.npz"])
+    monkeypatch.chdir("/")   # a resume from elsewhere reads the config.yaml it was dumped to
+    assert C.from_dict(yaml.safe_load(C.dump(config))).data.path == str(tmp_path / "data" / "d.npz")
+    assert C.from_dict({}).data.path == ""   # no path: none made up
 
 
 def test_cli_rejects_a_bad_config_before_training(tmp_path, capsys):

@@ -663,13 +663,18 @@ def test_a_parametrization_of_the_weight_is_refused_and_leaves_the_layer_as_it_w
         assert torch.equal(layer.weight, values)
 
 
-def test_the_old_weight_norm_is_refused():
+def test_the_old_weight_norm_is_refused_and_leaves_the_layer_as_it_was():
     layer = swamp.sparsify(nn.Sequential(nn.Linear(4, 4)))[0]
-    with warnings.catch_warnings(), pytest.raises(TypeError, match="torch.nn.utils.weight_norm replaced its weight "
-                                                                  "parameter by weight_g and weight_v"):
+    swamp.set_masks(layer, {"weight": torch.rand(4, 4) < 0.5})
+    weight, values, x = layer.weight, layer.weight.detach().clone(), torch.randn(2, 4)
+    expected = layer(x)
+    with warnings.catch_warnings(), pytest.raises(TypeError, match=r"MaskedLinear: torch.nn.utils.weight_norm would "
+                                                                  r"compute its weight from weight_g and weight_v.*"
+                                                                  r"\(the layer is left as it was\)"):
         warnings.simplefilter("ignore", FutureWarning)   # deprecated by torch
         torch.nn.utils.weight_norm(layer)
-    assert "weight" not in layer._parameters   # as the message says: build the layer again
+    assert layer.weight is weight and list(layer._parameters) == ["weight", "bias"] and not layer._forward_pre_hooks
+    assert torch.equal(layer.weight, values) and torch.equal(layer(x), expected)
 
 
 def test_scripting_a_masked_model_names_what_works_instead():

@@ -326,6 +326,9 @@ def test_a_dry_run_does_not_replace_a_dry_run_in_progress(tmp_path, capsys):
         assert cli.main(["run", str(config), "--out", str(out), "--dry-run", "--quiet"]) == 2
         assert f"{out} is being trained by pid 4242 on node7" in capsys.readouterr().err
         assert (out / "summary.json").is_file()
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 2   # the real run: not `swamp resume`
+    assert f"{out} holds a dry run (synthetic data, to measure speed): pick another --out, or delete it first" in \
+        capsys.readouterr().err
 
 
 def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):

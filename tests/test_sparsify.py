@@ -107,6 +107,17 @@ def test_sparsify_a_bare_layer():
     assert type(layer) is MaskedLinear and list(swamp.masks(layer)) == ["weight"]
 
 
+def test_sparsify_refuses_lazy_layers_before_their_first_forward():
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ValueError, match=r"lazy layers not yet initialised: 0 \(LazyConv2d\), 2 \(LazyLinear\); "
+                                         r"run the model once"):
+        swamp.sparsify(model)
+    assert masked_names(model) == []
+    model(torch.randn(1, 3, 5, 5))
+    swamp.sparsify(model)
+    assert masked_names(model) == ["0", "2"]
+
+
 def test_masks_round_trip_and_prune_with_global_magnitude():
     torch.manual_seed(0)
     model = swamp.sparsify(Net())
