@@ -173,18 +173,28 @@ class _Seeded(torch.utils.data.Dataset):
 def _folder_with_classes(directory: Path, transform, classes: list[str]):
     """An ImageFolder of ``directory`` whose labels number ``classes`` (train's) as train does;
     it may lack some of them (a subset), and a folder of another class is an error (its
-    own numbering would give the wrong labels)."""
+    own numbering would give the wrong labels). A plain ImageFolder: loader workers started by
+    spawn or forkserver unpickle it."""
     from torchvision import datasets
+    folder = datasets.ImageFolder(str(directory), transform, loader=_load_image, allow_empty=True)
+    unknown = sorted(set(folder.classes) - set(classes))
+    if unknown:
+        raise ConfigError(f"data.path: {directory} has class folders that train/ lacks: "
+                          f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
+    number = {name: i for i, name in enumerate(classes)}
+    folder.samples = folder.imgs = [(path, number[folder.classes[label]]) for path, label in folder.samples]
+    folder.targets = [label for _, label in folder.samples]
+    folder.classes, folder.class_to_idx = list(classes), number
+    return folder
 
-    class Folder(datasets.ImageFolder):
-        def find_classes(self, path):
-            found, _ = super().find_classes(path)
-            unknown = sorted(set(found) - set(classes))
-            if unknown:
-                raise ConfigError(f"data.path: {directory} has class folders that train/ lacks: "
-                                  f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}")
-            return list(classes), {name: i for i, name in enumerate(classes)}
-    return Folder(str(directory), transform, allow_empty=True)
+
+def _load_image(path: str):
+    """torchvision's ImageFolder loader (PIL, RGB), naming the file it cannot read."""
+    from torchvision.datasets.folder import default_loader
+    try:
+        return default_loader(path)
+    except (OSError, ValueError) as error:   # truncated, not an image (PIL.UnidentifiedImageError)
+        raise ConfigError(f"data.path: {path} is not a readable image ({error})") from error
 
 
 class FolderData:
@@ -201,18 +211,23 @@ class FolderData:
 
     def __init__(self, root: Path, image_size: int, workers: int):
         from torchvision import datasets, transforms
-        self.train = datasets.ImageFolder(str(root / "train"), transforms.Compose([
-            transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-            transforms.PILToTensor()]))
+        try:   # a class folder without images
+            self.train = datasets.ImageFolder(str(root / "train"), transforms.Compose([
+                transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                transforms.PILToTensor()]), loader=_load_image)
+        except FileNotFoundError as error:
+            raise ConfigError(f"data.path: {root / 'train'}: {error}") from error
         self.train_plain = datasets.ImageFolder(str(root / "train"), transforms.Compose([
             transforms.Resize(image_size * 8 // 7), transforms.CenterCrop(image_size),
-            transforms.PILToTensor()]))
+            transforms.PILToTensor()]), loader=_load_image)
         try:
             self.test = _folder_with_classes(root / "val", self.train_plain.transform, self.train.classes)
         except FileNotFoundError as error:   # ILSVRC2012_img_val.tar unpacks flat
             raise ConfigError(f"data.path: {error} ImageFolder needs {root / 'val'}/<class>/<image>, like "
                               "train/: sort the validation images into their classes' folders (the "
                               "flat ILSVRC2012 validation archive needs its devkit labels for that)") from error
+        if not self.test.samples:
+            raise ConfigError(f"data.path: {root / 'val'} holds no images in its class folders: nothing to test on")
         self.num_classes = len(self.train.classes)
         self.input_shape = (3, image_size, image_size)
         self.workers = workers
@@ -273,27 +288,32 @@ class FolderData:
 
 
 def _normalised(x_train: np.ndarray, x_test: np.ndarray):
-    """Float tensors scaled by 1/255 if uint8, then normalised per channel (dim 1: the channel
+    """float32 tensors scaled by 1/255 if uint8, then normalised per channel (dim 1: the channel
     of ``[N, C, ...]``, the feature of ``[N, F]``) with train stats; and the value a black (0)
-    pixel takes, per channel (for crop padding)."""
+    pixel takes, per channel (for crop padding). Inputs wider than float32 (float64, int32,
+    int64: timestamps, say) are normalised in float64, so an offset far above the spread keeps
+    the spread's digits."""
+    wide = np.result_type(x_train.dtype, np.float32) == np.float64
+
     def as_float(x):
         x = torch.from_numpy(np.ascontiguousarray(x))
-        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.double() if wide else x.float()
     x_train, x_test = as_float(x_train), as_float(x_test)
     dims = [0] + list(range(2, x_train.dim()))
     mean, std = x_train.mean(dims, keepdim=True), x_train.std(dims, keepdim=True)
     std = torch.where(std > 0, std, torch.ones_like(std))
-    return (x_train - mean) / std, (x_test - mean) / std, (-mean / std).flatten()
+    return ((x_train - mean) / std).float(), ((x_test - mean) / std).float(), (-mean / std).flatten().float()
 
 
 _CHANNELS = (1, 3, 4)   # channel counts of images: grey, RGB, RGBA
 
 
-def _checked(source: str, x_train, y_train, x_test, y_test):
+def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None = None):
     """The arrays of a user's data set, checked (ConfigError naming the array): inputs numeric,
     finite and within float32, one shape for both splits, ``[N, H, W]`` given a channel axis and
     channel-last ``[N, H, W, C]`` moved to ``[N, C, H, W]``; labels one non-negative integer per
-    example. Returns them and the class count (the largest label + 1)."""
+    example, below ``classes`` if given (a data set of known classes). Returns them and the class
+    count (``classes``, else the largest label + 1)."""
     native = lambda a: a.astype(a.dtype.newbyteorder("="), copy=False)   # big-endian files too
     squeezed = lambda y: y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y   # Keras's [N, 1] labels
     x_train, x_test = native(x_train), native(x_test)
@@ -317,6 +337,9 @@ def _checked(source: str, x_train, y_train, x_test, y_test):
                 else y   # the bad ones
             raise ConfigError(f"{source}: y_{name} must hold class indices 0, 1, ..., K-1 as integers "
                               f"(dtype {y.dtype}, values such as {shown[:3].tolist()})")
+        if classes is not None and len(y) and y.max() >= classes:
+            raise ConfigError(f"{source}: y_{name} holds labels beyond the {classes} classes 0..{classes - 1} "
+                              f"(such as {y[y >= classes][:3].tolist()})")
     if x_test.shape[1:] != x_train.shape[1:]:
         raise ConfigError(f"{source}: x_train examples have shape {x_train.shape[1:]} but x_test's have "
                           f"{x_test.shape[1:]}")
@@ -329,7 +352,8 @@ def _checked(source: str, x_train, y_train, x_test, y_test):
         raise ConfigError(f"{source}: x_train has shape {x_train.shape}, whose channels are not clear: [N, H, W, C] "
                           f"with C = {x_train.shape[-1]}? Channels-last images are read with C in "
                           f"{', '.join(map(str, _CHANNELS))} only; give [N, C, H, W] (np.moveaxis(x, -1, 1))")
-    classes = int(max(y_train.max(), y_test.max())) + 1
+    if classes is None:
+        classes = int(max(y_train.max(), y_test.max())) + 1
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes
 
 
@@ -355,12 +379,15 @@ def _npz(path: Path) -> TensorData:
         if missing:
             raise ConfigError(f"data.path {str(path)!r}: the npz lacks arrays {', '.join(missing)} "
                               "(it needs x_train, y_train, x_test, y_test)")
-        try:
-            x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-        except ValueError as error:   # object arrays need pickle, which loading user files must not run
-            raise ConfigError(f"data.path {str(path)!r}: {error}") from error
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:   # a damaged member
-            raise ConfigError(f"data.path {str(path)!r} is damaged ({error})") from error
+        loaded = {}
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            try:
+                loaded[name] = arrays[name]
+            except ValueError as error:   # object arrays need pickle, which loading user files must not run
+                raise ConfigError(f"data.path {str(path)!r}: {name}: {error}") from error
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:   # a damaged member
+                raise ConfigError(f"data.path {str(path)!r} is damaged: {name} ({error})") from error
+        x_train, y_train, x_test, y_test = loaded.values()
     x_train, y_train, x_test, y_test, classes = _checked(f"data.path {str(path)!r}", x_train, y_train, x_test, y_test)
     x_train, x_test, _ = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes)
@@ -398,10 +425,10 @@ def _mnist(root: Path, folder: str) -> TensorData:
                           f"{', '.join(n + '[.gz]' for n in _IDX.values())} either directly in it "
                           f"or in {root / folder / 'raw'} (torchvision's layout)")
     arrays = {k: _read_idx(p) for k, p in files.items()}
-    x_train, y_train, x_test, y_test, _ = _checked(
-        f"data.path {str(root)!r}", arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
+    x_train, y_train, x_test, y_test, classes = _checked(
+        f"data.path {str(root)!r}", arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"], 10)
     x_train, x_test, _ = _normalised(x_train, x_test)
-    return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), 10)   # no augmentation (OpenLTH)
+    return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes)   # no augmentation (OpenLTH)
 
 
 def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
@@ -439,14 +466,22 @@ def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
 
     def read(names):
         parts = {name: batch(name) for name in names}
-        try:
-            x = np.concatenate([np.asarray(field(p, "data", n), dtype=np.uint8) for n, p in parts.items()])
-            x = x.reshape(-1, 3, 32, 32)
-        except ValueError as error:
-            raise ConfigError(f"{directory}: the batches' data is not [N, 3072] uint8 images ({error})") from error
-        labels = [np.asarray(field(p, label_key, n)) for n, p in parts.items()]
-        return x, np.concatenate(labels).astype(np.int64)
+        images, labels = [], []
+        for name, part in parts.items():
+            try:
+                data = np.asarray(field(part, "data", name), dtype=np.uint8)
+            except (ValueError, TypeError, OverflowError) as error:
+                raise ConfigError(f"{directory / name}: its data is not uint8 images ({error})") from error
+            if data.ndim != 2 or data.shape[1] != 3072:
+                raise ConfigError(f"{directory / name}: its data has shape {data.shape}, not [N, 3072] (32x32 RGB)")
+            labels.append(np.asarray(field(part, label_key, name)))
+            if labels[-1].shape != (len(data),):
+                raise ConfigError(f"{directory / name}: {label_key} has shape {labels[-1].shape} for its "
+                                  f"{len(data)} images")
+            images.append(data.reshape(-1, 3, 32, 32))
+        return np.concatenate(images), np.concatenate(labels)
     (x_train, y_train), (x_test, y_test) = read(train_files), read([test_file])
+    x_train, y_train, x_test, y_test, classes = _checked(f"{directory}", x_train, y_train, x_test, y_test, classes)
     x_train, x_test, black = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes,
                       crop_padding=4 if augment else 0, flip=augment, pad_value=black)   # black padding

@@ -65,7 +65,7 @@ def test_npz_image_layouts_and_features_are_normalised_per_channel(tmp_path):
     ({"x_train": np.full((20, 6), 1e39)}, "x_train has 120 NaN, infinite or beyond-float32 values"),
     ({"x_test": np.zeros((0, 6)), "y_test": np.zeros(0)}, r"x_test has shape \(0, 6\); inputs are \[N, ...\] "
                                                           "with N >= 1"),
-    ({"x_train": np.array([[object()]] * 20)}, "Object arrays cannot be loaded"),
+    ({"x_train": np.array([[object()]] * 20)}, "x_train: Object arrays cannot be loaded"),
 ])
 def test_npz_that_cannot_be_right_is_refused_naming_the_array(tmp_path, change, message):
     arrays = {"x_train": np.zeros((20, 6)), "y_train": np.arange(20) % 3, "x_test": np.zeros((5, 6)),
@@ -94,6 +94,17 @@ def test_npz_of_other_conventions_loads_and_ambiguous_or_damaged_ones_are_refuse
     cut.write_bytes((tmp_path / "be.npz").read_bytes()[:500])
     with pytest.raises(ConfigError, match=r"cut.npz' is (not a readable .npz file|damaged)"):
         load_data(DataConfig(name="npz", path=str(cut)))
+
+
+@pytest.mark.parametrize("offset, dtype", [(1e9, np.float64), (1.7e12, np.int64)])
+def test_npz_inputs_wider_than_float32_keep_their_spread(tmp_path, offset, dtype):
+    rng = np.random.default_rng(6)
+    spread = rng.permutation(10 ** 5)[:200].reshape(100, 2)   # distinct; timestamps, say: an offset far above
+    x = (offset + spread).astype(dtype)
+    data = load_data(write_npz(tmp_path / "t.npz", x, np.zeros(100), x[:10], np.zeros(10)))
+    expected = (x - x.mean(0)) / x.std(0, ddof=1)
+    assert data.x_train.dtype == torch.float32 and len(data.x_train[:, 0].unique()) == 100
+    np.testing.assert_allclose(data.x_train.numpy(), expected, atol=1e-5)
 
 
 def test_npz_labels_may_be_whole_floats_or_bools(tmp_path):
@@ -164,6 +175,25 @@ def test_cifar10_batches_pickled_by_python_3_load_alike_and_damaged_ones_are_nam
         load_data(DataConfig(name="cifar10", path=str(tmp_path / "py3")))
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b.update(labels=b["labels"] + [0, 1]), r"data_batch_2: labels has shape \(8,\) for its 6 images"),
+    (lambda b: b.update(data=b["data"].reshape(12, 1536)), r"data_batch_2: its data has shape \(12, 1536\), not "
+                                                           r"\[N, 3072\]"),
+    (lambda b: b.update(labels=[10] + b["labels"][1:]), r"y_train holds labels beyond the 10 classes 0..9 \(such as "
+                                                        r"\[10\]\)"),
+    (lambda b: b.update(labels=[-1] + b["labels"][1:]), r"y_train must hold class indices"),
+])
+def test_cifar10_batches_that_cannot_be_right_are_refused(tmp_path, damage, message):
+    write_cifar10(tmp_path, key=str)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch = pickle.loads(path.read_bytes())
+    batch["labels"] = [int(label) for label in batch["labels"]]
+    damage(batch)
+    path.write_bytes(pickle.dumps(batch))
+    with pytest.raises(ConfigError, match=message):
+        load_data(DataConfig(name="cifar10", path=str(tmp_path)))
+
+
 def test_idx_files_that_cannot_be_read_are_named(tmp_path):
     rng = np.random.default_rng(2)
     for name, array in (("train-images-idx3-ubyte.gz", rng.integers(0, 256, (12, 28, 28))),
@@ -194,6 +224,9 @@ def test_idx_files_that_disagree_or_are_cut_short_are_refused(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))
     with pytest.raises(ConfigError, match=r"y_train has shape \(10,\); labels are one class index per example "
                                           r"of x_train \(12 of them\)"):
+        load_data(DataConfig(name="mnist", path=str(tmp_path)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(12) % 11)   # a label 10
+    with pytest.raises(ConfigError, match=r"y_train holds labels beyond the 10 classes 0..9 \(such as \[10\]\)"):
         load_data(DataConfig(name="mnist", path=str(tmp_path)))
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 3]) + np.array([5, 28, 28], ">i4").tobytes() + bytes(100))
@@ -257,6 +290,29 @@ def test_image_folder_val_takes_the_train_class_numbers(tmp_path):
     image.save(tmp_path / "val" / "d_emu" / "0.png")
     with pytest.raises(ConfigError, match="val has class folders that train/ lacks: d_emu"):
         load_data(DataConfig(name="imagenet", path=str(tmp_path), image_size=8, workers=0))
+
+
+def test_image_folders_that_cannot_be_used_are_named(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+    config = DataConfig(name="imagenet", path=str(tmp_path), image_size=8, workers=0)
+    with pytest.raises(ConfigError, match=rf"data.path: {tmp_path / 'train'}: Found no valid file for the classes a, b"):
+        load_data(config)
+    for label in ("a", "b"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / label / "0.png")
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'val'} holds no images in its class folders"):
+        load_data(config)   # an evaluation would report nan
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / "b" / "0.png")
+    data = load_data(config)
+    copy = pickle.loads(pickle.dumps(data.test))   # as loader workers started by spawn or forkserver get it
+    assert copy.samples == data.test.samples == [(str(tmp_path / "val" / "b" / "0.png"), 1)]
+    truncated = tmp_path / "train" / "a" / "0.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:600])   # an interrupted copy
+    with pytest.raises(ConfigError, match=rf"data.path: {truncated} is not a readable image"):
+        list(data.eval_batches("train", 2))
 
 
 def test_a_flat_val_folder_says_how_image_folder_wants_it(tmp_path):
