@@ -2,8 +2,9 @@
 
 For every op measured on more than one swamp backend (``triton``, ``cuda``), the backends are
 ranked by the geometric mean over the op's cases of their time relative to the fastest backend
-of each case (only cases that every ranked backend ran count). Prints a table per op and the
-``AUTO_ORDER`` entries to paste into swamp_kernels/_dispatch.py; ``torch`` always comes last.
+of each case (only cases that every ranked backend ran at one commit count: a merged file's
+rows of different commits are not compared). Prints a table per op and the ``AUTO_ORDER`` entries to
+paste into swamp_kernels/_dispatch.py; ``torch`` always comes last.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ KERNEL_BACKENDS = ("triton", "cuda")
 def rank(doc: dict) -> dict[str, list[tuple[str, float]]]:
     """op -> [(backend, geometric-mean time relative to the fastest per case)], fastest first,
     for the ops with at least two kernel backends measured on common cases."""
-    times: dict[str, dict[str, dict[str, float]]] = {}   # op -> case -> backend -> ms
+    times: dict[str, dict[tuple, dict[str, float]]] = {}   # op -> (case, commit) -> backend -> ms
     for row in doc["results"]:
         if row["backend"] in KERNEL_BACKENDS:
-            times.setdefault(row["op"], {}).setdefault(row["case"], {})[row["backend"]] = row["time_ms"]
+            commit = row["extra"].get("commit", doc["commit"])
+            times.setdefault(row["op"], {}).setdefault((row["case"], commit), {})[row["backend"]] = row["time_ms"]
     ranking = {}
     for op, cases in times.items():
         backends = sorted({b for per_case in cases.values() for b in per_case})
@@ -47,7 +49,10 @@ def main(argv=None) -> int:
     if not ranking:
         print("no op was measured on two kernel backends")
         return 1
-    print(f"{doc['gpu']} (commit {doc['commit']}): time relative to the fastest backend per case, geometric mean")
+    commits = sorted({row["extra"].get("commit", doc["commit"]) for row in doc["results"]
+                      if row["backend"] in KERNEL_BACKENDS})
+    print(f"{doc['gpu']} (commit {', '.join(commits)}): time relative to the fastest backend per case "
+          "(backends of one commit compared), geometric mean")
     for op, ranked in ranking.items():
         print(f"  {op:28s} " + "  ".join(f"{b} {score:.2f}x" for b, score in ranked))
     print("AUTO_ORDER = {")

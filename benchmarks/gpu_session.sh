@@ -7,20 +7,23 @@
 # AUTO_ORDER of swamp_kernels/_dispatch.py (each op's faster backend first).
 # The `host` column (extra.host_ms) is the call's host time: near the time, the op is host-bound.
 #
-# A session's device time is short and each call stops at 10 minutes, so split by PARTS/BENCH_ARGS,
-# most needed first, one process per group (a kernel fault then loses only its group):
-#   PARTS="build tests"
-#   PARTS="build bench" BENCH_ARGS="--ops prune,swa,average,sgd,masks"
-#   PARTS="build bench" BENCH_ARGS="--ops resnet50,particles,linear"
-#   PARTS="build bench" BENCH_ARGS="--ops conv"
-#   PARTS="build bench" BENCH_ARGS="--ops resnet50 --compile", then "--ops particles --compile"
-#     (each compiles its models: minutes; together they would not fit one call)
-# The machine gets a copy of the tree without .git: pass SWAMP_COMMIT=<hash of HEAD here> so
-# the results name their commit.
+# The lent machine: 30 minutes of device time per session, a cold start (a minute or more) and
+# a fresh build on every call that finds no warm machine, warm only 30 s after a call (so send
+# the next call at once), 10 minutes per call, at most 8 files back from $OUT (this script
+# writes at most 8 per call). Three full calls, most needed first, one process per part (a
+# kernel fault loses only its part):
+#   1. PARTS="build tests memcheck" TESTS_TIMEOUT_S=400 MEMCHECK_TIMEOUT_S=120
+#   2. PARTS="build bench" BENCH_ARGS="--ops prune,swa,average,sgd,masks"
+#   3. PARTS="build bench" BENCH_ARGS="--ops resnet50,particles,linear,conv"
+#   then, if time is left: BENCH_ARGS="--ops resnet50 --compile" (minutes of compilation).
+# The machine gets a copy of the tree without .git: pass SWAMP_COMMIT=<the output here of
+#   echo $(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo -dirty)>
+# so the results name their commit.
 # An op far from its floor: the time includes the host's per-call work (Python checks, table
-# uploads) wherever the GPU waits for it. Separate the two with the profiler of the image, e.g.
-#   ncu -k regex:'digit_pass|swa_update|masked_sgd' -c 12 --section SpeedOfLight \
-#       python3 -m benchmarks.run --ops prune,swa,sgd --backends cuda --quick --out /tmp/ncu-bench
+# uploads) wherever the GPU waits for it. Separate the two with the profiler of the image, one
+# op per run (the first matching launches are profiled; --kill stops the program after them):
+#   ncu -k regex:'swa_update' -c 4 --kill yes --section SpeedOfLight \
+#       python3 -m benchmarks.run --ops swa --backends cuda --quick --out /tmp/ncu-bench
 # (kernel time and DRAM throughput per kernel; compare with the table's time).
 set -uo pipefail
 export PYTHONUNBUFFERED=1   # logs of a call stopped at its limit keep their last lines
@@ -35,12 +38,13 @@ fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 CALL_LIMIT_S=${CALL_LIMIT_S:-590}   # the device call's limit, less a margin for the summary
 left_s() { local s=$(( CALL_LIMIT_S - SECONDS )); echo $(( s > 10 ? s : 10 )); }   # (timeout 0: none)
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)' \
-    | tee "$OUT/versions.txt"
-# PARTS picks steps (default all): a session whose 10-minute calls cannot hold everything runs
-# PARTS="build tests" in one call and PARTS="build bench" BENCH_ARGS="--ops ..." in the next.
-PARTS=${PARTS:-build tests bench}
+{ python3 -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)'
+  nvidia-smi; } > "$OUT/machine.txt" 2>&1
+head -1 "$OUT/machine.txt"
+failed=0   # the exit status: 1 when tests, memcheck or benchmarks failed
+# PARTS picks steps (default all): a session whose 10-minute calls cannot hold everything splits
+# them over calls as the header says.
+PARTS=${PARTS:-build tests memcheck bench}
 for part in $PARTS; do
     case $part in
     build)
@@ -56,22 +60,40 @@ for part in $PARTS; do
         # (TESTS_TIMEOUT_S) so the log comes back; PYTEST_ARGS narrows the files for a second call.
         # With pytest-xdist (the GPU image has it), PYTEST_WORKERS processes share the GPU and
         # compile Triton kernels in parallel, one test file each at a time.
-        workers=""
+        # -v: a run stopped at its limit still names every test that ended (the summary never
+        # comes); a test stuck longer than TEST_TIMEOUT_S fails alone (pytest-timeout).
+        workers="" per_test=""
         if python3 -c 'import xdist' 2> /dev/null; then
             workers="-n ${PYTEST_WORKERS:-8} --dist loadfile"
         fi
-        timeout "${TESTS_TIMEOUT_S:-$(left_s)}" python3 -m pytest -q -m gpu -p no:cacheprovider --durations=20 \
-            $workers ${PYTEST_ARGS:-tests} > "$OUT/gpu_tests.log" 2>&1
-        echo "gpu tests rc=$?"; grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -40; tail -30 "$OUT/gpu_tests.log" ;;
+        if python3 -c 'import pytest_timeout' 2> /dev/null; then
+            per_test="--timeout ${TEST_TIMEOUT_S:-240}"
+        fi
+        timeout "${TESTS_TIMEOUT_S:-$(left_s)}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider --durations=20 \
+            $workers $per_test ${PYTEST_ARGS:-tests} > "$OUT/gpu_tests.log" 2>&1
+        rc=$?; echo "gpu tests rc=$rc"; [ $rc -eq 0 ] || failed=1
+        grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -40; tail -30 "$OUT/gpu_tests.log" ;;
+    memcheck)
+        # compute-sanitizer on the CUDA prune's GPU tests; torch's caching allocator off, so an
+        # access past a tensor is outside any allocation
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_TIMEOUT_S:-$(left_s)}" \
+            compute-sanitizer --tool memcheck --error-exitcode 99 \
+            python3 -m pytest -v -x -m gpu -p no:cacheprovider ${MEMCHECK_ARGS:-tests/test_cuda_prune.py} \
+            > "$OUT/memcheck.log" 2>&1
+        rc=$?; echo "memcheck rc=$rc (99: an error found)"; [ $rc -eq 0 ] || failed=1
+        grep -E "ERROR SUMMARY|Invalid|FAILED" "$OUT/memcheck.log" | head -20; tail -15 "$OUT/memcheck.log" ;;
     bench)
         # stopped before the call's limit (BENCH_TIMEOUT_S); every finished case is already saved
         timeout "${BENCH_TIMEOUT_S:-$(left_s)}" python3 -m benchmarks.run --out "$OUT/results" ${BENCH_ARGS:-} \
             > "$OUT/bench.log" 2>&1
-        echo "bench rc=$?"; grep -E "FAILED" "$OUT/bench.log" | head -20; tail -40 "$OUT/bench.log"
-        for results in "$OUT"/results/*.json; do   # each op's faster backend, where both ran
-            [ -e "$results" ] && python3 -m benchmarks.auto_order "$results" | tee "$OUT/auto_order.txt"
+        rc=$?; echo "bench rc=$rc"; [ $rc -eq 0 ] || failed=1
+        grep -E "FAILED" "$OUT/bench.log" | head -20; tail -40 "$OUT/bench.log"
+        for results in "$OUT"/results/*.json; do   # each op's faster backend, where both ran (else it says so)
+            [ -e "$results" ] && python3 -m benchmarks.auto_order "$results" > "$OUT/auto_order.txt" 2>&1
+            cat "$OUT/auto_order.txt"
         done ;;
     *)
-        echo "unknown part $part (build, tests, bench)"; exit 2 ;;
+        echo "unknown part $part (build, tests, memcheck, bench)"; exit 2 ;;
     esac
 done
+exit $failed

@@ -109,6 +109,9 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+SMOKE_GPU = "cpu-smoke"   # the gpu of a --smoke run's document: a harness check, never results
+
+
 def new_document(gpu: str, copy_bandwidth_gbs: float) -> dict:
     """An empty results document stamped with this run's software, commit and UTC date."""
     return {"gpu": gpu, "torch": torch.__version__, "triton": _version("triton"),
@@ -118,21 +121,32 @@ def new_document(gpu: str, copy_bandwidth_gbs: float) -> dict:
 
 
 def _stamped(row: dict, doc: dict) -> dict:
-    """``row`` with its run's copy bandwidth and commit in ``extra`` (kept if already there): a
-    merged file's header describes its last run only."""
+    """``row`` with its run's copy bandwidth, commit and date in ``extra`` (kept if already
+    there): a merged file's header describes its latest run only."""
     return {**row, "extra": {"copy_bandwidth_gbs": doc["copy_bandwidth_gbs"], "commit": doc["commit"],
-                             **row["extra"]}}
+                             "date": doc["date"], **row["extra"]}}
+
+
+def _run_date(row: dict) -> str:
+    """The UTC date (ISO 8601, comparable as text) of the run that measured ``row``; "" if unknown."""
+    return row["extra"].get("date", "")
 
 
 def merge(old: dict | None, new: dict) -> dict:
-    """``new``'s header and results, plus the results of ``old`` whose key ``new`` lacks.
+    """The results of ``old`` and ``new``; of two with one key, the later run's (``new``'s on a
+    tie), so files merged in any order give the same rows. The header is the later document's.
 
     Results keep the order of ``old``; a replaced result stays in its place. Every result
-    carries its own run's copy bandwidth and commit in ``extra``.
+    carries its own run's copy bandwidth, commit and date in ``extra``.
     """
     fresh = {result_key(r): _stamped(r, new) for r in new["results"]}
-    rows = [fresh.pop(result_key(r), r) for r in (old["results"] if old else [])]
-    return {**new, "results": rows + list(fresh.values())}
+
+    def later(row: dict) -> dict:
+        other = fresh.pop(result_key(row), None)
+        return row if other is None or _run_date(row) > _run_date(other) else other
+    rows = [later(r) for r in (old["results"] if old else [])]
+    header = old if old is not None and old["date"] > new["date"] else new
+    return {**header, "results": rows + list(fresh.values())}
 
 
 def gpu_slug(gpu: str) -> str:

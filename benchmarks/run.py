@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     if args.smoke:
         if args.out is None or args.out.resolve() == results.RESULTS_DIR.resolve():
             sys.exit("--smoke needs --out DIR outside benchmarks/results (smoke numbers are not results)")
-        device, gpu, timing_args = torch.device("cpu"), "cpu-smoke", SMOKE_TIMING
+        device, gpu, timing_args = torch.device("cpu"), results.SMOKE_GPU, SMOKE_TIMING
         bandwidth = timing.copy_bandwidth_gbs(device, SMOKE_COPY_BYTES, **timing_args)
     else:
         if not torch.cuda.is_available():

@@ -202,7 +202,19 @@ def test_merge_replaces_same_key_and_keeps_others():
     assert {r["extra"].get("commit") for r in merged["results"]} == {"new", None}   # old rows: unstamped
     alone = results.merge(None, new)
     assert {**alone, "results": []} == {**new, "results": []}
-    assert all(r["extra"] == {"copy_bandwidth_gbs": 3000.0, "commit": "new"} for r in alone["results"])
+    assert all(r["extra"] == {"copy_bandwidth_gbs": 3000.0, "commit": "new", "date": new["date"]}
+               for r in alone["results"])
+
+
+def test_merging_in_either_order_keeps_each_cases_later_run():
+    earlier = _doc(rows=[_row(case="a", time_ms=5.0), _row(case="b", time_ms=5.0)], commit="one")
+    later = {**_doc(rows=[_row(case="b", time_ms=3.0), _row(case="c")], commit="two"),
+             "date": "2026-01-02T00:00:00+00:00"}
+    for first, second in ((earlier, later), (later, earlier)):   # collect given the files in any order
+        merged = results.merge(results.merge(None, first), second)
+        assert merged["commit"] == "two" and merged["date"] == later["date"]
+        assert sorted((r["case"], r["time_ms"], r["extra"]["commit"]) for r in merged["results"]) == [
+            ("a", 5.0, "one"), ("b", 3.0, "two"), ("c", 2.0, "two")]
 
 
 def test_save_merges_and_writes_json_and_markdown(tmp_path):
@@ -393,6 +405,10 @@ def test_collect_merges_the_files_of_several_calls(tmp_path):
     assert [(r["case"], r["time_ms"]) for r in doc["results"]] == [("a", 2.0), ("b", 3.0), ("c", 2.0)]
     assert doc["commit"] == "new" and next(merged.glob("*.md")).is_file()
     assert [r["extra"]["commit"] for r in doc["results"]] == ["abc", "new", "new"]   # each row's own run
+    smoke = results.save(_doc("cpu-smoke", rows=[_row(case="d")]), tmp_path / "smoke")
+    with pytest.raises(SystemExit, match="holds the numbers of a --smoke run"):
+        collect.main([str(files[0]), str(smoke), "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()   # nothing merged before the refusal
 
 
 def test_the_table_header_shows_every_run_of_a_merged_file(tmp_path):
@@ -402,8 +418,9 @@ def test_the_table_header_shows_every_run_of_a_merged_file(tmp_path):
     results.save(second, tmp_path)
     doc = results.load(path)
     rows = {r["case"]: r["extra"] for r in doc["results"]}
-    assert rows == {"a": {"copy_bandwidth_gbs": 3000.0, "commit": "one"},
-                    "b": {"copy_bandwidth_gbs": 2900.0, "commit": "two"}}
+    date = first["date"]
+    assert rows == {"a": {"copy_bandwidth_gbs": 3000.0, "commit": "one", "date": date},
+                    "b": {"copy_bandwidth_gbs": 2900.0, "commit": "two", "date": date}}
     header = results.markdown(doc).splitlines()[2]
     assert "Copy bandwidth 2900–3000 GB/s over 2 runs" in header and "commit `one`, `two`" in header
     assert "Copy bandwidth 3000 GB/s (read + write)" in results.markdown(first).splitlines()[2]
@@ -622,6 +639,9 @@ def test_auto_order_ranks_backends_by_geometric_mean_over_common_cases(tmp_path,
     path.write_text(json.dumps(_doc(rows=rows)))
     assert auto_order.main([str(path)]) == 0
     assert "'masked_sgd_step_': ('cuda', 'triton', 'torch')," in capsys.readouterr().out
+    stamped = lambda row, commit: {**row, "extra": {"commit": commit}}
+    other_commits = [stamped(rows[6], "one"), stamped(rows[7], "two")]   # a merged file: no common run
+    assert auto_order.rank(_doc(rows=other_commits)) == {}
 
 
 def test_auto_follows_the_measured_order(monkeypatch):
