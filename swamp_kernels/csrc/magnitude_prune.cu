@@ -34,9 +34,9 @@
 // b + m + 1): typical inputs read keys + masks twice (pass 0, gathering pass 1) and write
 // the masks once: 2(b + m) + 1, plus ~12 bytes per gathered key (1-3% of elements) a few
 // times. float32 unmasked: 9 / 5 = 1.8x the floor (was ~3.5x). Heavy ties: up to five
-// reads. Launches per call, fixed: 2 memsets, the context store, 3 x (digit pass + pick),
-// tie counts, their scan and the final kernel = 12; buffer work rides in the launches
-// over the tensors. Nothing waits for the device: the caller reads `status` (counts,
+// reads. Launches per call, fixed: the context store (which zeroes the state), 3 x (digit
+// pass + pick), tie counts, their scan and the final kernel = 10; buffer work rides in the
+// launches over the tensors. Nothing waits for the device: the caller reads `status` (counts,
 // NaN/Inf flags) once.
 #include <cuda_fp16.h>
 #include <cooperative_groups.h>
@@ -61,6 +61,7 @@ constexpr int kPickThreads = 256;        // kMaxBins / kPickThreads bins per thr
 constexpr int kScanThreads = 1024;       // the single block scanning the chunk tie counts
 constexpr long long kBufferDivisor = 16;
 constexpr long long kBufferMin = 4096;
+constexpr long long kInitWords = 64 * kThreads;  // words zeroed per block of the first launch
 static_assert(kStage >= kTile && kMaxBins % kPickThreads == 0, "stage or pick sizes");
 
 __host__ __device__ constexpr int digit_shift(int pass) { return pass == 0 ? 20 : pass == 1 ? 10 : 0; }
@@ -650,7 +651,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void store_context_kernel(Context value, Context* ctx) { *ctx = value; }
+// The call's first launch: zeroes the search states and tie counts (`words` 8-byte words from
+// `zero`) and the status, and stores the context.
+__global__ void init_kernel(Context value, Context* ctx, unsigned long long* zero, long long words,
+                            long long status_words) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < words + status_words;
+       i += stride) {
+    if (i < words) {
+      zero[i] = 0;
+    } else {
+      value.status[i - words] = 0;
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    *ctx = value;
+  }
+}
 
 // ---------------------------------------------------------------------------- host
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -721,9 +738,11 @@ cudaError_t launch_magnitude_prune(const std::vector<PruneTensor>& tensors, cons
   }
 
   // Search states (kScan, empty histograms) and tie counts start at zero; status too.
-  SWAMP_CUDA_TRY(cudaMemsetAsync(ws + l.seg, 0, l.chunk_out - l.seg, stream));
-  SWAMP_CUDA_TRY(cudaMemsetAsync(status, 0, sizeof(int64_t) * (l.segments + tensors.size()), stream));
-  store_context_kernel<<<1, 1, 0, stream>>>(value, ctx);
+  const long long words = static_cast<long long>((l.chunk_out - l.seg) / sizeof(unsigned long long));
+  const long long status_words = l.segments + static_cast<long long>(tensors.size());
+  const int init_blocks = static_cast<int>(std::min<long long>((words + status_words) / kInitWords + 1, 1024));
+  init_kernel<<<init_blocks, kThreads, 0, stream>>>(value, ctx, reinterpret_cast<unsigned long long*>(ws + l.seg),
+                                                    words, status_words);
   SWAMP_CUDA_TRY(cudaGetLastError());
   const int pick_blocks = std::min(l.segments, 65535);
   for (int pass = 0; pass < kPasses; ++pass) {
