@@ -306,6 +306,7 @@ def _normalised(x_train: np.ndarray, x_test: np.ndarray):
 
 
 _CHANNELS = (1, 3, 4)   # channel counts of images: grey, RGB, RGBA
+MAX_CLASSES = 10 ** 6   # above it, a label is an ID or a value, not a class index
 
 
 def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None = None):
@@ -353,7 +354,11 @@ def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None 
                           f"with C = {x_train.shape[-1]}? Channels-last images are read with C in "
                           f"{', '.join(map(str, _CHANNELS))} only; give [N, C, H, W] (np.moveaxis(x, -1, 1))")
     if classes is None:
-        classes = int(max(y_train.max(), y_test.max())) + 1
+        largest = max(y_train.max(), y_test.max())
+        if largest >= MAX_CLASSES:
+            raise ConfigError(f"{source}: the largest label is {largest}, so the model would have {largest} + 1 "
+                              f"outputs; labels must be class indices 0, 1, ..., K-1 (K below {MAX_CLASSES:,})")
+        classes = int(largest) + 1
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes
 
 

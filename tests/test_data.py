@@ -66,6 +66,8 @@ def test_npz_image_layouts_and_features_are_normalised_per_channel(tmp_path):
     ({"x_test": np.zeros((0, 6)), "y_test": np.zeros(0)}, r"x_test has shape \(0, 6\); inputs are \[N, ...\] "
                                                           "with N >= 1"),
     ({"x_train": np.array([[object()]] * 20)}, "x_train: Object arrays cannot be loaded"),
+    ({"y_test": np.array([10 ** 10] * 5)}, r"the largest label is 10000000000, so the model would have"),
+    ({"y_test": np.array([2 ** 63] * 5, dtype=np.uint64)}, r"the largest label is 9223372036854775808"),
 ])
 def test_npz_that_cannot_be_right_is_refused_naming_the_array(tmp_path, change, message):
     arrays = {"x_train": np.zeros((20, 6)), "y_train": np.arange(20) % 3, "x_test": np.zeros((5, 6)),
