@@ -50,15 +50,16 @@ __all__ = ["TrainResult", "StackedEngine", "ModuleEngine", "cudnn_autotuned", "l
 
 
 def learning_rate(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
-    """The scheduled learning rate at ``step`` (linear warm-up, then step or cosine decay)."""
+    """The scheduled learning rate at ``step``: step decay (``gamma`` at each milestone epoch)
+    or a cosine from the end of the warm-up, times the linear warm-up factor
+    ``min(1, step / warm-up steps)``, as OpenLTH composes them (step 0 has rate 0)."""
     warmup = train.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return train.lr * (step + 1) / warmup
-    epoch = step / steps_per_epoch
     if train.schedule == "cosine":
         total = train.epochs * steps_per_epoch
-        return 0.5 * train.lr * (1 + math.cos(math.pi * (step - warmup) / max(1.0, total - warmup)))
-    return train.lr * train.gamma ** sum(epoch >= m for m in train.milestones)
+        decayed = 0.5 * train.lr * (1 + math.cos(math.pi * max(0.0, step - warmup) / max(1.0, total - warmup)))
+    else:
+        decayed = train.lr * train.gamma ** sum(step / steps_per_epoch >= m for m in train.milestones)
+    return decayed * min(1.0, step / warmup) if warmup else decayed
 
 
 def swa_learning_rate(step: int, steps_per_epoch: int, config: Config) -> float:

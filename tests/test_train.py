@@ -1,7 +1,9 @@
 """swamp.train: the two engines agree, channels_last / label smoothing / torch.compile, and a
 stage resumed from any epoch checkpoint ends bitwise equal to an uninterrupted one; the learning
 rates against torch's schedulers."""
+import bisect
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -148,6 +150,23 @@ def test_learning_rates_follow_torch_schedulers():
     cosine = C.TrainConfig(epochs=6, lr=0.1, schedule="cosine")
     assert [learning_rate(i, steps_per_epoch, cosine) for i in range(42)] == pytest.approx(_torch_rates(
         torch.optim.lr_scheduler.CosineAnnealingLR(_optimizer(0.1), 42), 42), rel=1e-9)
+
+
+@pytest.mark.parametrize("warmup_epochs, milestones", [(2, [3, 5]), (0.3, [3]), (2, [1, 5])])
+def test_warmup_scales_the_schedule_as_openlth_does(warmup_epochs, milestones):
+    """OpenLTH's LambdaLR: min(1, it / warm-up iterations) times gamma ** (milestones passed);
+    a fractional warm-up never lifts the rate above lr, a milestone inside it applies."""
+    steps_per_epoch, gamma = 22, 0.3
+    train = C.TrainConfig(epochs=6, lr=0.1, milestones=milestones, gamma=gamma, warmup_epochs=warmup_epochs)
+    warmup = warmup_epochs * steps_per_epoch
+    openlth = torch.optim.lr_scheduler.LambdaLR(_optimizer(0.1), lambda it: min(1.0, it / warmup) * gamma ** (
+        bisect.bisect([m * steps_per_epoch for m in milestones], it)))
+    ours = [learning_rate(i, steps_per_epoch, train) for i in range(132)]
+    assert ours == pytest.approx(_torch_rates(openlth, 132), rel=1e-12) and max(ours) <= 0.1
+    cosine = [learning_rate(i, steps_per_epoch, dataclasses.replace(train, schedule="cosine")) for i in range(132)]
+    warm = math.ceil(warmup)
+    assert cosine[:warm] == pytest.approx([0.1 * i / warmup for i in range(warm)], rel=1e-12)
+    assert max(cosine) <= 0.1 and cosine[warm:] == sorted(cosine[warm:], reverse=True)
 
 
 @pytest.mark.parametrize("anneal_epochs", [0, 1, 3])
