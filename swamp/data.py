@@ -272,8 +272,8 @@ class FolderData:
         batch_size, part = _epoch_batch(batch_size, self.num_train, shard)
         dataset = _Seeded(self.train if augment else self.train_plain)
         share = part.stop - part.start
-        loaders = [self._loader(dataset, share, self._rank_samples(g, batch_size, part)[skip * share:], drop_last=True)
-                   for g in generators]
+        loaders = [_from_workers(self._loader(dataset, share, self._rank_samples(g, batch_size, part)[skip * share:],
+                                              drop_last=True)) for g in generators]
         for batches in zip(*loaders):   # pinned batches copied as they are, stacked on the device
             yield (torch.stack([self._on_device(x) for x, _ in batches]),
                    torch.stack([y.to(self.device, non_blocking=True) for _, y in batches]))
@@ -283,8 +283,18 @@ class FolderData:
         index, count = shard
         rows = [j for start in range(index * batch_size, len(dataset), count * batch_size)
                 for j in range(start, min(start + batch_size, len(dataset)))]   # only this rank's batches
-        for x, y in self._loader(dataset, batch_size, rows):
+        for x, y in _from_workers(self._loader(dataset, batch_size, rows)):
             yield self._on_device(x), y.to(self.device, non_blocking=True)
+
+
+def _from_workers(loader) -> Iterator:
+    """``loader``'s batches; a ConfigError raised in a loader worker (an unreadable image) comes
+    with its own message, not the text of the worker's traceback that torch wraps it in."""
+    try:
+        yield from loader
+    except ConfigError as error:
+        last = str(error).rstrip().splitlines()[-1]
+        raise ConfigError(last.partition(f"{ConfigError.__name__}: ")[2] or last) from None
 
 
 def _normalised(x_train: np.ndarray, x_test: np.ndarray):

@@ -167,14 +167,17 @@ class MaskedLayer(nn.Module):
 
     def register_parameter(self, name: str, param) -> None:
         if name == "weight_g" and "weight" not in self._parameters and _reparametrizing():
-            # the old torch.nn.utils.weight_norm has just taken the weight out of _parameters: back in
-            # first place (as the dense layer registers it) it goes
-            others = dict(self._parameters)
-            self._parameters.clear()
-            self._parameters.update(weight=sys._getframe(1).f_locals["weight"], **others)
+            # the old torch.nn.utils.weight_norm has just taken the weight (its local) out of
+            # _parameters: back in first place (as the dense layer registers it) it goes
+            weight = sys._getframe(1).f_locals.get("weight")
+            restored = isinstance(weight, nn.Parameter)
+            if restored:
+                others = dict(self._parameters)
+                self._parameters.clear()
+                self._parameters.update(weight=weight, **others)
+            left = "the layer is left as it was" if restored else "this layer is left without its weight: build it again"
             raise TypeError(f"{type(self).__name__}: torch.nn.utils.weight_norm would compute its weight from "
-                            "weight_g and weight_v, which weight_mask does not cover (the layer is left as it "
-                            f"was). {_NO_REPLACED_WEIGHT}")
+                            f"weight_g and weight_v, which weight_mask does not cover ({left}). {_NO_REPLACED_WEIGHT}")
         super().register_parameter(name, param)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:

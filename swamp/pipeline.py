@@ -77,13 +77,18 @@ def _holds_dry_run(out: Path) -> bool:
 def _unwritable(out: Path) -> str | None:
     """Why the folder ``out`` cannot be made or written (None: it looks fine), asked before the
     run loads anything: the folder itself is made only once every check has passed."""
-    if out.exists() and not out.is_dir():
-        return f"{out} is a file, not a folder: pick another --out"
-    existing = next(p for p in (out, *out.parents) if p.exists())   # "/" always exists
-    if not existing.is_dir():
-        return f"{out} cannot be made: {existing} is a file"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{out} cannot be {'written' if existing == out else 'made'}: no write permission on {existing}"
+    try:
+        if out.is_symlink() and not out.exists():
+            return f"{out} is a link to nothing (to {os.readlink(out)}): pick another --out"
+        if out.exists() and not out.is_dir():
+            return f"{out} is a file, not a folder: pick another --out"
+        existing = next(p for p in (out, *out.parents) if p.exists())   # "/" always exists
+        if not existing.is_dir():
+            return f"{out} cannot be made: {existing} is a file"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{out} cannot be {'written' if existing == out else 'made'}: no write permission on {existing}"
+    except OSError as error:   # a parent that cannot be entered
+        return f"{out} cannot be made: {error}"
     return None
 
 

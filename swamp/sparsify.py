@@ -29,7 +29,13 @@ _CONVERTIBLE = (nn.Linear, nn.Conv2d)
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    return type(module) in _CONVERTIBLE or isinstance(module, MaskedLayer)
+    return type(module) in _CONVERTIBLE or isinstance(module, MaskedLayer) or _unrun_lazy(module)
+
+
+def _unrun_lazy(module: nn.Module) -> bool:
+    """A lazy layer that becomes a Conv2d/Linear at its first forward, which it has not had."""
+    return (isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+            and getattr(type(module), "cls_to_become", None) in _CONVERTIBLE)
 
 
 def _describe(modules: Mapping[str, nn.Module], limit: int = 6) -> str:
@@ -75,19 +81,18 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     (they may use their weight outside forward); masked layers stay masked. Returns ``model``.
     """
     modules = dict(model.named_modules())
-    lazy = {n: m for n, m in modules.items() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
-            and getattr(type(m), "cls_to_become", None) in _CONVERTIBLE}
-    if lazy:
-        raise ValueError(f"lazy layers not yet initialised: {_describe(lazy)}; run the model once (a forward "
-                         "pass) before sparsify, which makes them Conv2d/Linear layers")
     candidates = {n: m for n, m in modules.items() if _is_candidate(m)}
     included = (lambda name, module: True) if include is None else \
         _predicate("include", include, modules, candidates)
     excluded = (lambda name, module: False) if exclude is None else \
         _predicate("exclude", exclude, modules, candidates)
-    for name, module in candidates.items():
-        if included(name, module) and not excluded(name, module):
-            to_masked_(module)
+    selected = {n: m for n, m in candidates.items() if included(n, m) and not excluded(n, m)}
+    lazy = {n: m for n, m in selected.items() if _unrun_lazy(m)}
+    if lazy:
+        raise ValueError(f"lazy layers not yet initialised: {_describe(lazy)}; run the model once (a forward "
+                         "pass) before sparsify, which makes them Conv2d/Linear layers")
+    for module in selected.values():
+        to_masked_(module)
     return model
 
 

@@ -478,10 +478,21 @@ def test_a_new_run_names_an_out_it_cannot_make_before_loading_anything(tmp_path,
     locked.mkdir(mode=0o500)
     access = os.access   # root may write anywhere: the permission as a user without root sees it
     monkeypatch.setattr(pipeline.os, "access", lambda path, mode: path != locked and access(path, mode))
+    dangling, hidden = tmp_path / "dangling", tmp_path / "hidden"
+    dangling.symlink_to(tmp_path / "gone")
+    exists = Path.exists   # a folder that cannot be entered: asking about what is inside fails
+
+    def entered(path, *args, **kwargs):
+        if hidden in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return exists(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "exists", entered)
     for out, message in [(afile, f"{afile} is a file, not a folder: pick another --out"),
                          (afile / "run", f"{afile / 'run'} cannot be made: {afile} is a file"),
                          (locked / "a" / "run", f"{locked / 'a' / 'run'} cannot be made: no write permission on {locked}"),
-                         (locked, f"{locked} cannot be written: no write permission on {locked}")]:
+                         (locked, f"{locked} cannot be written: no write permission on {locked}"),
+                         (dangling, f"{dangling} is a link to nothing (to {tmp_path / 'gone'}): pick another --out"),
+                         (hidden / "run", f"{hidden / 'run'} cannot be made: [Errno 13] Permission denied")]:
         with pytest.raises(FileExistsError, match=re.escape(message)):
             pipeline.run(tiny("imp", levels=1), out, quiet=True)
     assert afile.read_text() == "mine" and list(locked.iterdir()) == []

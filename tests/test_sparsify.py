@@ -113,6 +113,12 @@ def test_sparsify_refuses_lazy_layers_before_their_first_forward():
                                          r"run the model once"):
         swamp.sparsify(model)
     assert masked_names(model) == []
+    swamp.sparsify(model, exclude=["0", "2"])   # none selected: nothing to refuse
+    mixed = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    assert masked_names(swamp.sparsify(mixed, include=["0"])) == ["0"]
+    with pytest.raises(ValueError, match=r"lazy layers not yet initialised: 0 \(LazyConv2d\); run"):
+        swamp.sparsify(model, include=nn.Conv2d)
+    assert masked_names(model) == []
     model(torch.randn(1, 3, 5, 5))
     swamp.sparsify(model)
     assert masked_names(model) == ["0", "2"]
