@@ -72,6 +72,7 @@ def _resume_hint(args) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    started_here = args.command == "run" and not args.dry_run and not os.path.isfile(os.path.join(args.out, "config.yaml"))
     try:
         if args.command == "run":
             config = cfg.load(args.config, args.overrides, check_paths=not args.dry_run)
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
         return 1
     except (ValueError, OSError, BackendError) as error:   # bad input (ConfigError is one), files, backends
         _error(args.command, error)
+        if started_here and os.path.isfile(os.path.join(args.out, "config.yaml")):   # mid-run: an unreadable image
+            _show(f"swamp run: the run stopped; once that is fixed, continue with `swamp resume {args.out}`",
+                  file=sys.stderr)
         return 2
     except DistributedError as error:   # every rank that sees the job fail says how to go on: rank 0 may be lost
         _error(args.command, error)

@@ -498,6 +498,21 @@ def test_a_new_run_names_an_out_it_cannot_make_before_loading_anything(tmp_path,
     assert afile.read_text() == "mine" and list(locked.iterdir()) == []
 
 
+def test_a_run_stopped_by_bad_data_midway_says_it_can_be_resumed(tmp_path, monkeypatch, capsys):
+    config, out = tmp_path / "c.yaml", tmp_path / "run"
+    config.write_text(C.dump(tiny("imp", levels=1)))
+
+    def unreadable(*args):
+        raise C.ConfigError("data.path: /data/train/a/3.png is not a readable image (truncated)")
+    monkeypatch.setattr(pipeline, "_evaluate_level", unreadable)   # read as training goes
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "3.png is not a readable image" in err
+    assert f"the run stopped; once that is fixed, continue with `swamp resume {out}`" in err
+    assert cli.main(["run", str(config), "--out", str(out), "--quiet"]) == 2   # refused before it starts
+    assert "the run stopped" not in capsys.readouterr().err
+
+
 def test_resuming_a_finished_run_removes_what_a_kill_after_its_last_level_left(tmp_path):
     out = tmp_path / "run"
     pipeline.run(tiny("imp", levels=1), out, quiet=True)
