@@ -45,7 +45,7 @@ from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
 
-__all__ = ["run", "resume", "dry_run", "check", "finished", "DRY_RUN_STEPS"]
+__all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "DRY_RUN_STEPS"]
 
 DRY_RUN_STEPS = 20
 
@@ -65,12 +65,20 @@ def dry_run(config: Config) -> Config:
                                rewind=dataclasses.replace(config.rewind, iterations=0))
 
 
+def is_dry_run(out: str | Path) -> bool:
+    """True when ``out`` holds a run of a :func:`dry_run` config (False when it holds no readable run)."""
+    try:
+        config = _run_config(Path(out))
+    except (OSError, ValueError):   # unreadable: no dry run (never raised on rank 0 alone)
+        return False
+    return config.data.name == "synthetic" and config == dry_run(config)
+
+
 def _holds_dry_run(out: Path) -> bool:
     """True when ``out`` holds a run of a :func:`dry_run` config and nothing else."""
     try:
-        config = _run_config(out)
-        return config.data.name == "synthetic" and config == dry_run(config) and not foreign_files(out)
-    except (OSError, ValueError):   # unreadable: not a dry run to replace (never raised on rank 0 alone)
+        return is_dry_run(out) and not foreign_files(out)
+    except OSError:   # never raised on rank 0 alone
         return False
 
 
@@ -143,6 +151,8 @@ def _run_config(out: Path) -> Config:
         raise FileNotFoundError(f"{out} does not exist" if not out.exists() else f"{out} is no run directory (a file)")
     if not (out / "config.yaml").is_file():
         raise FileNotFoundError(f"{out} holds no run (no config.yaml)")
+    if not (out / "config.yaml").read_text().strip():   # a run's is never empty (an empty config is all defaults)
+        raise DamagedFileError(f"{out / 'config.yaml'} is damaged: empty")
     return load(out / "config.yaml", check_paths=False)
 
 
@@ -264,9 +274,14 @@ def completed_levels(out: str | Path) -> dict:
     config = _run_config(out)
     levels = []
     for level in _levels(config):
-        if not (level_dir(out, level) / "metrics.json").is_file():
+        path = level_dir(out, level) / "metrics.json"
+        if not path.is_file():
             break
-        levels.append(read_json(level_dir(out, level) / "metrics.json"))
+        metrics = read_json(path)
+        if not (isinstance(metrics, dict) and all(type(metrics.get(key)) in (int, float)
+                                                  for key in ("density", "test_accuracy"))):
+            raise DamagedFileError(f"{path} is damaged: no density and test_accuracy numbers")
+        levels.append(metrics)
     return {"method": config.method, "levels": levels}
 
 

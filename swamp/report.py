@@ -4,26 +4,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from swamp.pipeline import completed_levels
+from swamp.pipeline import completed_levels, is_dry_run
 from swamp.rundir import atomic_write
 
 __all__ = ["load_runs", "markdown_table", "plot", "density_axis"]
 
 
 def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
-    """``{label: summary}`` for each run directory (label: the directory name), read from its
-    level folders (``summary.json`` lags them by a kill between the two writes); a run that has
-    not finished a level yet has no levels."""
-    runs = {}
-    for directory in directories:
-        if not (Path(directory) / "config.yaml").is_file():
+    """``{label: summary}`` for each run directory, read from its level folders (``summary.json``
+    lags them by a kill between the two writes); a run that has not finished a level yet has
+    no levels. The label is the directory's name, with as many parent folders as tell it from
+    the others' (``a/imp``, ``b/imp``). A dry run (synthetic data) is refused."""
+    paths = [Path(directory).resolve() for directory in directories]
+    for directory, path in zip(directories, paths):
+        if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"{directory} is not a run directory (no config.yaml)")
-        summary = completed_levels(directory)
-        label, n = Path(directory).resolve().name, 2
-        while label in runs:
-            label, n = f"{Path(directory).resolve().name}#{n}", n + 1
-        runs[label] = summary
-    return runs
+        if is_dry_run(path):
+            raise ValueError(f"{directory} holds a dry run (synthetic data, to measure speed): its accuracies "
+                             "mean nothing; leave it out")
+    if len(set(paths)) < len(paths):
+        raise ValueError(f"a run directory is named twice: {', '.join(map(str, directories))}")
+    return {_label(path, paths): completed_levels(path) for path in paths}
+
+
+def _label(path: Path, paths: Sequence[Path]) -> str:
+    """The last folders of ``path``, as few as tell it from every other of ``paths``."""
+    for depth in range(1, len(path.parts) + 1):
+        tail = path.parts[-depth:]
+        if all(other.parts[-depth:] != tail for other in paths if other != path):
+            return "/".join(tail)
+    return str(path)
 
 
 def _percent(value: float) -> str:
@@ -66,8 +76,15 @@ def density_axis(ax, densities: Sequence[float]) -> None:
     ax.set_xlabel("density (% of prunable weights remaining, log scale)")
 
 
+# Written into every plot's metadata, as plain text: a file holding it may be replaced by a new plot.
+_MARK = "swamp report"
+_METADATA = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Creator", "ps": "Creator"}   # its key
+
+
 def plot(runs: dict[str, dict], path: str | Path) -> Path:
-    """Test accuracy against density (log axis), one line per pruned run; dense runs as a band."""
+    """Test accuracy against density (log axis), one line per pruned run; the dense runs'
+    accuracy (without any, the runs' level 0) as a line, or as a band from lowest to highest.
+    A file at ``path`` is replaced only if an earlier plot wrote it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,20 +92,28 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"--plot {path} is a folder; name the image file, e.g. {path / 'accuracy.png'}")
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(f"--plot {path}: {blocking} is a file, not a folder")
+    if path.exists() and _MARK.encode() not in path.read_bytes():
+        raise FileExistsError(f"--plot {path} exists and is not a plot of swamp report: pick another --plot "
+                              "(or move the file away) to keep it")
     runs = {label: s for label, s in runs.items() if s["levels"]}
     if not runs:
         raise ValueError("no run has finished a level yet: nothing to plot")
-    dense = [s["levels"][0]["test_accuracy"] for s in runs.values() if s["method"] == "dense"] or \
-        [s["levels"][0]["test_accuracy"] for s in runs.values()]
+    dense = [s["levels"][0]["test_accuracy"] for s in runs.values() if s["method"] == "dense"]
+    unpruned = "dense" if dense else "level 0 (unpruned)"
+    dense = dense or [s["levels"][0]["test_accuracy"] for s in runs.values()]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     kind, supported = path.suffix[1:].lower() or "png", fig.canvas.get_supported_filetypes()   # by suffix
-    if kind not in supported:
+    if kind not in supported or kind not in _METADATA:
         plt.close(fig)
-        raise ValueError(f"--plot {path}: matplotlib cannot write .{kind} files; use one of "
-                         f"{', '.join('.' + k for k in sorted(supported))}")
-    low, high = min(dense), max(dense)
-    pad = 0.002 if high - low < 0.004 else 0.0
-    ax.axhspan(100 * (low - pad), 100 * (high + pad), color="0.85", label="dense")
+        raise ValueError(f"--plot {path}: swamp report writes {', '.join('.' + k for k in _METADATA)} files, "
+                         f"not .{kind}")
+    if max(dense) - min(dense) < 1e-9:
+        ax.axhline(100 * dense[0], color="0.6", linestyle="--", label=unpruned)
+    else:
+        ax.axhspan(100 * min(dense), 100 * max(dense), color="0.85", label=f"{unpruned}: range")
     for label, summary in runs.items():
         if summary["method"] == "dense":
             continue
@@ -101,6 +126,6 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda t: fig.savefig(t, dpi=120, format=kind))
+    atomic_write(path, lambda t: fig.savefig(t, dpi=120, format=kind, metadata={_METADATA[kind]: _MARK}))
     plt.close(fig)
     return path

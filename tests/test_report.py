@@ -1,9 +1,10 @@
 """swamp.report on hand-written summaries: densities that differ between runs, unfinished runs."""
 import json
+import re
 
 import pytest
 
-from swamp import cli, report
+from swamp import cli, pipeline, report
 from swamp import config as C
 
 
@@ -77,8 +78,53 @@ def test_the_plot_takes_its_format_from_the_suffix_and_refuses_a_folder(tmp_path
     runs = report.load_runs([write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)])])
     assert report.plot(runs, tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
     assert report.plot(runs, tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
-    with pytest.raises(ValueError, match=r"matplotlib cannot write .docx files; use one of .*\.png"):
+    with pytest.raises(ValueError, match=r"swamp report writes .png, .pdf, .svg, .eps, .ps files, not .docx"):
         report.plot(runs, tmp_path / "p.docx")
     assert cli.main(["report", str(tmp_path / "a"), "--plot", str(tmp_path)]) == 2
     assert f"--plot {tmp_path} is a folder; name the image file" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_runs_of_one_name_are_told_apart_by_their_folders_and_dry_runs_are_left_out(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dirs = [write_run(tmp_path / d / "imp", "imp", [level(0, 1.0, 0.9)]) for d in ("a", "b")]
+    runs = report.load_runs([*dirs, write_run(tmp_path / "swamp", "swamp", [level(0, 1.0, 0.92)])])
+    assert list(runs) == ["a/imp", "b/imp", "swamp"]
+    assert report.markdown_table(runs).splitlines()[0] == "| level | density | a/imp (imp) | b/imp (imp) | swamp |"
+    with pytest.raises(ValueError, match="a run directory is named twice"):
+        report.load_runs([dirs[0], dirs[0] + "/"])
+    dry = tmp_path / "dry"
+    dry.mkdir()
+    (dry / "config.yaml").write_text(C.dump(pipeline.dry_run(C.Config(method="imp"))))
+    with pytest.raises(ValueError, match=r"dry holds a dry run \(synthetic data, to measure speed\)"):
+        report.load_runs([dirs[0], dry])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "level_01" / "metrics.json").write_text("{}"), r"level_01/metrics.json is damaged: no density"),
+    (lambda d: (d / "level_01" / "metrics.json").write_text("[1, 2]"), r"metrics.json is damaged: no density"),
+    (lambda d: (d / "config.yaml").write_text(""), r"config.yaml is damaged: empty"),
+])
+def test_a_damaged_run_file_is_named(tmp_path, capsys, damage, message):
+    directory = tmp_path / "a"
+    write_run(directory, "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)])
+    damage(directory)
+    assert cli.main(["report", str(directory), "--plot", str(tmp_path / "p.png")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_plot_replaces_only_an_earlier_plot(tmp_path, capsys):
+    runs = report.load_runs([write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)])])
+    for suffix in ("png", "pdf", "svg", "eps"):
+        path = report.plot(runs, tmp_path / f"p.{suffix}")
+        assert report.plot(runs, path) == path   # its own: replaced
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG my figure")
+    with pytest.raises(FileExistsError, match=r"mine.png exists and is not a plot of swamp report"):
+        report.plot(runs, mine)
+    assert mine.read_bytes() == b"\x89PNG my figure"
+    with pytest.raises(NotADirectoryError, match=r"mine.png is a file, not a folder"):
+        report.plot(runs, mine / "p.png")
+    with pytest.raises(ValueError, match=r"swamp report writes .png, .pdf, .svg, .eps, .ps files, not .jpg"):
+        report.plot(runs, tmp_path / "p.jpg")
