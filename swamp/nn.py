@@ -40,8 +40,9 @@ masks: loading it restores them too. :func:`swamp.rewind` loads either kind but 
 current masks (how a pruned model goes back to its rewind point).
 
 ``torch.func.functional_call``: the layer computes with the weight it is given, as any layer
-does, and masks its gradient with the ``weight_mask`` in effect (the one passed, else its
-own). Pass weights that are zero where the mask is False to compute the pruned network.
+does (compiled: with it zeroed where the mask is False), and masks its gradient with the
+``weight_mask`` in effect (the one passed, else its own). Pass weights that are zero where the
+mask is False to compute the pruned network.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ __all__ = ["MaskedLayer", "MaskedLinear", "MaskedConv2d", "mask_grad", "to_maske
 
 
 class _MaskGrad(torch.autograd.Function):
-    """Identity on ``weight``; the gradient is zeroed where ``mask`` is False."""
+    """Identity on ``weight``; its gradient, and a forward-mode tangent (the transpose of the
+    backward: ``torch.func.jvp``, ``jacfwd``, ``hessian``), are zeroed where ``mask`` is False."""
 
     generate_vmap_rule = True
 
@@ -73,22 +75,12 @@ class _MaskGrad(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         return torch.where(mask, grad, 0), None
-
-
-class _MaskGradForwardMode(_MaskGrad):
-    """:class:`_MaskGrad` that also zeroes a forward-mode tangent where ``mask`` is False (the
-    transpose of its backward: ``torch.func.jvp``, ``jacfwd``, ``hessian``). Dynamo cannot
-    trace a custom ``jvp``, so compiled code uses :class:`_MaskGrad`."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-        ctx.save_for_forward(inputs[1])
 
     @staticmethod
     def jvp(ctx, weight_tangent, mask_tangent):
@@ -97,15 +89,18 @@ class _MaskGradForwardMode(_MaskGrad):
 
 
 def mask_grad(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight`` itself in forward; in backward its gradient (and a forward-mode tangent, outside
-    torch.compile) is 0 where the bool ``mask`` is False."""
+    """``weight`` itself in forward; in backward its gradient (and a forward-mode tangent) is 0
+    where the bool ``mask`` is False. Compiled, it is ``torch.where(mask, weight, 0)``: Dynamo
+    drops a custom Function's backward inside ``torch.func`` transforms and cannot trace a custom
+    ``jvp``, while ``where`` differentiates alike in every mode (the same forward for weights
+    stored masked; the few reads of the weight and mask that it adds fuse into the graph)."""
     if mask.dtype != torch.bool:
         raise TypeError(f"the weight mask has dtype {mask.dtype}; expected bool (torch.nn.utils.prune on a swamp "
                         "layer replaces its mask with a float one: prune swamp layers with swamp.prune or "
                         "swamp.set_masks)")
     if torch.compiler.is_compiling():
-        return _MaskGrad.apply(weight, mask)
-    return _MaskGradForwardMode.apply(weight, mask)
+        return torch.where(mask, weight, 0)
+    return _MaskGrad.apply(weight, mask)
 
 
 _LIVE: weakref.WeakSet[MaskedLayer] = weakref.WeakSet()  # layers the optimizer step hook re-masks

@@ -183,6 +183,11 @@ class StackedEngine(_Engine):
     (``train.compile``: the whole vmapped forward and backward compiled)."""
 
     def __init__(self, model: nn.Module, state: dict[str, torch.Tensor], config: Config, data: Group):
+        cumulative = [n for n, m in model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats]
+        if cumulative:   # its update reads num_batches_tracked as a Python number: not per particle
+            raise ValueError(f"BatchNorm {', '.join(cumulative[:3])} has momentum=None (a cumulative average), "
+                             "which cannot run on stacked particles: give it a momentum, or train one particle")
         params, _, masks = split_state(model)
         self.model, self.config, self.data = model, config, data
         self.names = list(params)

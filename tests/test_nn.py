@@ -269,6 +269,36 @@ def test_compile_fullgraph_matches_eager():
         twin.zero_grad()
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_func_transforms_mask_pruned_weights_under_compile(backend):
+    """Dynamo drops a custom Function's backward inside torch.func transforms: compiled grad,
+    vmap(grad) and jvp must still give zero gradients and tangents at pruned weights."""
+    torch.manual_seed(0)
+    layer = MaskedLinear(4, 3)
+    swamp.set_masks(layer, {"weight": torch.rand(3, 4) < 0.5})
+    mask, x = layer.weight_mask, torch.randn(5, 4)
+    params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+
+    def loss(p):
+        return functional_call(layer, p, (x,)).square().sum()
+
+    def compiled(fn):
+        return torch.compile(fn, fullgraph=True, backend=backend)
+    expected = torch.func.grad(loss)(params)
+    got = compiled(lambda p: torch.func.grad(loss)(p))(params)
+    assert torch.count_nonzero(got["weight"][~mask]) == 0
+    torch.testing.assert_close(got, expected)
+    stacked = {n: torch.stack([t, 2 * t]) for n, t in params.items()}
+    per_particle = compiled(lambda p: torch.func.vmap(torch.func.grad(loss))(p))(stacked)
+    assert torch.count_nonzero(per_particle["weight"][:, ~mask]) == 0
+    torch.testing.assert_close(per_particle["weight"][1], torch.func.grad(loss)(
+        {n: t[1] for n, t in stacked.items()})["weight"])
+    ones = torch.ones_like(params["weight"])
+    _, tangent = compiled(lambda w: torch.func.jvp(
+        lambda v: functional_call(layer, {"weight": v, "bias": params["bias"]}, (x,)), (w,), (ones,)))(params["weight"])
+    torch.testing.assert_close(tangent, x @ mask.float().T)
+
+
 def test_deepcopy_and_pickle_keep_masks_and_the_guarantee():
     model = small_cnn()
     swamp.set_masks(model, random_masks(model))

@@ -79,6 +79,15 @@ def test_channels_last_and_label_smoothing():
         torch.testing.assert_close(buffer, loaded, rtol=0, atol=0)
 
 
+def test_stacked_particles_refuse_a_cumulative_batch_norm():
+    config, _, net = setup("cifar_resnet_8_4")
+    net.bn.momentum = None   # num_batches_tracked read as a Python number in each update
+    with pytest.raises(ValueError, match=r"BatchNorm bn has momentum=None \(a cumulative average\), which cannot run "
+                                         r"on stacked particles"):
+        StackedEngine(net, stack_state(net, 2), config, Group.single())
+    ModuleEngine(net, stack_state(net, 1), config, Group.single())   # one particle: torch's own BatchNorm
+
+
 @pytest.mark.parametrize("engine,particles", [(ModuleEngine, 1), (StackedEngine, 2)])
 def test_compiled_engines_match_eager(engine, particles):
     if shutil.which("cc") is None and shutil.which("gcc") is None:
