@@ -14,7 +14,8 @@ Design: weights are stored masked.
   weight restores it: :func:`swamp.set_masks`, ``load_state_dict``, ``reset_parameters`` and
   every optimizer step (below).
 * Forward is the plain dense ``F.linear`` / ``F.conv2d`` on ``weight``: no masking work,
-  dense cuBLAS/cuDNN speed.
+  dense cuBLAS/cuDNN speed (compiled: after one ``torch.where`` on the weight, see
+  :func:`mask_grad`).
 * Backward: the weight passes through :func:`mask_grad`, an identity whose backward is one
   ``torch.where(mask, grad, 0)`` per layer. So ``.grad`` is exactly 0 at pruned entries before
   any hook, gradient clipping, DDP all-reduce or optimizer sees it, also for
