@@ -92,18 +92,19 @@ def main(argv=None) -> int:
         elif args.command == "analyze":
             for path in analyze.main(args):
                 print(f"wrote {path}")
-        else:
+        else:   # the plot first: printing stops where a reader leaves (`swamp report ... | head`)
             runs = report.load_runs(args.dirs)
+            plotted = report.plot(runs, args.plot) if any(s["levels"] for s in runs.values()) else None
             print(report.markdown_table(runs))
             planned = [pipeline.level_count(directory) for directory in args.dirs]
             partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
                        for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
             if partial:
                 print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
-            if any(summary["levels"] for summary in runs.values()):
-                print(f"\nplot: {report.plot(runs, args.plot)}")
-            else:
-                print("\nno plot: no run has finished a level yet")
+            print(f"\nplot: {plotted}" if plotted else "\nno plot: no run has finished a level yet")
+    except BrokenPipeError:   # the reader of the output left (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor at exit's flush
+        return 0 if args.command in ("report", "analyze") else 1   # their files are written by then
     except WriteError as error:   # a full disk, say: what was written before stays
         _error(args.command, error)
         if hint := _resume_hint(args):

@@ -1,6 +1,10 @@
 """swamp.report on hand-written summaries: densities that differ between runs, unfinished runs."""
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +132,14 @@ def test_the_plot_replaces_only_an_earlier_plot(tmp_path, capsys):
         report.plot(runs, mine / "p.png")
     with pytest.raises(ValueError, match=r"swamp report writes .png, .pdf, .svg, .eps, .ps files, not .jpg"):
         report.plot(runs, tmp_path / "p.jpg")
+
+
+def test_a_reader_that_leaves_early_costs_neither_the_plot_nor_an_error(tmp_path):
+    directory = write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)])
+    plot = tmp_path / "p.png"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.Popen([sys.executable, "-m", "swamp", "report", directory, "--plot", str(plot)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process.stdout.close()   # `swamp report ... | head -0`
+    assert process.wait(timeout=120) == 0
+    assert b"Broken pipe" not in process.stderr.read() and plot.read_bytes()[:4] == b"\x89PNG"
