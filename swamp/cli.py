@@ -94,13 +94,19 @@ def main(argv=None) -> int:
                 print(f"wrote {path}")
         else:   # the plot first: printing stops where a reader leaves (`swamp report ... | head`)
             runs = report.load_runs(args.dirs)
-            plotted = report.plot(runs, args.plot) if any(s["levels"] for s in runs.values()) else None
+            plotted = refused = None
+            try:
+                plotted = report.plot(runs, args.plot) if any(s["levels"] for s in runs.values()) else None
+            except (ValueError, OSError) as error:   # the path: raised once the table is out
+                refused = error
             print(report.markdown_table(runs))
             planned = [pipeline.level_count(directory) for directory in args.dirs]
             partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
                        for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
             if partial:
                 print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
+            if refused:
+                raise refused
             print(f"\nplot: {plotted}" if plotted else "\nno plot: no run has finished a level yet")
     except BrokenPipeError:   # the reader of the output left (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor at exit's flush

@@ -29,7 +29,7 @@ def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
 
 def _label(path: Path, paths: Sequence[Path]) -> str:
     """The last folders of ``path``, as few as tell it from every other of ``paths``."""
-    for depth in range(1, len(path.parts) + 1):
+    for depth in range(1, len(path.parts)):   # the root (parts[0]) is no folder name
         tail = path.parts[-depth:]
         if all(other.parts[-depth:] != tail for other in paths if other != path):
             return "/".join(tail)
@@ -96,8 +96,9 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     if blocking is not None and not blocking.is_dir():
         raise NotADirectoryError(f"--plot {path}: {blocking} is a file, not a folder")
     if path.exists() and _MARK.encode() not in path.read_bytes():
-        raise FileExistsError(f"--plot {path} exists and is not a plot of swamp report: pick another --plot "
-                              "(or move the file away) to keep it")
+        raise FileExistsError(f"--plot {path} exists and is not a plot of swamp report (or one of a swamp from "
+                              "before November 2026, which did not mark its plots): pick another --plot (or move the "
+                              "file away) to keep it")
     runs = {label: s for label, s in runs.items() if s["levels"]}
     if not runs:
         raise ValueError("no run has finished a level yet: nothing to plot")

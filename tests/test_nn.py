@@ -299,6 +299,19 @@ def test_torch_func_transforms_mask_pruned_weights_under_compile(backend):
     torch.testing.assert_close(tangent, x @ mask.float().T)
 
 
+def test_an_exported_masked_layer_masks_its_gradient():
+    torch.manual_seed(0)
+    layer = MaskedLinear(4, 3)
+    swamp.set_masks(layer, {"weight": torch.rand(3, 4) < 0.5})
+    x = torch.randn(5, 4)
+    exported = torch.export.export(layer, (x,)).module()
+    exported(x).square().sum().backward()
+    layer(x).square().sum().backward()
+    weight = dict(exported.named_parameters())["weight"]
+    assert torch.count_nonzero(weight.grad[~layer.weight_mask]) == 0
+    torch.testing.assert_close(weight.grad, layer.weight.grad)
+
+
 def test_deepcopy_and_pickle_keep_masks_and_the_guarantee():
     model = small_cnn()
     swamp.set_masks(model, random_masks(model))

@@ -128,6 +128,10 @@ def test_the_plot_replaces_only_an_earlier_plot(tmp_path, capsys):
     with pytest.raises(FileExistsError, match=r"mine.png exists and is not a plot of swamp report"):
         report.plot(runs, mine)
     assert mine.read_bytes() == b"\x89PNG my figure"
+    assert cli.main(["report", str(tmp_path / "a"), "--plot", str(mine)]) == 2   # the table still comes
+    shown = capsys.readouterr()
+    assert "| level | density | a (imp) |" in shown.out and "mine.png exists and is not a plot" in shown.err
+    assert mine.read_bytes() == b"\x89PNG my figure"
     with pytest.raises(NotADirectoryError, match=r"mine.png is a file, not a folder"):
         report.plot(runs, mine / "p.png")
     with pytest.raises(ValueError, match=r"swamp report writes .png, .pdf, .svg, .eps, .ps files, not .jpg"):
@@ -143,3 +147,8 @@ def test_a_reader_that_leaves_early_costs_neither_the_plot_nor_an_error(tmp_path
     process.stdout.close()   # `swamp report ... | head -0`
     assert process.wait(timeout=120) == 0
     assert b"Broken pipe" not in process.stderr.read() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_labels_never_name_the_root():
+    paths = [Path("/tmp/a/imp"), Path("/x/tmp/a/imp")]
+    assert [report._label(p, paths) for p in paths] == ["/tmp/a/imp", "x/tmp/a/imp"]
