@@ -123,7 +123,9 @@ def test_data_parallel_ranks_match_the_same_global_batch(tmp_path):
 def test_killed_distributed_run_resumes(groups_runs, tmp_path):
     root, config = groups_runs
     out = tmp_path / "killed"
-    process = torchrun("-m", "swamp", "run", str(config), "--out", str(out), "--quiet")
+    # slowed steps: a window to kill the job in, on a busy machine too
+    process = torchrun(str(ROOT / "tests" / "distributed_worker.py"), "slow", "run", str(config), "--out", str(out),
+                       "--quiet")
     deadline = time.time() + 200
     while not (out / "checkpoint.pt").exists() or not (out / "level_00" / "metrics.json").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
