@@ -496,7 +496,7 @@ def _cifar(root: Path, classes: int, augment: bool) -> TensorData:
             images.append(data.reshape(-1, 3, 32, 32))
         return np.concatenate(images), np.concatenate(labels)
     (x_train, y_train), (x_test, y_test) = read(train_files), read([test_file])
-    x_train, y_train, x_test, y_test, classes = _checked(f"{directory}", x_train, y_train, x_test, y_test, classes)
+    x_train, y_train, x_test, y_test, classes = _checked(str(directory), x_train, y_train, x_test, y_test, classes)
     x_train, x_test, black = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes,
                       crop_padding=4 if augment else 0, flip=augment, pad_value=black)   # black padding

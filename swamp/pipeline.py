@@ -39,8 +39,8 @@ from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
 from swamp.models import build_model
-from swamp.rundir import (RESULT_FILES, STARTED_CONFIG, DamagedFileError, foreign_files, level_dir, level_numbers,
-                          load_file, read_json, remove_partial_writes, save, write_json, write_text)
+from swamp.rundir import (RESULT_FILES, STARTED_CONFIG, DamagedFileError, existing_ancestor, foreign_files, level_dir,
+                          level_numbers, load_file, read_json, remove_partial_writes, save, write_json, write_text)
 from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
@@ -90,7 +90,7 @@ def _unwritable(out: Path) -> str | None:
             return f"{out} is a link to nothing (to {os.readlink(out)}): pick another --out"
         if out.exists() and not out.is_dir():
             return f"{out} is a file, not a folder: pick another --out"
-        existing = next(p for p in (out, *out.parents) if p.exists())   # "/" always exists
+        existing = existing_ancestor(out)
         if not existing.is_dir():
             return f"{out} cannot be made: {existing} is a file"
         if not os.access(existing, os.W_OK | os.X_OK):

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 from swamp.pipeline import completed_levels, is_dry_run
-from swamp.rundir import atomic_write
+from swamp.rundir import atomic_write, existing_ancestor
 
 __all__ = ["load_runs", "markdown_table", "plot", "density_axis"]
 
@@ -92,8 +92,8 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"--plot {path} is a folder; name the image file, e.g. {path / 'accuracy.png'}")
-    blocking = next((p for p in path.parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
+    blocking = existing_ancestor(path.parent)
+    if not blocking.is_dir():
         raise NotADirectoryError(f"--plot {path}: {blocking} is a file, not a folder")
     if path.exists() and _MARK.encode() not in path.read_bytes():
         raise FileExistsError(f"--plot {path} exists and is not a plot of swamp report (or one of a swamp from "

@@ -30,7 +30,8 @@ import torch
 from swamp.runlock import LOCK_NAME
 
 __all__ = ["STARTED_CONFIG", "RESULT_FILES", "WriteError", "atomic_write", "remove_partial_writes", "DamagedFileError",
-           "read_json", "load_file", "write_text", "write_json", "save", "level_dir", "level_numbers", "foreign_files"]
+           "read_json", "load_file", "write_text", "write_json", "save", "level_dir", "level_numbers", "foreign_files",
+           "existing_ancestor"]
 
 _TEMP = re.compile(r"\..+\.tmp\d+")   # atomic_write's temporary files: .NAME.tmpPID
 STARTED_CONFIG = ".started.yaml"
@@ -111,6 +112,12 @@ def save(path: Path, value) -> None:
 def level_dir(out: Path, level: int) -> Path:
     """The directory of level ``level`` of the run in ``out``."""
     return Path(out) / f"level_{level:02d}"
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself, else its nearest parent folder that exists (``/`` always does): where a
+    file or folder at ``path`` would be made (unless it is a file)."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def level_numbers(out: Path, complete: bool = False) -> list[int]:
