@@ -60,12 +60,17 @@ for part in $PARTS; do
         # every test on CUDA tensors (conftest marks them gpu); stopped before the call's limit
         # (TESTS_TIMEOUT_S) so the log comes back; PYTEST_ARGS narrows the files for a second call.
         # With pytest-xdist (the GPU image has it), PYTEST_WORKERS processes share the GPU and
-        # compile Triton kernels in parallel, one test file each at a time.
+        # compile Triton kernels in parallel; an idle worker takes tests queued on a busy one
+        # (worksteal, xdist >= 3.2; else load), so test_prune.py's hundreds of GPU cases
+        # spread over all workers.
         # -v: a run stopped at its limit still names every test that ended (the summary never
         # comes); a test stuck longer than TEST_TIMEOUT_S fails alone (pytest-timeout).
         workers="" per_test=""
         if python3 -c 'import xdist' 2> /dev/null; then
-            workers="-n ${PYTEST_WORKERS:-8} --dist loadfile"
+            workers="-n ${PYTEST_WORKERS:-8} --dist load"
+            if python3 -c 'from xdist.scheduler import WorkStealingScheduling' 2> /dev/null; then
+                workers="-n ${PYTEST_WORKERS:-8} --dist worksteal"
+            fi
         fi
         if python3 -c 'import pytest_timeout' 2> /dev/null; then
             per_test="--timeout ${TEST_TIMEOUT_S:-240}"
