@@ -7,7 +7,7 @@ from typing import Sequence
 from swamp.pipeline import completed_levels, is_dry_run
 from swamp.rundir import atomic_write, existing_ancestor
 
-__all__ = ["load_runs", "markdown_table", "plot", "density_axis"]
+__all__ = ["load_runs", "markdown_table", "particle_table", "plot", "density_axis"]
 
 
 def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
@@ -47,20 +47,64 @@ def _heading(label: str, method: str) -> str:
 
 def markdown_table(runs: dict[str, dict]) -> str:
     """Rows: levels; columns: density and accuracy per run (headed ``label (method)``, or the
-    label alone where it is the method). Where the runs' densities at a level
-    differ (other prune fractions), the density column says so and each cell holds its own."""
+    label alone where it is the method). Where the runs' densities at a level differ (other
+    prune fractions), the density column says so and each cell holds its own. Runs of several
+    particles (SWAMP) add a second table: see ``particle_table``."""
+    table = _table(runs, [(_heading(label, s["method"]), label, lambda r: _percent(r["test_accuracy"]))
+                          for label, s in runs.items()])
+    particles = particle_table(runs)
+    return f"{table}\n\n{particles}" if particles else table
+
+
+def particle_table(runs: dict[str, dict]) -> str:
+    """For each run of several particles, per level: the test accuracy of the averaged network,
+    of its particles (mean, and lowest to highest) and of their ensemble (the mean of their
+    predicted probabilities); "" if no run has several particles."""
+    several = [label for label, s in runs.items()
+               if any(len(r.get("particle_test_accuracy", ())) > 1 for r in s["levels"])]
+    if not several:
+        return ""
+
+    def particles(row: dict) -> str:
+        accuracies = row.get("particle_test_accuracy")
+        if not accuracies:
+            return "–"
+        low, high = _percent(min(accuracies)), _percent(max(accuracies))
+        return f"{_percent(sum(accuracies) / len(accuracies))} ({low[:-1]}–{high})"
+
+    def ensemble(row: dict) -> str:
+        return _percent(row["ensemble_test_accuracy"]) if "ensemble_test_accuracy" in row else "–"
+    columns = []
+    for label in several:
+        name = _heading(label, runs[label]["method"])
+        columns += [(f"{name}: averaged", label, lambda r: _percent(r["test_accuracy"])),
+                    (f"{name}: particles, mean (range)", label, particles),
+                    (f"{name}: ensemble", label, ensemble)]
+    return ("Particles (test accuracy of the averaged network, of each particle, of their ensemble):\n\n"
+            + _table({label: runs[label] for label in several}, columns))
+
+
+def _table(runs: dict[str, dict], columns: Sequence[tuple]) -> str:
+    """A markdown table with a row per level: the level, the density, and for each column
+    ``(heading, label, cell)`` the text ``cell(metrics)`` of run ``label``'s level (empty past its
+    last level). Where the runs' densities at a level differ, the density column says so and each
+    run's first cell adds its own."""
     depth = max(len(s["levels"]) for s in runs.values())
-    header = ["level", "density"] + [_heading(label, s["method"]) for label, s in runs.items()]
+    header = ["level", "density"] + [heading for heading, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for level in range(depth):
-        rows = [s["levels"][level] if level < len(s["levels"]) else None for s in runs.values()]
-        densities = {_percent(r["density"]) for r in rows if r is not None}
+        rows = {label: s["levels"][level] if level < len(s["levels"]) else None for label, s in runs.items()}
+        densities = {_percent(r["density"]) for r in rows.values() if r is not None}
         shared = len(densities) == 1
-        cells = ["" if r is None else _percent(r["test_accuracy"]) if shared
-                 else f"{_percent(r['test_accuracy'])} at {_percent(r['density'])}" for r in rows]
+        cells, dated = [], set()
+        for _, label, cell in columns:
+            row = rows[label]
+            cells.append("" if row is None else cell(row) if shared or label in dated
+                         else f"{cell(row)} at {_percent(row['density'])}")
+            dated.add(label)
         lines.append("| " + " | ".join([str(level), densities.pop() if shared else "differs", *cells]) + " |")
     if depth == 0:
-        lines.append("| – | – |" + " |" * len(runs))
+        lines.append("| – | – |" + " |" * len(columns))
     return "\n".join(lines)
 
 

@@ -39,6 +39,29 @@ def test_each_cell_shows_its_density_where_runs_differ(tmp_path):
     assert lines[3] == "| 1 | differs | 85.00% at 80.00% | 80.00% at 50.00% |  |"
 
 
+def swamp_level(n: int, density: float, accuracy: float, particles: list[float], ensemble: float) -> dict:
+    return {**level(n, density, accuracy), "particle_test_accuracy": particles, "ensemble_test_accuracy": ensemble}
+
+
+def test_runs_of_several_particles_get_a_table_of_their_particles_and_ensemble(tmp_path):
+    runs = report.load_runs([
+        write_run(tmp_path / "imp", "imp", [swamp_level(0, 1.0, 0.9, [0.9], 0.9), level(1, 0.8, 0.85)]),
+        write_run(tmp_path / "swamp", "swamp", [swamp_level(0, 1.0, 0.92, [0.9, 0.875, 0.925, 0.9], 0.93),
+                                                swamp_level(1, 0.5, 0.91, [0.8, 0.85], 0.88)])])
+    lines = report.markdown_table(runs).splitlines()
+    assert lines[:4] == ["| level | density | imp | swamp |", "|---|---|---|---|",
+                         "| 0 | 100.00% | 90.00% | 92.00% |", "| 1 | differs | 85.00% at 80.00% | 91.00% at 50.00% |"]
+    assert lines[5].startswith("Particles (")
+    assert lines[7:] == [
+        "| level | density | swamp: averaged | swamp: particles, mean (range) | swamp: ensemble |",
+        "|---|---|---|---|---|",
+        "| 0 | 100.00% | 92.00% | 90.00% (87.50–92.50%) | 93.00% |",
+        "| 1 | 50.00% | 91.00% | 82.50% (80.00–85.00%) | 88.00% |"]
+    assert report.particle_table({"imp": runs["imp"]}) == ""   # one particle: nothing more to show
+    assert report.markdown_table({"imp": runs["imp"]}) == "\n".join(
+        ["| level | density | imp |", "|---|---|---|", "| 0 | 100.00% | 90.00% |", "| 1 | 80.00% | 85.00% |"])
+
+
 def test_report_cli_plots_atomically_and_shows_what_unfinished_runs_have(tmp_path, capsys):
     dirs = [write_run(tmp_path / "a", "imp", [level(0, 1.0, 0.9), level(1, 0.8, 0.85)]),
             write_run(tmp_path / "b", "swamp", None)]
