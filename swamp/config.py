@@ -24,6 +24,7 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", 
 
 METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
+DATA_LAYOUTS = ("auto", "channels_first", "channels_last")   # of npz images
 PRUNE_SCOPES = ("global", "layerwise")     # one threshold over all layers | one per layer
 PATH_DATASETS = ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet")
 
@@ -40,6 +41,7 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "digits"
     path: str = ""                       # file (npz) or directory (the others); unused by digits/synthetic
+    layout: str = "auto"                 # npz only: auto | channels_first ([N, C, H, W]) | channels_last ([N, H, W, C])
     augment: bool = True                 # the dataset's standard augmentation (CIFAR, ImageNet; none for MNIST)
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])   # synthetic only
     classes: int = 10                    # synthetic only
@@ -238,6 +240,7 @@ def validate(config: Config, check_paths: bool = True) -> None:
         _require(Path(config.data.path).exists(), "data.path",
                  f"{config.data.path!r} does not exist (dataset {config.data.name})")
     data = config.data
+    _require(data.layout in DATA_LAYOUTS, "data.layout", f"must be one of {', '.join(DATA_LAYOUTS)}, got {data.layout!r}")
     for key in ("classes", "train_size", "test_size", "image_size"):
         _require(getattr(data, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(data, key)}")
     _require(data.workers >= 0, "data.workers", f"must be >= 0, got {data.workers}")

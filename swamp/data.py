@@ -319,12 +319,12 @@ _CHANNELS = (1, 3, 4)   # channel counts of images: grey, RGB, RGBA
 MAX_CLASSES = 10 ** 6   # above it, a label is an ID or a value, not a class index
 
 
-def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None = None):
+def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None = None, layout: str = "auto"):
     """The arrays of a user's data set, checked (ConfigError naming the array): inputs numeric,
     finite and within float32, one shape for both splits, ``[N, H, W]`` given a channel axis and
-    channel-last ``[N, H, W, C]`` moved to ``[N, C, H, W]``; labels one non-negative integer per
-    example, below ``classes`` if given (a data set of known classes). Returns them and the class
-    count (``classes``, else the largest label + 1)."""
+    channel-last ``[N, H, W, C]`` moved to ``[N, C, H, W]`` (``layout``: see ``_channels_last``);
+    labels one non-negative integer per example, below ``classes`` if given (a data set of known
+    classes). Returns them and the class count (``classes``, else the largest label + 1)."""
     native = lambda a: a.astype(a.dtype.newbyteorder("="), copy=False)   # big-endian files too
     squeezed = lambda y: y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y   # Keras's [N, 1] labels
     x_train, x_test = native(x_train), native(x_test)
@@ -354,15 +354,10 @@ def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None 
     if x_test.shape[1:] != x_train.shape[1:]:
         raise ConfigError(f"{source}: x_train examples have shape {x_train.shape[1:]} but x_test's have "
                           f"{x_test.shape[1:]}")
-    if x_train.ndim == 3:                       # [N, H, W]: one channel
+    if x_train.ndim == 3 and layout == "auto":   # [N, H, W]: one channel
         x_train, x_test = x_train[:, None], x_test[:, None]
-    elif x_train.ndim == 4 and x_train.shape[-1] in _CHANNELS and x_train.shape[1] not in _CHANNELS:
-        x_train, x_test = x_train.transpose(0, 3, 1, 2), x_test.transpose(0, 3, 1, 2)   # [N, H, W, C]
-    elif x_train.ndim == 4 and x_train.shape[1] == x_train.shape[2] and x_train.shape[-1] < x_train.shape[1] \
-            and x_train.shape[1] not in _CHANNELS:   # square [N, H, H, C] images, it seems
-        raise ConfigError(f"{source}: x_train has shape {x_train.shape}, whose channels are not clear: [N, H, W, C] "
-                          f"with C = {x_train.shape[-1]}? Channels-last images are read with C in "
-                          f"{', '.join(map(str, _CHANNELS))} only; give [N, C, H, W] (np.moveaxis(x, -1, 1))")
+    elif _channels_last(source, x_train.shape, layout):
+        x_train, x_test = x_train.transpose(0, 3, 1, 2), x_test.transpose(0, 3, 1, 2)
     if classes is None:
         largest = max(y_train.max(), y_test.max())
         if largest >= MAX_CLASSES:
@@ -370,6 +365,27 @@ def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None 
                               f"outputs; labels must be class indices 0, 1, ..., K-1 (K below {MAX_CLASSES:,})")
         classes = int(largest) + 1
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes
+
+
+def _channels_last(source: str, shape: tuple, layout: str) -> bool:
+    """Whether images of ``shape`` are ``[N, H, W, C]``: as ``layout`` says (data.layout
+    channels_last or channels_first, for 4-D arrays only), or for ``auto`` as the shape tells:
+    the axis holding 1, 3 or 4 (grey, RGB, RGBA) where only one does, else the axis beside a
+    square image. A shape that tells neither is refused, naming data.layout."""
+    if layout != "auto":
+        if len(shape) != 4:
+            raise ConfigError(f"{source}: data.layout {layout} is for 4-D images, but x_train has shape {shape}")
+        return layout == "channels_last"
+    if len(shape) != 4:
+        return False
+    first, middle, last = shape[1:]
+    if (first in _CHANNELS) != (last in _CHANNELS):
+        return last in _CHANNELS
+    if first not in _CHANNELS and (first == middle) != (middle == last):
+        return first == middle   # [N, H, H, C], not [N, C, H, H]
+    raise ConfigError(f"{source}: x_train has shape {shape}, whose channel axis is not clear: set data.layout "
+                      f"to channels_first ([N, C, H, W]: {first} channels) or channels_last ([N, H, W, C]: "
+                      f"{last} channels)")
 
 
 def _digits() -> TensorData:
@@ -382,7 +398,8 @@ def _digits() -> TensorData:
     return TensorData(x_train, torch.from_numpy(y[train]), x_test, torch.from_numpy(y[test]), 10)
 
 
-def _npz(path: Path) -> TensorData:
+def _npz(path: Path, layout: str = "auto") -> TensorData:
+    """The user's arrays in the .npz at ``path``; ``layout``: data.layout (see ``_channels_last``)."""
     try:
         arrays = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -403,7 +420,8 @@ def _npz(path: Path) -> TensorData:
             except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:   # a damaged member
                 raise ConfigError(f"data.path {str(path)!r} is damaged: {name} ({error})") from error
         x_train, y_train, x_test, y_test = loaded.values()
-    x_train, y_train, x_test, y_test, classes = _checked(f"data.path {str(path)!r}", x_train, y_train, x_test, y_test)
+    x_train, y_train, x_test, y_test, classes = _checked(f"data.path {str(path)!r}", x_train, y_train, x_test, y_test,
+                                                         layout=layout)
     x_train, x_test, _ = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes)
 
@@ -527,7 +545,7 @@ def input_spec(config: DataConfig) -> tuple[list[int], int]:
             raise ConfigError(f"data.path {config.path!r}: no ImageFolder {train} to count the classes of")
         return [3, config.image_size, config.image_size], sum(entry.is_dir() for entry in os.scandir(train))
     if config.name == "npz":
-        data = _npz(Path(config.path))
+        data = _npz(Path(config.path), config.layout)
         return list(data.input_shape), data.num_classes
     return _SHAPES[config.name]
 
@@ -543,7 +561,7 @@ def load_data(config: DataConfig):
     if name == "synthetic":
         return _synthetic(config)
     if name == "npz":
-        return _npz(root)
+        return _npz(root, config.layout)
     if name in ("mnist", "fashion_mnist"):
         return _mnist(root, "MNIST" if name == "mnist" else "FashionMNIST")
     if name in ("cifar10", "cifar100"):

@@ -81,11 +81,6 @@ def test_npz_of_other_conventions_loads_and_ambiguous_or_damaged_ones_are_refuse
     x = rng.random((8, 5, 5, 3)).astype(">f4")   # big-endian, channels last
     data = load_data(write_npz(tmp_path / "be.npz", x, (np.arange(8) % 2)[:, None], x[:3], np.zeros((3, 1))))
     assert data.input_shape == (3, 5, 5) and data.y_train.tolist() == [0, 1] * 4   # Keras's [N, 1] labels
-    two = np.zeros((8, 6, 6, 2))
-    with pytest.raises(ConfigError, match=r"x_train has shape \(8, 6, 6, 2\), whose channels are not clear"):
-        load_data(write_npz(tmp_path / "two.npz", two, np.zeros(8), two[:2], np.zeros(2)))
-    wide = np.zeros((8, 64, 7, 7))   # [N, C, H, W] with many channels
-    assert load_data(write_npz(tmp_path / "wide.npz", wide, np.zeros(8), wide[:2], np.zeros(2))).input_shape == (64, 7, 7)
     with pytest.raises(ConfigError, match=r"values such as \[inf\]"):
         load_data(write_npz(tmp_path / "inf.npz", np.zeros((2, 2)), np.array([0.0, np.inf]), np.zeros((1, 2)),
                             np.zeros(1)))
@@ -96,6 +91,36 @@ def test_npz_of_other_conventions_loads_and_ambiguous_or_damaged_ones_are_refuse
     cut.write_bytes((tmp_path / "be.npz").read_bytes()[:500])
     with pytest.raises(ConfigError, match=r"cut.npz' is (not a readable .npz file|damaged)"):
         load_data(DataConfig(name="npz", path=str(cut)))
+
+
+@pytest.mark.parametrize("shape, layout, expected", [
+    ((8, 6, 6, 2), "auto", (2, 6, 6)),        # square images of 2 channels, channels last
+    ((8, 64, 7, 7), "auto", (64, 7, 7)),      # 64 channels first
+    ((8, 5, 4, 3), "auto", (3, 5, 4)),        # RGB last
+    ((8, 1, 5, 6), "auto", (1, 5, 6)),        # grey first
+    ((8, 1, 5, 4), "auto", "whose channel axis is not clear"),    # 1 first or 4 (RGBA) last
+    ((8, 6, 5, 2), "auto", r"\(8, 6, 5, 2\), whose channel axis is not clear: set data.layout to channels_first "
+                           r"\(\[N, C, H, W\]: 6 channels\) or channels_last \(\[N, H, W, C\]: 2 channels\)"),
+    ((8, 3, 5, 3), "auto", "whose channel axis is not clear"),    # 3 first or 3 last
+    ((8, 4, 4, 4), "auto", "whose channel axis is not clear"),
+    ((8, 6, 5, 2), "channels_first", (6, 5, 2)),
+    ((8, 6, 5, 2), "channels_last", (2, 6, 5)),
+    ((8, 3, 5, 3), "channels_last", (3, 3, 5)),
+    ((8, 64, 7, 7), "channels_last", (7, 64, 7)),   # the user's word, against the guess
+    ((8, 5, 5), "channels_last", r"data.layout channels_last is for 4-D images, but x_train has shape \(8, 5, 5\)"),
+])
+def test_npz_channel_axis_comes_from_data_layout_or_a_shape_that_tells_it(tmp_path, shape, layout, expected):
+    x = np.random.default_rng(7).random(shape)
+    config = write_npz(tmp_path / "x.npz", x, np.arange(8) % 2, x[:2], np.zeros(2))
+    config.layout = layout
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            input_spec(config)
+        return
+    data = load_data(config)
+    assert data.input_shape == expected and input_spec(config) == (list(expected), 2)
+    moved = np.moveaxis(x, -1, 1) if data.input_shape != shape[1:] else x
+    assert torch.equal(data.x_train.argsort(0), torch.from_numpy(moved.argsort(0)))   # the same values, moved
 
 
 @pytest.mark.parametrize("offset, dtype", [(1e9, np.float64), (1.7e12, np.int64)])

@@ -107,8 +107,10 @@ def test_layerwise_scope_prunes_the_fraction_of_every_layer(method):
 def test_report_table_and_plot(runs, tmp_path, capsys):
     dirs = [str(runs[m][0]) for m in ("dense", "imp", "swamp")]
     table = report.markdown_table(report.load_runs(dirs))
-    assert table.splitlines()[0] == "| level | density | dense | imp | swamp |"   # labels that are the method
-    assert len(table.splitlines()) == 2 + LEVELS + 1
+    accuracy, heading, particles = table.split("\n\n")
+    assert accuracy.splitlines()[0] == "| level | density | dense | imp | swamp |"   # labels that are the method
+    assert len(accuracy.splitlines()) == len(particles.splitlines()) == 2 + LEVELS + 1
+    assert heading.startswith("Particles (") and particles.startswith("| level | density | swamp: averaged |")
     plot = tmp_path / "p.png"
     assert cli.main(["report", *dirs, "--plot", str(plot)]) == 0
     assert plot.read_bytes()[:4] == b"\x89PNG" and "| level |" in capsys.readouterr().out
