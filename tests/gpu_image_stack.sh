@@ -14,7 +14,12 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/tmp/swamp-gpu-image-stack}
-PYTHON312=${PYTHON312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 | head -1)}
+if [ -z "${PYTHON312:-}" ]; then   # the first python3.12 that runs (a pyenv shim may be on PATH but not set up)
+  for candidate in "$(command -v python3.12)" /root/.pyenv/versions/3.12*/bin/python3.12; do
+    if [ -n "$candidate" ] && "$candidate" -c "" 2> /dev/null; then PYTHON312=$candidate; break; fi
+  done
+fi
+: "${PYTHON312:?no working python3.12 found: set PYTHON312}"
 VENV=$WORK/venv
 mkdir -p "$WORK"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -478,3 +478,12 @@ def test_cli_names_bad_arguments_and_writes_nothing(swamp_run, tmp_path, capsys,
         code = exit.code
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+
+def test_plot_titles_name_levels_by_run_folder_cut_to_fit(tmp_path):
+    from swamp.analysis.commands import _level_name
+    assert _level_name(tmp_path / "swamp", 3) == "swamp/level_03"
+    long = "cifar10_resnet20_swamp_" + "x" * 80 + "_seed3"
+    title = _level_name(tmp_path / long, 12)
+    assert len(title) == 59 + len("/level_12") and title.startswith("cifar10_resnet20_swamp_")
+    assert title.endswith("x_seed3/level_12") and "…" in title

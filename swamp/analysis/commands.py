@@ -130,15 +130,22 @@ def _save_figure(plt, fig, ax, path: Path) -> Path:
     return path
 
 
-def _plot_paths(paths: dict[str, dict], path: Path) -> Path:
-    """Test error (%) against alpha, one line per labelled path."""
+def _plot_path(result: dict, title: str, path: Path) -> Path:
+    """Test error (%) against alpha along one interpolation path, under ``title``."""
     plt, fig, ax = _figure()
-    for label, p in paths.items():
-        ax.plot(p["alphas"], [100 * e for e in p["errors"]], marker="o", markersize=3, label=label)
+    ax.plot(result["alphas"], [100 * e for e in result["errors"]], marker="o", markersize=3)
     ax.set_xlabel("interpolation alpha")
     ax.set_ylabel("test error (%)")
-    ax.legend()
+    ax.set_title(title, fontsize="small")
     return _save_figure(plt, fig, ax, path)
+
+
+def _level_name(run_dir: Path, level: int, width: int = 60) -> str:
+    """``run/level_XX`` for a plot's title, a run folder's name longer than ``width`` cut in its middle."""
+    name = run_dir.resolve().name
+    if len(name) > width:
+        name = f"{name[:width // 2 - 1]}…{name[-(width // 2 - 1):]}"
+    return f"{name}/level_{level:02d}"
 
 
 def _plot_against_density(rows: list[dict], value, ylabel: str, path: Path) -> Path:
@@ -181,7 +188,8 @@ def main(args) -> list[Path]:
             return [write(result)]
         result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points)}
         print(f"barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
-        return [write(result), _plot_paths({f"{args.level_a} -> {args.level_b}": result}, stem.with_suffix(".png"))]
+        title = f"{_level_name(dir_a, level_a)}\nto {_level_name(dir_b, level_b)}"
+        return [write(result), _plot_path(result, title, stem.with_suffix(".png"))]
     if args.analysis == "instability":
         seeds = "_".join(str(seed) for seed in args.seeds)   # another pair of copies, another file
         stem = out / f"instability_{run_dir.resolve().name}_level_{args.level:02d}_seeds_{seeds}"
@@ -191,8 +199,8 @@ def main(args) -> list[Path]:
         write = _claim(stem, {"level": _fingerprint(run_dir, args.level)})
         result = instability(run_dir, args.level, args.seeds, args.points, args.device)
         print(f"level {args.level}: barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
-        return [write(result), _plot_paths({f"seeds {args.seeds[0]} vs {args.seeds[1]}": result},
-                                           stem.with_suffix(".png"))]
+        title = f"{_level_name(run_dir, args.level)}\ncopies trained with seeds {args.seeds[0]} and {args.seeds[1]}"
+        return [write(result), _plot_path(result, title, stem.with_suffix(".png"))]
     if args.analysis == "levels":
         stem = out / f"levels_{run_dir.resolve().name}"
         write = _claim(stem, {str(level): _fingerprint(run_dir, level)
