@@ -13,15 +13,13 @@ export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 
 venv: $(STAMP)
 
-# editable_mode=compat: a path entry, so a folder named swamp in the working directory (a run)
-# cannot shadow the package as setuptools' default editable finder lets it.
 # --no-cache-dir: the CUDA wheels take ~5 GB; pip's cached copy of them would double what a
 # fresh install needs on disk (the last CI run failed with ENOSPC inside pip).
 $(STAMP): Makefile requirements-dev.txt pyproject.toml setup.py $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-cache-dir -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-cache-dir --no-deps --upgrade --target $(VENV)/triton-gpu-image triton==$(GPU_IMAGE_TRITON)
-	$(PY) -m pip install --quiet --no-cache-dir --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps --no-build-isolation -e .
 	touch $@
 
 test: venv

@@ -57,7 +57,7 @@ def test_the_demo_writes_its_runs_table_and_plot_and_replaces_its_own_output(tmp
 
 def test_python_m_swamp_runs_beside_a_run_folder_named_swamp(tmp_path):
     """The demo's SWAMP run is a folder named swamp; with its analyses inside, it must not shadow
-    the package's modules (the editable install is a path entry: Makefile)."""
+    the package's modules (pyproject.toml's package-dir makes the editable install a path entry)."""
     (tmp_path / "swamp" / "analysis").mkdir(parents=True)
     result = subprocess.run([sys.executable, "-m", "swamp", "report", "swamp"], cwd=tmp_path,
                             capture_output=True, text=True)
