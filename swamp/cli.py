@@ -78,9 +78,10 @@ def main(argv=None) -> int:
             config = cfg.load(args.config, args.overrides, check_paths=not args.dry_run)
             summary = pipeline.run(pipeline.dry_run(config) if args.dry_run else config, args.out,
                                    quiet=args.quiet, replace_dry_run=args.dry_run)
-            _show(report.markdown_table({Path(args.out).resolve().name: summary}))
+            table = report.throughput_table if args.dry_run else report.markdown_table
+            _show(table({Path(args.out).resolve().name: summary}))
             if args.dry_run:
-                _show(f"images/s: {summary['levels'][-1]['images_per_second']:.1f} (particle-images, all ranks)")
+                _show("(particle-images per second over all ranks, over the wall time of each level's training)")
         elif args.command == "resume":
             complete = pipeline.finished(args.dir, args.overrides)
             summary = pipeline.resume(args.dir, quiet=args.quiet, overrides=args.overrides)

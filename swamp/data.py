@@ -322,7 +322,7 @@ MAX_CLASSES = 10 ** 6   # above it, a label is an ID or a value, not a class ind
 def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None = None, layout: str = "auto"):
     """The arrays of a user's data set, checked (ConfigError naming the array): inputs numeric,
     finite and within float32, one shape for both splits, ``[N, H, W]`` given a channel axis and
-    channel-last ``[N, H, W, C]`` moved to ``[N, C, H, W]`` (``layout``: see ``_channels_last``);
+    channel-last ``[N, H, W, C]`` moved to ``[N, C, H, W]`` (``layout``: see ``_channels_first``);
     labels one non-negative integer per example, below ``classes`` if given (a data set of known
     classes). Returns them and the class count (``classes``, else the largest label + 1)."""
     native = lambda a: a.astype(a.dtype.newbyteorder("="), copy=False)   # big-endian files too
@@ -354,10 +354,7 @@ def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None 
     if x_test.shape[1:] != x_train.shape[1:]:
         raise ConfigError(f"{source}: x_train examples have shape {x_train.shape[1:]} but x_test's have "
                           f"{x_test.shape[1:]}")
-    if x_train.ndim == 3 and layout == "auto":   # [N, H, W]: one channel
-        x_train, x_test = x_train[:, None], x_test[:, None]
-    elif _channels_last(source, x_train.shape, layout):
-        x_train, x_test = x_train.transpose(0, 3, 1, 2), x_test.transpose(0, 3, 1, 2)
+    x_train, x_test = _channels_first(source, x_train, x_test, layout)
     if classes is None:
         largest = max(y_train.max(), y_test.max())
         if largest >= MAX_CLASSES:
@@ -367,25 +364,27 @@ def _checked(source: str, x_train, y_train, x_test, y_test, classes: int | None 
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64), classes
 
 
-def _channels_last(source: str, shape: tuple, layout: str) -> bool:
-    """Whether images of ``shape`` are ``[N, H, W, C]``: as ``layout`` says (data.layout
-    channels_last or channels_first, for 4-D arrays only), or for ``auto`` as the shape tells:
-    the axis holding 1, 3 or 4 (grey, RGB, RGBA) where only one does, else the axis beside a
-    square image. A shape that tells neither is refused, naming data.layout."""
-    if layout != "auto":
-        if len(shape) != 4:
-            raise ConfigError(f"{source}: data.layout {layout} is for 4-D images, but x_train has shape {shape}")
-        return layout == "channels_last"
+def _channels_first(source: str, x_train, x_test, layout: str):
+    """``x_train`` and ``x_test`` with images as ``[N, C, H, W]``: ``[N, H, W]`` gets a channel
+    axis; a 4-D array is channels last where ``layout`` (data.layout) says so, or, for ``auto``,
+    where its last axis holds 1, 3 or 4 channels (grey, RGB, RGBA) and its second does not. A
+    square ``[N, H, H, C]`` of fewer other channels is refused as unclear; other arrays are kept."""
+    shape = x_train.shape
+    if layout != "auto" and len(shape) != 4:
+        raise ConfigError(f"{source}: data.layout {layout} is for 4-D images, but x_train has shape {shape}; "
+                          "leave data.layout auto")
+    if len(shape) == 3:
+        return x_train[:, None], x_test[:, None]
     if len(shape) != 4:
-        return False
+        return x_train, x_test
     first, middle, last = shape[1:]
-    if (first in _CHANNELS) != (last in _CHANNELS):
-        return last in _CHANNELS
-    if first not in _CHANNELS and (first == middle) != (middle == last):
-        return first == middle   # [N, H, H, C], not [N, C, H, H]
-    raise ConfigError(f"{source}: x_train has shape {shape}, whose channel axis is not clear: set data.layout "
-                      f"to channels_first ([N, C, H, W]: {first} channels) or channels_last ([N, H, W, C]: "
-                      f"{last} channels)")
+    if layout == "auto" and first == middle and last < first and first not in _CHANNELS and last not in _CHANNELS:
+        raise ConfigError(f"{source}: x_train has shape {shape}, whose channel axis is not clear: set data.layout "
+                          f"to channels_last ([N, H, W, C]: {last} channels) or channels_first ([N, C, H, W]: "
+                          f"{first} channels)")
+    if layout == "channels_last" or (layout == "auto" and last in _CHANNELS and first not in _CHANNELS):
+        return x_train.transpose(0, 3, 1, 2), x_test.transpose(0, 3, 1, 2)
+    return x_train, x_test
 
 
 def _digits() -> TensorData:
@@ -399,7 +398,7 @@ def _digits() -> TensorData:
 
 
 def _npz(path: Path, layout: str = "auto") -> TensorData:
-    """The user's arrays in the .npz at ``path``; ``layout``: data.layout (see ``_channels_last``)."""
+    """The user's arrays in the .npz at ``path``; ``layout``: data.layout (see ``_channels_first``)."""
     try:
         arrays = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:

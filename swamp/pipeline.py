@@ -210,7 +210,7 @@ def _resume_config(out: Path, overrides: Sequence[str] = (), warn: bool = True) 
 
 def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) -> dict:
     """Continue the run in ``out`` from its last checkpoint; returns the summary. ``overrides``
-    (``key=value``) may change the keys of :data:`RESUME_KEYS` (a moved data set, another layout,
+    (``key=value``) may change the keys of :data:`RESUME_KEYS` (a moved data set, another distributed layout,
     more levels), which the run's ``config.yaml`` then keeps. A finished run returns its stored
     summary and needs nothing else (no data, device or other ranks); its ``config.yaml`` still
     records ``overrides`` (a moved data set, for the analyses)."""
@@ -281,6 +281,11 @@ def completed_levels(out: str | Path) -> dict:
         if not (isinstance(metrics, dict) and all(type(metrics.get(key)) in (int, float)
                                                   for key in ("density", "test_accuracy"))):
             raise DamagedFileError(f"{path} is damaged: no density and test_accuracy numbers")
+        particles = metrics.get("particle_test_accuracy", [])
+        if not (isinstance(particles, list) and all(type(a) in (int, float) for a in particles)
+                and type(metrics.get("ensemble_test_accuracy", 0.0)) in (int, float)):
+            raise DamagedFileError(f"{path} is damaged: particle_test_accuracy is no list of numbers or "
+                                   "ensemble_test_accuracy no number")
         levels.append(metrics)
     return {"method": config.method, "levels": levels}
 

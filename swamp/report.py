@@ -7,7 +7,7 @@ from typing import Sequence
 from swamp.pipeline import completed_levels, is_dry_run
 from swamp.rundir import atomic_write, existing_ancestor
 
-__all__ = ["load_runs", "markdown_table", "particle_table", "plot", "density_axis"]
+__all__ = ["load_runs", "markdown_table", "particle_table", "throughput_table", "plot", "density_axis"]
 
 
 def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
@@ -40,6 +40,10 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _accuracy(row: dict) -> str:
+    return _percent(row["test_accuracy"])
+
+
 def _heading(label: str, method: str) -> str:
     """A run's name in tables and legends: ``label (method)``, or the label alone where it is the method."""
     return label if label == method else f"{label} ({method})"
@@ -50,8 +54,7 @@ def markdown_table(runs: dict[str, dict]) -> str:
     label alone where it is the method). Where the runs' densities at a level differ (other
     prune fractions), the density column says so and each cell holds its own. Runs of several
     particles (SWAMP) add a second table: see ``particle_table``."""
-    table = _table(runs, [(_heading(label, s["method"]), label, lambda r: _percent(r["test_accuracy"]))
-                          for label, s in runs.items()])
+    table = _table(runs, [(_heading(label, s["method"]), label, _accuracy) for label, s in runs.items()])
     particles = particle_table(runs)
     return f"{table}\n\n{particles}" if particles else table
 
@@ -69,19 +72,25 @@ def particle_table(runs: dict[str, dict]) -> str:
         accuracies = row.get("particle_test_accuracy")
         if not accuracies:
             return "–"
-        low, high = _percent(min(accuracies)), _percent(max(accuracies))
-        return f"{_percent(sum(accuracies) / len(accuracies))} ({low[:-1]}–{high})"
+        return f"{_percent(sum(accuracies) / len(accuracies))} ({100 * min(accuracies):.2f}–{_percent(max(accuracies))})"
 
     def ensemble(row: dict) -> str:
         return _percent(row["ensemble_test_accuracy"]) if "ensemble_test_accuracy" in row else "–"
     columns = []
     for label in several:
         name = _heading(label, runs[label]["method"])
-        columns += [(f"{name}: averaged", label, lambda r: _percent(r["test_accuracy"])),
+        columns += [(f"{name}: averaged", label, _accuracy),
                     (f"{name}: particles, mean (range)", label, particles),
                     (f"{name}: ensemble", label, ensemble)]
-    return ("Particles (test accuracy of the averaged network, of each particle, of their ensemble):\n\n"
+    return ("Particles (test accuracy of the averaged network, of its particles, of their ensemble):\n\n"
             + _table({label: runs[label] for label in several}, columns))
+
+
+def throughput_table(runs: dict[str, dict]) -> str:
+    """Rows: levels; columns: density and images per second per run (particle-images, all ranks):
+    what a dry run measures (its accuracies, on synthetic data, mean nothing)."""
+    return _table(runs, [(f"{_heading(label, s['method'])}: images/s", label,
+                          lambda r: f"{r['images_per_second']:,.1f}") for label, s in runs.items()])
 
 
 def _table(runs: dict[str, dict], columns: Sequence[tuple]) -> str:

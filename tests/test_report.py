@@ -132,6 +132,12 @@ def test_runs_of_one_name_are_told_apart_by_their_folders_and_dry_runs_are_left_
     (lambda d: (d / "level_01" / "metrics.json").write_text("{}"), r"level_01/metrics.json is damaged: no density"),
     (lambda d: (d / "level_01" / "metrics.json").write_text("[1, 2]"), r"metrics.json is damaged: no density"),
     (lambda d: (d / "config.yaml").write_text(""), r"config.yaml is damaged: empty"),
+    (lambda d: (d / "level_01" / "metrics.json").write_text(json.dumps({**level(1, 0.8, 0.85),
+                                                                        "particle_test_accuracy": 0.9})),
+     r"level_01/metrics.json is damaged: particle_test_accuracy is no list of numbers"),
+    (lambda d: (d / "level_01" / "metrics.json").write_text(json.dumps({**level(1, 0.8, 0.85),
+                                                                        "ensemble_test_accuracy": None})),
+     r"level_01/metrics.json is damaged: .* or ensemble_test_accuracy no number"),
 ])
 def test_a_damaged_run_file_is_named(tmp_path, capsys, damage, message):
     directory = tmp_path / "a"

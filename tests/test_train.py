@@ -4,6 +4,7 @@ rates against torch's schedulers."""
 import bisect
 import dataclasses
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -211,7 +212,8 @@ def test_dry_run_needs_no_data(tmp_path, capsys):
                       "method: imp\nlevels: 3\ntrain: {batch_size: 8, epochs: 90}\ndevice: cpu\n")
     assert cli.main(["run", str(config), "--out", str(tmp_path / "run"), "--dry-run", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "images/s:" in out and "| 1 |" in out and "| 2 |" not in out
+    assert "| level | density | run (imp): images/s |" in out and "| 2 |" not in out
+    assert re.search(r"^\| 1 \| 80\.00% \| [\d,]+\.\d \|$", out, re.M)   # images/s, no accuracy (synthetic data)
     resolved = C.load(tmp_path / "run" / "config.yaml")
     assert resolved.data.name == "synthetic" and resolved.data.shape == [3, 32, 32] and resolved.data.classes == 10
     assert resolved.train.epochs == 1 and resolved.data.train_size == 20 * 8
