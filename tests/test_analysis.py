@@ -50,8 +50,9 @@ def test_top_eigenvalues_match_eigvalsh(k, masked):
         keep = masks["0.weight"][0].numpy()
         hessian = hessian[np.ix_(keep, keep)]   # the principal submatrix on unpruned coordinates
     expected = np.linalg.eigvalsh(hessian)[::-1][:k]
-    got = top_hessian_eigenvalues(model, squared_error, batches, k=k, masks=masks)
-    assert len(got) == k
+    top = top_hessian_eigenvalues(model, squared_error, batches, k=k, masks=masks)
+    got = top.values
+    assert len(got) == k and top.converged
     np.testing.assert_allclose(got, expected, rtol=1e-3)
 
 
@@ -70,7 +71,7 @@ def test_repeated_eigenvalues_are_found_as_often_as_they_occur():
     distinct eigenvalue, so Lanczos must restart beside it to find the others."""
     model, batches, expected = diagonal_hessian([3.0, 3.0, 3.0, 2.0, 2.0, 1.5, 1.0, 1.0, 0.5, 0.25])
     for k in (3, 5, 10):
-        got = top_hessian_eigenvalues(model, squared_error, batches, k=k, iters=10)
+        got = top_hessian_eigenvalues(model, squared_error, batches, k=k, iters=10).values
         np.testing.assert_allclose(got, expected[:k], rtol=1e-9)
 
 
@@ -80,7 +81,7 @@ def test_masks_restrict_a_plain_model_too():
     before = model[0].weight.detach().clone()
     mask = random_mask(60, seed=4, density=0.3)
     keep = mask[0].numpy()
-    got = top_hessian_eigenvalues(model, squared_error, batches, k=2, masks={"0.weight": mask})
+    got = top_hessian_eigenvalues(model, squared_error, batches, k=2, masks={"0.weight": mask}).values
     np.testing.assert_allclose(got, np.linalg.eigvalsh(hessian[np.ix_(keep, keep)])[::-1][:2], rtol=1e-3)
     assert torch.equal(model[0].weight, before) and model.training
 
@@ -90,17 +91,17 @@ def test_too_few_iterations_warn_that_the_eigenvalues_did_not_converge(recwarn):
     with pytest.warns(UserWarning, match=r"3 Lanczos iterations ended before the top 3 eigenvalues converged "
                                          r"\(relative residual up to .* > tol 0.0001\): they may be too low"):
         got = top_hessian_eigenvalues(model, squared_error, batches, k=3, iters=3)
-    assert got[2] < 0.9 * np.linalg.eigvalsh(hessian)[::-1][2]   # indeed too low
-    top_hessian_eigenvalues(model, squared_error, batches, k=3, iters=100)
+    assert not got.converged and got.values[2] < 0.9 * np.linalg.eigvalsh(hessian)[::-1][2]   # indeed too low
+    assert top_hessian_eigenvalues(model, squared_error, batches, k=3, iters=100).converged
     x = torch.randn(1, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rank_one = nn.Sequential(nn.Linear(50, 1, bias=False)).double()   # H = 2 x^T x: Lanczos restarts
     got = top_hessian_eigenvalues(rank_one, squared_error, [(x, torch.zeros(1, dtype=torch.float64))], iters=10)
-    assert got == pytest.approx([2 * float(x.square().sum())], rel=1e-9)
+    assert got.values == pytest.approx([2 * float(x.square().sum())], rel=1e-9) and got.converged
     assert not recwarn.list   # exact at the first invariant subspace: no warning
     model, batches, expected = diagonal_hessian([3.0, 3.0, 1.0])   # one Krylov space: 2 distinct values
     with pytest.warns(UserWarning, match=r"ended searching for more copies of repeated eigenvalues"):
         got = top_hessian_eigenvalues(model, squared_error, batches, k=2, iters=2)
-    assert got[1] < expected[1]   # the second copy of the top one is indeed missing
+    assert not got.converged and got.values[1] < expected[1]   # the second copy of the top one is indeed missing
 
 
 def test_eigenvalues_argument_errors():
@@ -116,9 +117,10 @@ def test_eigenvalues_argument_errors():
 def test_hutchinson_is_exact_on_a_diagonal_hessian():
     model, batches, hessian = least_squares(orthogonal=True)
     mask = random_mask(40, seed=2)
-    assert hessian_trace(model, squared_error, batches, samples=3) == pytest.approx(np.trace(hessian), rel=1e-9)
+    assert hessian_trace(model, squared_error, batches, samples=3) == (pytest.approx(np.trace(hessian), rel=1e-9),
+                                                                       pytest.approx(0, abs=1e-9))   # every probe exact
     keep = mask[0].numpy()
-    assert hessian_trace(model, squared_error, batches, masks={"0.weight": mask}, samples=3) == \
+    assert hessian_trace(model, squared_error, batches, masks={"0.weight": mask}, samples=3).trace == \
         pytest.approx(np.trace(hessian[np.ix_(keep, keep)]), rel=1e-9)
 
 
@@ -141,9 +143,10 @@ def test_a_tied_weight_is_masked_by_any_of_its_names():
     first, second = random_mask(40, seed=2), random_mask(40, seed=5)
     keep = (first & second)[0].numpy()
     expected = pytest.approx(np.trace(hessian[np.ix_(keep, keep)]), rel=1e-9)
-    assert hessian_trace(model, squared_error, batches, masks={"tied.weight": first & second}, samples=3) == expected
+    assert hessian_trace(model, squared_error, batches, masks={"tied.weight": first & second}, samples=3).trace \
+        == expected
     assert hessian_trace(model, squared_error, batches, masks={"layer.weight": first, "tied.weight": second},
-                         samples=3) == expected
+                         samples=3).trace == expected
 
 
 def test_hutchinson_within_five_standard_errors():
@@ -152,9 +155,11 @@ def test_hutchinson_within_five_standard_errors():
     samples = 200
     off_diagonal = (hessian ** 2).sum() - (np.diag(hessian) ** 2).sum()
     tolerance = 5 * np.sqrt(2 * off_diagonal / samples)
-    estimate = hessian_trace(model, squared_error, batches, samples=samples, seed=7)
+    estimate, standard_error = hessian_trace(model, squared_error, batches, samples=samples, seed=7)
     assert abs(estimate - np.trace(hessian)) <= tolerance
-    assert estimate == hessian_trace(model, squared_error, batches, samples=samples, seed=7)   # seeded
+    assert standard_error == pytest.approx(tolerance / 5, rel=0.3)   # the probes' spread tells it
+    assert hessian_trace(model, squared_error, batches, samples=1).standard_error is None
+    assert estimate == hessian_trace(model, squared_error, batches, samples=samples, seed=7).trace   # seeded
 
 
 def test_mask_overlap_on_hand_made_masks():
@@ -309,6 +314,23 @@ def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
         assert f"mask overlap (Jaccard) {result['global']:.4f}  l2_distance" in capsys.readouterr().out
 
 
+def test_hessian_batches_are_drawn_at_random_the_same_for_every_level(swamp_run, monkeypatch):
+    """Not the first batches in stored order (an ImageFolder's are a few classes): a seeded sample
+    without repeats, the same for every level so that levels compare."""
+    from swamp.analysis import TopEigenvalues, load_run, runs
+    seen = []
+    monkeypatch.setattr(runs, "top_hessian_eigenvalues",
+                        lambda net, loss, batches, *rest: seen.append(batches) or TopEigenvalues([1.0], True))
+    result = runs.level_hessians(swamp_run, batches=2, levels=[0, 1])
+    assert result["batches"] == 2 and [r["converged"] for r in result["levels"]] == [True, True]
+    run = load_run(swamp_run)
+    size, (first, _) = run.batch_size, next(run.data.eval_batches("train", run.batch_size))
+    drawn = torch.cat([x for x, _ in seen[0]])
+    assert drawn.shape == (2 * size, *first.shape[1:]) and len(drawn.unique(dim=0)) == 2 * size
+    assert not torch.equal(drawn[:size], first)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(*seen))
+
+
 def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missing(swamp_run, tmp_path,
                                                                                  monkeypatch, capsys):
     from swamp.analysis import runs
@@ -346,8 +368,8 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
     kept = (out / "hessian_swamp.json").read_bytes()
     capsys.readouterr()
     assert cli.main([*hessian, "--out", str(out), "--iters", "21"]) == 2   # other settings: never overwritten
-    assert "hessian_swamp.json holds results with other settings ({'k': 1, 'batches': 4, 'iters': 20" in \
-        capsys.readouterr().err
+    assert "hessian_swamp.json holds results with other settings ({'k': 1, 'batches': 4, 'batch_seed': 0, " \
+           "'iters': 20" in capsys.readouterr().err
     (moved / "level_01" / "metrics.json").write_text("{}")   # another solution (a run started again there)
     shutil.rmtree(moved / "level_02")                        # and a level this run does not have
     assert cli.main(["analyze", "hessian", str(moved), "--iters", "20", "--out", str(out)]) == 2

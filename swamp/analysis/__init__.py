@@ -5,11 +5,11 @@
 :mod:`~swamp.analysis.runs` (the same on run directories written by :mod:`swamp.pipeline`),
 :mod:`~swamp.analysis.commands` (``swamp analyze``).
 """
-from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
+from swamp.analysis.hessian import TopEigenvalues, TraceEstimate, hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import (Batches, data_eval_fn, interpolate_states, interpolation_barrier,
                                       l2_distance, mask_overlap)
 from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
 
-__all__ = ["Batches", "data_eval_fn", "hessian_trace", "instability", "interpolate_states",
+__all__ = ["Batches", "TopEigenvalues", "TraceEstimate", "data_eval_fn", "hessian_trace", "instability", "interpolate_states",
            "interpolation_barrier", "l2_distance", "level_hessians", "load_run", "mask_overlap",
            "successive_barriers", "top_hessian_eigenvalues"]

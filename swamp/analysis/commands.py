@@ -87,14 +87,15 @@ def add_parser(commands) -> None:
     hessian = sub("hessian", "top Hessian eigenvalues (and trace) of every level, on its mask")
     hessian.add_argument("--k", type=_at_least(1), default=1, help="eigenvalues per level (default: 1)")
     hessian.add_argument("--batches", type=_at_least(1), default=4,
-                         help="training batches the loss averages (default: 4)")
+                         help="training batches, drawn at random (the same for every level), the loss averages "
+                              "(default: 4; more give a less noisy curvature)")
     hessian.add_argument("--iters", type=_at_least(1), default=100,
                          help="most Lanczos iterations (Hessian-vector products) per level (default: 100)")
     hessian.add_argument("--tol", type=_positive, default=1e-4,
                          help="Lanczos stops when each top eigenpair's residual is below tol x |eigenvalue| "
-                              "(default: 1e-4); a level that ends unconverged warns")
+                              "(default: 1e-4); a level that ends unconverged warns and is marked converged: false")
     hessian.add_argument("--trace-samples", type=_at_least(0), default=0,
-                         help="Hutchinson probes for the trace (default: 0, no trace)")
+                         help="Hutchinson probes for the trace, saved with its standard error (default: 0, no trace)")
     hessian.add_argument("--levels", type=_at_least(0), nargs="+", metavar="L",
                          help="the levels to compute, again if already in the output file (default: every "
                               "complete level not yet there with the same settings)")
@@ -246,8 +247,8 @@ def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
     keeps its levels); the levels of an earlier analysis of the run are kept. A file holding
     other settings, or a level whose ``metrics.json`` has changed since (another run), is refused.
     The run is told by its levels, not its path: a moved run keeps its analysis."""
-    settings = {"k": args.k, "batches": args.batches, "iters": args.iters, "tol": args.tol,
-                "trace_samples": args.trace_samples}
+    settings = {"k": args.k, "batches": args.batches, "batch_seed": 0, "iters": args.iters, "tol": args.tol,
+                "trace_samples": args.trace_samples}   # batch_seed: random batches (older files: the first)
     path = stem.with_suffix(".json")
     earlier = read_json(path) if path.is_file() else {"settings": settings, "levels": []}
     if not isinstance(earlier, dict) or not isinstance(earlier.get("levels"), list):
@@ -272,7 +273,11 @@ def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
         rows[row["level"]] = row
         merged.update(result, settings=settings, levels=[rows[level] for level in sorted(rows)])
         _write_json(path, merged)
-        print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}")
+        unconverged = "" if row["converged"] else " (not converged: raise --iters)"
+        trace = f"; trace {row['trace']:.4g}" if "trace" in row else ""
+        error = f" ± {row['trace_standard_error']:.2g}" if row.get("trace_standard_error") is not None else ""
+        print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}"
+              f"{unconverged}{trace}{error}")
 
     if levels:
         level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device,

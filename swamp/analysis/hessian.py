@@ -8,14 +8,25 @@ on those coordinates.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["top_hessian_eigenvalues", "hessian_trace"]
+__all__ = ["top_hessian_eigenvalues", "hessian_trace", "TopEigenvalues", "TraceEstimate"]
+
+
+class TopEigenvalues(NamedTuple):
+    values: list[float]   # descending
+    converged: bool       # False: the iterations ended first (they warned): the values may be too low
+
+
+class TraceEstimate(NamedTuple):
+    trace: float                   # the mean of the probes' z^T H z
+    standard_error: float | None   # of that mean, from the probes' spread (None for one probe)
 
 
 def _projection(model: nn.Module, params: list[torch.Tensor], masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -83,16 +94,18 @@ class _HessianOperator:
 
 def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterable, k: int = 1,
                             masks: Mapping[str, torch.Tensor] | None = None, iters: int = 100,
-                            tol: float = 1e-4, seed: int = 0) -> list[float]:
-    """The ``k`` largest (algebraic) eigenvalues of the loss Hessian, in descending order.
+                            tol: float = 1e-4, seed: int = 0) -> TopEigenvalues:
+    """The ``k`` largest (algebraic) eigenvalues of the loss Hessian, in descending order, and
+    whether they converged (else a warning says so too).
 
     Lanczos with full reorthogonalisation from a seeded Gaussian start, at most ``iters`` Hessian-
     vector products (so it keeps up to ``iters`` parameter-sized vectors). Stops when every one of
     the top ``k`` Ritz pairs has residual ``||H y - theta y|| <= tol * |theta|``, or when the
-    vectors span the whole (unpruned) space (then the values are exact). When the Krylov space
-    is exhausted first (an invariant subspace: a start vector that misses eigenvectors, or
-    repeated eigenvalues, of which it holds one copy each), Lanczos restarts from a new random
-    vector orthogonal to it, so eigenvalues of multiplicity m are found m times.
+    vectors span the whole (unpruned) space (then the values are exact). A Krylov space holds one
+    copy of a repeated eigenvalue: where it is exhausted first (an invariant subspace), Lanczos
+    restarts from a new random vector orthogonal to it and finds the other copies; in a large
+    space that the iterations do not exhaust, further copies of a repeated top eigenvalue can be
+    missed without warning (the next distinct eigenvalue takes their place).
     """
     operator = _HessianOperator(model, loss_fn, batches, masks)
     if not 1 <= k <= operator.dimension:
@@ -111,11 +124,12 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterab
         beta = float(w.norm())
         tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, vectors = np.linalg.eigh(tridiagonal)
-        if len(basis) == operator.dimension:
+        if len(basis) == operator.dimension:   # the whole space: the values are exact
+            converged = True
             break
         top = np.argsort(theta)[::-1][:k]
         residuals = [abs(beta * vectors[-1, i]) / max(abs(theta[i]), 1e-300) for i in top]
-        converged = len(top) == k and max(residuals) <= tol
+        converged = bool(len(top) == k and max(residuals) <= tol)
         invariant = beta <= 1e-10 * max(1.0, np.abs(theta).max())
         if converged and (k == 1 or not invariant):   # (the top one is exact at an invariant subspace)
             break
@@ -132,10 +146,11 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterab
                           f"eigenvalues converged (relative residual up to {max(residuals):.2g} > tol {tol:g}): "
                           "they may be too low; raise iters", stacklevel=2)
         elif invariant:
+            converged = False
             warnings.warn(f"top_hessian_eigenvalues: {iters} Lanczos iterations ended searching for more copies "
                           f"of repeated eigenvalues among the top {k}: some may be missing; raise iters",
                           stacklevel=2)
-    return sorted(theta.tolist(), reverse=True)[:k]
+    return TopEigenvalues(sorted(theta.tolist(), reverse=True)[:k], converged)
 
 
 def _orthogonalised(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
@@ -148,17 +163,19 @@ def _orthogonalised(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
 
 def hessian_trace(model: nn.Module, loss_fn: Callable, batches: Iterable,
                   masks: Mapping[str, torch.Tensor] | None = None, samples: int = 100,
-                  seed: int = 0) -> float:
+                  seed: int = 0) -> TraceEstimate:
     """Hutchinson's estimate of the Hessian's trace: the mean of ``z^T H z`` over ``samples``
     Rademacher probes ``z`` from a generator seeded by ``seed`` (zero on pruned coordinates, so
-    it estimates the trace of the masked principal submatrix). Unbiased; its variance is
-    ``2 * sum_{i != j} H_ij^2 / samples`` (exact when H is diagonal)."""
+    it estimates the trace of the masked principal submatrix), with its standard error. Unbiased;
+    its variance is ``2 * sum_{i != j} H_ij^2 / samples`` (exact when H is diagonal)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     operator = _HessianOperator(model, loss_fn, batches, masks)
     generator = torch.Generator().manual_seed(seed)
-    total = 0.0
+    probes = []
     for _ in range(samples):
         z = operator.random(generator, rademacher=True)
-        total += float(z @ operator(z))
-    return total / samples
+        probes.append(float(z @ operator(z)))
+    mean = sum(probes) / samples
+    spread = math.sqrt(sum((p - mean) ** 2 for p in probes) / (samples - 1) / samples) if samples > 1 else None
+    return TraceEstimate(mean, spread)

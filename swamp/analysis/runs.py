@@ -170,10 +170,12 @@ def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str |
 
 def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int = 100, tol: float = 1e-4,
                    trace_samples: int = 0, device: str | torch.device = "cpu", levels: Sequence[int] | None = None,
-                   progress: Callable[[dict], None] | None = None) -> dict:
-    """Top-``k`` Hessian eigenvalues (and, with ``trace_samples`` > 0, the Hutchinson trace) of
-    the solution of each of ``levels`` (default: every completed level), restricted to its mask,
-    on the first ``batches`` training batches (un-augmented) with the cross-entropy loss.
+                   progress: Callable[[dict], None] | None = None, batch_seed: int = 0) -> dict:
+    """Top-``k`` Hessian eigenvalues, whether they converged (and, with ``trace_samples`` > 0, the
+    Hutchinson trace and its standard error) of the solution of each of ``levels`` (default: every
+    completed level), restricted to its mask, on ``batches`` training batches (un-augmented)
+    drawn at random, the same for every level (seed ``batch_seed``; a data set stored class by
+    class gives no first batches of a few classes), with the cross-entropy loss.
     ``progress(result)`` is called with the result so far as each level is done."""
     run = load_run(run_dir, device)
     complete = run.levels()
@@ -189,14 +191,17 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
         int((~m).sum()) for m in run.masks(last).values())
     if k > unpruned:   # before the first level's work
         raise ValueError(f"k = {k} is above the {unpruned} unpruned parameters of level {last}")
-    train = [b for _, b in zip(range(batches), run.data.eval_batches("train", run.batch_size))]
+    drawn = run.data.train_batches([torch.Generator().manual_seed(batch_seed)], run.batch_size, augment=False)
+    train = [(x[0], y[0]) for _, (x, y) in zip(range(batches), drawn)]   # [1, B, ...]: one "particle"
     result["batches"] = len(train)
     for level in levels:
         net, masks = evaluate.network(run.model, run.state(level)), run.masks(level)
-        row = {"level": level, "density": run.metrics(level)["density"],
-               "eigenvalues": top_hessian_eigenvalues(net, F.cross_entropy, train, k, masks, iters, tol)}
+        top = top_hessian_eigenvalues(net, F.cross_entropy, train, k, masks, iters, tol)
+        row = {"level": level, "density": run.metrics(level)["density"], "eigenvalues": top.values,
+               "converged": top.converged}
         if trace_samples:
-            row["trace"] = hessian_trace(net, F.cross_entropy, train, masks, trace_samples)
+            trace = hessian_trace(net, F.cross_entropy, train, masks, trace_samples)
+            row.update(trace=trace.trace, trace_standard_error=trace.standard_error)
         result["levels"].append(row)
         if progress is not None:
             progress(result)
