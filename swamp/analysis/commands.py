@@ -281,6 +281,6 @@ def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
 
     if levels:
         level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device,
-                       levels, progress=write)
+                       levels, progress=write, batch_seed=settings["batch_seed"])
     return [path, _plot_against_density(merged["levels"], lambda r: r["eigenvalues"][0],
                                         "top Hessian eigenvalue", stem.with_suffix(".png"))]
