@@ -267,6 +267,11 @@ def level_count(out: str | Path) -> int:
     return len(_levels(_run_config(Path(out))))
 
 
+def _number(value) -> bool:
+    """A JSON number (not a bool, which Python counts as an int)."""
+    return type(value) in (int, float)
+
+
 def completed_levels(out: str | Path) -> dict:
     """The summary of the run in ``out`` as its level directories tell it: the levels complete
     from level 0 on (what ``summary.json`` holds, should that be missing or damaged)."""
@@ -278,12 +283,11 @@ def completed_levels(out: str | Path) -> dict:
         if not path.is_file():
             break
         metrics = read_json(path)
-        if not (isinstance(metrics, dict) and all(type(metrics.get(key)) in (int, float)
-                                                  for key in ("density", "test_accuracy"))):
+        if not (isinstance(metrics, dict) and all(_number(metrics.get(key)) for key in ("density", "test_accuracy"))):
             raise DamagedFileError(f"{path} is damaged: no density and test_accuracy numbers")
         particles = metrics.get("particle_test_accuracy", [])
-        if not (isinstance(particles, list) and all(type(a) in (int, float) for a in particles)
-                and type(metrics.get("ensemble_test_accuracy", 0.0)) in (int, float)):
+        if not (isinstance(particles, list) and all(map(_number, particles))
+                and _number(metrics.get("ensemble_test_accuracy", 0.0))):
             raise DamagedFileError(f"{path} is damaged: particle_test_accuracy is no list of numbers or "
                                    "ensemble_test_accuracy no number")
         levels.append(metrics)

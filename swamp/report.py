@@ -72,7 +72,8 @@ def particle_table(runs: dict[str, dict]) -> str:
         accuracies = row.get("particle_test_accuracy")
         if not accuracies:
             return "–"
-        return f"{_percent(sum(accuracies) / len(accuracies))} ({100 * min(accuracies):.2f}–{_percent(max(accuracies))})"
+        mean, low, high = sum(accuracies) / len(accuracies), min(accuracies), max(accuracies)
+        return f"{_percent(mean)} ({100 * low:.2f}–{_percent(high)})"
 
     def ensemble(row: dict) -> str:
         return _percent(row["ensemble_test_accuracy"]) if "ensemble_test_accuracy" in row else "–"

@@ -10,6 +10,6 @@ from swamp.analysis.landscape import (Batches, data_eval_fn, interpolate_states,
                                       l2_distance, mask_overlap)
 from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
 
-__all__ = ["Batches", "TopEigenvalues", "TraceEstimate", "data_eval_fn", "hessian_trace", "instability", "interpolate_states",
-           "interpolation_barrier", "l2_distance", "level_hessians", "load_run", "mask_overlap",
+__all__ = ["Batches", "TopEigenvalues", "TraceEstimate", "data_eval_fn", "hessian_trace", "instability",
+           "interpolate_states", "interpolation_barrier", "l2_distance", "level_hessians", "load_run", "mask_overlap",
            "successive_barriers", "top_hessian_eigenvalues"]
