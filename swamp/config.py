@@ -241,6 +241,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
                  f"{config.data.path!r} does not exist (dataset {config.data.name})")
     data = config.data
     _require(data.layout in DATA_LAYOUTS, "data.layout", f"must be one of {', '.join(DATA_LAYOUTS)}, got {data.layout!r}")
+    _require(data.layout == "auto" or data.name == "npz", "data.layout",
+             f"{data.layout} is for npz arrays; {data.name} data is read in its own layout (leave it auto)")
     for key in ("classes", "train_size", "test_size", "image_size"):
         _require(getattr(data, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(data, key)}")
     _require(data.workers >= 0, "data.workers", f"must be >= 0, got {data.workers}")

@@ -79,6 +79,8 @@ def test_dump_round_trips(tmp_path):
     ("train: {epochs: 8}\nswa: {start: 0.75, anneal_epochs: 3}\n", [], "swa.anneal_epochs"),  # 2 SWA epochs
     ("", ["prune.scope=per_layer"], "prune.scope"),
     ("", ["data.layout=nhwc"], "data.layout"),
+    ("", ["data.layout=channels_last"], "data.layout"),   # digits: the layout is the loader's
+    ("data: {name: synthetic, layout: channels_first}\n", [], "data.layout"),
     ("", ["device=cuda:x"], "device"),
     ("", ["model.hidden=[8, -3]"], "model.hidden"),
     ("", ["train.gamma=-1"], "train.gamma"),
