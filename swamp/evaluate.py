@@ -13,7 +13,7 @@ from torch import nn
 
 from swamp.distributed import Group
 
-__all__ = ["network", "recompute_bn_", "test_probabilities", "correct", "accuracy", "accuracies",
+__all__ = ["network", "recompute_bn_", "probabilities", "correct", "accuracy", "accuracies",
            "test_accuracy"]
 
 
@@ -65,15 +65,15 @@ def _combine_ranks_(norms, group: Group) -> None:
         m.num_batches_tracked.copy_(counts[i])
 
 
-def test_probabilities(net: nn.Module, data, batch_size: int,
-                       shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax outputs ``[N, classes]``, labels ``[N]``) on this ``shard``'s test batches
-    (``data.eval_batches``); ``N = 0`` when the shard has no batch."""
+def probabilities(net: nn.Module, data, batch_size: int, split: str = "test",
+                  shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax outputs ``[N, classes]``, labels ``[N]``) on this ``shard``'s un-augmented batches
+    of ``split``, "test" or "train" (``data.eval_batches``); ``N = 0`` when the shard has no batch."""
     net.eval()
     probs = [torch.empty(0, data.num_classes, device=data.device)]
     labels = [torch.empty(0, dtype=torch.long, device=data.device)]
     with torch.no_grad():
-        for x, y in data.eval_batches("test", batch_size, shard=shard):
+        for x, y in data.eval_batches(split, batch_size, shard=shard):
             probs.append(net(x).float().softmax(-1))
             labels.append(y)
     return torch.cat(probs), torch.cat(labels)
@@ -100,5 +100,5 @@ def accuracies(counts: torch.Tensor, examples: int, group: Group = Group.single(
 
 def test_accuracy(net: nn.Module, data, batch_size: int, group: Group = Group.single()) -> float:
     """Accuracy on the whole test set, its batches split over the ranks of ``group``."""
-    probs, labels = test_probabilities(net, data, batch_size, shard=(group.index, group.size))
+    probs, labels = probabilities(net, data, batch_size, shard=(group.index, group.size))
     return accuracies(correct(probs, labels).reshape(1), len(labels), group)[0]

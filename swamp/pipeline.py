@@ -373,7 +373,7 @@ def _evaluate_level(model, result, data, config: Config, masks: dict, placement:
         net = evaluate.network(model, {n: t[p] for n, t in result.state.items()})
         if result.swa:
             evaluate.recompute_bn_(net, data, batch, placement.data)
-        prob, labels = evaluate.test_probabilities(net, data, batch, shard)
+        prob, labels = evaluate.probabilities(net, data, batch, shard=shard)
         probs.append(prob)
         nets.append(net)
     ensemble = torch.stack(probs).sum(0)

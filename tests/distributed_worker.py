@@ -41,5 +41,5 @@ if __name__ == "__main__":
             return _fault("stall")() if len(steps) == 3 else step(self, *args)
         train.ModuleEngine.step = stalling_step
     elif os.environ.get("RANK") == faulty_rank:
-        evaluate.test_probabilities = _fault(kind)
+        evaluate.probabilities = _fault(kind)
     sys.exit(cli.main(sys.argv[2:]))

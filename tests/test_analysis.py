@@ -223,10 +223,23 @@ def test_barrier_is_large_between_independent_mlps(digits):
                                         nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10)), digits, seed, epochs=10))
     path = interpolation_barrier(nets[0], nets[0].state_dict(), nets[1].state_dict(), data_eval_fn(digits, 256),
                                  num_points=5)
-    accuracy = [evaluate.accuracy(*evaluate.test_probabilities(n, digits, 256)) for n in nets]
+    accuracy = [evaluate.accuracy(*evaluate.probabilities(n, digits, 256)) for n in nets]
     assert path["alphas"] == [0, 0.25, 0.5, 0.75, 1]
     assert path["errors"][0] == pytest.approx(1 - accuracy[0]) and path["errors"][-1] == pytest.approx(1 - accuracy[1])
     assert min(accuracy) > 0.85 and path["barrier"] > 0.2, path   # narrow deep MLPs: 0.49-0.70 over 4 seed pairs
+
+
+def test_eval_fn_measures_the_split_it_names(digits):
+    torch.manual_seed(0)
+    net = train(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits, 0, epochs=2)
+    for split, x, y in (("test", digits.x_test, digits.y_test), ("train", digits.x_train, digits.y_train)):
+        with torch.no_grad():
+            logits = net(x)
+        error, loss = data_eval_fn(digits, 100, split)(net)
+        assert error == pytest.approx((logits.argmax(-1) != y).double().mean().item())
+        assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="split must be one of test, train, got 'val'"):
+        data_eval_fn(digits, 100, "val")
 
 
 def test_bn_statistics_are_recomputed_at_every_point(digits):
@@ -275,6 +288,18 @@ def test_successive_barriers_on_a_swamp_run(swamp_run):
         assert level["to_average"][0]["errors"][-1] == pytest.approx(1 - summary["levels"][level["level"]]["test_accuracy"])
 
 
+def test_successive_barriers_on_the_train_split(swamp_run):
+    from swamp.analysis import load_run
+    run = load_run(swamp_run)
+    result = successive_barriers(swamp_run, num_points=2, split="train")
+    assert result["split"] == "train" and [r["split"] for r in result["levels"]] == ["train", "train"]
+    for row in result["levels"]:   # the ends' errors on the training set
+        for level, error in ((row["from_level"], row["errors"][0]), (row["to_level"], row["errors"][-1])):
+            net = evaluate.network(run.model, run.state(level))
+            assert error == pytest.approx(1 - evaluate.accuracy(*evaluate.probabilities(net, run.data, 128, "train")))
+    assert result["levels"][0]["errors"] != successive_barriers(swamp_run, num_points=2)["levels"][0]["errors"]
+
+
 def test_instability_trains_two_copies(swamp_run):
     result = instability(swamp_run, 1, seeds=(1, 2), num_points=3)
     assert result["level"] == 1 and result["seeds"] == [1, 2] and result["l2_distance"] > 0
@@ -284,6 +309,8 @@ def test_instability_trains_two_copies(swamp_run):
         instability(swamp_run, 1, seeds=(3, 3))
     with pytest.raises(FileNotFoundError, match="level 7 is not complete"):
         instability(swamp_run, 7)
+    with pytest.raises(ValueError, match="split must be one of"):   # before training
+        instability(swamp_run, 7, split="validation")
 
 
 @pytest.mark.parametrize("argv, files", [
@@ -295,6 +322,9 @@ def test_instability_trains_two_copies(swamp_run):
     (["barrier", "{run}/level_00", "{run}/level_02", "--points", "3"],
      ["barrier_swamp_00_swamp_02.json", "barrier_swamp_00_swamp_02.png"]),
     (["masks", "{run}/level_01", "{run}/level_02"], ["masks_swamp_01_swamp_02.json"]),
+    (["levels", "{run}", "--points", "2", "--split", "train"], ["levels_swamp_train.json", "levels_swamp_train.png"]),
+    (["barrier", "{run}/level_00", "{run}/level_02", "--points", "2", "--split", "train"],
+     ["barrier_swamp_00_swamp_02_train.json", "barrier_swamp_00_swamp_02_train.png"]),
 ])
 def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
     out = tmp_path / "analysis"
@@ -304,6 +334,8 @@ def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
         content = (out / name).read_bytes()
         assert content.startswith(b"\x89PNG") if name.endswith(".png") else json.loads(content)
     result = json.loads((out / files[0]).read_text())
+    if argv[0] in ("levels", "barrier", "instability"):
+        assert result["split"] == ("train" if "train" in argv else "test")
     if argv[0] == "hessian":
         assert [len(r["eigenvalues"]) for r in result["levels"]] == [2, 2, 2]
         assert all(r["eigenvalues"][0] >= r["eigenvalues"][1] > 0 and r["trace"] > 0 for r in result["levels"])
@@ -390,7 +422,8 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
 ])
 def test_an_analysis_never_overwrites_another_runs_file(swamp_run, tmp_path, monkeypatch, capsys, argv, name):
     from swamp.analysis import commands
-    monkeypatch.setattr(commands, "instability", lambda run_dir, *args: instability(run_dir, *args[:-2], 2))
+    monkeypatch.setattr(commands, "instability", lambda run_dir, level, seeds, points, device, split:
+                        instability(run_dir, level, seeds, 2, device, split))
     out = tmp_path / "shared"
 
     def analyze(run):

@@ -281,11 +281,11 @@ def _mlp(data):
 def test_sharded_test_counts_sum_to_the_unsharded_accuracy():
     data = _test_data(27)    # batches of 6, 6, 6, 6, 3
     net = _mlp(data)
-    probs, labels = evaluate.test_probabilities(net, data, 6)
+    probs, labels = evaluate.probabilities(net, data, 6)
     assert evaluate.accuracy(probs, labels) == (probs.argmax(-1) == labels).float().mean().item()
     batches = torch.arange(len(labels)).split(6)
     for count in (2, 3, 7):  # 7 ranks: the last two have no batch
-        shards = [evaluate.test_probabilities(net, data, 6, shard=(i, count)) for i in range(count)]
+        shards = [evaluate.probabilities(net, data, 6, shard=(i, count)) for i in range(count)]
         for i, (shard_probs, shard_labels) in enumerate(shards):
             rows = torch.cat([torch.zeros(0, dtype=torch.long), *batches[i::count]])
             torch.testing.assert_close(shard_probs, probs[rows], rtol=0, atol=0)

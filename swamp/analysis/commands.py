@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from swamp.analysis.landscape import l2_distance, mask_overlap
+from swamp.analysis.landscape import SPLITS, l2_distance, mask_overlap
 from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
 from swamp.rundir import atomic_write, level_dir, level_numbers, read_json
@@ -71,19 +71,25 @@ def add_parser(commands) -> None:
         return parser
 
     points = dict(type=_at_least(2), default=11, help="points along each segment, ends included (default: 11)")
+    split = dict(choices=SPLITS, default="test",
+                 help="the split the error and loss are measured on (default: test; train: every training "
+                      "example once, un-augmented; its files' names end in _train)")
     barrier = sub("barrier", "error along the segment between two levels' solutions (of runs of one config)",
                   run_dir=False)
     barrier.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
     barrier.add_argument("level_b", help="level directory (of the same run or a run of the same config)")
     barrier.add_argument("--points", **points)
+    barrier.add_argument("--split", **split)
     unstable = sub("instability", "train a level twice with different data orders; their barrier (each copy "
                                   "trains one network: SWAMP runs train one particle with SWA)")
     unstable.add_argument("--level", type=_at_least(0), required=True, help="the level to train again")
     unstable.add_argument("--seeds", type=int, nargs=2, default=[1, 2], metavar=("SEED_A", "SEED_B"),
                           help="the two copies' data-order seeds (default: 1 2)")
     unstable.add_argument("--points", **points)
+    unstable.add_argument("--split", **split)
     levels = sub("levels", "barriers between successive levels, and among SWAMP particles")
     levels.add_argument("--points", **points)
+    levels.add_argument("--split", **split)
     hessian = sub("hessian", "top Hessian eigenvalues (and trace) of every level, on its mask")
     hessian.add_argument("--k", type=_at_least(1), default=1, help="eigenvalues per level (default: 1)")
     hessian.add_argument("--batches", type=_at_least(1), default=4,
@@ -132,11 +138,11 @@ def _save_figure(plt, fig, ax, path: Path) -> Path:
 
 
 def _plot_path(result: dict, title: str, path: Path) -> Path:
-    """Test error (%) against alpha along one interpolation path, under ``title``."""
+    """Error (%) on the result's split against alpha along one interpolation path, under ``title``."""
     plt, fig, ax = _figure()
     ax.plot(result["alphas"], [100 * e for e in result["errors"]], marker="o", markersize=3)
     ax.set_xlabel("interpolation alpha")
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel(f"{result['split']} error (%)")
     ax.set_title(title, fontsize="small")
     return _save_figure(plt, fig, ax, path)
 
@@ -174,9 +180,11 @@ def main(args) -> list[Path]:
     if args.analysis == "instability" and args.seeds[0] == args.seeds[1]:
         raise ValueError(f"--seeds must be two different seeds, got {args.seeds[0]} twice")
     out = Path(args.out) if args.out else run_dir / "analysis"
+    split = getattr(args, "split", "test")
+    on = "" if split == "test" else f"_{split}"   # a file's name tells its split (test: as before)
     if args.analysis in ("barrier", "masks"):
         (dir_a, level_a), (dir_b, level_b) = _level_path(args.level_a), _level_path(args.level_b)
-        stem = out / f"{args.analysis}_{dir_a.name}_{level_a:02d}_{dir_b.name}_{level_b:02d}"
+        stem = out / f"{args.analysis}_{dir_a.name}_{level_a:02d}_{dir_b.name}_{level_b:02d}{on}"
         write = _claim(stem, {"a": _fingerprint(dir_a, level_a), "b": _fingerprint(dir_b, level_b)})
         run = load_run(dir_a, args.device)
         other = run if dir_b.resolve() == dir_a.resolve() else load_run(dir_b, args.device)
@@ -187,32 +195,33 @@ def main(args) -> list[Path]:
                       "l2_distance": l2_distance(state_a, state_b, run.parameter_names)}
             print(f"mask overlap (Jaccard) {result['global']:.4f}  l2_distance {result['l2_distance']:.4f}")
             return [write(result)]
-        result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points)}
-        print(f"barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
+        result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points, split)}
+        print(f"{split} error barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
         title = f"{_level_name(dir_a, level_a)}\nto {_level_name(dir_b, level_b)}"
         return [write(result), _plot_path(result, title, stem.with_suffix(".png"))]
     if args.analysis == "instability":
         seeds = "_".join(str(seed) for seed in args.seeds)   # another pair of copies, another file
-        stem = out / f"instability_{run_dir.resolve().name}_level_{args.level:02d}_seeds_{seeds}"
+        stem = out / f"instability_{run_dir.resolve().name}_level_{args.level:02d}_seeds_{seeds}{on}"
         complete = level_numbers(run_dir, complete=True)
         if args.level not in complete:
             raise FileNotFoundError(f"{run_dir}: level {args.level} is not complete; complete levels are {complete}")
         write = _claim(stem, {"level": _fingerprint(run_dir, args.level)})
-        result = instability(run_dir, args.level, args.seeds, args.points, args.device)
-        print(f"level {args.level}: barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
+        result = instability(run_dir, args.level, args.seeds, args.points, args.device, split)
+        print(f"level {args.level}: {split} error barrier {result['barrier']:.4f}  "
+              f"l2_distance {result['l2_distance']:.4f}")
         title = f"{_level_name(run_dir, args.level)}\ncopies trained with seeds {args.seeds[0]} and {args.seeds[1]}"
         return [write(result), _plot_path(result, title, stem.with_suffix(".png"))]
     if args.analysis == "levels":
-        stem = out / f"levels_{run_dir.resolve().name}"
+        stem = out / f"levels_{run_dir.resolve().name}{on}"
         write = _claim(stem, {str(level): _fingerprint(run_dir, level)
                               for level in level_numbers(run_dir, complete=True)})
-        result = successive_barriers(run_dir, args.points, args.device)
+        result = successive_barriers(run_dir, args.points, args.device, split)
         files = [write(result)]
         for row in result["levels"]:
-            print(f"level {row['from_level']} -> {row['to_level']}: barrier {row['barrier']:.4f}")
+            print(f"level {row['from_level']} -> {row['to_level']}: {split} error barrier {row['barrier']:.4f}")
         if result["levels"]:
             files.append(_plot_against_density(result["levels"], lambda r: 100 * r["barrier"],
-                                               "error barrier level L -> L+1 (%)", stem.with_suffix(".png")))
+                                               f"{split} error barrier level L -> L+1 (%)", stem.with_suffix(".png")))
         else:
             print("no plot: the run has no two successive complete levels")
         return files

@@ -38,10 +38,23 @@ class _LoaderAsData:
                 yield batch if isinstance(batch, (tuple, list)) else (batch, None)
 
 
-def data_eval_fn(data, batch_size: int) -> Callable[[nn.Module], tuple[float, float]]:
-    """``net -> (test error, mean test cross-entropy)`` on ``data``'s test split."""
+SPLITS = ("test", "train")
+
+
+def checked_split(split: str) -> str:
+    """``split`` if it names a split of the data ("test" or "train"), else ValueError."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
+
+
+def data_eval_fn(data, batch_size: int, split: str = "test") -> Callable[[nn.Module], tuple[float, float]]:
+    """``net -> (error, mean cross-entropy)`` on ``data``'s ``split``, "test" or "train"
+    (un-augmented: every training example once)."""
+    checked_split(split)
+
     def eval_fn(net: nn.Module) -> tuple[float, float]:
-        probs, labels = evaluate.test_probabilities(net, data, batch_size)
+        probs, labels = evaluate.probabilities(net, data, batch_size, split)
         loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
         return 1.0 - evaluate.accuracy(probs, labels), loss
     return eval_fn

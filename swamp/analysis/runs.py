@@ -15,7 +15,7 @@ from torch import nn
 from swamp import config as cfg
 from swamp import evaluate
 from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
-from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
+from swamp.analysis.landscape import Batches, checked_split, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
 from swamp.rundir import level_dir, level_numbers, load_file, read_json
@@ -86,13 +86,13 @@ class Run:
     def parameter_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters()]
 
-    def barrier(self, state_a: dict, state_b: dict, num_points: int) -> dict:
-        """:func:`interpolation_barrier` on the test set, BN recomputed on the training set, plus
-        the parameters' L2 distance."""
+    def barrier(self, state_a: dict, state_b: dict, num_points: int, split: str = "test") -> dict:
+        """:func:`interpolation_barrier` on ``split`` ("test" or "train"), BN recomputed on the
+        training set, plus the parameters' L2 distance."""
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        path = interpolation_barrier(self.model, state_a, state_b, data_eval_fn(self.data, self.batch_size),
+        path = interpolation_barrier(self.model, state_a, state_b, data_eval_fn(self.data, self.batch_size, split),
                                      num_points, Batches(self.data, "train", self.batch_size) if has_bn else None)
-        return {**path, "l2_distance": l2_distance(state_a, state_b, self.parameter_names)}
+        return {**path, "split": split, "l2_distance": l2_distance(state_a, state_b, self.parameter_names)}
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
@@ -118,13 +118,15 @@ def _config_error(directory: Path, error: cfg.ConfigError) -> cfg.ConfigError:
 
 
 def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), num_points: int = 11,
-                device: str | torch.device = "cpu") -> dict:
+                device: str | torch.device = "cpu", split: str = "test") -> dict:
     """Frankle et al.'s instability analysis of ``level``: two copies trained from the rewind
     weights under the level's mask, with the pipeline's trainer and schedule but batch orders
-    seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path, barrier and L2 distance.
+    seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path on ``split``
+    ("test" or "train"), barrier and L2 distance.
     Each copy is one network: for a SWAMP run, one particle with SWA (not the P-particle average)."""
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise ValueError(f"seeds must be two different integers, got {tuple(seeds)}")
+    checked_split(split)
     run = load_run(run_dir, device)
     config, masks = run.config, run.masks(level)
     set_masks(run.model, masks)
@@ -141,19 +143,22 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
             evaluate.recompute_bn_(net, run.data, run.batch_size)
         finals.append(net.state_dict())
     return {"level": level, "density": run.metrics(level)["density"], "seeds": [int(s) for s in seeds],
-            **run.barrier(finals[0], finals[1], num_points)}
+            **run.barrier(finals[0], finals[1], num_points, split)}
 
 
-def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str | torch.device = "cpu") -> dict:
+def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str | torch.device = "cpu",
+                        split: str = "test") -> dict:
     """Paul et al.'s barriers between the solutions of levels L and L+1 (``"levels"``, with the
     density of L+1) and, for runs that saved particles (SWAMP), Choi et al.'s barriers between
-    each pair of a level's particles and between each particle and their average (``"particles"``)."""
+    each pair of a level's particles and between each particle and their average (``"particles"``),
+    on ``split`` ("test" or "train")."""
+    checked_split(split)
     run = load_run(run_dir, device)
     levels = run.levels()
-    result = {"method": run.config.method, "levels": [], "particles": []}
+    result = {"method": run.config.method, "split": split, "levels": [], "particles": []}
     for a, b in zip(levels, levels[1:]):
         result["levels"].append({"from_level": a, "to_level": b, "density": run.metrics(b)["density"],
-                                 **run.barrier(run.state(a), run.state(b), num_points)})
+                                 **run.barrier(run.state(a), run.state(b), num_points, split)})
     for level in levels:
         particles = run.particle_states(level)
         if not particles:
@@ -161,9 +166,9 @@ def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str |
         average = run.state(level)
         result["particles"].append({
             "level": level, "density": run.metrics(level)["density"],
-            "pairs": [{"a": i, "b": j, **run.barrier(particles[i], particles[j], num_points)}
+            "pairs": [{"a": i, "b": j, **run.barrier(particles[i], particles[j], num_points, split)}
                       for i, j in combinations(range(len(particles)), 2)],
-            "to_average": [{"particle": i, **run.barrier(p, average, num_points)}
+            "to_average": [{"particle": i, **run.barrier(p, average, num_points, split)}
                            for i, p in enumerate(particles)]})
     return result
 
