@@ -397,8 +397,13 @@ def _digits() -> TensorData:
     return TensorData(x_train, torch.from_numpy(y[train]), x_test, torch.from_numpy(y[test]), 10)
 
 
-def _npz(path: Path, layout: str = "auto") -> TensorData:
-    """The user's arrays in the .npz at ``path``; ``layout``: data.layout (see ``_channels_first``)."""
+_NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_arrays(path: Path, only_shape: Sequence[str] = ()) -> list[np.ndarray]:
+    """x_train, y_train, x_test, y_test of the .npz at ``path`` (ConfigError naming what is wrong);
+    those named in ``only_shape`` are read from their header alone, as zero-stride uint8 views
+    of their shape that take no memory (None where the header is of a format numpy reads whole)."""
     try:
         arrays = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -406,23 +411,45 @@ def _npz(path: Path, layout: str = "auto") -> TensorData:
     if not isinstance(arrays, np.lib.npyio.NpzFile):
         raise ConfigError(f"data.path {str(path)!r} holds one array, not an .npz of x_train, y_train, x_test, y_test")
     with arrays:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+        missing = [k for k in _NPZ_ARRAYS if k not in arrays]
         if missing:
             raise ConfigError(f"data.path {str(path)!r}: the npz lacks arrays {', '.join(missing)} "
                               "(it needs x_train, y_train, x_test, y_test)")
-        loaded = {}
-        for name in ("x_train", "y_train", "x_test", "y_test"):
+        loaded = []
+        for name in _NPZ_ARRAYS:
             try:
-                loaded[name] = arrays[name]
+                shape = _npy_shape(arrays.zip, f"{name}.npy") if name in only_shape else None
+                loaded.append(arrays[name] if shape is None else np.broadcast_to(np.uint8(0), shape))
             except ValueError as error:   # object arrays need pickle, which loading user files must not run
                 raise ConfigError(f"data.path {str(path)!r}: {name}: {error}") from error
             except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:   # a damaged member
                 raise ConfigError(f"data.path {str(path)!r} is damaged: {name} ({error})") from error
-        x_train, y_train, x_test, y_test = loaded.values()
-    x_train, y_train, x_test, y_test, classes = _checked(f"data.path {str(path)!r}", x_train, y_train, x_test, y_test,
+    return loaded
+
+
+def _npy_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...] | None:
+    """The shape in the header of the .npy ``member`` of ``archive``, its data left unread; None
+    for a header version other than 1.0 and 2.0 (numpy has no public reader of the others)."""
+    with archive.open(member) as file:
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(file))
+        return None if read is None else read(file)[0]
+
+
+def _npz(path: Path, layout: str = "auto") -> TensorData:
+    """The user's arrays in the .npz at ``path``; ``layout``: data.layout (see ``_channels_first``)."""
+    x_train, y_train, x_test, y_test, classes = _checked(f"data.path {str(path)!r}", *_npz_arrays(path),
                                                          layout=layout)
     x_train, x_test, _ = _normalised(x_train, x_test)
     return TensorData(x_train, torch.from_numpy(y_train), x_test, torch.from_numpy(y_test), classes)
+
+
+def _npz_spec(path: Path, layout: str = "auto") -> tuple[list[int], int]:
+    """(input shape, classes) of :func:`_npz` ``(path, layout)`` from the inputs' headers and the
+    labels: the inputs are neither read nor checked (loading them does)."""
+    x_train, _, _, _, classes = _checked(f"data.path {str(path)!r}",
+                                         *_npz_arrays(path, only_shape=("x_train", "x_test")), layout=layout)
+    return list(x_train.shape[1:]), classes
 
 
 _IDX = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
@@ -535,7 +562,7 @@ _SHAPES = {"digits": ([1, 8, 8], 10), "mnist": ([1, 28, 28], 10), "fashion_mnist
 
 def input_spec(config: DataConfig) -> tuple[list[int], int]:
     """(input shape, classes) of the dataset ``config`` names without loading its images (npz:
-    the file is read; imagenet: ``image_size`` and the class folders of ``train/``)."""
+    the inputs' headers and the labels; imagenet: ``image_size`` and the class folders of ``train/``)."""
     if config.name == "synthetic":
         return list(config.shape), config.classes
     if config.name == "imagenet":
@@ -544,8 +571,7 @@ def input_spec(config: DataConfig) -> tuple[list[int], int]:
             raise ConfigError(f"data.path {config.path!r}: no ImageFolder {train} to count the classes of")
         return [3, config.image_size, config.image_size], sum(entry.is_dir() for entry in os.scandir(train))
     if config.name == "npz":
-        data = _npz(Path(config.path), config.layout)
-        return list(data.input_shape), data.num_classes
+        return _npz_spec(Path(config.path), config.layout)
     return _SHAPES[config.name]
 
 

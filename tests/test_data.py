@@ -1,6 +1,9 @@
 """swamp.data: loaders for every on-disk format (written by the tests), device batching, augmentation."""
 import gzip
 import pickle
+import struct
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +94,28 @@ def test_npz_of_other_conventions_loads_and_ambiguous_or_damaged_ones_are_refuse
     cut.write_bytes((tmp_path / "be.npz").read_bytes()[:500])
     with pytest.raises(ConfigError, match=r"cut.npz' is (not a readable .npz file|damaged)"):
         load_data(DataConfig(name="npz", path=str(cut)))
+
+
+def test_npz_input_spec_reads_the_inputs_headers_only(tmp_path):
+    """The shape comes from x_train's .npy header: input_spec succeeds where reading x_train's data
+    fails (a flipped byte past its header: a CRC error), and agrees with the loaded arrays."""
+    x = np.random.default_rng(8).integers(0, 256, (64, 5, 600, 3), dtype=np.uint8)   # reads go by 4 KiB
+    config = write_npz(tmp_path / "x.npz", x, np.arange(64) % 4, x[:4], np.full(4, 6))
+    assert input_spec(config) == ([3, 5, 600], 7) and load_data(config).input_shape == (3, 5, 600)
+    with zipfile.ZipFile(config.path) as archive:
+        member = archive.getinfo("x_train.npy")
+    raw = bytearray(Path(config.path).read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[member.header_offset + 26:member.header_offset + 30])
+    raw[member.header_offset + 30 + name_length + extra_length + 128 + 500_000] ^= 0xFF   # the .npy header is 128 bytes
+    Path(config.path).write_bytes(raw)
+    assert input_spec(config) == ([3, 5, 600], 7)
+    with pytest.raises(ConfigError, match="x.npz' is damaged: x_train"):
+        load_data(config)
+    with zipfile.ZipFile(config.path, "w") as archive:   # a .npy header of version 3.0: x read whole
+        for name, array in (("x_train", x), ("y_train", np.arange(64) % 4), ("x_test", x[:4]), ("y_test", np.ones(4))):
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, array, version=(3, 0))
+    assert input_spec(config) == ([3, 5, 600], 4)
 
 
 @pytest.mark.parametrize("shape, layout, expected", [   # auto: the rule runs started before data.layout read by

@@ -28,7 +28,7 @@ __all__ = ["Run", "load_run", "instability", "successive_barriers", "level_hessi
 @dataclass
 class Run:
     """A run directory with its config and (sparsified) architecture on the device; its data set
-    is loaded when first used (comparing masks needs only its shapes: an npz file is still read)."""
+    is loaded when first used (comparing masks needs only its shapes)."""
 
     directory: Path
     config: cfg.Config
