@@ -136,9 +136,10 @@ _METADATA = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Crea
 
 
 def plot(runs: dict[str, dict], path: str | Path) -> Path:
-    """Test accuracy against density (log axis), one line per pruned run; the dense runs'
-    accuracy (without any, the runs' level 0) as a line, or as a band from lowest to highest.
-    A file at ``path`` is replaced only if an earlier plot wrote it."""
+    """Test accuracy against density (log axis), one line per pruned run, and for a run of
+    several particles (SWAMP) a band in its colour from its lowest to its highest particle; the
+    dense runs' accuracy (without any, the runs' level 0) as a line, or as a band from lowest to
+    highest. A file at ``path`` is replaced only if an earlier plot wrote it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,9 +173,15 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     for label, summary in runs.items():
         if summary["method"] == "dense":
             continue
-        levels = summary["levels"]
-        ax.plot([100 * r["density"] for r in levels], [100 * r["test_accuracy"] for r in levels],
-                marker="o", markersize=3, label=_heading(label, summary["method"]))
+        levels, name = summary["levels"], _heading(label, summary["method"])
+        (line,) = ax.plot([100 * r["density"] for r in levels], [100 * r["test_accuracy"] for r in levels],
+                          marker="o", markersize=3, label=name)
+        spread = [(r["density"], r["particle_test_accuracy"]) for r in levels
+                  if len(r.get("particle_test_accuracy", ())) > 1]
+        if spread:
+            ax.fill_between([100 * d for d, _ in spread], [100 * min(a) for _, a in spread],
+                            [100 * max(a) for _, a in spread], color=line.get_color(), alpha=0.2, linewidth=0,
+                            label=f"{name}: particles (range)")
     density_axis(ax, [r["density"] for s in runs.values() for r in s["levels"]])
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)

@@ -57,6 +57,8 @@ def test_runs_of_several_particles_get_a_table_of_their_particles_and_ensemble(t
         "|---|---|---|---|---|",
         "| 0 | 100.00% | 92.00% | 90.00% (87.50–92.50%) | 93.00% |",
         "| 1 | 50.00% | 91.00% | 82.50% (80.00–85.00%) | 88.00% |"]
+    drawn = report.plot(runs, tmp_path / "p.svg").read_text()   # the SVG keeps each text as a comment
+    assert "<!-- swamp: particles (range) -->" in drawn and "imp: particles" not in drawn
     assert report.particle_table({"imp": runs["imp"]}) == ""   # one particle: nothing more to show
     assert report.markdown_table({"imp": runs["imp"]}) == "\n".join(
         ["| level | density | imp |", "|---|---|---|", "| 0 | 100.00% | 90.00% |", "| 1 | 80.00% | 85.00% |"])
