@@ -26,6 +26,9 @@ METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
 DATA_LAYOUTS = ("auto", "channels_first", "channels_last")   # of npz images
 PRUNE_SCOPES = ("global", "layerwise")     # one threshold over all layers | one per layer
+# What goes back to the rewind point after pruning: weights and lr schedule (weight rewinding,
+# Frankle et al. 2020) | the lr schedule alone, the pruned solution training on (lr rewinding, Renda et al. 2020).
+REWIND_MODES = ("weights", "lr")
 PATH_DATASETS = ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet")
 
 
@@ -71,6 +74,7 @@ class PruneConfig:
 @dataclass
 class RewindConfig:
     iterations: int = 500                # 0 = rewind to initialisation
+    mode: str = "weights"                # see REWIND_MODES
 
 
 @dataclass
@@ -255,6 +259,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
              f"must be one of {', '.join(PRUNE_SCOPES)}, got {config.prune.scope!r}")
     _require(config.levels >= 0, "levels", f"must be >= 0, got {config.levels}")
     _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
+    _require(config.rewind.mode in REWIND_MODES, "rewind.mode",
+             f"must be one of {', '.join(REWIND_MODES)}, got {config.rewind.mode!r}")
     _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")
     _require(config.swa.lr > 0, "swa.lr", "must be > 0")
     train = config.train

@@ -525,10 +525,11 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
         masks = model_masks(model)
         total_weights = sum(m.numel() for m in masks.values())
         summary = {"method": config.method, "levels": []}
-        def run_level(level: int, masks: dict) -> tuple[dict, dict, dict]:
-            """Level ``level`` (read back when its directory is complete, else trained, averaged,
-            evaluated and written): its metrics, final (averaged) state and masks. What training
-            held (the particles, their average) is freed on return, before the next level trains."""
+        def run_level(level: int, masks: dict, begin_state: dict) -> tuple[dict, dict, dict]:
+            """Level ``level`` (read back when its directory is complete, else trained from
+            ``begin_state`` under ``masks``, averaged, evaluated and written): its metrics, final
+            (averaged) state and masks. What training held (the particles, their average) is
+            freed on return, before the next level trains."""
             directory = level_dir(out, level)
             if (directory / "metrics.json").exists():
                 return (read_json(directory / "metrics.json"),
@@ -537,7 +538,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             set_masks(model, masks)
             local = len(placement.particles)
             start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
-                     for n, t in rewind_state.items()}
+                     for n, t in begin_state.items()}
             result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
                                      swa=swa, placement=placement, checkpoint=checkpoint,
                                      resume=_stage_checkpoint(out, level, topology.world),
@@ -564,9 +565,9 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             finish_stage()
             return metrics, final_state, masks
 
-        levels = _levels(config)
+        levels, begin_state = _levels(config), rewind_state
         for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
-            metrics, final_state, masks = run_level(level, masks)
+            metrics, final_state, masks = run_level(level, masks, begin_state)
             summary["levels"].append(metrics)
             if writer:
                 write_json(out / "summary.json", summary)
@@ -579,5 +580,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                         warnings.warn(collapse_warning(emptied), stacklevel=2)
                 masks = new_masks
                 topology.world.broadcast_(list(masks.values()))
-            del final_state  # the next level trains without this one's weights held
+                if config.rewind.mode == "lr":   # the next level goes on from this one's weights
+                    begin_state = {n: final_state[n] for n in rewind_state}
+                    topology.world.broadcast_(list(begin_state.values()))   # as rewind.pt's: one start for all
+            del final_state  # the next level trains without this one's weights held (but for rewind.mode lr)
         return summary

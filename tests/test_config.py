@@ -78,6 +78,7 @@ def test_dump_round_trips(tmp_path):
     ("swa: {anneal_epochs: -1}\n", [], "swa.anneal_epochs"),
     ("train: {epochs: 8}\nswa: {start: 0.75, anneal_epochs: 3}\n", [], "swa.anneal_epochs"),  # 2 SWA epochs
     ("", ["prune.scope=per_layer"], "prune.scope"),
+    ("rewind: {mode: learning_rate}\n", [], "rewind.mode"),
     ("", ["data.layout=nhwc"], "data.layout"),
     ("", ["data.layout=channels_last"], "data.layout"),   # digits: the layout is the loader's
     ("data: {name: synthetic, layout: channels_first}\n", [], "data.layout"),

@@ -143,6 +143,37 @@ def test_memory_does_not_grow_across_levels(tmp_path, monkeypatch):
     assert [at_start[level] for level in (1, 2, 3)] == [at_start[0]] * 3, at_start
 
 
+@pytest.mark.parametrize("mode", ["weights", "lr"])
+def test_each_level_begins_from_the_weights_its_rewind_mode_names(tmp_path, monkeypatch, mode):
+    """weights: the rewind point's, every level; lr: past level 0 the previous level's solution
+    (under the new mask), also on resume and in the instability analysis."""
+    from swamp.analysis import instability, runs
+    begun = {}
+
+    def recorded(model, state, *args, stage, **kwargs):
+        begun.setdefault(stage, []).append({n: t[0].clone() for n, t in state.items()})
+        return train_particles(model, state, *args, stage=stage, **kwargs)
+    monkeypatch.setattr(pipeline, "train_particles", recorded)
+    monkeypatch.setattr(runs, "train_particles", recorded)
+    out = tmp_path / mode
+    pipeline.run(tiny("imp_swa", rewind={"iterations": 3, "mode": mode}), out, quiet=True)
+    rewind = torch.load(out / "rewind.pt")
+
+    def begins(level: int) -> dict:
+        source = rewind if mode == "weights" or level == 0 else torch.load(out / f"level_{level - 1:02d}" / "model.pt")
+        masks = torch.load(out / f"level_{level:02d}" / "mask.pt")
+        return {n: source[n] * masks[n] if n in masks else source[n] for n in rewind}
+    for level in range(LEVELS + 1):
+        ((start),) = begun.pop(level)
+        assert start.keys() == rewind.keys() and all(torch.equal(start[n], t) for n, t in begins(level).items())
+    solution = torch.load(out / "level_02" / "model.pt")
+    shutil.rmtree(out / "level_02")   # as if killed before it was written
+    pipeline.resume(out, quiet=True)
+    assert all(torch.equal(t, solution[n]) for n, t in torch.load(out / "level_02" / "model.pt").items())
+    instability(out, 2, num_points=2)
+    assert [all(torch.equal(copy[n], t) for n, t in begins(2).items()) for copy in begun.pop(2)] == [True] * 3
+
+
 def test_averaged_model_is_the_mean_of_particle_swa_weights():
     torch.set_num_threads(1)
     config = tiny("swamp")

@@ -119,9 +119,10 @@ def _config_error(directory: Path, error: cfg.ConfigError) -> cfg.ConfigError:
 
 def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), num_points: int = 11,
                 device: str | torch.device = "cpu", split: str = "test") -> dict:
-    """Frankle et al.'s instability analysis of ``level``: two copies trained from the rewind
-    weights under the level's mask, with the pipeline's trainer and schedule but batch orders
-    seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path on ``split``
+    """Frankle et al.'s instability analysis of ``level``: two copies trained from the weights
+    the level started from (the rewind weights; with rewind.mode lr, past level 0, the previous
+    level's solution) under the level's mask, with the pipeline's trainer and schedule but batch
+    orders seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path on ``split``
     ("test" or "train"), barrier and L2 distance.
     Each copy is one network: for a SWAMP run, one particle with SWA (not the P-particle average)."""
     if len(seeds) != 2 or seeds[0] == seeds[1]:
@@ -130,12 +131,15 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
     run = load_run(run_dir, device)
     config, masks = run.config, run.masks(level)
     set_masks(run.model, masks)
-    rewind = load_file(run.directory / "rewind.pt", map_location=run.device)
+    begin = load_file(run.directory / "rewind.pt", map_location=run.device)
+    if config.rewind.mode == "lr" and level > 0:
+        previous = run.state(level - 1)
+        begin = {n: previous[n] for n in begin}
     total = config.train.epochs * run.data.steps_per_epoch(config.train.batch_size)
     swa = config.method in ("imp_swa", "swamp")
     finals = []
     for seed in seeds:
-        state = {n: (t * masks[n] if n in masks else t).unsqueeze(0).clone() for n, t in rewind.items()}
+        state = {n: (t * masks[n] if n in masks else t).unsqueeze(0).clone() for n, t in begin.items()}
         result = train_particles(run.model, state, run.data, dataclasses.replace(config, seed=int(seed)),
                                  stage=level, begin=config.rewind.iterations, end=total, swa=swa)
         net = evaluate.network(run.model, {n: t[0] for n, t in result.state.items()})
