@@ -15,6 +15,7 @@ from swamp import config as C
 from swamp.analysis import (Batches, data_eval_fn, hessian_trace, instability, interpolation_barrier,
                             l2_distance, mask_overlap, successive_barriers, top_hessian_eigenvalues)
 from swamp.data import load_data
+from swamp.rundir import DamagedFileError
 
 
 def squared_error(outputs, targets):
@@ -322,6 +323,7 @@ def test_instability_trains_two_copies(swamp_run):
     (["barrier", "{run}/level_00", "{run}/level_02", "--points", "3"],
      ["barrier_swamp_00_swamp_02.json", "barrier_swamp_00_swamp_02.png"]),
     (["masks", "{run}/level_01", "{run}/level_02"], ["masks_swamp_01_swamp_02.json"]),
+    (["layers", "{run}"], ["layers_swamp.json", "layers_swamp.png"]),
     (["levels", "{run}", "--points", "2", "--split", "train"], ["levels_swamp_train.json", "levels_swamp_train.png"]),
     (["barrier", "{run}/level_00", "{run}/level_02", "--points", "2", "--split", "train"],
      ["barrier_swamp_00_swamp_02_train.json", "barrier_swamp_00_swamp_02_train.png"]),
@@ -419,6 +421,7 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
      "instability_swamp_level_01_seeds_3_-4.json"),
     (["barrier", "{run}/level_00", "{run}/level_01", "--points", "2"], "barrier_swamp_00_swamp_01.json"),
     (["masks", "{run}/level_00", "{run}/level_01"], "masks_swamp_00_swamp_01.json"),
+    (["layers", "{run}"], "layers_swamp.json"),
 ])
 def test_an_analysis_never_overwrites_another_runs_file(swamp_run, tmp_path, monkeypatch, capsys, argv, name):
     from swamp.analysis import commands
@@ -447,10 +450,43 @@ def test_an_analysis_never_overwrites_another_runs_file(swamp_run, tmp_path, mon
         if end in before:   # barrier, masks: the level folders as named
             assert result.pop(end) == str(moved / level) and before.pop(end) == str(swamp_run / level)
     assert result == before
-    assert len(result["metrics_sha1"]) == {"levels": 3, "instability": 1}.get(argv[0], 2)
+    assert len(result["metrics_sha1"]) == {"levels": 3, "layers": 3, "instability": 1}.get(argv[0], 2)
     (out / name).write_text(json.dumps({"barrier": 0.1}))   # a file that names no run
     assert analyze(swamp_run) == 2 and "holds no record of the run it analysed" in capsys.readouterr().err
     assert json.loads((out / name).read_text()) == {"barrier": 0.1}
+
+
+def test_layer_densities_are_the_masks_kept_fractions(swamp_run, tmp_path, capsys, monkeypatch):
+    from swamp.analysis import layer_densities
+    monkeypatch.setattr("swamp.analysis.runs.load_data", lambda config: pytest.fail("the data set was loaded"))
+    result = layer_densities(swamp_run)
+    masks = [torch.load(swamp_run / f"level_0{i}" / "mask.pt") for i in range(3)]
+    assert result["method"] == "swamp" and [r["level"] for r in result["levels"]] == [0, 1, 2]
+    assert result["layers"] == [{"name": n, "weights": m.numel()} for n, m in masks[0].items()]
+    for row, level in zip(result["levels"], masks):
+        assert row["layers"] == {n: m.sum().item() / m.numel() for n, m in level.items()}
+        kept = sum(row["layers"][layer["name"]] * layer["weights"] for layer in result["layers"])
+        assert kept / sum(layer["weights"] for layer in result["layers"]) == pytest.approx(row["density"])
+    assert result["levels"][2]["layers"]["1.weight"] < result["levels"][1]["layers"]["1.weight"] < 1
+    assert cli.main(["analyze", "layers", str(swamp_run), "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| layer | weights | level 0 | level 1 | level 2 |"
+    assert table[3].startswith(f"| 1.weight | {masks[0]['1.weight'].numel():,} | 100.00% | ")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(swamp_run, damaged)
+    torch.save({"1.weight": torch.ones(3)}, damaged / "level_01" / "mask.pt")
+    with pytest.raises(DamagedFileError, match=r"level_01/mask.pt is damaged: no dict of weight names to bool"):
+        layer_densities(damaged)
+
+
+def test_layer_plot_of_many_layers_colours_them_by_depth(tmp_path):
+    from swamp.analysis import commands
+    names = [f"{i}.weight" for i in range(12)]
+    result = {"layers": [{"name": n, "weights": 10} for n in names],
+              "levels": [{"level": level, "density": 0.8 ** level, "layers": dict.fromkeys(names, 0.8 ** level)}
+                         for level in range(3)]}
+    path = commands._plot_layers(result, tmp_path, tmp_path / "layers.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_takes_dot_inside_a_level_directory(swamp_run, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""``swamp analyze {barrier,instability,levels,hessian,masks}``: JSON and PNG files in ``--out``
+"""``swamp analyze {barrier,instability,levels,hessian,masks,layers}``: JSON and PNG files in ``--out``
 (default ``RUN_DIR/analysis``), each written atomically."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from swamp.analysis.landscape import SPLITS, l2_distance, mask_overlap
-from swamp.analysis.runs import instability, level_hessians, load_run, successive_barriers
+from swamp.analysis.runs import instability, layer_densities, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
 from swamp.rundir import atomic_write, level_dir, level_numbers, read_json
 from swamp.report import density_axis
@@ -109,6 +109,7 @@ def add_parser(commands) -> None:
                 run_dir=False)
     masks.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
     masks.add_argument("level_b", help="level directory (of the same run or a run of the same architecture)")
+    sub("layers", "the density of every pruned layer at every level (reads the masks only)")
 
 
 def _write(path: Path, write) -> Path:
@@ -147,12 +148,15 @@ def _plot_path(result: dict, title: str, path: Path) -> Path:
     return _save_figure(plt, fig, ax, path)
 
 
-def _level_name(run_dir: Path, level: int, width: int = 60) -> str:
-    """``run/level_XX`` for a plot's title, a run folder's name longer than ``width`` cut in its middle."""
+def _run_name(run_dir: Path, width: int = 60) -> str:
+    """The run folder's name for a plot's title, cut in its middle when longer than ``width``."""
     name = run_dir.resolve().name
-    if len(name) > width:
-        name = f"{name[:width // 2 - 1]}…{name[-(width // 2 - 1):]}"
-    return f"{name}/level_{level:02d}"
+    return f"{name[:width // 2 - 1]}…{name[-(width // 2 - 1):]}" if len(name) > width else name
+
+
+def _level_name(run_dir: Path, level: int) -> str:
+    """``run/level_XX`` for a plot's title."""
+    return f"{_run_name(run_dir)}/level_{level:02d}"
 
 
 def _plot_against_density(rows: list[dict], value, ylabel: str, path: Path) -> Path:
@@ -175,7 +179,7 @@ def main(args) -> list[Path]:
     run_dir = Path(args.dir) if hasattr(args, "dir") else _level_path(args.level_a)[0]
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    if args.analysis in ("levels", "hessian") and not level_numbers(run_dir, complete=True):
+    if args.analysis in ("levels", "hessian", "layers") and not level_numbers(run_dir, complete=True):
         raise ValueError(f"{run_dir} has no complete level yet (no level_XX/metrics.json): nothing to analyse")
     if args.analysis == "instability" and args.seeds[0] == args.seeds[1]:
         raise ValueError(f"--seeds must be two different seeds, got {args.seeds[0]} twice")
@@ -225,7 +229,54 @@ def main(args) -> list[Path]:
         else:
             print("no plot: the run has no two successive complete levels")
         return files
+    if args.analysis == "layers":
+        stem = out / f"layers_{run_dir.resolve().name}"
+        write = _claim(stem, {str(level): _fingerprint(run_dir, level)
+                              for level in level_numbers(run_dir, complete=True)})
+        result = layer_densities(run_dir)
+        print(_layer_table(result))
+        return [write(result), _plot_layers(result, run_dir, stem.with_suffix(".png"))]
     return _hessians(run_dir, out / f"hessian_{run_dir.resolve().name}", args)
+
+
+def _layer_table(result: dict) -> str:
+    """A markdown table: a row per layer (its name and weights), a column per level (the fraction it keeps)."""
+    levels = result["levels"]
+    lines = ["| layer | weights | " + " | ".join(f"level {row['level']}" for row in levels) + " |",
+             "|" + "---|" * (2 + len(levels)),
+             "| all | | " + " | ".join(f"{100 * row['density']:.2f}%" for row in levels) + " |"]
+    for layer in result["layers"]:
+        name = layer["name"]
+        lines.append(f"| {name} | {layer['weights']:,} | "
+                     + " | ".join(f"{100 * row['layers'][name]:.2f}%" for row in levels) + " |")
+    return "\n".join(lines)
+
+
+_LEGEND_LAYERS = 10   # more layers: coloured by depth, with a colour bar instead of a legend
+
+
+def _plot_layers(result: dict, run_dir: Path, path: Path) -> Path:
+    """Each layer's density against the run's (both in percent, log axes)."""
+    plt, fig, ax = _figure()
+    densities = [row["density"] for row in result["levels"]]
+    layers = result["layers"]
+    colours = plt.get_cmap("viridis")
+    for i, layer in enumerate(layers):
+        kept = [100 * row["layers"][layer["name"]] for row in result["levels"]]
+        colour = None if len(layers) <= _LEGEND_LAYERS else colours(i / max(len(layers) - 1, 1))
+        ax.plot([100 * d for d in densities], kept, marker="o", markersize=2, color=colour, label=layer["name"])
+    density_axis(ax, densities)
+    ax.set_yscale("log")
+    ax.set_ylabel("layer density (%, log scale)")
+    ax.set_title(f"{_run_name(run_dir)}: density of each pruned layer", fontsize="small")
+    if len(layers) <= _LEGEND_LAYERS:
+        ax.legend(fontsize="x-small")
+    else:
+        scale = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, len(layers) - 1))
+        bar = fig.colorbar(scale, ax=ax, label="layer (input to output)")
+        from matplotlib.ticker import MaxNLocator
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save_figure(plt, fig, ax, path)
 
 
 def _fingerprint(run_dir: Path, level: int) -> str:

@@ -18,11 +18,12 @@ from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import Batches, checked_split, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
-from swamp.rundir import level_dir, level_numbers, load_file, read_json
+from swamp.pipeline import completed_levels
+from swamp.rundir import DamagedFileError, level_dir, level_numbers, load_file, read_json
 from swamp.sparsify import set_masks, sparsify
 from swamp.train import train_particles
 
-__all__ = ["Run", "load_run", "instability", "successive_barriers", "level_hessians"]
+__all__ = ["Run", "load_run", "instability", "successive_barriers", "level_hessians", "layer_densities"]
 
 
 @dataclass
@@ -214,4 +215,23 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
         result["levels"].append(row)
         if progress is not None:
             progress(result)
+    return result
+
+
+def layer_densities(run_dir: str | Path) -> dict:
+    """The fraction each pruned weight keeps (its mask's) at every complete level of the run in
+    ``run_dir``, beside the level's density: ``{"method", "layers": [{"name", "weights"}],
+    "levels": [{"level", "density", "layers": {name: fraction}}]}``, layers in the model's order.
+    Reads the levels' masks and metrics only (no data set, no model)."""
+    summary = completed_levels(Path(run_dir))
+    result = {"method": summary["method"], "layers": [], "levels": []}
+    for metrics in summary["levels"]:
+        path = level_dir(Path(run_dir), metrics["level"]) / "mask.pt"
+        masks = load_file(path, map_location="cpu", weights_only=True)
+        if not (isinstance(masks, dict) and masks and all(isinstance(m, torch.Tensor) and m.dtype == torch.bool
+                                                          and m.numel() for m in masks.values())):
+            raise DamagedFileError(f"{path} is damaged: no dict of weight names to bool masks")
+        result["layers"] = [{"name": name, "weights": mask.numel()} for name, mask in masks.items()]
+        result["levels"].append({"level": metrics["level"], "density": metrics["density"],
+                                 "layers": {name: int(m.sum()) / m.numel() for name, m in masks.items()}})
     return result
