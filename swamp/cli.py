@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "run":
             config = cfg.load(args.config, args.overrides, check_paths=not args.dry_run)
+            cfg.validate_new_run(config)   # a dry run's too, before its data set is swapped
             summary = pipeline.run(pipeline.dry_run(config) if args.dry_run else config, args.out,
                                    quiet=args.quiet, replace_dry_run=args.dry_run)
             table = report.throughput_table if args.dry_run else report.markdown_table

@@ -20,7 +20,7 @@ import yaml
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", "RewindConfig",
            "SWAConfig", "TrainConfig", "DistributedConfig", "METHODS", "from_dict", "to_dict", "load", "apply_overrides",
-           "validate", "dump"]
+           "validate", "validate_new_run", "dump"]
 
 METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
@@ -245,8 +245,6 @@ def validate(config: Config, check_paths: bool = True) -> None:
                  f"{config.data.path!r} does not exist (dataset {config.data.name})")
     data = config.data
     _require(data.layout in DATA_LAYOUTS, "data.layout", f"must be one of {', '.join(DATA_LAYOUTS)}, got {data.layout!r}")
-    _require(data.layout == "auto" or data.name == "npz", "data.layout",
-             f"{data.layout} is for npz arrays; {data.name} data is read in its own layout (leave it auto)")
     for key in ("classes", "train_size", "test_size", "image_size"):
         _require(getattr(data, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(data, key)}")
     _require(data.workers >= 0, "data.workers", f"must be >= 0, got {data.workers}")
@@ -296,6 +294,14 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(train.gamma > 0, "train.gamma", f"must be > 0, got {train.gamma}")
     _require(all(m >= 0 for m in train.milestones), "train.milestones",
              f"epochs must be >= 0, got {train.milestones}")
+
+
+def validate_new_run(config: Config) -> None:
+    """Checks only a new run's config gets (ConfigError naming the key): settings that runs
+    started by an earlier swamp may hold, which their data set ignores (they still resume)."""
+    _require(config.data.layout == "auto" or config.data.name == "npz", "data.layout",
+             f"{config.data.layout} is for npz arrays; {config.data.name} data is read in its own layout "
+             "(leave it auto)")
 
 
 def dump(config: Config) -> str:

@@ -403,7 +403,7 @@ _NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 def _npz_arrays(path: Path, only_shape: Sequence[str] = ()) -> list[np.ndarray]:
     """x_train, y_train, x_test, y_test of the .npz at ``path`` (ConfigError naming what is wrong);
     those named in ``only_shape`` are read from their header alone, as zero-stride uint8 views
-    of their shape that take no memory (None where the header is of a format numpy reads whole)."""
+    of their shape that take no memory (read whole where their header cannot be read alone)."""
     try:
         arrays = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
@@ -415,25 +415,32 @@ def _npz_arrays(path: Path, only_shape: Sequence[str] = ()) -> list[np.ndarray]:
         if missing:
             raise ConfigError(f"data.path {str(path)!r}: the npz lacks arrays {', '.join(missing)} "
                               "(it needs x_train, y_train, x_test, y_test)")
-        loaded = []
+        loaded, members = [], arrays.zip.namelist()
         for name in _NPZ_ARRAYS:
             try:
-                shape = _npy_shape(arrays.zip, f"{name}.npy") if name in only_shape else None
+                member = name if name in members else f"{name}.npy"   # as numpy finds it
+                shape = _npy_shape(arrays.zip, member) if name in only_shape else None
                 loaded.append(arrays[name] if shape is None else np.broadcast_to(np.uint8(0), shape))
             except ValueError as error:   # object arrays need pickle, which loading user files must not run
                 raise ConfigError(f"data.path {str(path)!r}: {name}: {error}") from error
             except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:   # a damaged member
                 raise ConfigError(f"data.path {str(path)!r} is damaged: {name} ({error})") from error
+            if not isinstance(loaded[-1], np.ndarray):   # numpy hands over a member that is no .npy as bytes
+                raise ConfigError(f"data.path {str(path)!r}: {name} is no .npy array")
     return loaded
 
 
 def _npy_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...] | None:
     """The shape in the header of the .npy ``member`` of ``archive``, its data left unread; None
-    for a header version other than 1.0 and 2.0 (numpy has no public reader of the others)."""
+    for a header version other than 1.0 and 2.0 (numpy has no public reader of the others) or
+    none at all (reading the member whole names the problem)."""
     with archive.open(member) as file:
-        read = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(file))
-        return None if read is None else read(file)[0]
+        try:
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(file))
+            return None if read is None else read(file)[0]
+        except ValueError:
+            return None
 
 
 def _npz(path: Path, layout: str = "auto") -> TensorData:

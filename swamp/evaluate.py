@@ -13,8 +13,17 @@ from torch import nn
 
 from swamp.distributed import Group
 
-__all__ = ["network", "recompute_bn_", "probabilities", "correct", "accuracy", "accuracies",
+__all__ = ["SPLITS", "checked_split", "network", "recompute_bn_", "probabilities", "correct", "accuracy", "accuracies",
            "test_accuracy"]
+
+SPLITS = ("test", "train")   # what eval_batches serves
+
+
+def checked_split(split: str) -> str:
+    """``split`` if it is one of :data:`SPLITS`, else ValueError."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
 
 
 def network(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -69,6 +78,7 @@ def probabilities(net: nn.Module, data, batch_size: int, split: str = "test",
                   shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax outputs ``[N, classes]``, labels ``[N]``) on this ``shard``'s un-augmented batches
     of ``split``, "test" or "train" (``data.eval_batches``); ``N = 0`` when the shard has no batch."""
+    checked_split(split)
     net.eval()
     probs = [torch.empty(0, data.num_classes, device=data.device)]
     labels = [torch.empty(0, dtype=torch.long, device=data.device)]

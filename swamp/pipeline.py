@@ -34,7 +34,7 @@ from torch.distributed import DistError
 
 from swamp import distributed, evaluate
 from swamp.config import (Config, ConfigError, DataConfig, apply_overrides, changed_keys, dump, from_dict, load, to_dict,
-                          validate)
+                          validate, validate_new_run)
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
@@ -135,6 +135,7 @@ def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: b
     ``out`` must not hold a run, except with ``replace_dry_run`` an earlier :func:`dry_run`'s,
     which is deleted. Under ``torchrun`` every rank calls this with the same arguments."""
     validate(config)
+    validate_new_run(config)
     swamp_kernels.preferred_backend()   # a bad SWAMP_KERNELS_BACKEND fails before the run starts
     out = Path(out)
 
@@ -431,6 +432,7 @@ def check(config: Config) -> None:
     """Raise ConfigError (or the data set's error) now for what :func:`run` would refuse in one
     process: the config's checks, then those that need the data set (loaded on the CPU)."""
     validate(config)
+    validate_new_run(config)
     one = Group.single()
     _check_schedule(config, load_data(config.data), Topology(one, one, one, torch.device("cpu")),
                     pretrains=bool(config.rewind.iterations))
@@ -566,6 +568,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             return metrics, final_state, masks
 
         levels, begin_state = _levels(config), rewind_state
+        del rewind_state   # rewind.mode lr: not held once level 1 begins from level 0's solution
         for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
             metrics, final_state, masks = run_level(level, masks, begin_state)
             summary["levels"].append(metrics)
@@ -581,7 +584,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                 masks = new_masks
                 topology.world.broadcast_(list(masks.values()))
                 if config.rewind.mode == "lr":   # the next level goes on from this one's weights
-                    begin_state = {n: final_state[n] for n in rewind_state}
-                    topology.world.broadcast_(list(begin_state.values()))   # as rewind.pt's: one start for all
+                    begin_state = {n: final_state[n] for n in begin_state}
+                    topology.world.broadcast_(list(begin_state.values()))   # as the masks: every rank begins alike
             del final_state  # the next level trains without this one's weights held (but for rewind.mode lr)
         return summary

@@ -239,8 +239,9 @@ def test_eval_fn_measures_the_split_it_names(digits):
         error, loss = data_eval_fn(digits, 100, split)(net)
         assert error == pytest.approx((logits.argmax(-1) != y).double().mean().item())
         assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
-    with pytest.raises(ValueError, match="split must be one of test, train, got 'val'"):
-        data_eval_fn(digits, 100, "val")
+    for wrong in (lambda: data_eval_fn(digits, 100, "val"), lambda: evaluate.probabilities(net, digits, 100, "val")):
+        with pytest.raises(ValueError, match="split must be one of test, train, got 'val'"):
+            wrong()
 
 
 def test_bn_statistics_are_recomputed_at_every_point(digits):
@@ -454,6 +455,16 @@ def test_an_analysis_never_overwrites_another_runs_file(swamp_run, tmp_path, mon
     (out / name).write_text(json.dumps({"barrier": 0.1}))   # a file that names no run
     assert analyze(swamp_run) == 2 and "holds no record of the run it analysed" in capsys.readouterr().err
     assert json.loads((out / name).read_text()) == {"barrier": 0.1}
+
+
+def test_a_run_named_with_a_dot_keeps_each_splits_file(swamp_run, tmp_path):
+    dotted = tmp_path / "swamp.lr0.1"
+    shutil.copytree(swamp_run, dotted)
+    for split in ("test", "train"):
+        assert cli.main(["analyze", "levels", str(dotted), "--points", "2", "--split", split]) == 0
+    written = sorted(p.name for p in (dotted / "analysis").iterdir())
+    assert written == ["levels_swamp.lr0.1.json", "levels_swamp.lr0.1.png", "levels_swamp.lr0.1_train.json",
+                       "levels_swamp.lr0.1_train.png"]
 
 
 def test_layer_densities_are_the_masks_kept_fractions(swamp_run, tmp_path, capsys, monkeypatch):

@@ -80,8 +80,6 @@ def test_dump_round_trips(tmp_path):
     ("", ["prune.scope=per_layer"], "prune.scope"),
     ("rewind: {mode: learning_rate}\n", [], "rewind.mode"),
     ("", ["data.layout=nhwc"], "data.layout"),
-    ("", ["data.layout=channels_last"], "data.layout"),   # digits: the layout is the loader's
-    ("data: {name: synthetic, layout: channels_first}\n", [], "data.layout"),
     ("", ["device=cuda:x"], "device"),
     ("", ["model.hidden=[8, -3]"], "model.hidden"),
     ("", ["train.gamma=-1"], "train.gamma"),
@@ -203,6 +201,7 @@ def test_an_interrupted_run_names_the_command_that_continues_it(monkeypatch, cap
         raise KeyboardInterrupt
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(C, "load", lambda *args, **kwargs: None)
+    monkeypatch.setattr(C, "validate_new_run", lambda config: None)
     monkeypatch.setattr(cli.pipeline, argv[0], interrupted)
     monkeypatch.setattr(cli.pipeline, "finished", lambda out, overrides: False)
     assert cli.main(argv) == 130   # before the run directory holds a run: nothing to resume

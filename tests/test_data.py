@@ -118,6 +118,25 @@ def test_npz_input_spec_reads_the_inputs_headers_only(tmp_path):
     assert input_spec(config) == ([3, 5, 600], 4)
 
 
+@pytest.mark.parametrize("suffix, broken", [("", None), (".npy", "x_train"), (".npy", "y_test"), ("", "x_test")])
+def test_npz_members_numpy_reads_are_read_and_others_named(tmp_path, suffix, broken):
+    """Members named without .npy load as numpy loads them; a member that is no .npy file is named
+    by input_spec and load_data alike (numpy hands it over as bytes)."""
+    x = np.random.default_rng(9).integers(0, 256, (10, 3, 8, 8), dtype=np.uint8)
+    path = tmp_path / "odd.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, array in (("x_train", x), ("y_train", np.arange(10) % 5), ("x_test", x[:2]), ("y_test", np.ones(2))):
+            with archive.open(name + suffix, "w") as member:
+                member.write(b"no array") if name == broken else np.lib.format.write_array(member, array)
+    config = DataConfig(name="npz", path=str(path))
+    if broken is None:
+        assert input_spec(config) == ([3, 8, 8], 5) and load_data(config).input_shape == (3, 8, 8)
+        return
+    for read in (input_spec, load_data):
+        with pytest.raises(ConfigError, match=f"odd.npz': {broken} is no .npy array"):
+            read(config)
+
+
 @pytest.mark.parametrize("shape, layout, expected", [   # auto: the rule runs started before data.layout read by
     ((8, 5, 4, 3), "auto", (3, 5, 4)),        # RGB last
     ((8, 64, 7, 7), "auto", (64, 7, 7)),      # 64 channels first

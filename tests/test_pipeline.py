@@ -468,6 +468,25 @@ def test_resume_refuses_a_config_yaml_edited_in_what_its_levels_compute(tmp_path
     assert cli.main(["resume", str(out), "--quiet"]) == 0
 
 
+def test_data_layout_is_for_npz_in_new_runs_and_kept_in_older_runs_that_set_it(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(C.dump(tiny("imp", levels=1)).replace("layout: auto", "layout: channels_last"))
+    for dry in ([], ["--dry-run"]):
+        assert cli.main(["run", str(config), "--out", str(tmp_path / "new"), *dry]) == 2
+        assert "config key 'data.layout': channels_last is for npz arrays; digits data is read in its own layout " \
+               "(leave it auto)" in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()
+    with pytest.raises(C.ConfigError, match="'data.layout'"):
+        pipeline.check(C.load(config))
+    out = tmp_path / "old"   # a digits run of an earlier swamp, which ignored the key
+    pipeline.run(tiny("imp", levels=1), out, quiet=True)
+    (out / "level_01" / "metrics.json").unlink()
+    for name in ("config.yaml", ".started.yaml"):
+        (out / name).write_text((out / name).read_text().replace("layout: auto", "layout: channels_last"))
+    assert cli.main(["resume", str(out), "--quiet"]) == 0
+    assert cli.main(["report", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+
+
 def test_resume_with_more_levels_continues_a_finished_run_as_if_it_had_planned_them(tmp_path, capsys):
     out, straight = tmp_path / "run", tmp_path / "straight"
     first = pipeline.run(tiny("imp", levels=1), out, quiet=True)

@@ -10,9 +10,10 @@ from typing import Callable
 
 import torch
 
-from swamp.analysis.landscape import SPLITS, l2_distance, mask_overlap
+from swamp.analysis.landscape import l2_distance, mask_overlap
 from swamp.analysis.runs import instability, layer_densities, level_hessians, load_run, successive_barriers
 from swamp.config import DEVICE_NAME
+from swamp.evaluate import SPLITS
 from swamp.rundir import atomic_write, level_dir, level_numbers, read_json
 from swamp.report import density_axis
 
@@ -112,6 +113,11 @@ def add_parser(commands) -> None:
     sub("layers", "the density of every pruned layer at every level (reads the masks only)")
 
 
+def _file(stem: Path, suffix: str) -> Path:
+    """``stem`` + ``suffix`` (not ``with_suffix``, which would cut a run name such as ``lr0.1`` at its dot)."""
+    return stem.with_name(stem.name + suffix)
+
+
 def _write(path: Path, write) -> Path:
     """``atomic_write`` into a folder made on the first write (a failing analysis leaves none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +208,7 @@ def main(args) -> list[Path]:
         result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points, split)}
         print(f"{split} error barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
         title = f"{_level_name(dir_a, level_a)}\nto {_level_name(dir_b, level_b)}"
-        return [write(result), _plot_path(result, title, stem.with_suffix(".png"))]
+        return [write(result), _plot_path(result, title, _file(stem, ".png"))]
     if args.analysis == "instability":
         seeds = "_".join(str(seed) for seed in args.seeds)   # another pair of copies, another file
         stem = out / f"instability_{run_dir.resolve().name}_level_{args.level:02d}_seeds_{seeds}{on}"
@@ -214,7 +220,7 @@ def main(args) -> list[Path]:
         print(f"level {args.level}: {split} error barrier {result['barrier']:.4f}  "
               f"l2_distance {result['l2_distance']:.4f}")
         title = f"{_level_name(run_dir, args.level)}\ncopies trained with seeds {args.seeds[0]} and {args.seeds[1]}"
-        return [write(result), _plot_path(result, title, stem.with_suffix(".png"))]
+        return [write(result), _plot_path(result, title, _file(stem, ".png"))]
     if args.analysis == "levels":
         stem = out / f"levels_{run_dir.resolve().name}{on}"
         write = _claim(stem, {str(level): _fingerprint(run_dir, level)
@@ -225,7 +231,7 @@ def main(args) -> list[Path]:
             print(f"level {row['from_level']} -> {row['to_level']}: {split} error barrier {row['barrier']:.4f}")
         if result["levels"]:
             files.append(_plot_against_density(result["levels"], lambda r: 100 * r["barrier"],
-                                               f"{split} error barrier level L -> L+1 (%)", stem.with_suffix(".png")))
+                                               f"{split} error barrier level L -> L+1 (%)", _file(stem, ".png")))
         else:
             print("no plot: the run has no two successive complete levels")
         return files
@@ -235,7 +241,7 @@ def main(args) -> list[Path]:
                               for level in level_numbers(run_dir, complete=True)})
         result = layer_densities(run_dir)
         print(_layer_table(result))
-        return [write(result), _plot_layers(result, run_dir, stem.with_suffix(".png"))]
+        return [write(result), _plot_layers(result, run_dir, _file(stem, ".png"))]
     return _hessians(run_dir, out / f"hessian_{run_dir.resolve().name}", args)
 
 
@@ -289,7 +295,7 @@ def _claim(stem: Path, solutions: dict[str, str]) -> Callable[[dict], Path]:
     level solutions ``solutions`` (role -> :func:`_fingerprint`): it is absent, or it records only
     these solutions under those roles (this analysis again, of the same run, moved or with more
     levels). Returns the writer of a result, which records ``solutions`` in it."""
-    path = stem.with_suffix(".json")
+    path = _file(stem, ".json")
     if path.is_file():
         earlier = read_json(path)
         recorded = earlier.get("metrics_sha1") if isinstance(earlier, dict) else None
@@ -309,7 +315,7 @@ def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
     The run is told by its levels, not its path: a moved run keeps its analysis."""
     settings = {"k": args.k, "batches": args.batches, "batch_seed": 0, "iters": args.iters, "tol": args.tol,
                 "trace_samples": args.trace_samples}   # batch_seed: random batches (older files: the first)
-    path = stem.with_suffix(".json")
+    path = _file(stem, ".json")
     earlier = read_json(path) if path.is_file() else {"settings": settings, "levels": []}
     if not isinstance(earlier, dict) or not isinstance(earlier.get("levels"), list):
         raise ValueError(f"{path} is no hessian analysis file; move it away or pick another --out")
@@ -343,4 +349,4 @@ def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
         level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device,
                        levels, progress=write, batch_seed=settings["batch_seed"])
     return [path, _plot_against_density(merged["levels"], lambda r: r["eigenvalues"][0],
-                                        "top Hessian eigenvalue", stem.with_suffix(".png"))]
+                                        "top Hessian eigenvalue", _file(stem, ".png"))]

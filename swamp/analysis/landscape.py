@@ -38,20 +38,10 @@ class _LoaderAsData:
                 yield batch if isinstance(batch, (tuple, list)) else (batch, None)
 
 
-SPLITS = ("test", "train")
-
-
-def checked_split(split: str) -> str:
-    """``split`` if it names a split of the data ("test" or "train"), else ValueError."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    return split
-
-
 def data_eval_fn(data, batch_size: int, split: str = "test") -> Callable[[nn.Module], tuple[float, float]]:
     """``net -> (error, mean cross-entropy)`` on ``data``'s ``split``, "test" or "train"
     (un-augmented: every training example once)."""
-    checked_split(split)
+    evaluate.checked_split(split)
 
     def eval_fn(net: nn.Module) -> tuple[float, float]:
         probs, labels = evaluate.probabilities(net, data, batch_size, split)

@@ -15,7 +15,7 @@ from torch import nn
 from swamp import config as cfg
 from swamp import evaluate
 from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
-from swamp.analysis.landscape import Batches, checked_split, data_eval_fn, interpolation_barrier, l2_distance
+from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
 from swamp.pipeline import completed_levels
@@ -128,7 +128,7 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
     Each copy is one network: for a SWAMP run, one particle with SWA (not the P-particle average)."""
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise ValueError(f"seeds must be two different integers, got {tuple(seeds)}")
-    checked_split(split)
+    evaluate.checked_split(split)
     run = load_run(run_dir, device)
     config, masks = run.config, run.masks(level)
     set_masks(run.model, masks)
@@ -157,7 +157,7 @@ def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str |
     density of L+1) and, for runs that saved particles (SWAMP), Choi et al.'s barriers between
     each pair of a level's particles and between each particle and their average (``"particles"``),
     on ``split`` ("test" or "train")."""
-    checked_split(split)
+    evaluate.checked_split(split)
     run = load_run(run_dir, device)
     levels = run.levels()
     result = {"method": run.config.method, "split": split, "levels": [], "particles": []}
