@@ -9,6 +9,10 @@ import swamp
 import swamp_kernels as sk
 from swamp.imp import next_masks
 
+# net()'s small-scale layer is pruned away by the fractions used here; the collapse warning itself
+# is tested below (test_pruning_that_empties_a_layer_warns_of_layer_collapse) and in test_pipeline.
+pytestmark = pytest.mark.filterwarnings("ignore:pruning removed every remaining weight:UserWarning")
+
 
 def net(seed: int = 0) -> nn.Module:
     """Layers of very different scales (a global threshold prunes the small one first), a
