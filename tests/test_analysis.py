@@ -342,6 +342,12 @@ def test_cli_writes_json_and_plots(swamp_run, tmp_path, argv, files, capsys):
     if argv[0] == "hessian":
         assert [len(r["eigenvalues"]) for r in result["levels"]] == [2, 2, 2]
         assert all(r["eigenvalues"][0] >= r["eigenvalues"][1] > 0 and r["trace"] > 0 for r in result["levels"])
+        from swamp.analysis import load_run
+        weights = sum(p.numel() for p in load_run(swamp_run).model.parameters())
+        for row in result["levels"]:   # the trace over the Hessian's size: the weights left unpruned
+            pruned = sum(int((~m).sum()) for m in torch.load(swamp_run / f"level_0{row['level']}" / "mask.pt").values())
+            assert row["trace_per_weight"] == pytest.approx(row["trace"] / (weights - pruned))
+        assert f"({result['levels'][2]['trace_per_weight']:.3g} per unpruned weight)" in capsys.readouterr().out
     if argv[0] == "masks":
         masks = [torch.load(swamp_run / f"level_0{i}" / "mask.pt") for i in (1, 2)]
         kept = [sum(int(m.sum()) for m in level.values()) for level in masks]

@@ -342,8 +342,9 @@ def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
         unconverged = "" if row["converged"] else " (not converged: raise --iters)"
         trace = f"; trace {row['trace']:.4g}" if "trace" in row else ""
         error = f" ± {row['trace_standard_error']:.2g}" if row.get("trace_standard_error") is not None else ""
+        per_weight = f" ({row['trace_per_weight']:.3g} per unpruned weight)" if "trace_per_weight" in row else ""
         print(f"level {row['level']}: top eigenvalues {', '.join(f'{e:.4g}' for e in row['eigenvalues'])}"
-              f"{unconverged}{trace}{error}")
+              f"{unconverged}{trace}{error}{per_weight}")
 
     if levels:
         level_hessians(run_dir, args.k, args.batches, args.iters, args.tol, args.trace_samples, args.device,

@@ -182,7 +182,8 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
                    trace_samples: int = 0, device: str | torch.device = "cpu", levels: Sequence[int] | None = None,
                    progress: Callable[[dict], None] | None = None, batch_seed: int = 0) -> dict:
     """Top-``k`` Hessian eigenvalues, whether they converged (and, with ``trace_samples`` > 0, the
-    Hutchinson trace and its standard error) of the solution of each of ``levels`` (default: every
+    Hutchinson trace, its standard error and the trace per unpruned weight, comparable across
+    levels of different sizes) of the solution of each of ``levels`` (default: every
     completed level), restricted to its mask, on ``batches`` training batches (un-augmented)
     drawn at random, the same for every level (seed ``batch_seed``; a data set stored class by
     class gives no first batches of a few classes), with the cross-entropy loss.
@@ -196,11 +197,11 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
     result = {"method": run.config.method, "batches": 0, "levels": []}
     if not levels:
         return result
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    unpruned = lambda masks: trainable - sum(int((~m).sum()) for m in masks.values())   # the Hessian's size
     last = levels[-1]   # masks only shrink from level to level: the last has the fewest weights
-    unpruned = sum(p.numel() for p in run.model.parameters() if p.requires_grad) - sum(
-        int((~m).sum()) for m in run.masks(last).values())
-    if k > unpruned:   # before the first level's work
-        raise ValueError(f"k = {k} is above the {unpruned} unpruned parameters of level {last}")
+    if k > unpruned(run.masks(last)):   # before the first level's work
+        raise ValueError(f"k = {k} is above the {unpruned(run.masks(last))} unpruned parameters of level {last}")
     drawn = run.data.train_batches([torch.Generator().manual_seed(batch_seed)], run.batch_size, augment=False)
     train = [(x[0], y[0]) for _, (x, y) in zip(range(batches), drawn)]   # [1, B, ...]: one "particle"
     result["batches"] = len(train)
@@ -211,7 +212,8 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
                "converged": top.converged}
         if trace_samples:
             trace = hessian_trace(net, F.cross_entropy, train, masks, trace_samples)
-            row.update(trace=trace.trace, trace_standard_error=trace.standard_error)
+            row.update(trace=trace.trace, trace_standard_error=trace.standard_error,
+                       trace_per_weight=trace.trace / unpruned(masks))
         result["levels"].append(row)
         if progress is not None:
             progress(result)
