@@ -290,6 +290,33 @@ def test_successive_barriers_on_a_swamp_run(swamp_run):
         assert level["to_average"][0]["errors"][-1] == pytest.approx(1 - summary["levels"][level["level"]]["test_accuracy"])
 
 
+def test_bn_statistics_along_a_path_come_from_the_batches_asked_for(tmp_path, monkeypatch):
+    """--bn-batches N: N un-augmented training batches drawn at random without repeats, the same at
+    every point; by default every training example once, in order."""
+    from swamp.analysis import load_run
+    out = tmp_path / "bn"
+    pipeline.run(C.from_dict({"method": "imp", "levels": 1, "model": {"name": "cifar_resnet_8_4"}, "device": "cpu",
+                              "rewind": {"iterations": 0}, "train": {"epochs": 1, "batch_size": 256, "milestones": []}}),
+                 out, quiet=True)
+    seen, recompute = [], evaluate.recompute_bn_
+
+    def recorded(net, data, batch_size, *args, **kwargs):
+        seen.append(torch.cat([x for x, _ in data.eval_batches("train", batch_size)]))
+        return recompute(net, data, batch_size, *args, **kwargs)
+    monkeypatch.setattr(evaluate, "recompute_bn_", recorded)
+    run = load_run(out)
+    state = run.state(1)
+    path = run.barrier(state, state, 3, bn_batches=2)
+    assert path["bn_batches"] == 2 and len(seen) == 3 and all(torch.equal(x, seen[0]) for x in seen)
+    assert seen[0].shape[0] == 512 and len(seen[0].unique(dim=0)) == 512
+    assert not torch.equal(seen[0][:256], run.data.x_train[:256])
+    seen.clear()
+    assert run.barrier(state, state, 2)["bn_batches"] is None and len(seen) == 2
+    assert torch.equal(seen[0], run.data.x_train)
+    with pytest.raises(ValueError, match="bn_batches must be None .* or an int >= 1, got 0"):
+        run.barrier(state, state, 2, bn_batches=0)
+
+
 def test_successive_barriers_on_the_train_split(swamp_run):
     from swamp.analysis import load_run
     run = load_run(swamp_run)
@@ -432,8 +459,8 @@ def test_hessian_keeps_each_level_as_it_is_done_and_computes_only_what_is_missin
 ])
 def test_an_analysis_never_overwrites_another_runs_file(swamp_run, tmp_path, monkeypatch, capsys, argv, name):
     from swamp.analysis import commands
-    monkeypatch.setattr(commands, "instability", lambda run_dir, level, seeds, points, device, split:
-                        instability(run_dir, level, seeds, 2, device, split))
+    monkeypatch.setattr(commands, "instability", lambda run_dir, level, seeds, points, device, **options:
+                        instability(run_dir, level, seeds, 2, device, **options))
     out = tmp_path / "shared"
 
     def analyze(run):
@@ -564,6 +591,8 @@ def test_cli_refuses_a_run_without_complete_levels(swamp_run, tmp_path, capsys, 
 @pytest.mark.parametrize("argv, message", [
     (["hessian", "{run}", "--k", "0"], "argument --k: must be >= 1, got 0"),
     (["levels", "{run}", "--points", "1"], "argument --points: must be >= 2, got 1"),
+    (["instability", "{run}", "--level", "1", "--bn-batches", "0"], "argument --bn-batches: must be >= 1, got 0"),
+    (["barrier", "{run}/level_00", "{run}/level_01", "--split", "val"], "argument --split: invalid choice: 'val'"),
     (["hessian", "{run}", "--trace-samples", "x"], "argument --trace-samples: 'x' is not an integer"),
     (["hessian", "{run}", "--tol", "-1"], "argument --tol: must be a finite number > 0, got -1"),
     (["hessian", "{run}", "--tol", "nan"], "argument --tol: must be a finite number > 0, got nan"),

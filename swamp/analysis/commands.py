@@ -75,12 +75,16 @@ def add_parser(commands) -> None:
     split = dict(choices=SPLITS, default="test",
                  help="the split the error and loss are measured on (default: test; train: every training "
                       "example once, un-augmented; its files' names end in _train)")
+    bn_batches = dict(type=_at_least(1), metavar="N",
+                      help="BatchNorm statistics at each point from N training batches drawn at random, the same "
+                           "at every point (default: the whole training set, exact; fewer are faster on ImageNet)")
     barrier = sub("barrier", "error along the segment between two levels' solutions (of runs of one config)",
                   run_dir=False)
     barrier.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
     barrier.add_argument("level_b", help="level directory (of the same run or a run of the same config)")
     barrier.add_argument("--points", **points)
     barrier.add_argument("--split", **split)
+    barrier.add_argument("--bn-batches", **bn_batches)
     unstable = sub("instability", "train a level twice with different data orders; their barrier (each copy "
                                   "trains one network: SWAMP runs train one particle with SWA)")
     unstable.add_argument("--level", type=_at_least(0), required=True, help="the level to train again")
@@ -88,9 +92,11 @@ def add_parser(commands) -> None:
                           help="the two copies' data-order seeds (default: 1 2)")
     unstable.add_argument("--points", **points)
     unstable.add_argument("--split", **split)
+    unstable.add_argument("--bn-batches", **bn_batches)
     levels = sub("levels", "barriers between successive levels, and among SWAMP particles")
     levels.add_argument("--points", **points)
     levels.add_argument("--split", **split)
+    levels.add_argument("--bn-batches", **bn_batches)
     hessian = sub("hessian", "top Hessian eigenvalues (and trace) of every level, on its mask")
     hessian.add_argument("--k", type=_at_least(1), default=1, help="eigenvalues per level (default: 1)")
     hessian.add_argument("--batches", type=_at_least(1), default=4,
@@ -205,7 +211,8 @@ def main(args) -> list[Path]:
                       "l2_distance": l2_distance(state_a, state_b, run.parameter_names)}
             print(f"mask overlap (Jaccard) {result['global']:.4f}  l2_distance {result['l2_distance']:.4f}")
             return [write(result)]
-        result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points, split)}
+        result = {"a": args.level_a, "b": args.level_b, **run.barrier(state_a, state_b, args.points, split=split,
+                                                                    bn_batches=args.bn_batches)}
         print(f"{split} error barrier {result['barrier']:.4f}  l2_distance {result['l2_distance']:.4f}")
         title = f"{_level_name(dir_a, level_a)}\nto {_level_name(dir_b, level_b)}"
         return [write(result), _plot_path(result, title, _file(stem, ".png"))]
@@ -216,7 +223,8 @@ def main(args) -> list[Path]:
         if args.level not in complete:
             raise FileNotFoundError(f"{run_dir}: level {args.level} is not complete; complete levels are {complete}")
         write = _claim(stem, {"level": _fingerprint(run_dir, args.level)})
-        result = instability(run_dir, args.level, args.seeds, args.points, args.device, split)
+        result = instability(run_dir, args.level, args.seeds, args.points, args.device, split=split,
+                             bn_batches=args.bn_batches)
         print(f"level {args.level}: {split} error barrier {result['barrier']:.4f}  "
               f"l2_distance {result['l2_distance']:.4f}")
         title = f"{_level_name(run_dir, args.level)}\ncopies trained with seeds {args.seeds[0]} and {args.seeds[1]}"
@@ -225,7 +233,7 @@ def main(args) -> list[Path]:
         stem = out / f"levels_{run_dir.resolve().name}{on}"
         write = _claim(stem, {str(level): _fingerprint(run_dir, level)
                               for level in level_numbers(run_dir, complete=True)})
-        result = successive_barriers(run_dir, args.points, args.device, split)
+        result = successive_barriers(run_dir, args.points, args.device, split=split, bn_batches=args.bn_batches)
         files = [write(result)]
         for row in result["levels"]:
             print(f"level {row['from_level']} -> {row['to_level']}: {split} error barrier {row['barrier']:.4f}")

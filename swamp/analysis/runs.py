@@ -15,7 +15,7 @@ from torch import nn
 from swamp import config as cfg
 from swamp import evaluate
 from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
-from swamp.analysis.landscape import Batches, data_eval_fn, interpolation_barrier, l2_distance
+from swamp.analysis.landscape import Batches, SampledBatches, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
 from swamp.pipeline import completed_levels
@@ -87,13 +87,19 @@ class Run:
     def parameter_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters()]
 
-    def barrier(self, state_a: dict, state_b: dict, num_points: int, split: str = "test") -> dict:
-        """:func:`interpolation_barrier` on ``split`` ("test" or "train"), BN recomputed on the
-        training set, plus the parameters' L2 distance."""
+    def barrier(self, state_a: dict, state_b: dict, num_points: int, *, split: str = "test",
+                bn_batches: int | None = None) -> dict:
+        """:func:`interpolation_barrier` on ``split`` ("test" or "train"), BN recomputed at each
+        point on the training set (or on ``bn_batches`` batches of it drawn at random, the same
+        at every point), plus the parameters' L2 distance."""
+        _check_path_options(split, bn_batches)
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        bn_loader = None if not has_bn else Batches(self.data, "train", self.batch_size) if bn_batches is None \
+            else SampledBatches(self.data, self.batch_size, bn_batches)
         path = interpolation_barrier(self.model, state_a, state_b, data_eval_fn(self.data, self.batch_size, split),
-                                     num_points, Batches(self.data, "train", self.batch_size) if has_bn else None)
-        return {**path, "split": split, "l2_distance": l2_distance(state_a, state_b, self.parameter_names)}
+                                     num_points, bn_loader)
+        return {**path, "split": split, "bn_batches": bn_batches,
+                "l2_distance": l2_distance(state_a, state_b, self.parameter_names)}
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
@@ -119,16 +125,16 @@ def _config_error(directory: Path, error: cfg.ConfigError) -> cfg.ConfigError:
 
 
 def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), num_points: int = 11,
-                device: str | torch.device = "cpu", split: str = "test") -> dict:
+                device: str | torch.device = "cpu", *, split: str = "test", bn_batches: int | None = None) -> dict:
     """Frankle et al.'s instability analysis of ``level``: two copies trained from the weights
     the level started from (the rewind weights; with rewind.mode lr, past level 0, the previous
     level's solution) under the level's mask, with the pipeline's trainer and schedule but batch
     orders seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path on ``split``
-    ("test" or "train"), barrier and L2 distance.
+    ("test" or "train"), barrier and L2 distance (``bn_batches``: see :meth:`Run.barrier`).
     Each copy is one network: for a SWAMP run, one particle with SWA (not the P-particle average)."""
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise ValueError(f"seeds must be two different integers, got {tuple(seeds)}")
-    evaluate.checked_split(split)
+    _check_path_options(split, bn_batches)
     run = load_run(run_dir, device)
     config, masks = run.config, run.masks(level)
     set_masks(run.model, masks)
@@ -148,22 +154,23 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
             evaluate.recompute_bn_(net, run.data, run.batch_size)
         finals.append(net.state_dict())
     return {"level": level, "density": run.metrics(level)["density"], "seeds": [int(s) for s in seeds],
-            **run.barrier(finals[0], finals[1], num_points, split)}
+            **run.barrier(finals[0], finals[1], num_points, split=split, bn_batches=bn_batches)}
 
 
-def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str | torch.device = "cpu",
-                        split: str = "test") -> dict:
+def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str | torch.device = "cpu", *,
+                        split: str = "test", bn_batches: int | None = None) -> dict:
     """Paul et al.'s barriers between the solutions of levels L and L+1 (``"levels"``, with the
     density of L+1) and, for runs that saved particles (SWAMP), Choi et al.'s barriers between
     each pair of a level's particles and between each particle and their average (``"particles"``),
-    on ``split`` ("test" or "train")."""
-    evaluate.checked_split(split)
+    on ``split`` ("test" or "train"); ``bn_batches``: see :meth:`Run.barrier`."""
+    _check_path_options(split, bn_batches)
     run = load_run(run_dir, device)
+    barrier = functools.partial(run.barrier, num_points=num_points, split=split, bn_batches=bn_batches)
     levels = run.levels()
     result = {"method": run.config.method, "split": split, "levels": [], "particles": []}
     for a, b in zip(levels, levels[1:]):
         result["levels"].append({"from_level": a, "to_level": b, "density": run.metrics(b)["density"],
-                                 **run.barrier(run.state(a), run.state(b), num_points, split)})
+                                 **barrier(run.state(a), run.state(b))})
     for level in levels:
         particles = run.particle_states(level)
         if not particles:
@@ -171,11 +178,17 @@ def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str |
         average = run.state(level)
         result["particles"].append({
             "level": level, "density": run.metrics(level)["density"],
-            "pairs": [{"a": i, "b": j, **run.barrier(particles[i], particles[j], num_points, split)}
+            "pairs": [{"a": i, "b": j, **barrier(particles[i], particles[j])}
                       for i, j in combinations(range(len(particles)), 2)],
-            "to_average": [{"particle": i, **run.barrier(p, average, num_points, split)}
-                           for i, p in enumerate(particles)]})
+            "to_average": [{"particle": i, **barrier(p, average)} for i, p in enumerate(particles)]})
     return result
+
+
+def _check_path_options(split: str, bn_batches: int | None) -> None:
+    """ValueError now, before any work, for a ``split`` or ``bn_batches`` :meth:`Run.barrier` refuses."""
+    evaluate.checked_split(split)
+    if bn_batches is not None and (isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1):
+        raise ValueError(f"bn_batches must be None (the whole training set) or an int >= 1, got {bn_batches!r}")
 
 
 def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int = 100, tol: float = 1e-4,
@@ -202,8 +215,7 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
     last = levels[-1]   # masks only shrink from level to level: the last has the fewest weights
     if k > unpruned(run.masks(last)):   # before the first level's work
         raise ValueError(f"k = {k} is above the {unpruned(run.masks(last))} unpruned parameters of level {last}")
-    drawn = run.data.train_batches([torch.Generator().manual_seed(batch_seed)], run.batch_size, augment=False)
-    train = [(x[0], y[0]) for _, (x, y) in zip(range(batches), drawn)]   # [1, B, ...]: one "particle"
+    train = list(SampledBatches(run.data, run.batch_size, batches, batch_seed))
     result["batches"] = len(train)
     for level in levels:
         net, masks = evaluate.network(run.model, run.state(level)), run.masks(level)
