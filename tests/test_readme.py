@@ -1,12 +1,18 @@
-"""The README's Python examples of the masked layers, MaskedSGD and the ops run as written, given
-the names they take as the user's own (``model``; stacked ``particles``, ``params``, ``grads``,
-``buffers``)."""
+"""The README's Python examples of the masked layers, MaskedSGD, the ops and the analyses run as
+written, given the names they take as the user's own (``model``; stacked ``particles``, ``params``,
+``grads``, ``buffers``; a run directory), and its config block holds every key at its default."""
 import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
+import yaml
 from torch import nn
+
+from swamp import config as C
+from swamp import pipeline
+from swamp.data import load_data
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -64,3 +70,29 @@ def test_ops_example():
     for mask, average, particle, param in zip(masks, swa, stacked, names["params"]):
         assert torch.equal(average, particle.mean(0) * mask)
         assert torch.all(param[:, ~mask] == 0)
+
+
+def test_analysis_example(tmp_path):
+    run_dir = tmp_path / "imp"
+    pipeline.run(C.from_dict({"method": "imp", "levels": 1, "model": {"hidden": [16]}, "device": "cpu",
+                              "rewind": {"iterations": 2}, "train": {"epochs": 1, "milestones": []}}),
+                 run_dir, quiet=True)
+    from swamp.analysis import load_run
+    run = load_run(run_dir)
+    state_a, state_b = run.state(0), run.state(1)
+    data = load_data(run.config.data)
+    x, y = next(data.eval_batches("train", 64))
+    names = run_blocks("Analysis", {
+        "model": run.model, "state_a": state_a, "state_b": state_b, "run_dir": run_dir, "level": 1,
+        "eval_fn": lambda net: (0.0, 0.0), "loss_fn": F.cross_entropy, "batches": [(x, y)],
+        "mask_a": run.masks(0), "mask_b": run.masks(1)})
+    assert set(names["path"]) >= {"alphas", "errors", "losses", "barrier", "loss_barrier"}
+
+
+def test_config_block_holds_every_key_at_its_default():
+    block = re.search(r"```yaml\n(data:.*?)```", README.read_text(), re.S).group(1)
+    assert C.to_dict(C.from_dict(yaml.safe_load(block))) == C.to_dict(C.Config())
+    assert set(yaml.safe_load(block)) == set(C.to_dict(C.Config()))   # every section named
+    for section, values in yaml.safe_load(block).items():
+        if isinstance(values, dict):
+            assert set(values) == set(C.to_dict(C.Config())[section]), section   # every key named
