@@ -60,9 +60,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
+    name: str = "mlp"                    # a registry name, or your factory: package.module:function | file.py:function
     hidden: list[int] = field(default_factory=lambda: [300, 100])   # mlp only
     init: str = "openlth"                # openlth: kaiming-normal weights, BatchNorm scale ~ U[0, 1) | torch
+
+    def __post_init__(self):
+        where, colon, function = self.name.rpartition(":") if isinstance(self.name, str) else ("", "", "")
+        if colon and where.endswith(".py"):   # a file, as data.path: wherever the run is resumed from
+            self.name = f"{os.path.abspath(os.path.expanduser(where))}:{function}"
 
 
 @dataclass

@@ -6,10 +6,18 @@ LeNet-5 has 61,706),
 OpenLTH ``cifar_resnet_D[_W]`` (D = 6n + 2, width W, default 16), ``wrn_D_k`` (pre-activation
 wide ResNet, D = 6n + 4), ``cifar_vgg_{11,13,16,19}``, torchvision ``resnet50``. ``model.init``
 ``openlth`` (the default) initialises them all as OpenLTH does; ``torch`` keeps PyTorch's.
+
+Your own architecture: ``package.module:function`` (importable) or ``path/to/file.py:function``
+names a factory ``function(input_shape, num_classes) -> nn.Module``; ``model.init`` applies to it
+too (``torch`` keeps the factory's initialisation).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -174,8 +182,41 @@ def _openlth_init_(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _factory(name: str):
+    """The function ``name`` (``module:function`` or ``file.py:function``) names; ConfigError
+    naming model.name where it cannot be found (an error inside the user's module is raised as is)."""
+    where, _, function = name.rpartition(":")
+    if not where or not function:
+        raise ConfigError(f"config key 'model.name': {name!r} names no factory; write package.module:function "
+                          "or path/to/file.py:function")
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise ConfigError(f"config key 'model.name': {name!r}: no file {where}")
+        spec = importlib.util.spec_from_file_location(   # one module name per file: two files never collide
+            f"swamp_model_{hashlib.sha1(where.encode()).hexdigest()[:12]}", where)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as error:
+            if error.name is None or not (where == error.name or where.startswith(error.name + ".")):
+                raise   # the module was found; an import inside it failed
+            raise ConfigError(f"config key 'model.name': {name!r}: no module {where} on the Python path "
+                              "(install it, set PYTHONPATH, or name its file: path/to/file.py:function)") from None
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise ConfigError(f"config key 'model.name': {name!r}: {where} has no function {function}")
+    return factory
+
+
 def _architecture(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     name = config.name
+    if ":" in name:
+        model = _factory(name)(tuple(input_shape), num_classes)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"config key 'model.name': {name!r} returned a {type(model).__name__}, not an nn.Module")
+        return model
     image = len(input_shape) == 3
     if name == "mlp":
         return _mlp(config.hidden, input_shape, num_classes)
@@ -202,4 +243,5 @@ def _architecture(config: ModelConfig, input_shape: tuple[int, ...], num_classes
         import torchvision
         return torchvision.models.resnet50(num_classes=num_classes)
     raise ConfigError(f"model.name {name!r} is unknown; choose mlp, lenet5, cifar_resnet_D[_W], "
-                      "wrn_D_k, cifar_vgg_{11,13,16,19} or resnet50")
+                      "wrn_D_k, cifar_vgg_{11,13,16,19} or resnet50, or name your own factory: "
+                      "package.module:function or path/to/file.py:function")

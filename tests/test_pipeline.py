@@ -292,6 +292,52 @@ def test_openlth_initialisation():
     assert all((m.weight == 1).all() for m in theirs.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
+FACTORY = """
+import math
+from torch import nn
+
+def net(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 20), nn.ReLU(), nn.Linear(20, num_classes))
+
+def not_a_model(input_shape, num_classes):
+    return [input_shape, num_classes]
+"""
+
+
+def test_a_factory_of_the_users_own_trains_as_the_registry_models_do(tmp_path, monkeypatch):
+    """model.name: file.py:function (made absolute, as data.path) or module:function; the run, its
+    resume and its analyses build the model the same way."""
+    from swamp.analysis import layer_densities, successive_barriers
+    (tmp_path / "mine.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    config = tiny("imp", levels=1, model={"name": "mine.py:net"})
+    assert config.model.name == f"{tmp_path / 'mine.py'}:net"
+    out = tmp_path / "run"
+    summary = pipeline.run(config, out, quiet=True)
+    assert [sorted(torch.load(out / f"level_0{i}" / "mask.pt")) for i in (0, 1)] == [["1.weight", "3.weight"]] * 2
+    assert summary["levels"][1]["density"] == pytest.approx(1 - FRACTION, abs=1e-3)
+    assert summary["levels"][0]["test_accuracy"] > 0.5
+    assert [r["to_level"] for r in successive_barriers(out, num_points=2)["levels"]] == [1]
+    assert layer_densities(out)["layers"][0] == {"name": "1.weight", "weights": 64 * 20}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model(C.ModelConfig(name="mine:net"), (1, 8, 8), 10)
+    assert [type(m).__name__ for m in model] == ["Flatten", "Linear", "ReLU", "Linear"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("gone.py:net", r"'model.name': '.*gone.py:net': no file .*gone.py"),
+    ("no_such_module_here:net", r"no module no_such_module_here on the Python path"),
+    ("mine.py:missing", r"mine.py has no function missing"),
+    ("mine.py:not_a_model", r"mine.py:not_a_model' returned a list, not an nn.Module"),
+    ("mine.py:", r"names no factory"),
+])
+def test_a_factory_that_cannot_be_used_is_named(tmp_path, monkeypatch, name, message):
+    (tmp_path / "mine.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(C.ConfigError, match=message):
+        build_model(C.ModelConfig(name=name), (1, 8, 8), 10)
+
+
 def test_bad_model_names_fail():
     for name in ("cifar_resnet_21", "wrn_27_2", "cifar_vgg_12", "alexnet"):
         with pytest.raises(C.ConfigError, match=name):
