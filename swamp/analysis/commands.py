@@ -231,8 +231,7 @@ def main(args) -> list[Path]:
         return [write(result), _plot_path(result, title, _file(stem, ".png"))]
     if args.analysis == "levels":
         stem = out / f"levels_{run_dir.resolve().name}{on}"
-        write = _claim(stem, {str(level): _fingerprint(run_dir, level)
-                              for level in level_numbers(run_dir, complete=True)})
+        write = _claim_levels(stem, run_dir)
         result = successive_barriers(run_dir, args.points, args.device, split=split, bn_batches=args.bn_batches)
         files = [write(result)]
         for row in result["levels"]:
@@ -245,8 +244,7 @@ def main(args) -> list[Path]:
         return files
     if args.analysis == "layers":
         stem = out / f"layers_{run_dir.resolve().name}"
-        write = _claim(stem, {str(level): _fingerprint(run_dir, level)
-                              for level in level_numbers(run_dir, complete=True)})
+        write = _claim_levels(stem, run_dir)
         result = layer_densities(run_dir)
         print(_layer_table(result))
         return [write(result), _plot_layers(result, run_dir, _file(stem, ".png"))]
@@ -314,6 +312,11 @@ def _claim(stem: Path, solutions: dict[str, str]) -> Callable[[dict], Path]:
             raise FileExistsError(f"{path} holds the analysis of another run of the same folder name (or one "
                                   "started again there): pick another --out (or move the file away) to keep it")
     return lambda result: _write_json(path, {**result, "metrics_sha1": solutions})
+
+
+def _claim_levels(stem: Path, run_dir: Path) -> Callable[[dict], Path]:
+    """:func:`_claim` for an analysis of every complete level of the run in ``run_dir``."""
+    return _claim(stem, {str(level): _fingerprint(run_dir, level) for level in level_numbers(run_dir, complete=True)})
 
 
 def _hessians(run_dir: Path, stem: Path, args) -> list[Path]:
