@@ -13,16 +13,17 @@ too (``torch`` keeps the factory's initialisation).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from swamp.config import ConfigError, ModelConfig
 
@@ -160,11 +161,19 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: 
 
 
 def _check_input_fits(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
-    """Raise ConfigError unless ``model`` takes a batch of ``input_shape`` (a forward pass on the
-    meta device: shapes only, no memory, no compute)."""
-    state = {n: torch.empty_like(t, device="meta") for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    """Raise ConfigError unless ``model`` takes a batch of ``input_shape``: a forward pass of a
+    copy on the meta device (shapes only, no compute), or where that cannot run (a data-dependent
+    op such as ``.item()``), of a copy in eval mode on a CPU batch of zeros. ``model`` itself is
+    not touched."""
     try:
-        functional_call(model, state, (torch.empty(2, *input_shape, device="meta"),))
+        with torch.no_grad():
+            copy.deepcopy(model).to("meta").eval()(torch.empty(2, *input_shape, device="meta"))
+        return
+    except (RuntimeError, NotImplementedError):
+        pass
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).eval()(torch.zeros(2, *input_shape))
     except RuntimeError as error:
         raise ConfigError(f"config key 'model.name': {name} does not take the data's inputs of shape "
                           f"{list(input_shape)} ({error})") from None
@@ -191,10 +200,15 @@ def _factory(name: str):
                           "or path/to/file.py:function")
     if where.endswith(".py"):
         if not Path(where).is_file():
-            raise ConfigError(f"config key 'model.name': {name!r}: no file {where}")
+            raise ConfigError(f"config key 'model.name': {name!r}: no file {where} (for a run whose factory file "
+                              f"moved, `swamp resume RUN_DIR --set model.name=NEW/{Path(where).name}:{function}` "
+                              "records its new place)")
+        folder = str(Path(where).parent)
+        if folder not in sys.path:   # its imports of the files beside it work, as when Python runs it
+            sys.path.insert(0, folder)
         spec = importlib.util.spec_from_file_location(   # one module name per file: two files never collide
             f"swamp_model_{hashlib.sha1(where.encode()).hexdigest()[:12]}", where)
-        module = importlib.util.module_from_spec(spec)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # registered, as an import is
         spec.loader.exec_module(module)
     else:
         try:

@@ -159,8 +159,17 @@ def _run_config(out: Path) -> Config:
 
 # What ``resume --set`` (or an edit of the run's config.yaml) may change: where and how the run
 # executes, and how many levels it trains (not fewer than it has reached); never what a level computes.
+# model.name may also change where it names a factory file that moved (see _moved_factory).
 RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_groups", "distributed.timeout_s",
                "train.checkpoint_every", "levels")
+
+
+def _moved_factory(then: str, now: str) -> bool:
+    """Whether model.name ``now`` names the factory ``then`` named, its file moved: both a
+    ``file.py:function`` of one file name and one function."""
+    (old, _, old_function), (new, _, new_function) = then.rpartition(":"), now.rpartition(":")
+    return (old.endswith(".py") and new.endswith(".py") and Path(old).name == Path(new).name
+            and old_function == new_function)
 
 
 def _reached_level(out: Path) -> int:
@@ -181,21 +190,24 @@ def _resume_config(out: Path, overrides: Sequence[str] = (), warn: bool = True) 
     where it differs from the config the run started with in any other key (an edited file), or
     where its levels would end below a level the run has reached. ``warn``: when the run has no
     record of its starting config."""
-    config = _run_config(out)
+    before = _run_config(out)
     for item in overrides:
         key = item.partition("=")[0]
-        if key not in RESUME_KEYS:
+        if key not in (*RESUME_KEYS, "model.name"):
             raise ConfigError(f"resume --set {item!r}: {key!r} would change the run's results; resume can "
-                              f"change only {', '.join(RESUME_KEYS)}")
-    config = from_dict(apply_overrides(to_dict(config), overrides))
+                              f"change only {', '.join(RESUME_KEYS)} (and model.name to a moved factory file)")
+    config = from_dict(apply_overrides(to_dict(before), overrides))
+    if config.model.name != before.model.name and not _moved_factory(before.model.name, config.model.name):
+        raise ConfigError(f"resume --set model.name={config.model.name}: only a factory file that moved may be "
+                          f"named anew (the same file name and function as {before.model.name})")
     if not (out / STARTED_CONFIG).is_file():   # a run started before it was kept, or deleted
         if warn:
             warnings.warn(f"{out} has no {STARTED_CONFIG}: this resume cannot check its config.yaml against the "
                           "config the run started with (later resumes check against this one's)", stacklevel=3)
     else:
         started = load(out / STARTED_CONFIG, check_paths=False)
-        changed = [f"{key}: {now!r}, started with {then!r}"
-                   for key, then, now in changed_keys(started, config) if key not in RESUME_KEYS]
+        changed = [f"{key}: {now!r}, started with {then!r}" for key, then, now in changed_keys(started, config)
+                   if key not in RESUME_KEYS and not (key == "model.name" and _moved_factory(then, now))]
         if changed:
             raise ConfigError(f"{out}/config.yaml differs from the config the run started with ({out / STARTED_CONFIG}) "
                               f"in what its levels compute: {'; '.join(changed)}. Put it back; resume can change "

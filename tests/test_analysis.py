@@ -315,6 +315,7 @@ def test_bn_statistics_along_a_path_come_from_the_batches_asked_for(tmp_path, mo
     assert torch.equal(seen[0], run.data.x_train)
     with pytest.raises(ValueError, match="bn_batches must be None .* or an int >= 1, got 0"):
         run.barrier(state, state, 2, bn_batches=0)
+    assert run.barrier(state, state, 2, bn_batches=1000)["bn_batches"] == run.data.steps_per_epoch(256)   # all drawn
 
 
 def test_successive_barriers_on_the_train_split(swamp_run):
@@ -521,14 +522,19 @@ def test_layer_densities_are_the_masks_kept_fractions(swamp_run, tmp_path, capsy
     torch.save({"1.weight": torch.ones(3)}, damaged / "level_01" / "mask.pt")
     with pytest.raises(DamagedFileError, match=r"level_01/mask.pt is damaged: no dict of weight names to bool"):
         layer_densities(damaged)
+    torch.save({n: m for n, m in masks[1].items() if n != "3.weight"}, damaged / "level_01" / "mask.pt")
+    with pytest.raises(DamagedFileError, match=r"level_01/mask.pt is damaged: its masks name other weights than "
+                                               r"level 0's"):
+        layer_densities(damaged)
 
 
 def test_layer_plot_of_many_layers_colours_them_by_depth(tmp_path):
     from swamp.analysis import commands
     names = [f"{i}.weight" for i in range(12)]
     result = {"layers": [{"name": n, "weights": 10} for n in names],
-              "levels": [{"level": level, "density": 0.8 ** level, "layers": dict.fromkeys(names, 0.8 ** level)}
-                         for level in range(3)]}
+              "levels": [{"level": level, "density": 0.8 ** level,
+                          "layers": {**dict.fromkeys(names, 0.8 ** level), "0.weight": 1.0 - 0.5 * level}}
+                         for level in range(3)]}   # 0.weight pruned away at level 2
     path = commands._plot_layers(result, tmp_path, tmp_path / "layers.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 

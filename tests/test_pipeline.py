@@ -292,26 +292,62 @@ def test_openlth_initialisation():
     assert all((m.weight == 1).all() for m in theirs.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-FACTORY = """
+FACTORY = """from __future__ import annotations
+
+import dataclasses
 import math
+
 from torch import nn
 
+from blocks import head   # a file beside this one
+
+
+@dataclasses.dataclass
+class Widths:   # a dataclass under postponed annotations needs its module registered
+    hidden: int = 20
+
+
 def net(input_shape, num_classes):
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 20), nn.ReLU(), nn.Linear(20, num_classes))
+    width = Widths().hidden
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(), head(width, num_classes))
+
+
+def reused(input_shape, num_classes):   # one module applied twice
+    shared = nn.Linear(20, 20)
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 20), shared, nn.ReLU(), shared,
+                         nn.Linear(20, num_classes))
+
+
+class Branching(nn.Sequential):
+    def forward(self, x):   # a data-dependent op: no meta-device forward
+        y = super().forward(x)
+        return y if y.sum().item() >= 0 else -y
+
+
+def branching(input_shape, num_classes):
+    return Branching(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
 
 def not_a_model(input_shape, num_classes):
     return [input_shape, num_classes]
 """
 
 
+def write_factory(folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "mine.py").write_text(FACTORY)
+    (folder / "blocks.py").write_text("from torch import nn\n\ndef head(width, classes):\n"
+                                      "    return nn.Linear(width, classes)\n")
+
+
 def test_a_factory_of_the_users_own_trains_as_the_registry_models_do(tmp_path, monkeypatch):
     """model.name: file.py:function (made absolute, as data.path) or module:function; the run, its
     resume and its analyses build the model the same way."""
     from swamp.analysis import layer_densities, successive_barriers
-    (tmp_path / "mine.py").write_text(FACTORY)
+    write_factory(tmp_path / "models")
     monkeypatch.chdir(tmp_path)
-    config = tiny("imp", levels=1, model={"name": "mine.py:net"})
-    assert config.model.name == f"{tmp_path / 'mine.py'}:net"
+    config = tiny("imp", levels=1, model={"name": "models/mine.py:net"})
+    assert config.model.name == f"{tmp_path / 'models' / 'mine.py'}:net"
     out = tmp_path / "run"
     summary = pipeline.run(config, out, quiet=True)
     assert [sorted(torch.load(out / f"level_0{i}" / "mask.pt")) for i in (0, 1)] == [["1.weight", "3.weight"]] * 2
@@ -319,9 +355,23 @@ def test_a_factory_of_the_users_own_trains_as_the_registry_models_do(tmp_path, m
     assert summary["levels"][0]["test_accuracy"] > 0.5
     assert [r["to_level"] for r in successive_barriers(out, num_points=2)["levels"]] == [1]
     assert layer_densities(out)["layers"][0] == {"name": "1.weight", "weights": 64 * 20}
-    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "models").rename(tmp_path / "moved")   # resumed from its new place, as a moved data set
+    shutil.rmtree(out / "level_01")
+    with pytest.raises(C.ConfigError, match=r"no file .*models/mine.py \(for a run whose factory file moved, "
+                                            r"`swamp resume RUN_DIR --set model.name=NEW/mine.py:net`"):
+        pipeline.resume(out, quiet=True)
+    for other in ("moved/blocks.py:net", "moved/mine.py:reused", "mlp"):
+        with pytest.raises(C.ConfigError, match="only a factory file that moved may be named anew"):
+            pipeline.resume(out, quiet=True, overrides=[f"model.name={other}"])
+    resumed = pipeline.resume(out, quiet=True, overrides=["model.name=moved/mine.py:net"])
+    assert [level["test_accuracy"] for level in resumed["levels"]] == [level["test_accuracy"] for level in summary["levels"]]
+    assert C.load(out / "config.yaml").model.name == f"{tmp_path / 'moved' / 'mine.py'}:net"
+    monkeypatch.syspath_prepend(str(tmp_path / "moved"))
     model = build_model(C.ModelConfig(name="mine:net"), (1, 8, 8), 10)
     assert [type(m).__name__ for m in model] == ["Flatten", "Linear", "ReLU", "Linear"]
+    for name in ("reused", "branching"):   # built whole, on the CPU, and trainable
+        model = build_model(C.ModelConfig(name=f"mine:{name}"), (1, 8, 8), 10)
+        assert {p.device.type for p in model.parameters()} == {"cpu"} and model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -332,7 +382,7 @@ def test_a_factory_of_the_users_own_trains_as_the_registry_models_do(tmp_path, m
     ("mine.py:", r"names no factory"),
 ])
 def test_a_factory_that_cannot_be_used_is_named(tmp_path, monkeypatch, name, message):
-    (tmp_path / "mine.py").write_text(FACTORY)
+    write_factory(tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(C.ConfigError, match=message):
         build_model(C.ModelConfig(name=name), (1, 8, 8), 10)

@@ -268,15 +268,21 @@ _LEGEND_LAYERS = 10   # more layers: coloured by depth, with a colour bar instea
 
 
 def _plot_layers(result: dict, run_dir: Path, path: Path) -> Path:
-    """Each layer's density against the run's (both in percent, log axes)."""
+    """Each layer's density against the run's (both in percent, log axes); a layer pruned away
+    (0%) is drawn on a dotted line below every other value."""
     plt, fig, ax = _figure()
     densities = [row["density"] for row in result["levels"]]
     layers = result["layers"]
+    kept = {layer["name"]: [100 * row["layers"][layer["name"]] for row in result["levels"]] for layer in layers}
+    positive = [value for values in kept.values() for value in values if value > 0]
+    floor = min(positive, default=100) / 3   # where 0% is drawn on the log axis
+    if len(positive) < sum(map(len, kept.values())):
+        ax.axhline(floor, color="0.5", linestyle=":", linewidth=1, label="0% (layer pruned away)")
     colours = plt.get_cmap("viridis")
     for i, layer in enumerate(layers):
-        kept = [100 * row["layers"][layer["name"]] for row in result["levels"]]
         colour = None if len(layers) <= _LEGEND_LAYERS else colours(i / max(len(layers) - 1, 1))
-        ax.plot([100 * d for d in densities], kept, marker="o", markersize=2, color=colour, label=layer["name"])
+        ax.plot([100 * d for d in densities], [value or floor for value in kept[layer["name"]]], marker="o",
+                markersize=2, color=colour, label=layer["name"])
     density_axis(ax, densities)
     ax.set_yscale("log")
     ax.set_ylabel("layer density (%, log scale)")

@@ -91,11 +91,16 @@ class Run:
                 bn_batches: int | None = None) -> dict:
         """:func:`interpolation_barrier` on ``split`` ("test" or "train"), BN recomputed at each
         point on the training set (or on ``bn_batches`` batches of it drawn at random, the same
-        at every point), plus the parameters' L2 distance."""
+        at every point; the result records how many an epoch held), plus the parameters' L2 distance."""
         _check_path_options(split, bn_batches)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        bn_loader = None if not has_bn else Batches(self.data, "train", self.batch_size) if bn_batches is None \
-            else SampledBatches(self.data, self.batch_size, bn_batches)
+        if bn_batches is not None:   # what is drawn: an epoch holds fewer
+            bn_batches = min(bn_batches, self.data.steps_per_epoch(self.batch_size))
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            bn_loader = None
+        elif bn_batches is None:
+            bn_loader = Batches(self.data, "train", self.batch_size)
+        else:
+            bn_loader = SampledBatches(self.data, self.batch_size, bn_batches)
         path = interpolation_barrier(self.model, state_a, state_b, data_eval_fn(self.data, self.batch_size, split),
                                      num_points, bn_loader)
         return {**path, "split": split, "bn_batches": bn_batches,
@@ -149,10 +154,8 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
         state = {n: (t * masks[n] if n in masks else t).unsqueeze(0).clone() for n, t in begin.items()}
         result = train_particles(run.model, state, run.data, dataclasses.replace(config, seed=int(seed)),
                                  stage=level, begin=config.rewind.iterations, end=total, swa=swa)
-        net = evaluate.network(run.model, {n: t[0] for n, t in result.state.items()})
-        if result.swa:
-            evaluate.recompute_bn_(net, run.data, run.batch_size)
-        finals.append(net.state_dict())
+        finals.append(evaluate.network(run.model, {n: t[0] for n, t in result.state.items()}).state_dict())
+        # an SWA copy's BatchNorm statistics are stale, but the barrier recomputes them at every point
     return {"level": level, "density": run.metrics(level)["density"], "seeds": [int(s) for s in seeds],
             **run.barrier(finals[0], finals[1], num_points, split=split, bn_batches=bn_batches)}
 
@@ -235,8 +238,9 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
 def layer_densities(run_dir: str | Path) -> dict:
     """The fraction each pruned weight keeps (its mask's) at every complete level of the run in
     ``run_dir``, beside the level's density: ``{"method", "layers": [{"name", "weights"}],
-    "levels": [{"level", "density", "layers": {name: fraction}}]}``, layers in the model's order.
-    Reads the levels' masks and metrics only (no data set, no model)."""
+    "levels": [{"level", "density", "layers": {name: fraction}}]}``, layers in the model's order
+    (a weight shared by several layers under each of its names). Reads the levels' masks and
+    metrics only (no data set, no model)."""
     summary = completed_levels(Path(run_dir))
     result = {"method": summary["method"], "layers": [], "levels": []}
     for metrics in summary["levels"]:
@@ -245,7 +249,11 @@ def layer_densities(run_dir: str | Path) -> dict:
         if not (isinstance(masks, dict) and masks and all(isinstance(m, torch.Tensor) and m.dtype == torch.bool
                                                           and m.numel() for m in masks.values())):
             raise DamagedFileError(f"{path} is damaged: no dict of weight names to bool masks")
-        result["layers"] = [{"name": name, "weights": mask.numel()} for name, mask in masks.items()]
+        if not result["layers"]:
+            result["layers"] = [{"name": name, "weights": mask.numel()} for name, mask in masks.items()]
+        if [layer["name"] for layer in result["layers"]] != list(masks):
+            raise DamagedFileError(f"{path} is damaged: its masks name other weights than level "
+                                   f"{summary['levels'][0]['level']}'s")
         result["levels"].append({"level": metrics["level"], "density": metrics["density"],
                                  "layers": {name: int(m.sum()) / m.numel() for name, m in masks.items()}})
     return result
