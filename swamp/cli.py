@@ -1,5 +1,5 @@
 """Command line: ``swamp run CONFIG --out DIR [--set k=v ...] [--quiet] [--dry-run]``, ``swamp resume DIR [--set k=v ...]``,
-``swamp report DIR [DIR ...] [--plot PATH]``, ``swamp analyze {barrier,instability,levels,hessian,masks} ...``.
+``swamp report DIR [DIR ...] [--plot PATH] [--seeds]``, ``swamp analyze {barrier,instability,levels,hessian,masks} ...``.
 
 ``run`` and ``resume`` also run under ``torchrun`` (``torchrun --nproc_per_node N -m swamp run ...``)."""
 from __future__ import annotations
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                                              "finished)")
     rep.add_argument("--plot", default="accuracy_vs_density.png",
                      help="where to write the plot (default: accuracy_vs_density.png here)")
+    rep.add_argument("--seeds", action="store_true",
+                     help="merge runs whose configs differ only in their seed: mean ± standard deviation over "
+                          "them, on the levels all of them completed")
     analyze.add_parser(commands)
     return parser
 
@@ -96,15 +99,17 @@ def main(argv=None) -> int:
                 print(f"wrote {path}")
         else:   # the plot first: printing stops where a reader leaves (`swamp report ... | head`)
             runs = report.load_runs(args.dirs)
+            planned = [pipeline.level_count(directory) for directory in args.dirs]
+            partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
+                       for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
+            if args.seeds:
+                runs = report.over_seeds(runs, args.dirs)
             plotted = refused = None
             try:
                 plotted = report.plot(runs, args.plot) if any(s["levels"] for s in runs.values()) else None
             except (ValueError, OSError) as error:   # the path: raised once the table is out
                 refused = error
             print(report.markdown_table(runs))
-            planned = [pipeline.level_count(directory) for directory in args.dirs]
-            partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
-                       for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
             if partial:
                 print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
             if refused:

@@ -45,7 +45,7 @@ from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
 
-__all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "DRY_RUN_STEPS"]
+__all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "run_config", "DRY_RUN_STEPS"]
 
 DRY_RUN_STEPS = 20
 
@@ -68,7 +68,7 @@ def dry_run(config: Config) -> Config:
 def is_dry_run(out: str | Path) -> bool:
     """True when ``out`` holds a run of a :func:`dry_run` config (False when it holds no readable run)."""
     try:
-        config = _run_config(Path(out))
+        config = run_config(Path(out))
     except (OSError, ValueError):   # unreadable: no dry run (never raised on rank 0 alone)
         return False
     return config.data.name == "synthetic" and config == dry_run(config)
@@ -147,7 +147,8 @@ def run(config: Config, out: str | Path, quiet: bool = False, replace_dry_run: b
     return _distributed(config, start)
 
 
-def _run_config(out: Path) -> Config:
+def run_config(out: Path) -> Config:
+    """The config of the run in ``out`` (its config.yaml); a missing or damaged one is named."""
     if not out.is_dir():
         raise FileNotFoundError(f"{out} does not exist" if not out.exists() else f"{out} is no run directory (a file)")
     if not (out / "config.yaml").is_file():
@@ -190,7 +191,7 @@ def _resume_config(out: Path, overrides: Sequence[str] = (), warn: bool = True) 
     where it differs from the config the run started with in any other key (an edited file), or
     where its levels would end below a level the run has reached. ``warn``: when the run has no
     record of its starting config."""
-    before = _run_config(out)
+    before = run_config(out)
     for item in overrides:
         key = item.partition("=")[0]
         if key not in (*RESUME_KEYS, "model.name"):
@@ -277,7 +278,7 @@ def _all_levels_done(out: Path, config: Config) -> bool:
 
 def level_count(out: str | Path) -> int:
     """How many levels the run in ``out`` trains when finished (level 0 included)."""
-    return len(_levels(_run_config(Path(out))))
+    return len(_levels(run_config(Path(out))))
 
 
 def _number(value) -> bool:
@@ -289,7 +290,7 @@ def completed_levels(out: str | Path) -> dict:
     """The summary of the run in ``out`` as its level directories tell it: the levels complete
     from level 0 on (what ``summary.json`` holds, should that be missing or damaged)."""
     out = Path(out)
-    config = _run_config(out)
+    config = run_config(out)
     levels = []
     for level in _levels(config):
         path = level_dir(out, level) / "metrics.json"

@@ -1,13 +1,17 @@
 """``swamp report``: a markdown table and ``accuracy_vs_density.png`` comparing run directories."""
 from __future__ import annotations
 
+import json
+import os
+import statistics
 from pathlib import Path
 from typing import Sequence
 
-from swamp.pipeline import completed_levels, is_dry_run
+from swamp.config import to_dict
+from swamp.pipeline import RESUME_KEYS, completed_levels, is_dry_run, run_config
 from swamp.rundir import atomic_write, existing_ancestor
 
-__all__ = ["load_runs", "markdown_table", "particle_table", "throughput_table", "plot", "density_axis"]
+__all__ = ["load_runs", "over_seeds", "markdown_table", "particle_table", "throughput_table", "plot", "density_axis"]
 
 
 def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
@@ -27,6 +31,55 @@ def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
     return {_label(path, paths): completed_levels(path) for path in paths}
 
 
+def over_seeds(runs: dict[str, dict], directories: Sequence[str | Path]) -> dict[str, dict]:
+    """``runs`` (:func:`load_runs` of ``directories``, in their order) with the runs whose configs
+    differ only in ``seed`` (and in what ``resume --set`` may change) merged into one: per level
+    that all of them completed, the mean test accuracy and its sample standard deviation
+    (``test_accuracy_std``), the mean ensemble accuracy, every particle's accuracy, and ``runs``.
+    A merged run is labelled by its runs' common label prefix (``imp_s*``), headed with its seeds."""
+    groups: dict[str, list[str]] = {}
+    for label, directory in zip(runs, directories):
+        groups.setdefault(_without_seed(Path(directory)), []).append(label)
+    return {_group_label(labels): runs[labels[0]] if len(labels) == 1 else _merged([runs[x] for x in labels])
+            for labels in groups.values()}
+
+
+def _without_seed(directory: Path) -> str:
+    """The run's config as text, its seed and what a resume may change left out: runs that read
+    alike are seeds of one experiment."""
+    values = to_dict(run_config(directory))
+    for key in (*RESUME_KEYS, "seed"):
+        *sections, leaf = key.split(".")
+        table = values
+        for section in sections:
+            table = table[section]
+        del table[leaf]
+    return json.dumps(values, sort_keys=True)
+
+
+def _group_label(labels: list[str]) -> str:
+    """One run's label; several runs' common prefix with ``*`` (``imp_s*``), or the first's ``+ N``."""
+    if len(labels) == 1:
+        return labels[0]
+    prefix = os.path.commonprefix(labels).rstrip("_-. /")
+    return f"{prefix}*" if prefix else f"{labels[0]} + {len(labels) - 1}"
+
+
+def _merged(summaries: list[dict]) -> dict:
+    levels = []
+    for rows in zip(*(s["levels"] for s in summaries)):   # the levels all of them completed
+        accuracies = [r["test_accuracy"] for r in rows]
+        row = {"level": rows[0]["level"], "density": rows[0]["density"], "test_accuracy": statistics.mean(accuracies),
+               "test_accuracy_std": statistics.stdev(accuracies), "runs": len(rows)}
+        particles = [a for r in rows for a in r.get("particle_test_accuracy", ())]
+        if particles:
+            row["particle_test_accuracy"] = particles
+        if all("ensemble_test_accuracy" in r for r in rows):
+            row["ensemble_test_accuracy"] = statistics.mean(r["ensemble_test_accuracy"] for r in rows)
+        levels.append(row)
+    return {"method": summaries[0]["method"], "levels": levels, "runs": len(summaries)}
+
+
 def _label(path: Path, paths: Sequence[Path]) -> str:
     """The last folders of ``path``, as few as tell it from every other of ``paths``."""
     for depth in range(1, len(path.parts)):   # the root (parts[0]) is no folder name
@@ -41,12 +94,18 @@ def _percent(value: float) -> str:
 
 
 def _accuracy(row: dict) -> str:
+    """The test accuracy, ``mean ± std`` over the seeds of a merged run (:func:`over_seeds`)."""
+    if "test_accuracy_std" in row:
+        return f"{100 * row['test_accuracy']:.2f} ± {_percent(row['test_accuracy_std'])}"
     return _percent(row["test_accuracy"])
 
 
-def _heading(label: str, method: str) -> str:
-    """A run's name in tables and legends: ``label (method)``, or the label alone where it is the method."""
-    return label if label == method else f"{label} ({method})"
+def _heading(label: str, summary: dict) -> str:
+    """A run's name in tables and legends: ``label (method)``, or the label alone where it is the
+    method; seeds merged by :func:`over_seeds` add their count, ``imp_s* (imp, 3 seeds)``."""
+    notes = ([] if label == summary["method"] else [summary["method"]]) + (
+        [f"{summary['runs']} seeds"] if "runs" in summary else [])
+    return f"{label} ({', '.join(notes)})" if notes else label
 
 
 def markdown_table(runs: dict[str, dict]) -> str:
@@ -54,7 +113,7 @@ def markdown_table(runs: dict[str, dict]) -> str:
     label alone where it is the method). Where the runs' densities at a level differ (other
     prune fractions), the density column says so and each cell holds its own. Runs of several
     particles (SWAMP) add a second table: see ``particle_table``."""
-    table = _table(runs, [(_heading(label, s["method"]), label, _accuracy) for label, s in runs.items()])
+    table = _table(runs, [(_heading(label, s), label, _accuracy) for label, s in runs.items()])
     particles = particle_table(runs)
     return f"{table}\n\n{particles}" if particles else table
 
@@ -63,8 +122,8 @@ def particle_table(runs: dict[str, dict]) -> str:
     """For each run of several particles, per level: the test accuracy of the averaged network,
     of its particles (mean, and lowest to highest) and of their ensemble (the mean of their
     predicted probabilities); "" if no run has several particles."""
-    several = [label for label, s in runs.items()
-               if any(len(r.get("particle_test_accuracy", ())) > 1 for r in s["levels"])]
+    several = [label for label, s in runs.items()   # more particles than runs (merged seeds: one each)
+               if any(len(r.get("particle_test_accuracy", ())) > s.get("runs", 1) for r in s["levels"])]
     if not several:
         return ""
 
@@ -79,7 +138,7 @@ def particle_table(runs: dict[str, dict]) -> str:
         return _percent(row["ensemble_test_accuracy"]) if "ensemble_test_accuracy" in row else "–"
     columns = []
     for label in several:
-        name = _heading(label, runs[label]["method"])
+        name = _heading(label, runs[label])
         columns += [(f"{name}: averaged", label, _accuracy),
                     (f"{name}: particles, mean (range)", label, particles),
                     (f"{name}: ensemble", label, ensemble)]
@@ -90,7 +149,7 @@ def particle_table(runs: dict[str, dict]) -> str:
 def throughput_table(runs: dict[str, dict]) -> str:
     """Rows: levels; columns: density and images per second per run (particle-images, all ranks):
     what a dry run measures (its accuracies, on synthetic data, mean nothing)."""
-    return _table(runs, [(f"{_heading(label, s['method'])}: images/s", label,
+    return _table(runs, [(f"{_heading(label, s)}: images/s", label,
                           lambda r: f"{r['images_per_second']:,.1f}") for label, s in runs.items()])
 
 
@@ -136,8 +195,9 @@ _METADATA = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Crea
 
 
 def plot(runs: dict[str, dict], path: str | Path) -> Path:
-    """Test accuracy against density (log axis), one line per pruned run, and for a run of
-    several particles (SWAMP) a band in its colour from its lowest to its highest particle; the
+    """Test accuracy against density (log axis), one line per pruned run, with a band in its
+    colour: ± one standard deviation for seeds merged by :func:`over_seeds`, else for a run of
+    several particles (SWAMP) from its lowest to its highest particle; the
     dense runs' accuracy (without any, the runs' level 0) as a line, or as a band from lowest to
     highest. A file at ``path`` is replaced only if an earlier plot wrote it."""
     import matplotlib
@@ -173,12 +233,17 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     for label, summary in runs.items():
         if summary["method"] == "dense":
             continue
-        levels, name = summary["levels"], _heading(label, summary["method"])
+        levels, name = summary["levels"], _heading(label, summary)
         (line,) = ax.plot([100 * r["density"] for r in levels], [100 * r["test_accuracy"] for r in levels],
                           marker="o", markersize=3, label=name)
         spread = [(r["density"], r["particle_test_accuracy"]) for r in levels
                   if len(r.get("particle_test_accuracy", ())) > 1]
-        if spread:
+        if "runs" in summary:   # seeds merged: the band is the spread over them, not over particles
+            mean, std = ([100 * r[key] for r in levels] for key in ("test_accuracy", "test_accuracy_std"))
+            ax.fill_between([100 * r["density"] for r in levels], [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2, linewidth=0,
+                            label=f"{name}: ± 1 std")
+        elif spread:
             ax.fill_between([100 * d for d, _ in spread], [100 * min(a) for _, a in spread],
                             [100 * max(a) for _, a in spread], color=line.get_color(), alpha=0.2, linewidth=0,
                             label=f"{name}: particles (range)")

@@ -16,10 +16,10 @@ def level(n: int, density: float, accuracy: float) -> dict:
     return {"level": n, "density": density, "test_accuracy": accuracy}
 
 
-def write_run(directory, method: str, levels: list[dict] | None) -> str:
-    """A run directory whose complete levels hold ``levels`` (their metrics), and summary.json."""
+def write_run(directory, method: str, levels: list[dict] | None, **config) -> str:
+    """A run directory of ``config`` whose complete levels hold ``levels`` (their metrics), and summary.json."""
     directory.mkdir()
-    (directory / "config.yaml").write_text(C.dump(C.Config(method=method)))
+    (directory / "config.yaml").write_text(C.dump(C.Config(method=method, **config)))
     for metrics in levels or []:
         (directory / f"level_{metrics['level']:02d}").mkdir()
         (directory / f"level_{metrics['level']:02d}" / "metrics.json").write_text(json.dumps(metrics))
@@ -62,6 +62,31 @@ def test_runs_of_several_particles_get_a_table_of_their_particles_and_ensemble(t
     assert report.particle_table({"imp": runs["imp"]}) == ""   # one particle: nothing more to show
     assert report.markdown_table({"imp": runs["imp"]}) == "\n".join(
         ["| level | density | imp |", "|---|---|---|", "| 0 | 100.00% | 90.00% |", "| 1 | 80.00% | 85.00% |"])
+
+
+def test_seeds_of_one_experiment_merge_into_mean_and_standard_deviation(tmp_path, capsys):
+    imp = [write_run(tmp_path / f"imp_s{seed}", "imp", [level(0, 1.0, 0.90 + seed / 100), level(1, 0.8, 0.80 + seed / 50)]
+                     [:2 if seed < 2 else 1], seed=seed, device="cpu" if seed else "auto") for seed in range(3)]
+    swamp = [write_run(tmp_path / f"swamp_{seed}", "swamp", [swamp_level(0, 1.0, 0.9 + seed / 100, [0.8, 0.9], 0.95)],
+                       seed=seed) for seed in range(2)]
+    other = write_run(tmp_path / "imp_lr", "imp", [level(0, 1.0, 0.5)], train=C.TrainConfig(lr=0.5))
+    dirs = [*imp, *swamp, other]
+    runs = report.over_seeds(report.load_runs(dirs), dirs)
+    assert list(runs) == ["imp_s*", "swamp*", "imp_lr"]   # seeds and devices differ; a learning rate does not
+    merged = runs["imp_s*"]
+    assert merged["runs"] == 3 and len(merged["levels"]) == 1   # imp_s2 finished level 0 only
+    assert merged["levels"][0]["test_accuracy"] == pytest.approx(0.91)
+    assert merged["levels"][0]["test_accuracy_std"] == pytest.approx(0.01)   # sample standard deviation
+    assert runs["swamp*"]["levels"][0]["particle_test_accuracy"] == [0.8, 0.9, 0.8, 0.9]
+    lines = report.markdown_table(runs).splitlines()
+    assert lines[0] == "| level | density | imp_s* (imp, 3 seeds) | swamp* (swamp, 2 seeds) | imp_lr (imp) |"
+    assert lines[2] == "| 0 | 100.00% | 91.00 ± 1.00% | 90.50 ± 0.71% | 50.00% |"
+    assert lines[6].startswith("| level | density | swamp* (swamp, 2 seeds): averaged |")   # not imp's one each
+    drawn = report.plot(runs, tmp_path / "p.svg").read_text()
+    assert "<!-- imp_s* (imp, 3 seeds): ± 1 std -->" in drawn and "particles (range)" not in drawn
+    assert cli.main(["report", *dirs, "--seeds", "--plot", str(tmp_path / "p.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "| 0 | 100.00% | 91.00 ± 1.00% |" in shown and "imp_s2 (1 of 11 levels)" in shown
 
 
 def test_report_cli_plots_atomically_and_shows_what_unfinished_runs_have(tmp_path, capsys):
