@@ -40,8 +40,11 @@ def over_seeds(runs: dict[str, dict], directories: Sequence[str | Path]) -> dict
     groups: dict[str, list[str]] = {}
     for label, directory in zip(runs, directories):
         groups.setdefault(_without_seed(Path(directory)), []).append(label)
-    return {_group_label(labels): runs[labels[0]] if len(labels) == 1 else _merged([runs[x] for x in labels])
-            for labels in groups.values()}
+    names = [_group_label(labels) for labels in groups.values()]
+    names = [name if names.count(name) == 1 else _group_label(labels, prefix=False)   # run1* twice: run1 + 1
+             for name, labels in zip(names, groups.values())]
+    return {name: runs[labels[0]] if len(labels) == 1 else _merged([runs[x] for x in labels])
+            for name, labels in zip(names, groups.values())}
 
 
 def _without_seed(directory: Path) -> str:
@@ -57,12 +60,13 @@ def _without_seed(directory: Path) -> str:
     return json.dumps(values, sort_keys=True)
 
 
-def _group_label(labels: list[str]) -> str:
-    """One run's label; several runs' common prefix with ``*`` (``imp_s*``), or the first's ``+ N``."""
+def _group_label(labels: list[str], prefix: bool = True) -> str:
+    """One run's label; several runs' common prefix with ``*`` (``imp_s*``), or (none, or not
+    ``prefix``) the first's with ``+ N``: unique, as the first labels are."""
     if len(labels) == 1:
         return labels[0]
-    prefix = os.path.commonprefix(labels).rstrip("_-. /")
-    return f"{prefix}*" if prefix else f"{labels[0]} + {len(labels) - 1}"
+    common = os.path.commonprefix(labels).rstrip("_-. /") if prefix else ""
+    return f"{common}*" if common else f"{labels[0]} + {len(labels) - 1}"
 
 
 def _merged(summaries: list[dict]) -> dict:

@@ -87,6 +87,9 @@ def test_seeds_of_one_experiment_merge_into_mean_and_standard_deviation(tmp_path
     assert cli.main(["report", *dirs, "--seeds", "--plot", str(tmp_path / "p.png")]) == 0
     shown = capsys.readouterr().out
     assert "| 0 | 100.00% | 91.00 ± 1.00% |" in shown and "imp_s2 (1 of 11 levels)" in shown
+    alike = [imp[0], imp[1], swamp[0], swamp[1]]   # two groups of one prefix, run*: named by their first runs
+    renamed = [str(Path(d).rename(tmp_path / f"run{i}")) for i, d in enumerate(alike)]
+    assert list(report.over_seeds(report.load_runs(renamed), renamed)) == ["run0 + 1", "run2 + 1"]
 
 
 def test_report_cli_plots_atomically_and_shows_what_unfinished_runs_have(tmp_path, capsys):
