@@ -1,5 +1,5 @@
 """Command line: ``swamp run CONFIG --out DIR [--set k=v ...] [--quiet] [--dry-run]``, ``swamp resume DIR [--set k=v ...]``,
-``swamp report DIR [DIR ...] [--plot PATH] [--seeds]``, ``swamp analyze {barrier,instability,levels,hessian,masks} ...``.
+``swamp report DIR [DIR ...] [--plot PATH] [--merge-seeds]``, ``swamp analyze {barrier,instability,levels,hessian,masks,layers} ...``.
 
 ``run`` and ``resume`` also run under ``torchrun`` (``torchrun --nproc_per_node N -m swamp run ...``)."""
 from __future__ import annotations
@@ -41,9 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                                              "finished)")
     rep.add_argument("--plot", default="accuracy_vs_density.png",
                      help="where to write the plot (default: accuracy_vs_density.png here)")
-    rep.add_argument("--seeds", action="store_true",
-                     help="merge runs whose configs differ only in their seed: mean ± standard deviation over "
-                          "them, on the levels all of them completed")
+    rep.add_argument("--merge-seeds", action="store_true",
+                     help="merge runs whose configs differ only in their seed (or in what resume --set may "
+                          "change): mean ± sample standard deviation over them, on the levels all of them completed")
     analyze.add_parser(commands)
     return parser
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             planned = [pipeline.level_count(directory) for directory in args.dirs]
             partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
                        for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
-            if args.seeds:
+            if args.merge_seeds:
                 runs = report.over_seeds(runs, args.dirs)
             plotted = refused = None
             try:
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
                 print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
             if refused:
                 raise refused
-            print(f"\nplot: {plotted}" if plotted else "\nno plot: no run has finished a level yet")
+            none = "no column has a level all its runs finished" if args.merge_seeds else "no run has finished a level yet"
+            print(f"\nplot: {plotted}" if plotted else f"\nno plot: {none}")
     except BrokenPipeError:   # the reader of the output left (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor at exit's flush
         return 0 if args.command in ("report", "analyze") else 1   # their files are written by then

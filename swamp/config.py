@@ -20,7 +20,7 @@ import yaml
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", "RewindConfig",
            "SWAConfig", "TrainConfig", "DistributedConfig", "METHODS", "from_dict", "to_dict", "load", "apply_overrides",
-           "validate", "validate_new_run", "dump"]
+           "validate", "validate_new_run", "dump", "factory_file"]
 
 METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
@@ -65,9 +65,14 @@ class ModelConfig:
     init: str = "openlth"                # openlth: kaiming-normal weights, BatchNorm scale ~ U[0, 1) | torch
 
     def __post_init__(self):
-        where, colon, function = self.name.rpartition(":") if isinstance(self.name, str) else ("", "", "")
-        if colon and where.endswith(".py"):   # a file, as data.path: wherever the run is resumed from
-            self.name = f"{os.path.abspath(os.path.expanduser(where))}:{function}"
+        if isinstance(self.name, str) and (file := factory_file(self.name)):   # absolute, as data.path:
+            self.name = f"{os.path.abspath(os.path.expanduser(file[0]))}:{file[1]}"   # wherever resumed
+
+
+def factory_file(name: str) -> tuple[str, str] | None:
+    """``(file, function)`` where model.name names a factory file ``path/to/file.py:function``, else None."""
+    where, colon, function = name.rpartition(":")
+    return (where, function) if colon and where.endswith(".py") else None
 
 
 @dataclass

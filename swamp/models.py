@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swamp.config import ConfigError, ModelConfig
+from swamp.config import ConfigError, ModelConfig, factory_file
 
 __all__ = ["build_model"]
 
@@ -174,9 +174,9 @@ def _check_input_fits(model: nn.Module, name: str, input_shape: tuple[int, ...])
     try:
         with torch.no_grad():
             copy.deepcopy(model).eval()(torch.zeros(2, *input_shape))
-    except RuntimeError as error:
+    except Exception as error:   # whatever a user's forward raises on a batch it cannot take
         raise ConfigError(f"config key 'model.name': {name} does not take the data's inputs of shape "
-                          f"{list(input_shape)} ({error})") from None
+                          f"{list(input_shape)} ({type(error).__name__}: {error})") from None
 
 
 def _openlth_init_(model: nn.Module) -> None:
@@ -198,7 +198,7 @@ def _factory(name: str):
     if not where or not function:
         raise ConfigError(f"config key 'model.name': {name!r} names no factory; write package.module:function "
                           "or path/to/file.py:function")
-    if where.endswith(".py"):
+    if factory_file(name):
         if not Path(where).is_file():
             raise ConfigError(f"config key 'model.name': {name!r}: no file {where} (for a run whose factory file "
                               f"moved, `swamp resume RUN_DIR --set model.name=NEW/{Path(where).name}:{function}` "
@@ -208,8 +208,14 @@ def _factory(name: str):
             sys.path.insert(0, folder)
         spec = importlib.util.spec_from_file_location(   # one module name per file: two files never collide
             f"swamp_model_{hashlib.sha1(where.encode()).hexdigest()[:12]}", where)
-        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # registered, as an import is
-        spec.loader.exec_module(module)
+        module = sys.modules.get(spec.name)   # run once per process, as an import is
+        if module is None:
+            module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[spec.name]   # half run: the next build runs it again
+                raise
     else:
         try:
             module = importlib.import_module(where)

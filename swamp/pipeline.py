@@ -33,8 +33,8 @@ import swamp_kernels
 from torch.distributed import DistError
 
 from swamp import distributed, evaluate
-from swamp.config import (Config, ConfigError, DataConfig, apply_overrides, changed_keys, dump, from_dict, load, to_dict,
-                          validate, validate_new_run)
+from swamp.config import (Config, ConfigError, DataConfig, apply_overrides, changed_keys, dump, factory_file, from_dict,
+                          load, to_dict, validate, validate_new_run)
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks
@@ -45,7 +45,8 @@ from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
 
-__all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "run_config", "DRY_RUN_STEPS"]
+__all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "run_config", "begins_from_previous_level",
+           "DRY_RUN_STEPS"]
 
 DRY_RUN_STEPS = 20
 
@@ -168,9 +169,8 @@ RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_grou
 def _moved_factory(then: str, now: str) -> bool:
     """Whether model.name ``now`` names the factory ``then`` named, its file moved: both a
     ``file.py:function`` of one file name and one function."""
-    (old, _, old_function), (new, _, new_function) = then.rpartition(":"), now.rpartition(":")
-    return (old.endswith(".py") and new.endswith(".py") and Path(old).name == Path(new).name
-            and old_function == new_function)
+    old, new = factory_file(then), factory_file(now)
+    return bool(old and new) and (Path(old[0]).name, old[1]) == (Path(new[0]).name, new[1])
 
 
 def _reached_level(out: Path) -> int:
@@ -258,6 +258,12 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
                 return finish(locked=True)   # finished by its last holder since the check above
             return _execute(config, out, quiet, topology)
     return _distributed(config, body)
+
+
+def begins_from_previous_level(config: Config, level: int) -> bool:
+    """Whether ``level`` trains from the previous level's solution (rewind.mode lr, past level 0)
+    rather than from the rewind point's weights (under its own mask either way)."""
+    return config.rewind.mode == "lr" and level > 0
 
 
 def _levels(config: Config) -> range:
@@ -596,7 +602,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                         warnings.warn(collapse_warning(emptied), stacklevel=2)
                 masks = new_masks
                 topology.world.broadcast_(list(masks.values()))
-                if config.rewind.mode == "lr":   # the next level goes on from this one's weights
+                if begins_from_previous_level(config, level + 1):
                     begin_state = {n: final_state[n] for n in begin_state}
                     topology.world.broadcast_(list(begin_state.values()))   # as the masks: every rank begins alike
             del final_state  # the next level trains without this one's weights held (but for rewind.mode lr)

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from swamp.config import to_dict
+from swamp.config import factory_file, to_dict
 from swamp.pipeline import RESUME_KEYS, completed_levels, is_dry_run, run_config
 from swamp.rundir import atomic_write, existing_ancestor
 
@@ -34,29 +34,41 @@ def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
 def over_seeds(runs: dict[str, dict], directories: Sequence[str | Path]) -> dict[str, dict]:
     """``runs`` (:func:`load_runs` of ``directories``, in their order) with the runs whose configs
     differ only in ``seed`` (and in what ``resume --set`` may change) merged into one: per level
-    that all of them completed, the mean test accuracy and its sample standard deviation
-    (``test_accuracy_std``), the mean ensemble accuracy, every particle's accuracy, and ``runs``.
-    A merged run is labelled by its runs' common label prefix (``imp_s*``), headed with its seeds."""
-    groups: dict[str, list[str]] = {}
+    that all of them completed, the mean test and ensemble accuracies with their sample standard
+    deviations (``*_std``) and every particle's accuracy, pooled; the summary lists its ``seeds``.
+    A merged run is labelled by its runs' common label prefix (``imp_s*``). Two runs of one config
+    and one seed (a copy, a rerun) are refused: they are one seed, not two."""
+    if len(runs) != len(directories):
+        raise ValueError(f"over_seeds: {len(runs)} runs but {len(directories)} directories")
+    groups: dict[str, list[tuple[str, int]]] = {}
     for label, directory in zip(runs, directories):
-        groups.setdefault(_without_seed(Path(directory)), []).append(label)
-    names = [_group_label(labels) for labels in groups.values()]
-    names = [name if names.count(name) == 1 else _group_label(labels, prefix=False)   # run1* twice: run1 + 1
-             for name, labels in zip(names, groups.values())]
-    return {name: runs[labels[0]] if len(labels) == 1 else _merged([runs[x] for x in labels])
-            for name, labels in zip(names, groups.values())}
+        config = run_config(Path(directory))
+        group = groups.setdefault(_without_seed(config), [])
+        twin = next((other for other, seed in group if seed == config.seed), None)
+        if twin is not None:
+            raise ValueError(f"{twin} and {label} are runs of one config with one seed ({config.seed}): merging them "
+                             "would count one seed twice; leave one out")
+        group.append((label, config.seed))
+    names = [_group_label([label for label, _ in group]) for group in groups.values()]
+    names = [name if names.count(name) == 1 else _group_label([label for label, _ in group], prefix=False)
+             for name, group in zip(names, groups.values())]   # run1* twice: run1 + 1, run3 + 1
+    return {name: runs[group[0][0]] if len(group) == 1 else
+            {**_merged([runs[label] for label, _ in group]), "seeds": [seed for _, seed in group]}
+            for name, group in zip(names, groups.values())}
 
 
-def _without_seed(directory: Path) -> str:
-    """The run's config as text, its seed and what a resume may change left out: runs that read
-    alike are seeds of one experiment."""
-    values = to_dict(run_config(directory))
+def _without_seed(config) -> str:
+    """``config`` as text, its seed and what a resume may change left out (a factory file by its
+    name: it may have moved): runs that read alike are seeds of one experiment."""
+    values = to_dict(config)
     for key in (*RESUME_KEYS, "seed"):
         *sections, leaf = key.split(".")
         table = values
         for section in sections:
             table = table[section]
         del table[leaf]
+    if file := factory_file(config.model.name):
+        values["model"]["name"] = f"{Path(file[0]).name}:{file[1]}"
     return json.dumps(values, sort_keys=True)
 
 
@@ -70,18 +82,20 @@ def _group_label(labels: list[str], prefix: bool = True) -> str:
 
 
 def _merged(summaries: list[dict]) -> dict:
+    """The levels all of ``summaries`` completed, each with mean and sample standard deviation
+    of the test and ensemble accuracies and the particles' accuracies pooled."""
     levels = []
-    for rows in zip(*(s["levels"] for s in summaries)):   # the levels all of them completed
-        accuracies = [r["test_accuracy"] for r in rows]
-        row = {"level": rows[0]["level"], "density": rows[0]["density"], "test_accuracy": statistics.mean(accuracies),
-               "test_accuracy_std": statistics.stdev(accuracies), "runs": len(rows)}
+    for rows in zip(*(s["levels"] for s in summaries)):
+        row = {"level": rows[0]["level"], "density": rows[0]["density"]}
+        for key in ("test_accuracy", "ensemble_test_accuracy"):
+            if all(key in r for r in rows):
+                values = [r[key] for r in rows]
+                row.update({key: statistics.mean(values), f"{key}_std": statistics.stdev(values)})
         particles = [a for r in rows for a in r.get("particle_test_accuracy", ())]
         if particles:
             row["particle_test_accuracy"] = particles
-        if all("ensemble_test_accuracy" in r for r in rows):
-            row["ensemble_test_accuracy"] = statistics.mean(r["ensemble_test_accuracy"] for r in rows)
         levels.append(row)
-    return {"method": summaries[0]["method"], "levels": levels, "runs": len(summaries)}
+    return {"method": summaries[0]["method"], "levels": levels}
 
 
 def _label(path: Path, paths: Sequence[Path]) -> str:
@@ -97,18 +111,25 @@ def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _cell(row: dict, key: str) -> str:
+    """``row[key]`` in percent, ``mean ± std`` over the seeds of a merged run (:func:`over_seeds`);
+    "–" where the row has none."""
+    if key not in row:
+        return "–"
+    if f"{key}_std" in row:
+        return f"{100 * row[key]:.2f} ± {_percent(row[f'{key}_std'])}"
+    return _percent(row[key])
+
+
 def _accuracy(row: dict) -> str:
-    """The test accuracy, ``mean ± std`` over the seeds of a merged run (:func:`over_seeds`)."""
-    if "test_accuracy_std" in row:
-        return f"{100 * row['test_accuracy']:.2f} ± {_percent(row['test_accuracy_std'])}"
-    return _percent(row["test_accuracy"])
+    return _cell(row, "test_accuracy")
 
 
 def _heading(label: str, summary: dict) -> str:
     """A run's name in tables and legends: ``label (method)``, or the label alone where it is the
-    method; seeds merged by :func:`over_seeds` add their count, ``imp_s* (imp, 3 seeds)``."""
+    method; seeds merged by :func:`over_seeds` are named, ``imp_s* (imp, seeds 0, 1, 2)``."""
     notes = ([] if label == summary["method"] else [summary["method"]]) + (
-        [f"{summary['runs']} seeds"] if "runs" in summary else [])
+        [f"seeds {', '.join(map(str, summary['seeds']))}"] if "seeds" in summary else [])
     return f"{label} ({', '.join(notes)})" if notes else label
 
 
@@ -125,9 +146,10 @@ def markdown_table(runs: dict[str, dict]) -> str:
 def particle_table(runs: dict[str, dict]) -> str:
     """For each run of several particles, per level: the test accuracy of the averaged network,
     of its particles (mean, and lowest to highest) and of their ensemble (the mean of their
-    predicted probabilities); "" if no run has several particles."""
-    several = [label for label, s in runs.items()   # more particles than runs (merged seeds: one each)
-               if any(len(r.get("particle_test_accuracy", ())) > s.get("runs", 1) for r in s["levels"])]
+    predicted probabilities); "" if no run has several particles. A merged run's particles are
+    those of all its seeds, pooled."""
+    several = [label for label, s in runs.items()   # more particles than seeds (imp's seeds: one each)
+               if any(len(r.get("particle_test_accuracy", ())) > len(s.get("seeds", [0])) for r in s["levels"])]
     if not several:
         return ""
 
@@ -139,7 +161,7 @@ def particle_table(runs: dict[str, dict]) -> str:
         return f"{_percent(mean)} ({100 * low:.2f}–{_percent(high)})"
 
     def ensemble(row: dict) -> str:
-        return _percent(row["ensemble_test_accuracy"]) if "ensemble_test_accuracy" in row else "–"
+        return _cell(row, "ensemble_test_accuracy")
     columns = []
     for label in several:
         name = _heading(label, runs[label])
@@ -201,9 +223,9 @@ _METADATA = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Crea
 def plot(runs: dict[str, dict], path: str | Path) -> Path:
     """Test accuracy against density (log axis), one line per pruned run, with a band in its
     colour: ± one standard deviation for seeds merged by :func:`over_seeds`, else for a run of
-    several particles (SWAMP) from its lowest to its highest particle; the
-    dense runs' accuracy (without any, the runs' level 0) as a line, or as a band from lowest to
-    highest. A file at ``path`` is replaced only if an earlier plot wrote it."""
+    several particles (SWAMP) from its lowest to its highest particle; the dense runs' accuracy
+    (without any, the runs' level 0) as a line, or as a band from lowest to highest (merged seeds:
+    mean ± std). A file at ``path`` is replaced only if an earlier plot wrote it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -221,19 +243,23 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
     runs = {label: s for label, s in runs.items() if s["levels"]}
     if not runs:
         raise ValueError("no run has finished a level yet: nothing to plot")
-    dense = [s["levels"][0]["test_accuracy"] for s in runs.values() if s["method"] == "dense"]
-    unpruned = "dense" if dense else "level 0 (unpruned)"
-    dense = dense or [s["levels"][0]["test_accuracy"] for s in runs.values()]
+    references = [s["levels"][0] for s in runs.values() if s["method"] == "dense"]
+    unpruned = "dense" if references else "level 0 (unpruned)"
+    references = references or [s["levels"][0] for s in runs.values()]
+    spread = [r.get("test_accuracy_std", 0.0) for r in references]   # merged seeds: mean ± std
+    low = min(r["test_accuracy"] - s for r, s in zip(references, spread))
+    high = max(r["test_accuracy"] + s for r, s in zip(references, spread))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     kind, supported = path.suffix[1:].lower() or "png", fig.canvas.get_supported_filetypes()   # by suffix
     if kind not in supported or kind not in _METADATA:
         plt.close(fig)
         raise ValueError(f"--plot {path}: swamp report writes {', '.join('.' + k for k in _METADATA)} files, "
                          f"not .{kind}")
-    if max(dense) - min(dense) < 1e-9:
-        ax.axhline(100 * dense[0], color="0.6", linestyle="--", label=unpruned)
+    if high - low < 1e-9:
+        ax.axhline(100 * low, color="0.6", linestyle="--", label=unpruned)
     else:
-        ax.axhspan(100 * min(dense), 100 * max(dense), color="0.85", label=f"{unpruned}: range")
+        merged = " (merged seeds: ± 1 std)" if any(spread) else ""
+        ax.axhspan(100 * low, 100 * high, color="0.85", label=f"{unpruned}: range{merged}")
     for label, summary in runs.items():
         if summary["method"] == "dense":
             continue
@@ -242,7 +268,7 @@ def plot(runs: dict[str, dict], path: str | Path) -> Path:
                           marker="o", markersize=3, label=name)
         spread = [(r["density"], r["particle_test_accuracy"]) for r in levels
                   if len(r.get("particle_test_accuracy", ())) > 1]
-        if "runs" in summary:   # seeds merged: the band is the spread over them, not over particles
+        if "seeds" in summary:   # seeds merged: the band is the spread over them, not over particles
             mean, std = ([100 * r[key] for r in levels] for key in ("test_accuracy", "test_accuracy_std"))
             ax.fill_between([100 * r["density"] for r in levels], [m - s for m, s in zip(mean, std)],
                             [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.2, linewidth=0,

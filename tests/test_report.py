@@ -74,22 +74,38 @@ def test_seeds_of_one_experiment_merge_into_mean_and_standard_deviation(tmp_path
     runs = report.over_seeds(report.load_runs(dirs), dirs)
     assert list(runs) == ["imp_s*", "swamp*", "imp_lr"]   # seeds and devices differ; a learning rate does not
     merged = runs["imp_s*"]
-    assert merged["runs"] == 3 and len(merged["levels"]) == 1   # imp_s2 finished level 0 only
+    assert merged["seeds"] == [0, 1, 2] and len(merged["levels"]) == 1   # imp_s2 finished level 0 only
     assert merged["levels"][0]["test_accuracy"] == pytest.approx(0.91)
     assert merged["levels"][0]["test_accuracy_std"] == pytest.approx(0.01)   # sample standard deviation
     assert runs["swamp*"]["levels"][0]["particle_test_accuracy"] == [0.8, 0.9, 0.8, 0.9]
     lines = report.markdown_table(runs).splitlines()
-    assert lines[0] == "| level | density | imp_s* (imp, 3 seeds) | swamp* (swamp, 2 seeds) | imp_lr (imp) |"
+    assert lines[0] == "| level | density | imp_s* (imp, seeds 0, 1, 2) | swamp* (swamp, seeds 0, 1) | imp_lr (imp) |"
     assert lines[2] == "| 0 | 100.00% | 91.00 ± 1.00% | 90.50 ± 0.71% | 50.00% |"
-    assert lines[6].startswith("| level | density | swamp* (swamp, 2 seeds): averaged |")   # not imp's one each
+    assert lines[6].startswith("| level | density | swamp* (swamp, seeds 0, 1): averaged |")   # not imp's one each
     drawn = report.plot(runs, tmp_path / "p.svg").read_text()
-    assert "<!-- imp_s* (imp, 3 seeds): ± 1 std -->" in drawn and "particles (range)" not in drawn
-    assert cli.main(["report", *dirs, "--seeds", "--plot", str(tmp_path / "p.png")]) == 0
+    assert "<!-- imp_s* (imp, seeds 0, 1, 2): ± 1 std -->" in drawn and "particles (range)" not in drawn
+    assert cli.main(["report", *dirs, "--merge-seeds", "--plot", str(tmp_path / "p.png")]) == 0
     shown = capsys.readouterr().out
     assert "| 0 | 100.00% | 91.00 ± 1.00% |" in shown and "imp_s2 (1 of 11 levels)" in shown
+    assert "| 0 | 100.00% | 90.50 ± 0.71% | 85.00% (80.00–90.00%) | 95.00 ± 0.00% |" in shown   # particles pooled
     alike = [imp[0], imp[1], swamp[0], swamp[1]]   # two groups of one prefix, run*: named by their first runs
     renamed = [str(Path(d).rename(tmp_path / f"run{i}")) for i, d in enumerate(alike)]
     assert list(report.over_seeds(report.load_runs(renamed), renamed)) == ["run0 + 1", "run2 + 1"]
+
+
+def test_merging_seeds_refuses_one_seed_twice_and_keeps_the_dense_spread(tmp_path):
+    dense = [write_run(tmp_path / f"dense_{seed}", "dense", [level(0, 1.0, 0.93 + seed / 50)], seed=seed)
+             for seed in range(2)]
+    moved = [write_run(tmp_path / f"net_{seed}", "imp", [level(0, 1.0, 0.9)], seed=seed,
+                       model=C.ModelConfig(name=f"/data/{where}/net.py:make")) for seed, where in enumerate(("a", "b"))]
+    dirs = [*dense, *moved]
+    runs = report.over_seeds(report.load_runs(dirs), dirs)
+    assert list(runs) == ["dense*", "net*"]   # a factory file that moved is the same model
+    drawn = report.plot(runs, tmp_path / "p.svg").read_text()
+    assert "<!-- dense: range (merged seeds: ± 1 std) -->" in drawn   # 94 ± 1.41%, not a line at the mean
+    copy = write_run(tmp_path / "dense_0_again", "dense", [level(0, 1.0, 0.93)], seed=0)
+    with pytest.raises(ValueError, match=r"dense_0 and dense_0_again are runs of one config with one seed \(0\)"):
+        report.over_seeds(report.load_runs([*dense, copy]), [*dense, copy])
 
 
 def test_report_cli_plots_atomically_and_shows_what_unfinished_runs_have(tmp_path, capsys):

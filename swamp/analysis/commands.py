@@ -82,21 +82,16 @@ def add_parser(commands) -> None:
                   run_dir=False)
     barrier.add_argument("level_a", help="level directory, e.g. runs/imp/level_03")
     barrier.add_argument("level_b", help="level directory (of the same run or a run of the same config)")
-    barrier.add_argument("--points", **points)
-    barrier.add_argument("--split", **split)
-    barrier.add_argument("--bn-batches", **bn_batches)
     unstable = sub("instability", "train a level twice with different data orders; their barrier (each copy "
                                   "trains one network: SWAMP runs train one particle with SWA)")
     unstable.add_argument("--level", type=_at_least(0), required=True, help="the level to train again")
     unstable.add_argument("--seeds", type=int, nargs=2, default=[1, 2], metavar=("SEED_A", "SEED_B"),
                           help="the two copies' data-order seeds (default: 1 2)")
-    unstable.add_argument("--points", **points)
-    unstable.add_argument("--split", **split)
-    unstable.add_argument("--bn-batches", **bn_batches)
     levels = sub("levels", "barriers between successive levels, and among SWAMP particles")
-    levels.add_argument("--points", **points)
-    levels.add_argument("--split", **split)
-    levels.add_argument("--bn-batches", **bn_batches)
+    for path in (barrier, unstable, levels):   # the analyses that walk interpolation paths
+        path.add_argument("--points", **points)
+        path.add_argument("--split", **split)
+        path.add_argument("--bn-batches", **bn_batches)
     hessian = sub("hessian", "top Hessian eigenvalues (and trace) of every level, on its mask")
     hessian.add_argument("--k", type=_at_least(1), default=1, help="eigenvalues per level (default: 1)")
     hessian.add_argument("--batches", type=_at_least(1), default=4,

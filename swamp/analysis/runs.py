@@ -18,7 +18,7 @@ from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import Batches, SampledBatches, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
-from swamp.pipeline import completed_levels
+from swamp.pipeline import begins_from_previous_level, completed_levels
 from swamp.rundir import DamagedFileError, level_dir, level_numbers, load_file, read_json
 from swamp.sparsify import set_masks, sparsify
 from swamp.train import train_particles
@@ -92,7 +92,7 @@ class Run:
         """:func:`interpolation_barrier` on ``split`` ("test" or "train"), BN recomputed at each
         point on the training set (or on ``bn_batches`` batches of it drawn at random, the same
         at every point; the result records how many an epoch held), plus the parameters' L2 distance."""
-        _check_path_options(split, bn_batches)
+        _check_barrier_options(split, bn_batches)
         if bn_batches is not None:   # what is drawn: an epoch holds fewer
             bn_batches = min(bn_batches, self.data.steps_per_epoch(self.batch_size))
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
@@ -139,12 +139,12 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
     Each copy is one network: for a SWAMP run, one particle with SWA (not the P-particle average)."""
     if len(seeds) != 2 or seeds[0] == seeds[1]:
         raise ValueError(f"seeds must be two different integers, got {tuple(seeds)}")
-    _check_path_options(split, bn_batches)
+    _check_barrier_options(split, bn_batches)
     run = load_run(run_dir, device)
     config, masks = run.config, run.masks(level)
     set_masks(run.model, masks)
     begin = load_file(run.directory / "rewind.pt", map_location=run.device)
-    if config.rewind.mode == "lr" and level > 0:
+    if begins_from_previous_level(config, level):
         previous = run.state(level - 1)
         begin = {n: previous[n] for n in begin}
     total = config.train.epochs * run.data.steps_per_epoch(config.train.batch_size)
@@ -166,7 +166,7 @@ def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str |
     density of L+1) and, for runs that saved particles (SWAMP), Choi et al.'s barriers between
     each pair of a level's particles and between each particle and their average (``"particles"``),
     on ``split`` ("test" or "train"); ``bn_batches``: see :meth:`Run.barrier`."""
-    _check_path_options(split, bn_batches)
+    _check_barrier_options(split, bn_batches)
     run = load_run(run_dir, device)
     barrier = functools.partial(run.barrier, num_points=num_points, split=split, bn_batches=bn_batches)
     levels = run.levels()
@@ -187,7 +187,7 @@ def successive_barriers(run_dir: str | Path, num_points: int = 11, device: str |
     return result
 
 
-def _check_path_options(split: str, bn_batches: int | None) -> None:
+def _check_barrier_options(split: str, bn_batches: int | None) -> None:
     """ValueError now, before any work, for a ``split`` or ``bn_batches`` :meth:`Run.barrier` refuses."""
     evaluate.checked_split(split)
     if bn_batches is not None and (isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1):
@@ -214,7 +214,9 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
     if not levels:
         return result
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    unpruned = lambda masks: trainable - sum(int((~m).sum()) for m in masks.values())   # the Hessian's size
+
+    def unpruned(masks: dict) -> int:   # the Hessian's size
+        return trainable - sum(int((~m).sum()) for m in masks.values())
     last = levels[-1]   # masks only shrink from level to level: the last has the fewest weights
     if k > unpruned(run.masks(last)):   # before the first level's work
         raise ValueError(f"k = {k} is above the {unpruned(run.masks(last))} unpruned parameters of level {last}")
