@@ -36,14 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="change a key that does not change the results (a moved data set, another "
                              f"torchrun layout, more levels): {', '.join(pipeline.RESUME_KEYS)} (repeatable)")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
-    rep = commands.add_parser("report", help="table and plot comparing run directories")
-    rep.add_argument("dirs", nargs="+", help="run directories (a run still training shows the levels it has "
-                                             "finished)")
-    rep.add_argument("--plot", default="accuracy_vs_density.png",
-                     help="where to write the plot (default: accuracy_vs_density.png here)")
-    rep.add_argument("--merge-seeds", action="store_true",
-                     help="merge runs whose configs differ only in their seed (or in what resume --set may "
-                          "change): mean ± sample standard deviation over them, on the levels all of them completed")
+    report.add_parser(commands)
     analyze.add_parser(commands)
     return parser
 
@@ -97,25 +90,8 @@ def main(argv=None) -> int:
         elif args.command == "analyze":
             for path in analyze.main(args):
                 print(f"wrote {path}")
-        else:   # the plot first: printing stops where a reader leaves (`swamp report ... | head`)
-            runs = report.load_runs(args.dirs)
-            planned = [pipeline.level_count(directory) for directory in args.dirs]
-            partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
-                       for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
-            if args.merge_seeds:
-                runs = report.over_seeds(runs, args.dirs)
-            plotted = refused = None
-            try:
-                plotted = report.plot(runs, args.plot) if any(s["levels"] for s in runs.values()) else None
-            except (ValueError, OSError) as error:   # the path: raised once the table is out
-                refused = error
-            print(report.markdown_table(runs))
-            if partial:
-                print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
-            if refused:
-                raise refused
-            none = "no column has a level all its runs finished" if args.merge_seeds else "no run has finished a level yet"
-            print(f"\nplot: {plotted}" if plotted else f"\nno plot: {none}")
+        else:
+            report.main(args)
     except BrokenPipeError:   # the reader of the output left (`| head`): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nor at exit's flush
         return 0 if args.command in ("report", "analyze") else 1   # their files are written by then

@@ -8,10 +8,48 @@ from pathlib import Path
 from typing import Sequence
 
 from swamp.config import factory_file, to_dict
-from swamp.pipeline import RESUME_KEYS, completed_levels, is_dry_run, run_config
+from swamp.pipeline import RESUME_KEYS, completed_levels, is_dry_run, level_count, run_config
 from swamp.rundir import atomic_write, existing_ancestor
 
-__all__ = ["load_runs", "over_seeds", "markdown_table", "particle_table", "throughput_table", "plot", "density_axis"]
+__all__ = ["add_parser", "main", "load_runs", "over_seeds", "markdown_table", "particle_table", "throughput_table",
+           "plot", "density_axis"]
+
+
+def add_parser(commands) -> None:
+    """Add ``report`` to the ``swamp`` subparsers ``commands``."""
+    parser = commands.add_parser("report", help="table and plot comparing run directories")
+    parser.add_argument("dirs", nargs="+", help="run directories (a run still training shows the levels it has "
+                                                "finished)")
+    parser.add_argument("--plot", default="accuracy_vs_density.png",
+                        help="where to write the plot (default: accuracy_vs_density.png here)")
+    parser.add_argument("--merge-seeds", action="store_true",
+                        help="merge runs whose configs differ only in their seed (or in what resume --set may "
+                             "change): mean ± sample standard deviation over them, on the levels all of them "
+                             "completed")
+
+
+def main(args) -> None:
+    """``swamp report``: the plot first, then the tables, so printing stops where a reader leaves
+    (``swamp report ... | head``); the unfinished runs; a refused plot path is raised once the
+    tables are out."""
+    runs = load_runs(args.dirs)
+    planned = [level_count(directory) for directory in args.dirs]
+    partial = [f"{label} ({len(summary['levels'])} of {count} levels)"
+               for (label, summary), count in zip(runs.items(), planned) if len(summary["levels"]) < count]
+    if args.merge_seeds:
+        runs = over_seeds(runs, args.dirs)
+    plotted = refused = None
+    try:
+        plotted = plot(runs, args.plot) if any(s["levels"] for s in runs.values()) else None
+    except (ValueError, OSError) as error:
+        refused = error
+    print(markdown_table(runs))
+    if partial:
+        print(f"\nunfinished (still training, or stopped: `swamp resume`): {', '.join(partial)}")
+    if refused:
+        raise refused
+    none = "no column has a level all its runs finished" if args.merge_seeds else "no run has finished a level yet"
+    print(f"\nplot: {plotted}" if plotted else f"\nno plot: {none}")
 
 
 def load_runs(directories: Sequence[str | Path]) -> dict[str, dict]:
