@@ -1,4 +1,5 @@
-"""``swamp report``: a markdown table and ``accuracy_vs_density.png`` comparing run directories."""
+"""``swamp report``: markdown tables and ``accuracy_vs_density.png`` comparing run directories (the seeds
+of one config merged into mean ± std on request)."""
 from __future__ import annotations
 
 import json
