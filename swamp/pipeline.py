@@ -24,7 +24,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -45,8 +45,8 @@ from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, sparsify
 from swamp.train import stack_state, train_particles
 
-__all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "run_config", "begins_from_previous_level",
-           "DRY_RUN_STEPS"]
+__all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "run_config", "result_changes",
+           "begins_from_previous_level", "DRY_RUN_STEPS"]
 
 DRY_RUN_STEPS = 20
 
@@ -166,6 +166,13 @@ RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_grou
                "train.checkpoint_every", "levels")
 
 
+def result_changes(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """:func:`~swamp.config.changed_keys` of ``a`` and ``b`` that change what a run's levels
+    compute: not those of :data:`RESUME_KEYS`, nor a factory file that moved."""
+    return [(key, then, now) for key, then, now in changed_keys(a, b)
+            if key not in RESUME_KEYS and not (key == "model.name" and _moved_factory(then, now))]
+
+
 def _moved_factory(then: str, now: str) -> bool:
     """Whether model.name ``now`` names the factory ``then`` named, its file moved: both a
     ``file.py:function`` of one file name and one function."""
@@ -207,8 +214,7 @@ def _resume_config(out: Path, overrides: Sequence[str] = (), warn: bool = True) 
                           "config the run started with (later resumes check against this one's)", stacklevel=3)
     else:
         started = load(out / STARTED_CONFIG, check_paths=False)
-        changed = [f"{key}: {now!r}, started with {then!r}" for key, then, now in changed_keys(started, config)
-                   if key not in RESUME_KEYS and not (key == "model.name" and _moved_factory(then, now))]
+        changed = [f"{key}: {now!r}, started with {then!r}" for key, then, now in result_changes(started, config)]
         if changed:
             raise ConfigError(f"{out}/config.yaml differs from the config the run started with ({out / STARTED_CONFIG}) "
                               f"in what its levels compute: {'; '.join(changed)}. Put it back; resume can change "

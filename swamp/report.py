@@ -2,14 +2,13 @@
 of one config merged into mean ± std on request)."""
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 from typing import Sequence
 
-from swamp.config import factory_file, to_dict
-from swamp.pipeline import RESUME_KEYS, completed_levels, is_dry_run, level_count, run_config
+from swamp.config import Config
+from swamp.pipeline import completed_levels, is_dry_run, level_count, result_changes, run_config
 from swamp.rundir import atomic_write, existing_ancestor
 
 __all__ = ["add_parser", "main", "load_runs", "over_seeds", "markdown_table", "particle_table", "throughput_table",
@@ -79,36 +78,26 @@ def over_seeds(runs: dict[str, dict], directories: Sequence[str | Path]) -> dict
     and one seed (a copy, a rerun) are refused: they are one seed, not two."""
     if len(runs) != len(directories):
         raise ValueError(f"over_seeds: {len(runs)} runs but {len(directories)} directories")
-    groups: dict[str, list[tuple[str, int]]] = {}
+    groups: list[tuple[Config, list[tuple[str, int]]]] = []   # (first run's config, [(label, seed)])
     for label, directory in zip(runs, directories):
         config = run_config(Path(directory))
-        group = groups.setdefault(_without_seed(config), [])
+        group = next((members for first, members in groups    # the results differ in the seed at most
+                      if {key for key, _, _ in result_changes(first, config)} <= {"seed"}), None)
+        if group is None:
+            groups.append((config, [(label, config.seed)]))
+            continue
         twin = next((other for other, seed in group if seed == config.seed), None)
         if twin is not None:
             raise ValueError(f"{twin} and {label} are runs of one config with one seed ({config.seed}): merging them "
                              "would count one seed twice; leave one out")
         group.append((label, config.seed))
-    names = [_group_label([label for label, _ in group]) for group in groups.values()]
+    members = [group for _, group in groups]
+    names = [_group_label([label for label, _ in group]) for group in members]
     names = [name if names.count(name) == 1 else _group_label([label for label, _ in group], prefix=False)
-             for name, group in zip(names, groups.values())]   # run1* twice: run1 + 1, run3 + 1
+             for name, group in zip(names, members)]   # run1* twice: run1 + 1, run3 + 1
     return {name: runs[group[0][0]] if len(group) == 1 else
             {**_merged([runs[label] for label, _ in group]), "seeds": [seed for _, seed in group]}
-            for name, group in zip(names, groups.values())}
-
-
-def _without_seed(config) -> str:
-    """``config`` as text, its seed and what a resume may change left out (a factory file by its
-    name: it may have moved): runs that read alike are seeds of one experiment."""
-    values = to_dict(config)
-    for key in (*RESUME_KEYS, "seed"):
-        *sections, leaf = key.split(".")
-        table = values
-        for section in sections:
-            table = table[section]
-        del table[leaf]
-    if file := factory_file(config.model.name):
-        values["model"]["name"] = f"{Path(file[0]).name}:{file[1]}"
-    return json.dumps(values, sort_keys=True)
+            for name, group in zip(names, members)}
 
 
 def _group_label(labels: list[str], prefix: bool = True) -> str:

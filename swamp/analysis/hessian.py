@@ -9,6 +9,7 @@ on those coordinates.
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from typing import Callable, Iterable, Mapping, NamedTuple
 
@@ -176,6 +177,5 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batches: Iterable,
     for _ in range(samples):
         z = operator.random(generator, rademacher=True)
         probes.append(float(z @ operator(z)))
-    mean = sum(probes) / samples
-    spread = math.sqrt(sum((p - mean) ** 2 for p in probes) / (samples - 1) / samples) if samples > 1 else None
-    return TraceEstimate(mean, spread)
+    error = statistics.stdev(probes) / math.sqrt(samples) if samples > 1 else None
+    return TraceEstimate(statistics.mean(probes), error)
