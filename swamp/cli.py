@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("dir", help="run directory (the --out of swamp run)")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a key that does not change the results (a moved data set, another "
-                             f"torchrun layout, more levels): {', '.join(pipeline.RESUME_KEYS)} (repeatable)")
+                             f"torchrun layout, more levels): {', '.join(pipeline.RESUME_KEYS)}; "
+                             f"{' and '.join(pipeline.MOVABLE_KEYS)} where what they name moved (repeatable)")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
     report.add_parser(commands)
     analyze.add_parser(commands)

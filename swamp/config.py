@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", "RewindConfig",
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", "RewindConfig", "MasksConfig",
            "SWAConfig", "TrainConfig", "DistributedConfig", "METHODS", "from_dict", "to_dict", "load", "apply_overrides",
            "validate", "validate_new_run", "dump", "factory_file"]
 
@@ -29,6 +29,10 @@ PRUNE_SCOPES = ("global", "layerwise")     # one threshold over all layers | one
 # What goes back to the rewind point after pruning: weights and lr schedule (weight rewinding,
 # Frankle et al. 2020) | the lr schedule alone, the pruned solution training on (lr rewinding, Renda et al. 2020).
 REWIND_MODES = ("weights", "lr")
+# How a run given another run's masks (masks.source) places their kept weights: as they are | at random
+# inside each layer (its density kept) | at random over all layers (the density kept): OpenLTH's random-prune branches.
+MASK_SHUFFLES = ("none", "layerwise", "global")
+MASK_SOURCE_METHODS = ("imp", "imp_swa", "swamp")   # dense trains no masks; random draws its own
 PATH_DATASETS = ("npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet")
 
 
@@ -54,8 +58,13 @@ class DataConfig:
     workers: int = 4                     # imagenet only: loader processes per particle
 
     def __post_init__(self):
-        if isinstance(self.path, str) and self.path:   # ~/data as a shell would read it; a relative path
-            self.path = os.path.abspath(os.path.expanduser(self.path))   # as from here, wherever resumed
+        self.path = _absolute(self.path)
+
+
+def _absolute(path):
+    """A path as a shell reads it (~/data), made absolute from here so that a run resumes from
+    anywhere; "" (unset) and values of other types (refused by the type check) stay."""
+    return os.path.abspath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 
 @dataclass
@@ -66,7 +75,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if isinstance(self.name, str) and (file := factory_file(self.name)):   # absolute, as data.path:
-            self.name = f"{os.path.abspath(os.path.expanduser(file[0]))}:{file[1]}"   # wherever resumed
+            self.name = f"{_absolute(file[0])}:{file[1]}"   # wherever resumed
 
 
 def factory_file(name: str) -> tuple[str, str] | None:
@@ -85,6 +94,15 @@ class PruneConfig:
 class RewindConfig:
     iterations: int = 500                # 0 = rewind to initialisation
     mode: str = "weights"                # see REWIND_MODES
+
+
+@dataclass
+class MasksConfig:
+    source: str = ""                     # a run's folder: level L trains under its level-L mask (no pruning)
+    shuffle: str = "none"                # see MASK_SHUFFLES
+
+    def __post_init__(self):
+        self.source = _absolute(self.source)
 
 
 @dataclass
@@ -128,6 +146,7 @@ class Config:
     prune_fraction: float = 0.2
     prune: PruneConfig = field(default_factory=PruneConfig)
     rewind: RewindConfig = field(default_factory=RewindConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
     particles: int = 4                   # used by swamp; the other methods train one network
     swa: SWAConfig = field(default_factory=SWAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -269,6 +288,7 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
     _require(config.rewind.mode in REWIND_MODES, "rewind.mode",
              f"must be one of {', '.join(REWIND_MODES)}, got {config.rewind.mode!r}")
+    _validate_masks(config, check_paths)
     _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")
     _require(config.swa.lr > 0, "swa.lr", "must be > 0")
     train = config.train
@@ -304,6 +324,19 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(train.gamma > 0, "train.gamma", f"must be > 0, got {train.gamma}")
     _require(all(m >= 0 for m in train.milestones), "train.milestones",
              f"epochs must be >= 0, got {train.milestones}")
+
+
+def _validate_masks(config: Config, check_paths: bool) -> None:
+    masks = config.masks
+    _require(masks.shuffle in MASK_SHUFFLES, "masks.shuffle",
+             f"must be one of {', '.join(MASK_SHUFFLES)}, got {masks.shuffle!r}")
+    _require(bool(masks.source) or masks.shuffle == "none", "masks.shuffle",
+             f"{masks.shuffle} shuffles the masks of masks.source, which is not set")
+    if masks.source:
+        _require(config.method in MASK_SOURCE_METHODS, "masks.source",
+                 f"method {config.method} cannot train another run's masks (use one of {', '.join(MASK_SOURCE_METHODS)})")
+        _require(not check_paths or (Path(masks.source) / "config.yaml").is_file(), "masks.source",
+                 f"{masks.source!r} holds no swamp run (no config.yaml)")
 
 
 def validate_new_run(config: Config) -> None:

@@ -27,7 +27,7 @@ from swamp.config import PRUNE_SCOPES
 from swamp.sparsify import masks as model_masks
 from swamp.sparsify import _masked_layers, require_values, set_masks, shared_masks, wrapper_hint
 
-__all__ = ["CRITERIA", "next_masks", "prune", "rewind"]
+__all__ = ["CRITERIA", "next_masks", "shuffled_masks", "prune", "rewind"]
 
 CRITERIA = ("magnitude", "random")
 
@@ -63,6 +63,29 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
     except (TypeError, ValueError) as error:
         raise _naming(error, names) from None
     return dict(zip(names, new))
+
+
+def shuffled_masks(masks: Mapping[str, torch.Tensor], scope: str = "layerwise", seed: int = 0) -> dict[str, torch.Tensor]:
+    """``masks`` with their kept entries moved to uniformly random places, from ``seed``: inside
+    each mask (``scope="layerwise"``: every layer keeps its density) or over all of them together
+    (``"global"``: only the overall density is kept). The random-pruning controls for masks found
+    otherwise (by IMP, say), as OpenLTH's random-prune branches draw them. New bool tensors, on
+    the devices of ``masks``, keyed like it.
+    """
+    if scope not in PRUNE_SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(PRUNE_SCOPES)}; got {scope!r}")
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor, got "
+                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    generator = torch.Generator().manual_seed(seed)   # on the CPU: the same masks from any device
+    flat = [mask.detach().cpu().flatten() for mask in masks.values()]
+    if scope == "global":
+        joined = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.bool)
+        flat = list(joined[torch.randperm(joined.numel(), generator=generator)].split([f.numel() for f in flat]))
+    else:
+        flat = [f[torch.randperm(f.numel(), generator=generator)] for f in flat]
+    return {name: f.view(mask.shape).to(mask.device) for (name, mask), f in zip(masks.items(), flat)}
 
 
 def _naming(error: Exception, names: list[str]) -> Exception:

@@ -2,7 +2,8 @@
 
 Methods: ``dense`` (level 0 only), ``imp`` (one particle), ``imp_swa`` (one particle with SWA),
 ``swamp`` (``particles`` particles with SWA, averaged), ``random`` (IMP's schedule with random
-instead of magnitude pruning). The run directory's files: :mod:`swamp.rundir`.
+instead of magnitude pruning). With ``masks.source`` the levels train under another run's masks
+(shuffled, if ``masks.shuffle`` says so) instead of pruning. The run directory's files: :mod:`swamp.rundir`.
 
 A killed run resumes from its last checkpoint (at most ``train.checkpoint_every`` epochs lost).
 All randomness comes from generators seeded by ``(seed, stage, particle, epoch)`` (see
@@ -33,11 +34,11 @@ import swamp_kernels
 from torch.distributed import DistError
 
 from swamp import distributed, evaluate
-from swamp.config import (Config, ConfigError, DataConfig, apply_overrides, changed_keys, dump, factory_file, from_dict,
-                          load, to_dict, validate, validate_new_run)
+from swamp.config import (Config, ConfigError, DataConfig, MasksConfig, apply_overrides, changed_keys, dump, factory_file,
+                          from_dict, load, to_dict, validate, validate_new_run)
 from swamp.data import derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
-from swamp.imp import collapse_warning, emptied_layers, next_masks
+from swamp.imp import collapse_warning, emptied_layers, next_masks, shuffled_masks
 from swamp.models import build_model
 from swamp.rundir import (RESULT_FILES, STARTED_CONFIG, DamagedFileError, existing_ancestor, foreign_files, level_dir,
                           level_numbers, load_file, read_json, remove_partial_writes, save, write_json, write_text)
@@ -53,7 +54,8 @@ DRY_RUN_STEPS = 20
 
 def dry_run(config: Config) -> Config:
     """``config`` on synthetic data of its dataset's input shape and classes: levels 0 and 1 (at
-    most) of one epoch of ``DRY_RUN_STEPS`` steps from initialisation, for measuring throughput."""
+    most) of one epoch of ``DRY_RUN_STEPS`` steps from initialisation, for measuring throughput
+    (level 1 pruned by the config's method: a masks.source run is not read)."""
     if config.data.name == "imagenet" and not (Path(config.data.path) / "train").is_dir():
         shape, classes = [3, config.data.image_size, config.data.image_size], 1000   # ImageNet-1k, no data
     else:
@@ -63,7 +65,7 @@ def dry_run(config: Config) -> Config:
                       train_size=DRY_RUN_STEPS * batch, test_size=batch)
     train = dataclasses.replace(config.train, epochs=1, warmup_epochs=0.0, milestones=[], checkpoint_every=0)
     return dataclasses.replace(config, data=data, train=train, levels=min(config.levels, 1),
-                               rewind=dataclasses.replace(config.rewind, iterations=0))
+                               rewind=dataclasses.replace(config.rewind, iterations=0), masks=MasksConfig())
 
 
 def is_dry_run(out: str | Path) -> bool:
@@ -161,23 +163,28 @@ def run_config(out: Path) -> Config:
 
 # What ``resume --set`` (or an edit of the run's config.yaml) may change: where and how the run
 # executes, and how many levels it trains (not fewer than it has reached); never what a level computes.
-# model.name may also change where it names a factory file that moved (see _moved_factory).
 RESUME_KEYS = ("data.path", "data.workers", "device", "distributed.particle_groups", "distributed.timeout_s",
                "train.checkpoint_every", "levels")
+# Keys that may also change where what they name moved (see _moved): what a move keeps the same.
+MOVABLE_KEYS = {"model.name": ("a factory file that moved", "the same file name and function"),
+                "masks.source": ("a source run that moved", "a folder of the same name")}
 
 
 def result_changes(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
     """:func:`~swamp.config.changed_keys` of ``a`` and ``b`` that change what a run's levels
-    compute: not those of :data:`RESUME_KEYS`, nor a factory file that moved."""
+    compute: not those of :data:`RESUME_KEYS`, nor a factory file or source run that moved."""
     return [(key, then, now) for key, then, now in changed_keys(a, b)
-            if key not in RESUME_KEYS and not (key == "model.name" and _moved_factory(then, now))]
+            if key not in RESUME_KEYS and not _moved(key, then, now)]
 
 
-def _moved_factory(then: str, now: str) -> bool:
-    """Whether model.name ``now`` names the factory ``then`` named, its file moved: both a
-    ``file.py:function`` of one file name and one function."""
-    old, new = factory_file(then), factory_file(now)
-    return bool(old and new) and (Path(old[0]).name, old[1]) == (Path(new[0]).name, new[1])
+def _moved(key: str, then, now) -> bool:
+    """Whether ``key`` went from ``then`` to ``now`` only because what it names moved: model.name
+    both a ``file.py:function`` of one file name and one function, masks.source both a folder of
+    one name."""
+    if key == "model.name":
+        old, new = factory_file(then), factory_file(now)
+        return bool(old and new) and (Path(old[0]).name, old[1]) == (Path(new[0]).name, new[1])
+    return key == "masks.source" and bool(then and now) and Path(then).name == Path(now).name
 
 
 def _reached_level(out: Path) -> int:
@@ -201,13 +208,15 @@ def _resume_config(out: Path, overrides: Sequence[str] = (), warn: bool = True) 
     before = run_config(out)
     for item in overrides:
         key = item.partition("=")[0]
-        if key not in (*RESUME_KEYS, "model.name"):
+        if key not in (*RESUME_KEYS, *MOVABLE_KEYS):
             raise ConfigError(f"resume --set {item!r}: {key!r} would change the run's results; resume can "
-                              f"change only {', '.join(RESUME_KEYS)} (and model.name to a moved factory file)")
+                              f"change only {', '.join(RESUME_KEYS)} (and {' or '.join(MOVABLE_KEYS)} to "
+                              "where a factory file or source run moved)")
     config = from_dict(apply_overrides(to_dict(before), overrides))
-    if config.model.name != before.model.name and not _moved_factory(before.model.name, config.model.name):
-        raise ConfigError(f"resume --set model.name={config.model.name}: only a factory file that moved may be "
-                          f"named anew (the same file name and function as {before.model.name})")
+    for key, then, now in changed_keys(before, config):
+        if key in MOVABLE_KEYS and not _moved(key, then, now):
+            what, rule = MOVABLE_KEYS[key]
+            raise ConfigError(f"resume --set {key}={now}: only {what} may be named anew ({rule} as {then})")
     if not (out / STARTED_CONFIG).is_file():   # a run started before it was kept, or deleted
         if warn:
             warnings.warn(f"{out} has no {STARTED_CONFIG}: this resume cannot check its config.yaml against the "
@@ -240,9 +249,11 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
     try:
         validate(config, check_paths=bool(overrides) or not done)   # a finished run needs no data
     except ConfigError as error:
-        if "data.path" not in str(error) or any(item.startswith("data.path=") for item in overrides):
+        moved = {"data.path": "the data set", "masks.source": "the source run"}
+        key = next((key for key in moved if f"config key {key!r}" in str(error)), None)
+        if key is None or any(item.startswith(f"{key}=") for item in overrides):
             raise
-        raise ConfigError(f"{error}; if the data set moved: `swamp resume {out} --set data.path=NEW`") from error
+        raise ConfigError(f"{error}; if {moved[key]} moved: `swamp resume {out} --set {key}=NEW`") from error
     def finish(locked: bool = False) -> dict:
         """The finished run's summary; ``locked``: this process holds the run's lock."""
         if _writes_finished_run():
@@ -368,6 +379,54 @@ def _prune(config: Config, level: int, state: dict, masks: dict) -> dict:
     return next_masks(state, masks, config.prune_fraction, scope=config.prune.scope,
                       criterion="random" if config.method == "random" else "magnitude",
                       seed=derive_seed(config.seed, level))
+
+
+def _next_masks(config: Config, level: int, state: dict, masks: dict, world: Group) -> dict:
+    """Level ``level + 1``'s masks, from level ``level``'s ``masks`` and final ``state``: pruned
+    (:func:`_prune`), or those masks.source gives (:func:`_source_masks`)."""
+    if config.masks.source:
+        return _source_masks(config, level + 1, masks, world)
+    return _prune(config, level, {n: state[n] for n in masks}, masks)
+
+
+def _source_masks(config: Config, level: int, like: dict, world: Group) -> dict:
+    """The mask the run in masks.source trained level ``level`` under, shuffled as masks.shuffle
+    says: rank 0 reads it and tells every rank what is wrong with it (ConfigError), the caller
+    broadcasts it. ``like``: this run's masks, whose names and shapes it must have."""
+    masks, problem = {n: torch.empty_like(m) for n, m in like.items()}, None
+    if world.index == 0:
+        try:
+            masks = _read_source_masks(Path(config.masks.source), level, like)
+        except (OSError, ValueError) as error:
+            problem = f"config key 'masks.source': {error}"
+    if problem := world.broadcast_object(problem):
+        raise ConfigError(problem)
+    if config.masks.shuffle != "none":
+        masks = shuffled_masks(masks, config.masks.shuffle, seed=derive_seed(config.seed, level))
+    return masks
+
+
+def _read_source_masks(source: Path, level: int, like: dict) -> dict:
+    """Level ``level``'s mask of the run in ``source``, checked against ``like``."""
+    if not (level_dir(source, level) / "metrics.json").is_file():
+        last = _levels(run_config(source))[-1]
+        if level > last:
+            raise ConfigError(f"the run in {source} trains levels 0 to {last}, not level {level}: give this run "
+                              f"fewer levels, or extend that one (`swamp resume {source} --set levels={level}`)")
+        raise ConfigError(f"the run in {source} has not completed level {level} yet: resume this run once it has")
+    path = level_dir(source, level) / "mask.pt"
+    masks = load_file(path, map_location="cpu", weights_only=True)
+    if not isinstance(masks, dict) or set(masks) != set(like):
+        theirs = set(masks) if isinstance(masks, dict) else set()
+        raise ConfigError(f"{path} masks other weights than this run prunes (only there: "
+                          f"{', '.join(sorted(theirs - set(like))[:4]) or 'none'}; only here: "
+                          f"{', '.join(sorted(set(like) - theirs)[:4]) or 'none'}): the source must prune the same "
+                          "model with the same prune.exclude")
+    for name, mask in like.items():
+        theirs = masks[name]
+        if not isinstance(theirs, torch.Tensor) or theirs.dtype != torch.bool or theirs.shape != mask.shape:
+            raise ConfigError(f"{path}: {name} is no bool mask of shape {tuple(mask.shape)} like this run's weight")
+    return {name: masks[name].to(mask.device) for name, mask in like.items()}
 
 
 def _average(result, masks: dict, cross: Group = Group.single()) -> dict:
@@ -499,6 +558,10 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
     rewind = config.rewind.iterations
     particles = config.particles if config.method == "swamp" else 1
     _check_schedule(config, data, topology, pretrains=rewind and not (out / "rewind.pt").exists())
+    masks = model_masks(model)
+    if config.masks.source:   # before anything is written or trained: a source that does not fit fails at once
+        masks = _source_masks(config, 0, masks, topology.world)
+        topology.world.broadcast_(list(masks.values()))
     if writer and new:
         out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
@@ -549,7 +612,6 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
 
         placement = topology.placement(particles)
         swa = config.method in ("imp_swa", "swamp")
-        masks = model_masks(model)
         total_weights = sum(m.numel() for m in masks.values())
         summary = {"method": config.method, "levels": []}
         def run_level(level: int, masks: dict, begin_state: dict) -> tuple[dict, dict, dict]:
@@ -600,7 +662,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             if writer:
                 write_json(out / "summary.json", summary)
             if level < levels[-1]:
-                new_masks = _prune(config, level, {n: final_state[n] for n in masks}, masks)
+                new_masks = _next_masks(config, level, final_state, masks, topology.world)
                 if writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once, not on resume
                     emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
                     if emptied:
