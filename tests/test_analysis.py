@@ -630,3 +630,25 @@ def test_plot_titles_name_levels_by_run_folder_cut_to_fit(tmp_path):
     title = _level_name(tmp_path / long, 12)
     assert len(title) == 59 + len("/level_12") and title.startswith("cifar10_resnet20_swamp_")
     assert title.endswith("x_seed3/level_12") and "…" in title
+
+
+def test_a_runs_networks_are_those_its_levels_were_evaluated_as(tmp_path):
+    """run.network: the final network, or a particle with BatchNorm statistics recomputed for its
+    SWA weights, reach the test accuracies the level recorded."""
+    from swamp.analysis import load_run
+    out = tmp_path / "bn_swamp"
+    pipeline.run(C.from_dict({"method": "swamp", "particles": 2, "levels": 0, "model": {"name": "cifar_resnet_8_4"},
+                              "device": "cpu", "rewind": {"iterations": 0}, "swa": {"start": 0.5},
+                              "train": {"epochs": 2, "batch_size": 256, "milestones": []}}), out, quiet=True)
+    run = load_run(out)
+    metrics = run.metrics(0)
+    final = run.network(0)
+    assert not final.training and evaluate.test_accuracy(final, run.data, 256) == metrics["test_accuracy"]
+    for particle, accuracy in enumerate(metrics["particle_test_accuracy"]):
+        net = run.network(0, particle=particle)
+        assert evaluate.test_accuracy(net, run.data, 256) == accuracy
+        saved = run.particle_states(0)[particle]
+        assert torch.equal(net.state_dict()["fc.weight"], saved["fc.weight"])
+        assert not torch.equal(net.state_dict()["bn.running_mean"], saved["bn.running_mean"])   # recomputed
+    with pytest.raises(ValueError, match=r"level 0 saved 2 particles \(SWAMP runs save them\), not particle 2"):
+        run.network(0, particle=2)

@@ -73,8 +73,8 @@ def test_ops_example():
 
 
 def test_analysis_example(tmp_path):
-    run_dir = tmp_path / "imp"
-    pipeline.run(C.from_dict({"method": "imp", "levels": 1, "model": {"hidden": [16]}, "device": "cpu",
+    run_dir = tmp_path / "swamp"
+    pipeline.run(C.from_dict({"method": "swamp", "particles": 2, "levels": 1, "model": {"hidden": [16]}, "device": "cpu",
                               "rewind": {"iterations": 2}, "train": {"epochs": 1, "milestones": []}}),
                  run_dir, quiet=True)
     from swamp.analysis import load_run
@@ -87,6 +87,7 @@ def test_analysis_example(tmp_path):
         "eval_fn": lambda net: (0.0, 0.0), "loss_fn": F.cross_entropy, "batches": [(x, y)],
         "mask_a": run.masks(0), "mask_b": run.masks(1)})
     assert set(names["path"]) >= {"alphas", "errors", "losses", "barrier", "loss_barrier"}
+    assert torch.equal(names["p0"].state_dict()["1.weight"], run.particle_states(1)[0]["1.weight"])
 
 
 def test_config_block_holds_every_key_at_its_default():

@@ -79,6 +79,21 @@ class Run:
         count = next(iter(stacked.values())).shape[0]
         return [{**base, **{n: t[p] for n, t in stacked.items()}} for p in range(count)]
 
+    def network(self, level: int, particle: int | None = None) -> nn.Module:
+        """The level's network in eval mode, masks in place: its final (averaged) network, or
+        particle ``particle`` of a SWAMP level, whose BatchNorm statistics are recomputed for its
+        SWA weights on the training set (as the pipeline evaluated it)."""
+        if particle is None:
+            return evaluate.network(self.model, self.state(level))
+        states = self.particle_states(level)
+        if not 0 <= particle < len(states):
+            raise ValueError(f"{self.directory}: level {level} saved {len(states)} particles (SWAMP runs save them), "
+                             f"not particle {particle}")
+        net = evaluate.network(self.model, states[particle])
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            evaluate.recompute_bn_(net, self.data, self.batch_size)
+        return net
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
