@@ -288,7 +288,7 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
     _require(config.rewind.mode in REWIND_MODES, "rewind.mode",
              f"must be one of {', '.join(REWIND_MODES)}, got {config.rewind.mode!r}")
-    _validate_masks(config, check_paths)
+    _validate_masks(config)
     _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")
     _require(config.swa.lr > 0, "swa.lr", "must be > 0")
     train = config.train
@@ -326,17 +326,14 @@ def validate(config: Config, check_paths: bool = True) -> None:
              f"epochs must be >= 0, got {train.milestones}")
 
 
-def _validate_masks(config: Config, check_paths: bool) -> None:
+def _validate_masks(config: Config) -> None:
     masks = config.masks
     _require(masks.shuffle in MASK_SHUFFLES, "masks.shuffle",
              f"must be one of {', '.join(MASK_SHUFFLES)}, got {masks.shuffle!r}")
     _require(bool(masks.source) or masks.shuffle == "none", "masks.shuffle",
              f"{masks.shuffle} shuffles the masks of masks.source, which is not set")
-    if masks.source:
-        _require(config.method in MASK_SOURCE_METHODS, "masks.source",
-                 f"method {config.method} cannot train another run's masks (use one of {', '.join(MASK_SOURCE_METHODS)})")
-        _require(not check_paths or (Path(masks.source) / "config.yaml").is_file(), "masks.source",
-                 f"{masks.source!r} holds no swamp run (no config.yaml)")
+    _require(not masks.source or config.method in MASK_SOURCE_METHODS, "masks.source",
+             f"method {config.method} cannot train another run's masks (use one of {', '.join(MASK_SOURCE_METHODS)})")
 
 
 def validate_new_run(config: Config) -> None:

@@ -43,7 +43,7 @@ from swamp.models import build_model
 from swamp.rundir import (RESULT_FILES, STARTED_CONFIG, DamagedFileError, existing_ancestor, foreign_files, level_dir,
                           level_numbers, load_file, read_json, remove_partial_writes, save, write_json, write_text)
 from swamp.runlock import RunLock, holder as lock_holder
-from swamp.sparsify import masks as model_masks, set_masks, sparsify
+from swamp.sparsify import masks as model_masks, set_masks, shared_masks, sparsify
 from swamp.train import stack_state, train_particles
 
 __all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "run_config", "result_changes",
@@ -172,7 +172,8 @@ MOVABLE_KEYS = {"model.name": ("a factory file that moved", "the same file name 
 
 def result_changes(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
     """:func:`~swamp.config.changed_keys` of ``a`` and ``b`` that change what a run's levels
-    compute: not those of :data:`RESUME_KEYS`, nor a factory file or source run that moved."""
+    compute: not those of :data:`RESUME_KEYS`, nor a factory file or source run that moved (from
+    ``a``'s place to ``b``'s)."""
     return [(key, then, now) for key, then, now in changed_keys(a, b)
             if key not in RESUME_KEYS and not _moved(key, then, now)]
 
@@ -180,11 +181,13 @@ def result_changes(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 def _moved(key: str, then, now) -> bool:
     """Whether ``key`` went from ``then`` to ``now`` only because what it names moved: model.name
     both a ``file.py:function`` of one file name and one function, masks.source both a folder of
-    one name."""
+    one name; and nothing left at the old place (two such runs that both exist are two runs)."""
     if key == "model.name":
         old, new = factory_file(then), factory_file(now)
-        return bool(old and new) and (Path(old[0]).name, old[1]) == (Path(new[0]).name, new[1])
-    return key == "masks.source" and bool(then and now) and Path(then).name == Path(now).name
+        return (bool(old and new) and (Path(old[0]).name, old[1]) == (Path(new[0]).name, new[1])
+                and not Path(old[0]).exists())
+    return (key == "masks.source" and bool(then and now) and Path(then).name == Path(now).name
+            and not (Path(then) / "config.yaml").exists())
 
 
 def _reached_level(out: Path) -> int:
@@ -216,7 +219,8 @@ def _resume_config(out: Path, overrides: Sequence[str] = (), warn: bool = True) 
     for key, then, now in changed_keys(before, config):
         if key in MOVABLE_KEYS and not _moved(key, then, now):
             what, rule = MOVABLE_KEYS[key]
-            raise ConfigError(f"resume --set {key}={now}: only {what} may be named anew ({rule} as {then})")
+            raise ConfigError(f"resume --set {key}={now}: only {what} may be named anew ({rule}; the old, "
+                              f"{then}, gone)")
     if not (out / STARTED_CONFIG).is_file():   # a run started before it was kept, or deleted
         if warn:
             warnings.warn(f"{out} has no {STARTED_CONFIG}: this resume cannot check its config.yaml against the "
@@ -249,11 +253,13 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
     try:
         validate(config, check_paths=bool(overrides) or not done)   # a finished run needs no data
     except ConfigError as error:
-        moved = {"data.path": "the data set", "masks.source": "the source run"}
-        key = next((key for key in moved if f"config key {key!r}" in str(error)), None)
-        if key is None or any(item.startswith(f"{key}=") for item in overrides):
+        if "data.path" not in str(error) or any(item.startswith("data.path=") for item in overrides):
             raise
-        raise ConfigError(f"{error}; if {moved[key]} moved: `swamp resume {out} --set {key}=NEW`") from error
+        raise ConfigError(f"{error}; if the data set moved: `swamp resume {out} --set data.path=NEW`") from error
+    if config.masks.source and not done and not (Path(config.masks.source) / "config.yaml").is_file():
+        raise ConfigError(f"config key 'masks.source': {config.masks.source} holds no run (no config.yaml)"
+                          + ("" if any(item.startswith("masks.source=") for item in overrides) else
+                             f"; if the source run moved: `swamp resume {out} --set masks.source=NEW`"))
     def finish(locked: bool = False) -> dict:
         """The finished run's summary; ``locked``: this process holds the run's lock."""
         if _writes_finished_run():
@@ -381,18 +387,26 @@ def _prune(config: Config, level: int, state: dict, masks: dict) -> dict:
                       seed=derive_seed(config.seed, level))
 
 
-def _next_masks(config: Config, level: int, state: dict, masks: dict, world: Group) -> dict:
+def _per_weight(select: Callable[[dict], dict], masks: dict, tied: dict) -> dict:
+    """``select`` on the masks of the distinct weights (a weight that several layers share once,
+    by its first name: ``tied`` maps every name to it), its choice given to every name of each."""
+    chosen = select({first: masks[first] for first in dict.fromkeys(tied.values())})
+    return {name: chosen[tied[name]] for name in masks}
+
+
+def _next_masks(config: Config, level: int, state: dict, masks: dict, tied: dict, world: Group) -> dict:
     """Level ``level + 1``'s masks, from level ``level``'s ``masks`` and final ``state``: pruned
-    (:func:`_prune`), or those masks.source gives (:func:`_source_masks`)."""
+    (:func:`_prune`), or those masks.source gives (:func:`_source_masks`); one per weight (``tied``)."""
     if config.masks.source:
-        return _source_masks(config, level + 1, masks, world)
-    return _prune(config, level, {n: state[n] for n in masks}, masks)
+        return _source_masks(config, level + 1, masks, tied, world)
+    return _per_weight(lambda first: _prune(config, level, {n: state[n] for n in first}, first), masks, tied)
 
 
-def _source_masks(config: Config, level: int, like: dict, world: Group) -> dict:
+def _source_masks(config: Config, level: int, like: dict, tied: dict, world: Group) -> dict:
     """The mask the run in masks.source trained level ``level`` under, shuffled as masks.shuffle
-    says: rank 0 reads it and tells every rank what is wrong with it (ConfigError), the caller
-    broadcasts it. ``like``: this run's masks, whose names and shapes it must have."""
+    says, one per weight (``tied``): rank 0 reads it and tells every rank what is wrong with it
+    (ConfigError), the caller broadcasts it. ``like``: this run's masks, whose names and shapes it
+    must have."""
     masks, problem = {n: torch.empty_like(m) for n, m in like.items()}, None
     if world.index == 0:
         try:
@@ -401,19 +415,24 @@ def _source_masks(config: Config, level: int, like: dict, world: Group) -> dict:
             problem = f"config key 'masks.source': {error}"
     if problem := world.broadcast_object(problem):
         raise ConfigError(problem)
-    if config.masks.shuffle != "none":
-        masks = shuffled_masks(masks, config.masks.shuffle, seed=derive_seed(config.seed, level))
-    return masks
+    shuffle = config.masks.shuffle
+    return _per_weight(lambda first: first if shuffle == "none" else
+                       shuffled_masks(first, shuffle, seed=derive_seed(config.seed, level)), masks, tied)
 
 
 def _read_source_masks(source: Path, level: int, like: dict) -> dict:
     """Level ``level``'s mask of the run in ``source``, checked against ``like``."""
+    config = run_config(source)
+    if config.method == "dense" or is_dry_run(source):
+        raise ConfigError(f"the run in {source} is a dense run: it prunes nothing" if config.method == "dense" else
+                          f"the run in {source} is a dry run: its masks come from a few steps on synthetic data")
     if not (level_dir(source, level) / "metrics.json").is_file():
-        last = _levels(run_config(source))[-1]
+        last = _levels(config)[-1]
         if level > last:
             raise ConfigError(f"the run in {source} trains levels 0 to {last}, not level {level}: give this run "
                               f"fewer levels, or extend that one (`swamp resume {source} --set levels={level}`)")
-        raise ConfigError(f"the run in {source} has not completed level {level} yet: resume this run once it has")
+        raise ConfigError(f"the run in {source} has not completed level {level} yet: "
+                          f"{'resume this run' if level else 'try again'} once it has")
     path = level_dir(source, level) / "mask.pt"
     masks = load_file(path, map_location="cpu", weights_only=True)
     if not isinstance(masks, dict) or set(masks) != set(like):
@@ -559,8 +578,9 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
     particles = config.particles if config.method == "swamp" else 1
     _check_schedule(config, data, topology, pretrains=rewind and not (out / "rewind.pt").exists())
     masks = model_masks(model)
+    tied = {name: first for first, (_, names) in shared_masks(model).items() for name in names}
     if config.masks.source:   # before anything is written or trained: a source that does not fit fails at once
-        masks = _source_masks(config, 0, masks, topology.world)
+        masks = _source_masks(config, 0, masks, tied, topology.world)
         topology.world.broadcast_(list(masks.values()))
     if writer and new:
         out.mkdir(parents=True, exist_ok=True)
@@ -662,7 +682,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             if writer:
                 write_json(out / "summary.json", summary)
             if level < levels[-1]:
-                new_masks = _next_masks(config, level, final_state, masks, topology.world)
+                new_masks = _next_masks(config, level, final_state, masks, tied, topology.world)
                 if writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once, not on resume
                     emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
                     if emptied:

@@ -74,6 +74,22 @@ def test_a_source_that_has_not_reached_a_level_stops_the_run_until_it_has(tmp_pa
     assert same(level_files(out, 2, "mask.pt"), level_files(source, 2, "mask.pt"))
 
 
+def test_a_source_without_pruned_masks_is_refused_before_anything_is_written(source, tmp_path):
+    dense, dry, started = tmp_path / "dense", tmp_path / "dry", tmp_path / "started"
+    pipeline.run(tiny("dense"), dense, quiet=True)
+    pipeline.run(pipeline.dry_run(tiny("imp")), dry, quiet=True)
+    shutil.copytree(source, started)
+    shutil.rmtree(started / "level_00")   # as while its level 0 trains
+    for source, message in ((tmp_path / "nowhere", f"{tmp_path / 'nowhere'} does not exist"),
+                            (dense, "is a dense run: it prunes nothing"),
+                            (dry, "is a dry run: its masks come from a few steps on synthetic data"),
+                            (started, "has not completed level 0 yet: try again once it has")):
+        out = tmp_path / "run"
+        with pytest.raises(C.ConfigError, match=f"config key 'masks.source': .*{message}"):
+            pipeline.run(tiny("imp", masks={"source": str(source)}), out, quiet=True)
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"model": {"hidden": [16]}}, r"level_00/mask.pt: 1.weight is no bool mask of shape \(16, 64\)"),
     ({"prune": {"exclude": ["3"]}}, r"level_00/mask.pt masks other weights than this run prunes \(only there: "
@@ -99,11 +115,27 @@ def test_a_moved_source_is_named_anew_on_resume(source, tmp_path):
         pipeline.resume(out, quiet=True)
     shutil.copytree(moved, tmp_path / "other")
     with pytest.raises(C.ConfigError, match=r"only a source run that moved may be named anew \(a folder of the same "
-                                            rf"name as {here}\)"):
+                                            rf"name; the old, {here}, gone\)"):
         pipeline.resume(out, quiet=True, overrides=[f"masks.source={tmp_path / 'other'}"])
     pipeline.resume(out, quiet=True, overrides=[f"masks.source={moved}"])
     assert C.load(out / "config.yaml").masks.source == str(moved)
     assert same(level_files(out, 2, "mask.pt"), level_files(source, 2, "mask.pt"))
+    shutil.rmtree(moved)   # a finished run needs its source no more: resume, report and analyses go on
+    assert pipeline.resume(out, quiet=True)["levels"][2]["level"] == 2
+    assert cli.main(["analyze", "levels", str(out), "--points", "2", "--out", str(tmp_path / "analysis")]) == 0
+
+
+def test_runs_of_two_sources_are_two_experiments_unless_one_moved(tmp_path):
+    """What report --merge-seeds and resume count as a change: the same folder name in two places
+    is another run while the first still holds one."""
+    first, second = tmp_path / "a" / "imp", tmp_path / "b" / "imp"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("method: imp\n")
+    a, b = (tiny("imp", masks={"source": str(folder)}) for folder in (first, second))
+    assert [key for key, *_ in pipeline.result_changes(a, b)] == ["masks.source"]
+    shutil.rmtree(first)
+    assert pipeline.result_changes(a, b) == []
 
 
 @pytest.mark.parametrize("values, message", [
@@ -111,7 +143,6 @@ def test_a_moved_source_is_named_anew_on_resume(source, tmp_path):
     ({"masks": {"source": "x", "shuffle": "rows"}}, "'masks.shuffle': must be one of none, layerwise, global, got 'rows'"),
     ({"method": "random", "masks": {"source": "x"}}, "'masks.source': method random cannot train another run's masks"),
     ({"method": "dense", "masks": {"source": "x"}}, "'masks.source': method dense cannot train another run's masks"),
-    ({"masks": {"source": "/nowhere"}}, r"'masks.source': '/nowhere' holds no swamp run \(no config.yaml\)"),
 ])
 def test_bad_mask_settings_are_named(values, message):
     with pytest.raises(C.ConfigError, match=message):
@@ -169,3 +200,27 @@ def test_every_rank_trains_the_source_masks_or_stops_with_rank_zeros_error(sourc
         {0: "trained", 1: "trained"}
     for level in range(3):
         assert same(level_files(out, level, "mask.pt"), level_files(source, level, "mask.pt"))
+
+
+TIED = """
+from torch import nn
+
+def tied(input_shape, num_classes):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24),
+                        nn.ReLU(), nn.Linear(24, num_classes))
+    net[5].weight = net[3].weight
+    return net
+"""
+
+
+def test_a_weight_two_layers_share_gets_one_mask_pruned_or_shuffled(tmp_path):
+    (tmp_path / "tied.py").write_text(TIED)
+    model = {"name": f"{tmp_path / 'tied.py'}:tied"}
+    imp, shuffled = tmp_path / "imp", tmp_path / "shuffled"
+    pipeline.run(tiny("imp", model=model), imp, quiet=True)
+    pipeline.run(tiny("imp", model=model, masks={"source": str(imp), "shuffle": "global"}), shuffled, quiet=True)
+    for out in (imp, shuffled):
+        for level in range(3):
+            masks = level_files(out, level, "mask.pt")
+            assert torch.equal(masks["3.weight"], masks["5.weight"]), (out.name, level)
+    assert not same(level_files(imp, 2, "mask.pt"), level_files(shuffled, 2, "mask.pt"))
