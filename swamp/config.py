@@ -22,7 +22,10 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "PruneConfig", 
            "SWAConfig", "TrainConfig", "DistributedConfig", "METHODS", "from_dict", "to_dict", "load", "apply_overrides",
            "validate", "validate_new_run", "dump", "factory_file"]
 
-METHODS = ("dense", "imp", "imp_swa", "swamp", "random")
+METHODS = ("dense", "imp", "imp_swa", "swamp", "random", "snip", "grasp", "synflow")
+# Pruning at the rewind point (at initialisation with rewind.iterations 0): each level's mask from the
+# dense network there, by SNIP's, GraSP's or SynFlow's scores (swamp.saliency), one network trained per level.
+REWIND_POINT_METHODS = ("snip", "grasp", "synflow")
 DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "synthetic")
 DATA_LAYOUTS = ("auto", "channels_first", "channels_last")   # of npz images
 PRUNE_SCOPES = ("global", "layerwise")     # one threshold over all layers | one per layer
@@ -88,6 +91,7 @@ def factory_file(name: str) -> tuple[str, str] | None:
 class PruneConfig:
     exclude: list[str] = field(default_factory=list)   # module names (or globs) kept dense
     scope: str = "global"                # global: one threshold over all layers | layerwise: per layer
+    score_batches: int = 1               # snip, grasp: training batches their scores are summed over
 
 
 @dataclass
@@ -285,6 +289,12 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(config.prune.scope in PRUNE_SCOPES, "prune.scope",
              f"must be one of {', '.join(PRUNE_SCOPES)}, got {config.prune.scope!r}")
     _require(config.levels >= 0, "levels", f"must be >= 0, got {config.levels}")
+    _require(config.prune.score_batches >= 1, "prune.score_batches", f"must be >= 1, got {config.prune.score_batches}")
+    if config.method in REWIND_POINT_METHODS:
+        _require(config.prune.scope == "global", "prune.scope",
+                 f"method {config.method} ranks the scores of all layers together: leave it global")
+        _require(config.rewind.mode == "weights", "rewind.mode", f"method {config.method} prunes the network at "
+                 "the rewind point, where every level begins: leave it weights")
     _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
     _require(config.rewind.mode in REWIND_MODES, "rewind.mode",
              f"must be one of {', '.join(REWIND_MODES)}, got {config.rewind.mode!r}")

@@ -24,7 +24,7 @@ import torch
 
 from swamp.config import ConfigError, DataConfig
 
-__all__ = ["TensorData", "FolderData", "load_data", "derive_seed", "epoch_generator", "input_spec",
+__all__ = ["TensorData", "FolderData", "SampledBatches", "load_data", "derive_seed", "epoch_generator", "input_spec",
            "SYNTHETIC_POOL"]
 
 Shard = tuple[int, int]   # (this rank, ranks sharing the batches)
@@ -150,6 +150,19 @@ class TensorData:
             rows = (slice(start, stop) if stop <= len(x)    # stored rows: a view, no gather
                     else torch.arange(start, stop, device=x.device) % len(x))
             yield x[rows], y[start:stop]
+
+
+class SampledBatches:
+    """A re-iterable view of ``count`` un-augmented training batches ``(x, y)`` of ``data`` drawn at
+    random without repeats (seed ``seed``): the same batches on every pass, fewer if an epoch
+    holds fewer. Not the first batches in stored order (an ImageFolder's are a few classes)."""
+
+    def __init__(self, data, batch_size: int, count: int, seed: int = 0):
+        self.data, self.batch_size, self.count, self.seed = data, batch_size, count, seed
+
+    def __iter__(self):
+        drawn = self.data.train_batches([torch.Generator().manual_seed(self.seed)], self.batch_size, augment=False)
+        return ((x[0], y[0]) for _, (x, y) in zip(range(self.count), drawn))   # [1, B, ...]: one "particle"
 
 
 class _Seeded(torch.utils.data.Dataset):

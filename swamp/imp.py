@@ -34,7 +34,7 @@ CRITERIA = ("magnitude", "random")
 
 def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], amount: float = 0.2,
                *, scope: str = "global", criterion: str = "magnitude", seed: int = 0,
-               backend: str = "auto") -> dict[str, torch.Tensor]:
+               scores: Mapping[str, torch.Tensor] | None = None, backend: str = "auto") -> dict[str, torch.Tensor]:
     """The masks after pruning ``amount`` of the entries that ``masks`` keeps, keyed like ``masks``.
 
     ``amount`` as in :func:`swamp_kernels.global_magnitude_prune` (a fraction of the remaining
@@ -42,27 +42,37 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
     ``"layerwise"`` (each weight loses ``amount`` of its own). ``criterion``: ``"magnitude"``
     (smallest ``|w|`` pruned, ties keep the lowest index; float64 weights are ranked by their
     float32 rounding) or ``"random"`` (uniform, from ``seed``: the lottery-ticket control).
-    ``weights`` must hold every key of ``masks``; errors name the weights.
+    ``scores`` (criterion magnitude): rank by these instead of ``|w|``, the largest kept (e.g.
+    :mod:`swamp.saliency`'s; float64 ones by their float32 rounding). ``weights`` (and ``scores``)
+    must hold every key of ``masks``; errors name the weights.
     """
     if scope not in PRUNE_SCOPES:
         raise ValueError(f"scope must be one of {', '.join(PRUNE_SCOPES)}; got {scope!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
-    missing = [name for name in masks if name not in weights]
-    if missing:
-        raise ValueError(f"weights lacks the masked weight(s) {', '.join(map(repr, missing[:6]))}")
+    if scores is not None and criterion != "magnitude":
+        raise ValueError(f"scores rank the weights instead of their magnitudes: criterion {criterion!r} takes none")
+    for what, given in (("weights", weights), ("scores", scores)):
+        missing = [name for name in masks if given is not None and name not in given]
+        if missing:
+            raise ValueError(f"{what} lacks the masked weight(s) {', '.join(map(repr, missing[:6]))}")
     names = list(masks)
     require_values({name: weights[name] for name in names})
-    tensors = [weights[name] for name in names]
-    tensors = [w.float() if isinstance(w, torch.Tensor) and w.dtype == torch.float64 else w for w in tensors]
+    tensors = _float32([weights[name] for name in names])
     select = (swamp_kernels.global_magnitude_prune if scope == "global"
               else swamp_kernels.layerwise_magnitude_prune)
     try:
-        scores = swamp_kernels.random_scores(tensors, seed=seed) if criterion == "random" else None
-        new = select(tensors, [masks[name] for name in names], amount, scores=scores, backend=backend)
+        keys = (swamp_kernels.random_scores(tensors, seed=seed) if criterion == "random" else
+                None if scores is None else _float32([scores[name] for name in names]))
+        new = select(tensors, [masks[name] for name in names], amount, scores=keys, backend=backend)
     except (TypeError, ValueError) as error:
         raise _naming(error, names) from None
     return dict(zip(names, new))
+
+
+def _float32(tensors: list) -> list:
+    """float64 tensors rounded to float32 (what the prune ops rank); others as they are."""
+    return [t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t for t in tensors]
 
 
 def shuffled_masks(masks: Mapping[str, torch.Tensor], scope: str = "layerwise", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -97,11 +107,13 @@ def _naming(error: Exception, names: list[str]) -> Exception:
 
 
 def prune(model: nn.Module, amount: float = 0.2, *, scope: str = "global", criterion: str = "magnitude",
-          seed: int = 0, backend: str = "auto") -> dict[str, torch.Tensor]:
+          seed: int = 0, scores: Mapping[str, torch.Tensor] | None = None,
+          backend: str = "auto") -> dict[str, torch.Tensor]:
     """In place: prune ``amount`` of the remaining weights of ``model``'s masked layers.
 
-    Arguments as in :func:`next_masks`. A weight shared by several layers counts once and
-    gets one mask in all of them. The new masks go into the layers and the newly pruned
+    Arguments as in :func:`next_masks`. A weight shared by several layers counts once (its
+    ``scores`` under its first name, as :mod:`swamp.saliency` gives them) and gets one mask in
+    all of them. The new masks go into the layers and the newly pruned
     weights become 0 (:func:`swamp.set_masks`); returns copies of them, keyed by weight name.
     """
     shared = shared_masks(model)
@@ -109,7 +121,7 @@ def prune(model: nn.Module, amount: float = 0.2, *, scope: str = "global", crite
         raise ValueError("the model has no masked layers: call swamp.sparsify(model) first")
     weights = {first: model.get_parameter(first).detach() for first in shared}
     new = next_masks(weights, {first: mask for first, (mask, _) in shared.items()}, amount, scope=scope,
-                     criterion=criterion, seed=seed, backend=backend)
+                     criterion=criterion, seed=seed, scores=scores, backend=backend)
     emptied = emptied_layers({first: (mask, new[first]) for first, (mask, _) in shared.items()})
     if emptied:
         warnings.warn(collapse_warning(emptied), stacklevel=2)

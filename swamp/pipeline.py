@@ -2,7 +2,8 @@
 
 Methods: ``dense`` (level 0 only), ``imp`` (one particle), ``imp_swa`` (one particle with SWA),
 ``swamp`` (``particles`` particles with SWA, averaged), ``random`` (IMP's schedule with random
-instead of magnitude pruning). With ``masks.source`` the levels train under another run's masks
+instead of magnitude pruning), ``snip``, ``grasp``, ``synflow`` (one network, each level's mask
+pruned at the rewind point by :mod:`swamp.saliency`'s scores). With ``masks.source`` the levels train under another run's masks
 (shuffled, if ``masks.shuffle`` says so) instead of pruning. The run directory's files: :mod:`swamp.rundir`.
 
 A killed run resumes from its last checkpoint (at most ``train.checkpoint_every`` epochs lost).
@@ -33,10 +34,10 @@ from tqdm import tqdm
 import swamp_kernels
 from torch.distributed import DistError
 
-from swamp import distributed, evaluate
-from swamp.config import (Config, ConfigError, DataConfig, MasksConfig, apply_overrides, changed_keys, dump, factory_file,
-                          from_dict, load, to_dict, validate, validate_new_run)
-from swamp.data import derive_seed, input_spec, load_data
+from swamp import distributed, evaluate, saliency
+from swamp.config import (REWIND_POINT_METHODS, Config, ConfigError, DataConfig, MasksConfig, apply_overrides,
+                          changed_keys, dump, factory_file, from_dict, load, to_dict, validate, validate_new_run)
+from swamp.data import SampledBatches, derive_seed, input_spec, load_data
 from swamp.distributed import Group, Placement, Topology
 from swamp.imp import collapse_warning, emptied_layers, next_masks, shuffled_masks
 from swamp.models import build_model
@@ -394,12 +395,48 @@ def _per_weight(select: Callable[[dict], dict], masks: dict, tied: dict) -> dict
     return {name: chosen[tied[name]] for name in masks}
 
 
-def _next_masks(config: Config, level: int, state: dict, masks: dict, tied: dict, world: Group) -> dict:
-    """Level ``level + 1``'s masks, from level ``level``'s ``masks`` and final ``state``: pruned
-    (:func:`_prune`), or those masks.source gives (:func:`_source_masks`); one per weight (``tied``)."""
+def _mask_schedule(config: Config, model, rewind_state: dict, data, tied: dict,
+                   world: Group) -> Callable[[int, dict, dict], dict]:
+    """``next_masks(level, state, masks)``: level ``level + 1``'s masks from level ``level``'s
+    ``masks`` and final ``state``, one per weight (``tied``): pruned by magnitude or at random
+    (:func:`_prune`), pruned at the rewind point (:func:`_rewind_point_pruning`), or those
+    masks.source gives (:func:`_source_masks`)."""
     if config.masks.source:
-        return _source_masks(config, level + 1, masks, tied, world)
-    return _per_weight(lambda first: _prune(config, level, {n: state[n] for n in first}, first), masks, tied)
+        return lambda level, state, masks: _source_masks(config, level + 1, masks, tied, world)
+    if config.method in REWIND_POINT_METHODS:
+        select = _rewind_point_pruning(config, model, rewind_state, data)
+        return lambda level, state, masks: _per_weight(select, masks, tied)
+    return lambda level, state, masks: _per_weight(
+        lambda first: _prune(config, level, {n: state[n] for n in first}, first), masks, tied)
+
+
+def _rewind_point_pruning(config: Config, model, rewind_state: dict, data) -> Callable[[dict], dict]:
+    """``select(masks)`` of a snip, grasp or synflow run: ``prune_fraction`` of the weights
+    ``masks`` keep pruned by the scores of the dense network at the rewind point. SNIP's and
+    GraSP's are computed once, on ``prune.score_batches`` training batches drawn at random, so
+    each level's mask is their one-shot mask of its density; SynFlow prunes the dense network
+    in its rounds down to each level's count."""
+    def dense_network():
+        net = evaluate.network(model, rewind_state)
+        set_masks(net, {name: torch.ones_like(mask) for name, mask in model_masks(net).items()})
+        return net
+    if config.method == "synflow":
+        def synflow(masks: dict) -> dict:
+            kept = sum(int(m.sum()) for m in masks.values())
+            found = saliency.synflow_masks(dense_network(), data.input_shape,
+                                           keep=kept - round(config.prune_fraction * kept))
+            return {first: found[first] for first in masks}
+        return synflow
+    scores = {}
+
+    def by_scores(masks: dict) -> dict:
+        if not scores:   # stage -2 (-1 is pre-training): the same batches on every rank and resume
+            batches = SampledBatches(data, config.train.batch_size, config.prune.score_batches,
+                                     seed=derive_seed(config.seed, -2))
+            score = saliency.snip_scores if config.method == "snip" else saliency.grasp_scores
+            scores.update(score(dense_network(), batches))
+        return next_masks(scores, masks, config.prune_fraction, scores=scores)
+    return by_scores
 
 
 def _source_masks(config: Config, level: int, like: dict, tied: dict, world: Group) -> dict:
@@ -644,13 +681,16 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                 return (read_json(directory / "metrics.json"),
                         load_file(directory / "model.pt", map_location=device),
                         load_file(directory / "mask.pt", map_location=device))
+            resume = _stage_checkpoint(out, level, topology.world)
+            if resume is not None and "masks" in resume:   # those it began under: saliency scores computed
+                masks = {n: resume["masks"][n].to(device) for n in masks}   # again on a GPU may differ a little
             set_masks(model, masks)
             local = len(placement.particles)
             start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
                      for n, t in begin_state.items()}
             result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
-                                     swa=swa, placement=placement, checkpoint=checkpoint,
-                                     resume=_stage_checkpoint(out, level, topology.world),
+                                     swa=swa, placement=placement,
+                                     checkpoint=lambda full: checkpoint({**full, "masks": masks}), resume=resume,
                                      log=lambda line: log(f"level {level} {line}"),
                                      progress=progress(f"level {level}"))
             trained = time.perf_counter()
@@ -675,6 +715,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             return metrics, final_state, masks
 
         levels, begin_state = _levels(config), rewind_state
+        next_masks = _mask_schedule(config, model, rewind_state, data, tied, topology.world)
         del rewind_state   # rewind.mode lr: not held once level 1 begins from level 0's solution
         for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
             metrics, final_state, masks = run_level(level, masks, begin_state)
@@ -682,7 +723,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             if writer:
                 write_json(out / "summary.json", summary)
             if level < levels[-1]:
-                new_masks = _next_masks(config, level, final_state, masks, tied, topology.world)
+                new_masks = next_masks(level, final_state, masks)
                 if writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once, not on resume
                     emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
                     if emptied:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swamp import evaluate
+from swamp.data import SampledBatches   # re-exported: BatchNorm and Hessian batches drawn at random
 
 __all__ = ["Batches", "SampledBatches", "data_eval_fn", "interpolate_states", "interpolation_barrier", "l2_distance",
            "mask_overlap"]
@@ -22,19 +23,6 @@ class Batches:
 
     def __iter__(self):
         return iter(self.data.eval_batches(self.split, self.batch_size))
-
-
-class SampledBatches:
-    """A re-iterable view of ``count`` un-augmented training batches ``(x, y)`` of ``data`` drawn at
-    random without repeats (seed ``seed``): the same batches on every pass, fewer if an epoch
-    holds fewer. Not the first batches in stored order (an ImageFolder's are a few classes)."""
-
-    def __init__(self, data, batch_size: int, count: int, seed: int = 0):
-        self.data, self.batch_size, self.count, self.seed = data, batch_size, count, seed
-
-    def __iter__(self):
-        drawn = self.data.train_batches([torch.Generator().manual_seed(self.seed)], self.batch_size, augment=False)
-        return ((x[0], y[0]) for _, (x, y) in zip(range(self.count), drawn))   # [1, B, ...]: one "particle"
 
 
 class _LoaderAsData:
