@@ -16,6 +16,7 @@ from swamp.analysis import (Batches, data_eval_fn, hessian_trace, instability, i
                             l2_distance, mask_overlap, successive_barriers, top_hessian_eigenvalues)
 from swamp.data import load_data
 from swamp.rundir import DamagedFileError
+from test_pipeline import tiny
 
 
 def squared_error(outputs, targets):
@@ -256,12 +257,6 @@ def test_bn_statistics_are_recomputed_at_every_point(digits):
     stale = interpolation_barrier(net, broken, broken, eval_fn, num_points=3)
     assert path["errors"] == [pytest.approx(eval_fn(fixed)[0])] * 3 and path["barrier"] == pytest.approx(0)
     assert stale["errors"][0] > path["errors"][0] + 0.3
-
-
-def tiny(method):
-    return C.from_dict({"method": method, "levels": 2, "prune_fraction": 0.3, "particles": 2,
-                        "rewind": {"iterations": 3}, "model": {"hidden": [24]}, "swa": {"start": 0.5, "lr": 0.02},
-                        "train": {"epochs": 2, "batch_size": 128, "lr": 0.05, "milestones": [1]}, "device": "cpu"})
 
 
 @pytest.fixture(scope="module")
