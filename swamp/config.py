@@ -92,6 +92,7 @@ class PruneConfig:
     exclude: list[str] = field(default_factory=list)   # module names (or globs) kept dense
     scope: str = "global"                # global: one threshold over all layers | layerwise: per layer
     score_batches: int = 1               # snip, grasp: training batches their scores are summed over
+    score_batch_size: int = 0            # snip, grasp: examples per such batch (0: train.batch_size)
 
 
 @dataclass
@@ -290,6 +291,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
              f"must be one of {', '.join(PRUNE_SCOPES)}, got {config.prune.scope!r}")
     _require(config.levels >= 0, "levels", f"must be >= 0, got {config.levels}")
     _require(config.prune.score_batches >= 1, "prune.score_batches", f"must be >= 1, got {config.prune.score_batches}")
+    _require(config.prune.score_batch_size >= 0, "prune.score_batch_size",
+             f"must be >= 0 (0: train.batch_size), got {config.prune.score_batch_size}")
     if config.method in REWIND_POINT_METHODS:
         _require(config.prune.scope == "global", "prune.scope",
                  f"method {config.method} ranks the scores of all layers together: leave it global")

@@ -27,7 +27,7 @@ from swamp.config import PRUNE_SCOPES
 from swamp.sparsify import masks as model_masks
 from swamp.sparsify import _masked_layers, require_values, set_masks, shared_masks, wrapper_hint
 
-__all__ = ["CRITERIA", "next_masks", "shuffled_masks", "prune", "rewind"]
+__all__ = ["CRITERIA", "next_masks", "float32_keys", "shuffled_masks", "prune", "rewind"]
 
 CRITERIA = ("magnitude", "random")
 
@@ -43,7 +43,7 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
     (smallest ``|w|`` pruned, ties keep the lowest index; float64 weights are ranked by their
     float32 rounding) or ``"random"`` (uniform, from ``seed``: the lottery-ticket control).
     ``scores`` (criterion magnitude): rank by these instead of ``|w|``, the largest kept (e.g.
-    :mod:`swamp.saliency`'s; float64 ones by their float32 rounding). ``weights`` (and ``scores``)
+    :mod:`swamp.saliency`'s; float64 ones by :func:`float32_keys`). ``weights`` (and ``scores``)
     must hold every key of ``masks``; errors name the weights.
     """
     if scope not in PRUNE_SCOPES:
@@ -63,7 +63,7 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
               else swamp_kernels.layerwise_magnitude_prune)
     try:
         keys = (swamp_kernels.random_scores(tensors, seed=seed) if criterion == "random" else
-                None if scores is None else _float32([scores[name] for name in names]))
+                None if scores is None else [float32_keys(scores[name]) for name in names])
         new = select(tensors, [masks[name] for name in names], amount, scores=keys, backend=backend)
     except (TypeError, ValueError) as error:
         raise _naming(error, names) from None
@@ -73,6 +73,16 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
 def _float32(tensors: list) -> list:
     """float64 tensors rounded to float32 (what the prune ops rank); others as they are."""
     return [t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t for t in tensors]
+
+
+def float32_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Keys the prune ops can rank (float32, float16, bfloat16) in the order of ``scores``:
+    float64 scores rounded to float32 where it holds them all, else ``asinh(scores)`` (monotone,
+    logarithmic beyond float32's range, as SynFlow's flows of deep networks are); others as given."""
+    if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float64:
+        return scores
+    beyond = scores.numel() and bool(scores.abs().max() > torch.finfo(torch.float32).max)
+    return (scores.asinh() if beyond else scores).float()
 
 
 def shuffled_masks(masks: Mapping[str, torch.Tensor], scope: str = "layerwise", seed: int = 0) -> dict[str, torch.Tensor]:

@@ -413,30 +413,30 @@ def _mask_schedule(config: Config, model, rewind_state: dict, data, tied: dict,
 def _rewind_point_pruning(config: Config, model, rewind_state: dict, data) -> Callable[[dict], dict]:
     """``select(masks)`` of a snip, grasp or synflow run: ``prune_fraction`` of the weights
     ``masks`` keep pruned by the scores of the dense network at the rewind point. SNIP's and
-    GraSP's are computed once, on ``prune.score_batches`` training batches drawn at random, so
-    each level's mask is their one-shot mask of its density; SynFlow prunes the dense network
-    in its rounds down to each level's count."""
-    def dense_network():
-        net = evaluate.network(model, rewind_state)
-        set_masks(net, {name: torch.ones_like(mask) for name, mask in model_masks(net).items()})
-        return net
+    GraSP's are computed here, once, on ``prune.score_batches`` training batches drawn at random,
+    so each level's mask is their one-shot mask of its density; SynFlow prunes the dense network
+    in its rounds down to each level's count, level 1's here. Here is before level 0 trains: a
+    network the scores do not fit (memory, overflow) fails at once."""
+    net = evaluate.network(model, rewind_state)
+    dense = {first: torch.ones_like(mask) for first, (mask, _) in shared_masks(net).items()}
+    set_masks(net, {name: dense[first] for first, (_, names) in shared_masks(net).items() for name in names})
+    fraction = config.prune_fraction
     if config.method == "synflow":
+        found = {}   # {weights kept: masks} computed ahead: level 1's
+
         def synflow(masks: dict) -> dict:
             kept = sum(int(m.sum()) for m in masks.values())
-            found = saliency.synflow_masks(dense_network(), data.input_shape,
-                                           keep=kept - round(config.prune_fraction * kept))
-            return {first: found[first] for first in masks}
+            keep = kept - round(fraction * kept)
+            chosen = found.pop(keep) if keep in found else saliency.synflow_masks(net, data.input_shape, keep=keep)
+            return {first: chosen[first] for first in masks}
+        total = sum(int(m.sum()) for m in dense.values())
+        found[total - round(fraction * total)] = synflow(dense)
         return synflow
-    scores = {}
-
-    def by_scores(masks: dict) -> dict:
-        if not scores:   # stage -2 (-1 is pre-training): the same batches on every rank and resume
-            batches = SampledBatches(data, config.train.batch_size, config.prune.score_batches,
-                                     seed=derive_seed(config.seed, -2))
-            score = saliency.snip_scores if config.method == "snip" else saliency.grasp_scores
-            scores.update(score(dense_network(), batches))
-        return next_masks(scores, masks, config.prune_fraction, scores=scores)
-    return by_scores
+    # stage -2 (-1 is pre-training): the same batches on every rank and resume
+    batches = SampledBatches(data, config.prune.score_batch_size or config.train.batch_size,
+                             config.prune.score_batches, seed=derive_seed(config.seed, -2))
+    scores = (saliency.snip_scores if config.method == "snip" else saliency.grasp_scores)(net, batches)
+    return lambda masks: next_masks(scores, masks, fraction, scores=scores)
 
 
 def _source_masks(config: Config, level: int, like: dict, tied: dict, world: Group) -> dict:
@@ -669,7 +669,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
 
         placement = topology.placement(particles)
         swa = config.method in ("imp_swa", "swamp")
-        total_weights = sum(m.numel() for m in masks.values())
+        weights = list(dict.fromkeys(tied.values()))   # a weight several layers share counts once
+        total_weights = sum(masks[n].numel() for n in weights)
         summary = {"method": config.method, "levels": []}
         def run_level(level: int, masks: dict, begin_state: dict) -> tuple[dict, dict, dict]:
             """Level ``level`` (read back when its directory is complete, else trained from
@@ -696,7 +697,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             trained = time.perf_counter()
             final, metrics = _evaluate_level(model, result, data, config, masks, placement, topology.world)
             final_state = final.state_dict()
-            kept = sum(int(m.sum()) for m in masks.values())
+            kept = sum(int(masks[n].sum()) for n in weights)
             metrics = {"level": level, "density": kept / total_weights, **metrics,
                        "train_loss": result.train_loss, "seconds": result.seconds + time.perf_counter() - trained,
                        "images_per_second": result.images / max(result.seconds, 1e-9)}

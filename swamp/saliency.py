@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import swamp_kernels
+from swamp.imp import float32_keys
 from swamp.sparsify import set_masks, shared_masks
 
 __all__ = ["GRASP_TEMPERATURE", "SYNFLOW_ROUNDS", "snip_scores", "grasp_scores", "synflow_scores", "synflow_masks"]
@@ -40,12 +41,25 @@ def _weights(net: nn.Module) -> dict[str, nn.Parameter]:
     return weights
 
 
+def _scoring_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in training mode, float32 where it is float16 or bfloat16 (whose range
+    GraSP's small scores underflow)."""
+    net = copy.deepcopy(model).train()
+    return net.float() if any(p.dtype in (torch.float16, torch.bfloat16) for p in net.parameters()) else net
+
+
+def _outputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)``, a floating ``x`` in the dtype of ``net``'s parameters."""
+    dtype = next(net.parameters()).dtype
+    return net(x.to(dtype) if x.is_floating_point() else x)
+
+
 def _gradients(net: nn.Module, weights: dict[str, nn.Parameter], batches: Batches,
                loss_fn: LossFn) -> list[torch.Tensor]:
     """The gradient of ``loss_fn(net(x), y)`` with respect to ``weights``, summed over ``batches``."""
     total = None
     for x, y in batches:
-        grads = torch.autograd.grad(loss_fn(net(x), y), list(weights.values()))
+        grads = torch.autograd.grad(loss_fn(_outputs(net, x), y), list(weights.values()))
         total = list(grads) if total is None else [t + g for t, g in zip(total, grads)]
     if total is None:
         raise ValueError("batches is empty: the scores need at least one batch (x, y)")
@@ -54,8 +68,9 @@ def _gradients(net: nn.Module, weights: dict[str, nn.Parameter], batches: Batche
 
 def snip_scores(model: nn.Module, batches: Batches, loss_fn: LossFn = F.cross_entropy) -> dict[str, torch.Tensor]:
     """SNIP's connection sensitivity ``|w * dL/dw|``, ``L`` the loss summed over ``batches``
-    (the model in training mode, as it trains: BatchNorm on batch statistics)."""
-    net = copy.deepcopy(model).train()
+    (the model in training mode, as it trains: BatchNorm on batch statistics; float16 and bfloat16
+    models in float32)."""
+    net = _scoring_copy(model)
     weights = _weights(net)
     grads = _gradients(net, weights, batches, loss_fn)
     return {name: (w.detach() * g).abs() for (name, w), g in zip(weights.items(), grads)}
@@ -66,8 +81,9 @@ def grasp_scores(model: nn.Module, batches: Batches, loss_fn: LossFn = F.cross_e
     """GraSP's ``w * Hg``: ``g`` the gradient of the loss of the logits divided by
     ``temperature``, summed over ``batches``, and ``Hg`` the Hessian of that loss times ``g``
     (training mode). GraSP removes the weights of largest ``-w * Hg``, whose removal reduces the
-    gradient flow least: keeping the largest of these scores does the same."""
-    net = copy.deepcopy(model).train()
+    gradient flow least: keeping the largest of these scores does the same. Training mode and
+    float32 as :func:`snip_scores`."""
+    net = _scoring_copy(model)
     weights = _weights(net)
     batches = list(batches)
 
@@ -76,7 +92,7 @@ def grasp_scores(model: nn.Module, batches: Batches, loss_fn: LossFn = F.cross_e
     g = _gradients(net, weights, batches, cooled)
     params, hg = list(weights.values()), [torch.zeros_like(w) for w in weights.values()]
     for x, y in batches:   # Hg = d(g . dL/dw)/dw, a batch at a time
-        grads = torch.autograd.grad(cooled(net(x), y), params, create_graph=True)
+        grads = torch.autograd.grad(cooled(_outputs(net, x), y), params, create_graph=True)
         for total, h in zip(hg, torch.autograd.grad(sum((a * b).sum() for a, b in zip(grads, g)), params)):
             total += h
     return {name: w.detach() * h for (name, w), h in zip(weights.items(), hg)}
@@ -96,21 +112,21 @@ def _linearised(model: nn.Module) -> nn.Module:
 def _flow(net: nn.Module, input_shape, weights: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     x = torch.ones(1, *input_shape, dtype=torch.float64, device=next(iter(weights.values())).device)
     grads = torch.autograd.grad(net(x).sum(), list(weights.values()))
-    return {name: w.detach() * g for (name, w), g in zip(weights.items(), grads)}
+    flows = {name: (w.detach() * g).abs() for (name, w), g in zip(weights.items(), grads)}
+    if not all(bool(torch.isfinite(f).all()) for f in flows.values()):
+        raise ValueError("SynFlow's synaptic flow overflows float64 in this network: it multiplies the "
+                         "absolute weights of every layer along each path, too many layers for it")
+    return flows
 
 
 def synflow_scores(model: nn.Module, input_shape) -> dict[str, torch.Tensor]:
-    """SynFlow's synaptic flow ``w * dR/dw`` (float64, never negative): ``R`` the sum of the
-    outputs, for an input of ones of ``input_shape`` (no batch dimension), of the model with every
-    parameter and buffer replaced by its absolute value, in eval mode. No data is used."""
+    """SynFlow's synaptic flow ``|w * dR/dw|`` (float64): ``R`` the sum of the outputs, for an
+    input of ones of ``input_shape`` (no batch dimension), of the model with every parameter and
+    buffer replaced by its absolute value, in eval mode. No data is used. (Normalisation layers
+    other than BatchNorm in eval mode make some ``w * dR/dw`` negative: their magnitude counts,
+    as in Tanaka et al.'s code.)"""
     net = _linearised(model)
     return _flow(net, input_shape, _weights(net))
-
-
-def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:
-    """float32 keys in the order of float64 ``scores`` >= 0 (their logarithms; 0 lowest of all):
-    synaptic flows span more orders of magnitude than float32 holds."""
-    return scores.log().clamp_min(torch.finfo(torch.float32).min).float()
 
 
 def synflow_masks(model: nn.Module, input_shape, keep: int, rounds: int = SYNFLOW_ROUNDS) -> dict[str, torch.Tensor]:
@@ -131,7 +147,7 @@ def synflow_masks(model: nn.Module, input_shape, keep: int, rounds: int = SYNFLO
         return {name: first_masks[first] for first, (_, names) in shared.items() for name in names}
     for step in range(1, rounds + 1):
         set_masks(net, by_name(masks))
-        keys = [_ordered_keys(s) for s in _flow(net, input_shape, weights).values()]
+        keys = [float32_keys(s) for s in _flow(net, input_shape, weights).values()]
         kept = sum(int(m.sum()) for m in masks.values())
         target = round(start * (keep / start) ** (step / rounds)) if start else 0
         masks = dict(zip(masks, swamp_kernels.global_magnitude_prune(keys, list(masks.values()), kept - target,

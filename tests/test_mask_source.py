@@ -217,8 +217,10 @@ def test_a_weight_two_layers_share_gets_one_mask_pruned_or_shuffled(tmp_path):
     (tmp_path / "tied.py").write_text(TIED)
     model = {"name": f"{tmp_path / 'tied.py'}:tied"}
     imp, shuffled = tmp_path / "imp", tmp_path / "shuffled"
-    pipeline.run(tiny("imp", model=model), imp, quiet=True)
+    summary = pipeline.run(tiny("imp", model=model), imp, quiet=True)
     pipeline.run(tiny("imp", model=model, masks={"source": str(imp), "shuffle": "global"}), shuffled, quiet=True)
+    distinct = 64 * 24 + 24 * 24 + 24 * 10   # the shared weight counts once
+    assert summary["levels"][1]["density"] == (distinct - round(0.3 * distinct)) / distinct
     for out in (imp, shuffled):
         for level in range(3):
             masks = level_files(out, level, "mask.pt")

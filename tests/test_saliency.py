@@ -109,6 +109,34 @@ def test_synflow_ranks_flows_beyond_float32_by_their_float64_order():
     assert int(kept.sum()) == 1000 and flat[kept].min() >= flat[~kept].max()
 
 
+def test_synflow_counts_the_magnitude_of_flows_a_normalisation_turns_negative():
+    torch.manual_seed(0)
+    net = swamp.sparsify(nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3)))
+    raw = saliency._linearised(net)
+    x = torch.ones(1, 6, dtype=torch.float64)
+    grads = torch.autograd.grad(raw(x).sum(), [raw[0].weight])
+    assert (raw[0].weight * grads[0] < 0).any()   # LayerNorm subtracts the mean
+    scores = saliency.synflow_scores(net, (6,))
+    torch.testing.assert_close(scores["0.weight"], (raw[0].weight * grads[0]).detach().abs())
+    assert sum(int(m.sum()) for m in saliency.synflow_masks(net, (6,), keep=20).values()) == 20
+
+
+def test_synflow_names_a_flow_that_overflows_float64():
+    with pytest.raises(ValueError, match="SynFlow's synaptic flow overflows float64 in this network"):
+        saliency.synflow_scores(chain([8] * 200, scale=40.0), (8,))   # about 57 ** 200
+
+
+def test_half_precision_models_are_scored_in_float32():
+    net = conv_net().half()
+    swamp.sparsify(net)
+    data = [(x.half(), y) for x, y in batches()]
+    for score in (saliency.snip_scores, saliency.grasp_scores):
+        half, single = score(net, data), score(copy.deepcopy(net).float(), batches())
+        assert all(half[n].dtype == torch.float32 for n in half)
+        torch.testing.assert_close(half, score(copy.deepcopy(net).float(), [(x.float(), y) for x, y in data]))
+        assert single.keys() == half.keys()
+
+
 def test_a_shared_weight_is_scored_once_under_its_first_name():
     net = chain([4, 4, 4, 4])
     net[2].weight = net[0].weight
@@ -123,6 +151,10 @@ def test_prune_by_scores_keeps_the_highest_scores():
     with pytest.warns(UserWarning, match="pruning removed every remaining weight of 2.weight"):
         masks = swamp.prune(net, 20, scores=scores)
     assert int(masks["0.weight"].sum()) == 15 and masks["0.weight"].view(-1)[5:].all() and not masks["2.weight"].any()
+    huge = {"0.weight": torch.tensor([1e300, -1e300, 1e-300, 0.0, 2.0] * 4, dtype=torch.float64).view(5, 4),
+            "2.weight": torch.full((3, 5), 1e200, dtype=torch.float64)}
+    masks = swamp.prune(chain([4, 5, 3]), 12, scores=huge)   # beyond float32: ranked as in float64
+    assert masks["2.weight"].all() and masks["0.weight"].view(-1).tolist() == [True, False, False, False, True] * 4
     with pytest.raises(ValueError, match="criterion 'random' takes none"):
         swamp.prune(net, 0.1, criterion="random", scores=scores)
     with pytest.raises(ValueError, match=r"scores lacks the masked weight\(s\) '2.weight'"):
@@ -166,6 +198,26 @@ def test_snip_levels_are_the_one_shot_masks_of_the_rewind_points_scores(runs):
     assert flat[kept].min() >= flat[~kept].max()
 
 
+def test_scores_come_from_the_batches_asked_for_before_level_0_trains(tmp_path, monkeypatch):
+    seen = []
+
+    def recorded(model, batches):
+        seen.extend(x.shape[0] for x, _ in batches)
+        raise MemoryError("out of memory")
+    monkeypatch.setattr(saliency, "snip_scores", recorded)
+    out = tmp_path / "snip"
+    with pytest.raises(MemoryError):
+        pipeline.run(tiny("snip", prune={"score_batches": 3, "score_batch_size": 16}), out, quiet=True)
+    assert seen == [16, 16, 16] and (out / "rewind.pt").is_file() and not (out / "level_00").exists()
+
+    def overflowing(*args, **kwargs):
+        raise ValueError("SynFlow's synaptic flow overflows float64 in this network")
+    monkeypatch.setattr(saliency, "synflow_masks", overflowing)
+    with pytest.raises(ValueError, match="overflows"):
+        pipeline.run(tiny("synflow"), tmp_path / "deep", quiet=True)
+    assert not (tmp_path / "deep" / "level_00").exists()
+
+
 def test_a_level_resumes_under_the_masks_it_began_with(tmp_path, monkeypatch):
     """Killed inside level 2 after a checkpoint; the resume's scores differ (as a GPU's may in
     their last bits): the level goes on under the checkpointed masks."""
@@ -196,6 +248,7 @@ def test_a_level_resumes_under_the_masks_it_began_with(tmp_path, monkeypatch):
     ({"method": "snip", "prune": {"scope": "layerwise"}}, "'prune.scope': method snip ranks the scores of all layers"),
     ({"method": "synflow", "rewind": {"mode": "lr"}}, "'rewind.mode': method synflow prunes the network at the rewind"),
     ({"method": "grasp", "prune": {"score_batches": 0}}, "'prune.score_batches': must be >= 1, got 0"),
+    ({"method": "snip", "prune": {"score_batch_size": -1}}, "'prune.score_batch_size': must be >= 0"),
     ({"method": "grasp", "masks": {"source": "x"}}, "'masks.source': method grasp cannot train another run's masks"),
 ])
 def test_settings_the_rewind_point_methods_cannot_use_are_named(values, message):
