@@ -447,7 +447,7 @@ def _source_masks(config: Config, level: int, like: dict, tied: dict, world: Gro
     masks, problem = {n: torch.empty_like(m) for n, m in like.items()}, None
     if world.index == 0:
         try:
-            masks = _read_source_masks(Path(config.masks.source), level, like)
+            masks = _read_source_masks(Path(config.masks.source), level, like, reaching=_levels(config)[-1])
         except (OSError, ValueError) as error:
             problem = f"config key 'masks.source': {error}"
     if problem := world.broadcast_object(problem):
@@ -457,17 +457,18 @@ def _source_masks(config: Config, level: int, like: dict, tied: dict, world: Gro
                        shuffled_masks(first, shuffle, seed=derive_seed(config.seed, level)), masks, tied)
 
 
-def _read_source_masks(source: Path, level: int, like: dict) -> dict:
-    """Level ``level``'s mask of the run in ``source``, checked against ``like``."""
+def _read_source_masks(source: Path, level: int, like: dict, reaching: int) -> dict:
+    """Level ``level``'s mask of the run in ``source``, checked against ``like`` and that the
+    source plans the levels up to ``reaching`` (this run's last)."""
     config = run_config(source)
     if config.method == "dense" or is_dry_run(source):
         raise ConfigError(f"the run in {source} is a dense run: it prunes nothing" if config.method == "dense" else
                           f"the run in {source} is a dry run: its masks come from a few steps on synthetic data")
+    last = _levels(config)[-1]
+    if last < reaching:
+        raise ConfigError(f"the run in {source} trains levels 0 to {last}, not up to level {reaching}: give this "
+                          f"run fewer levels, or extend that one (`swamp resume {source} --set levels={reaching}`)")
     if not (level_dir(source, level) / "metrics.json").is_file():
-        last = _levels(config)[-1]
-        if level > last:
-            raise ConfigError(f"the run in {source} trains levels 0 to {last}, not level {level}: give this run "
-                              f"fewer levels, or extend that one (`swamp resume {source} --set levels={level}`)")
         raise ConfigError(f"the run in {source} has not completed level {level} yet: "
                           f"{'resume this run' if level else 'try again'} once it has")
     path = level_dir(source, level) / "mask.pt"
