@@ -269,6 +269,7 @@ def test_compile_fullgraph_matches_eager():
         twin.zero_grad()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")   # torch >= 2.14
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_torch_func_transforms_mask_pruned_weights_under_compile(backend):
     """Dynamo drops a custom Function's backward inside torch.func transforms: compiled grad,
@@ -720,6 +721,7 @@ def test_the_old_weight_norm_is_refused_and_leaves_the_layer_as_it_was():
     assert torch.equal(layer.weight, values) and torch.equal(layer(x), expected)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")   # torch >= 2.14
 def test_scripting_a_masked_model_names_what_works_instead():
     model = swamp.sparsify(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
     swamp.prune(model, 0.5)
