@@ -3,8 +3,9 @@
 Methods: ``dense`` (level 0 only), ``imp`` (one particle), ``imp_swa`` (one particle with SWA),
 ``swamp`` (``particles`` particles with SWA, averaged), ``random`` (IMP's schedule with random
 instead of magnitude pruning), ``snip``, ``grasp``, ``synflow`` (one network, each level's mask
-pruned at the rewind point by :mod:`swamp.saliency`'s scores). With ``masks.source`` the levels train under another run's masks
-(shuffled, if ``masks.shuffle`` says so) instead of pruning. The run directory's files: :mod:`swamp.rundir`.
+pruned at the rewind point by :mod:`swamp.saliency`'s scores). With ``masks.source`` the levels
+train under another run's masks (shuffled, if ``masks.shuffle`` says so) instead of pruning.
+The run directory's files: :mod:`swamp.rundir`.
 
 A killed run resumes from its last checkpoint (at most ``train.checkpoint_every`` epochs lost).
 All randomness comes from generators seeded by ``(seed, stage, particle, epoch)`` (see
@@ -417,9 +418,9 @@ def _rewind_point_pruning(config: Config, model, rewind_state: dict, data) -> Ca
     so each level's mask is their one-shot mask of its density; SynFlow prunes the dense network
     in its rounds down to each level's count, level 1's here. Here is before level 0 trains: a
     network the scores do not fit (memory, overflow) fails at once."""
-    net = evaluate.network(model, rewind_state)
-    dense = {first: torch.ones_like(mask) for first, (mask, _) in shared_masks(net).items()}
-    set_masks(net, {name: dense[first] for first, (_, names) in shared_masks(net).items() for name in names})
+    net, shared = evaluate.network(model, rewind_state), shared_masks(model)
+    dense = {first: torch.ones_like(mask) for first, (mask, _) in shared.items()}
+    set_masks(net, {name: dense[first] for first, (_, names) in shared.items() for name in names})
     fraction = config.prune_fraction
     if config.method == "synflow":
         found = {}   # {weights kept: masks} computed ahead: level 1's
@@ -717,7 +718,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             return metrics, final_state, masks
 
         levels, begin_state = _levels(config), rewind_state
-        next_masks = _mask_schedule(config, model, rewind_state, data, tied, topology.world)
+        masks_after = _mask_schedule(config, model, rewind_state, data, tied, topology.world)
         del rewind_state   # rewind.mode lr: not held once level 1 begins from level 0's solution
         for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
             metrics, final_state, masks = run_level(level, masks, begin_state)
@@ -725,7 +726,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             if writer:
                 write_json(out / "summary.json", summary)
             if level < levels[-1]:
-                new_masks = next_masks(level, final_state, masks)
+                new_masks = masks_after(level, final_state, masks)
                 if writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once, not on resume
                     emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
                     if emptied:
