@@ -30,8 +30,9 @@ DATASETS = ("digits", "npz", "cifar10", "cifar100", "mnist", "fashion_mnist", "i
 DATA_LAYOUTS = ("auto", "channels_first", "channels_last")   # of npz images
 PRUNE_SCOPES = ("global", "layerwise")     # one threshold over all layers | one per layer
 # What goes back to the rewind point after pruning: weights and lr schedule (weight rewinding,
-# Frankle et al. 2020) | the lr schedule alone, the pruned solution training on (lr rewinding, Renda et al. 2020).
-REWIND_MODES = ("weights", "lr")
+# Frankle et al. 2020) | the lr schedule alone, the pruned solution training on (lr rewinding, Renda et al. 2020)
+# | nothing: the pruned solution trains on at the schedule's last rate (fine-tuning, Han et al. 2015).
+REWIND_MODES = ("weights", "lr", "finetune")
 # How a run given another run's masks (masks.source) places their kept weights: as they are | at random
 # inside each layer (its density kept) | at random over all layers (the density kept): OpenLTH's random-prune branches.
 MASK_SHUFFLES = ("none", "layerwise", "global")
@@ -301,6 +302,8 @@ def validate(config: Config, check_paths: bool = True) -> None:
     _require(config.rewind.iterations >= 0, "rewind.iterations", "must be >= 0")
     _require(config.rewind.mode in REWIND_MODES, "rewind.mode",
              f"must be one of {', '.join(REWIND_MODES)}, got {config.rewind.mode!r}")
+    _require(config.rewind.mode != "finetune" or config.train.schedule == "step", "rewind.mode",
+             "finetune trains at the schedule's last rate, and a cosine schedule ends at 0: use train.schedule step")
     _validate_masks(config)
     _require(0.0 <= config.swa.start < 1.0, "swa.start", f"must lie in [0, 1), got {config.swa.start}")
     _require(config.swa.lr > 0, "swa.lr", "must be > 0")

@@ -46,10 +46,10 @@ from swamp.rundir import (RESULT_FILES, STARTED_CONFIG, DamagedFileError, existi
                           level_numbers, load_file, read_json, remove_partial_writes, save, write_json, write_text)
 from swamp.runlock import RunLock, holder as lock_holder
 from swamp.sparsify import masks as model_masks, set_masks, shared_masks, sparsify
-from swamp.train import stack_state, train_particles
+from swamp.train import learning_rate, stack_state, train_particles
 
 __all__ = ["run", "resume", "dry_run", "is_dry_run", "check", "finished", "run_config", "result_changes",
-           "begins_from_previous_level", "DRY_RUN_STEPS"]
+           "begins_from_previous_level", "fine_tuning_rate", "DRY_RUN_STEPS"]
 
 DRY_RUN_STEPS = 20
 
@@ -286,9 +286,17 @@ def resume(out: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) 
 
 
 def begins_from_previous_level(config: Config, level: int) -> bool:
-    """Whether ``level`` trains from the previous level's solution (rewind.mode lr, past level 0)
-    rather than from the rewind point's weights (under its own mask either way)."""
-    return config.rewind.mode == "lr" and level > 0
+    """Whether ``level`` trains from the previous level's solution (rewind.mode lr or finetune,
+    past level 0) rather than from the rewind point's weights (under its own mask either way)."""
+    return config.rewind.mode in ("lr", "finetune") and level > 0
+
+
+def fine_tuning_rate(config: Config, level: int, steps_per_epoch: int) -> float | None:
+    """The constant learning rate ``level`` trains at (rewind.mode finetune, past level 0: the
+    schedule's last rate), or None: the schedule from the rewind point on."""
+    if config.rewind.mode != "finetune" or level == 0:
+        return None
+    return learning_rate(config.train.epochs * steps_per_epoch - 1, steps_per_epoch, config.train)
 
 
 def _levels(config: Config) -> range:
@@ -692,7 +700,8 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             start = {n: (t * masks[n] if n in masks else t).unsqueeze(0).repeat(local, *[1] * t.dim())
                      for n, t in begin_state.items()}
             result = train_particles(model, start, data, config, stage=level, begin=rewind, end=total,
-                                     swa=swa, placement=placement,
+                                     swa=swa, fixed_lr=fine_tuning_rate(config, level, steps_per_epoch),
+                                     placement=placement,
                                      checkpoint=lambda full: checkpoint({**full, "masks": masks}), resume=resume,
                                      log=lambda line: log(f"level {level} {line}"),
                                      progress=progress(f"level {level}"))
@@ -719,7 +728,7 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
 
         levels, begin_state = _levels(config), rewind_state
         masks_after = _mask_schedule(config, model, rewind_state, data, tied, topology.world)
-        del rewind_state   # rewind.mode lr: not held once level 1 begins from level 0's solution
+        del rewind_state   # rewind.mode lr, finetune: not held once level 1 begins from level 0's solution
         for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
             metrics, final_state, masks = run_level(level, masks, begin_state)
             summary["levels"].append(metrics)
@@ -737,5 +746,5 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
                 if begins_from_previous_level(config, level + 1):
                     begin_state = {n: final_state[n] for n in begin_state}
                     topology.world.broadcast_(list(begin_state.values()))   # as the masks: every rank begins alike
-            del final_state  # the next level trains without this one's weights held (but for rewind.mode lr)
+            del final_state  # the next level trains without this one's weights held (but for lr, finetune)
         return summary

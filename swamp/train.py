@@ -343,7 +343,7 @@ class _Checkpoints:
 
 
 def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, config: Config, *,
-                    stage: int, begin: int, end: int, swa: bool,
+                    stage: int, begin: int, end: int, swa: bool, fixed_lr: float | None = None,
                     placement: Placement | None = None,
                     checkpoint: Callable[[dict], None] | None = None,
                     resume: dict | None = None,
@@ -352,7 +352,8 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
     """Train the particles stacked in ``state`` (a dict from :func:`stack_state`) from step ``begin`` to ``end``.
 
     ``model`` supplies the architecture and the (shared) masks. ``stage`` keys the batch-order
-    seeds (a level number, or -1 for pre-training). ``placement`` says which particles ``state``
+    seeds (a level number, or -1 for pre-training). ``fixed_lr``: this rate at every step before
+    the SWA epochs instead of the schedule (fine-tuning). ``placement`` says which particles ``state``
     holds and which ranks share the work (default: all of them, this process alone).
     ``checkpoint(dict)`` is called on rank 0 every ``train.checkpoint_every`` epochs; ``resume``
     is such a dict to continue from (it replaces ``state``).
@@ -393,8 +394,8 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
                 step = epoch * steps_per_epoch + i
                 if step >= end:
                     break
-                lr = (swa_learning_rate(step, steps_per_epoch, config) if in_swa
-                      else learning_rate(step, steps_per_epoch, train))
+                lr = (swa_learning_rate(step, steps_per_epoch, config) if in_swa else fixed_lr
+                      if fixed_lr is not None else learning_rate(step, steps_per_epoch, train))
                 loss_sum += engine.step(x, y, lr)
                 loss_count += 1
                 images += x.shape[0] * x.shape[1]

@@ -79,6 +79,7 @@ def test_dump_round_trips(tmp_path):
     ("train: {epochs: 8}\nswa: {start: 0.75, anneal_epochs: 3}\n", [], "swa.anneal_epochs"),  # 2 SWA epochs
     ("", ["prune.scope=per_layer"], "prune.scope"),
     ("rewind: {mode: learning_rate}\n", [], "rewind.mode"),
+    ("rewind: {mode: finetune}\ntrain: {schedule: cosine}\n", [], "rewind.mode"),
     ("", ["data.layout=nhwc"], "data.layout"),
     ("", ["device=cuda:x"], "device"),
     ("", ["model.hidden=[8, -3]"], "model.hidden"),

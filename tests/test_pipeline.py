@@ -143,20 +143,25 @@ def test_memory_does_not_grow_across_levels(tmp_path, monkeypatch):
     assert [at_start[level] for level in (1, 2, 3)] == [at_start[0]] * 3, at_start
 
 
-@pytest.mark.parametrize("mode", ["weights", "lr"])
+@pytest.mark.parametrize("mode", C.REWIND_MODES)
 def test_each_level_begins_from_the_weights_its_rewind_mode_names(tmp_path, monkeypatch, mode):
-    """weights: the rewind point's, every level; lr: past level 0 the previous level's solution
-    (under the new mask), also on resume and in the instability analysis."""
+    """weights: the rewind point's, every level; lr and finetune: past level 0 the previous
+    level's solution (under the new mask), finetune at the schedule's last rate; also on resume
+    and in the instability analysis."""
     from swamp.analysis import instability, runs
-    begun = {}
+    begun, rates = {}, {}
 
     def recorded(model, state, *args, stage, **kwargs):
         begun.setdefault(stage, []).append({n: t[0].clone() for n, t in state.items()})
+        rates.setdefault(stage, set()).add(kwargs.get("fixed_lr"))
         return train_particles(model, state, *args, stage=stage, **kwargs)
     monkeypatch.setattr(pipeline, "train_particles", recorded)
     monkeypatch.setattr(runs, "train_particles", recorded)
     out = tmp_path / mode
     pipeline.run(tiny("imp_swa", rewind={"iterations": 3, "mode": mode}), out, quiet=True)
+    last = 0.05 * 0.1   # tiny's schedule: lr 0.05, x0.1 at epoch 1 of 2
+    assert rates == {-1: {None}, 0: {None}, 1: {last if mode == "finetune" else None},
+                     2: {last if mode == "finetune" else None}}
     rewind = torch.load(out / "rewind.pt")
 
     def begins(level: int) -> dict:
@@ -172,6 +177,7 @@ def test_each_level_begins_from_the_weights_its_rewind_mode_names(tmp_path, monk
     assert all(torch.equal(t, solution[n]) for n, t in torch.load(out / "level_02" / "model.pt").items())
     instability(out, 2, num_points=2)
     assert [all(torch.equal(copy[n], t) for n, t in begins(2).items()) for copy in begun.pop(2)] == [True] * 3
+    assert rates[2] == {last if mode == "finetune" else None}
 
 
 def test_averaged_model_is_the_mean_of_particle_swa_weights():

@@ -206,6 +206,15 @@ def test_training_uses_the_swa_anneal():
     assert rates[:2] == [0.05, 0.05] and 0.005 < rates[2] < 0.02 and rates[3] == 0.02
 
 
+def test_a_fixed_rate_replaces_the_schedule_until_the_swa_epochs():
+    config, data, net = setup("mlp", epochs=4)
+    lines = []
+    swa = dataclasses.replace(config, swa=dataclasses.replace(config.swa, start=0.75))
+    train_particles(net, stack_state(net, 1), data, swa, stage=1, begin=0, end=12, swa=True, fixed_lr=0.003,
+                    log=lines.append)
+    assert [float(line.split(" lr ")[1].split()[0]) for line in lines] == [0.003, 0.003, 0.003, 0.02]
+
+
 def test_dry_run_needs_no_data(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("data: {name: cifar10, path: /nonexistent/cifar}\nmodel: {name: cifar_resnet_8}\n"

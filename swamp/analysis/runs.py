@@ -18,7 +18,7 @@ from swamp.analysis.hessian import hessian_trace, top_hessian_eigenvalues
 from swamp.analysis.landscape import Batches, SampledBatches, data_eval_fn, interpolation_barrier, l2_distance
 from swamp.data import input_spec, load_data
 from swamp.models import build_model
-from swamp.pipeline import begins_from_previous_level, completed_levels
+from swamp.pipeline import begins_from_previous_level, completed_levels, fine_tuning_rate
 from swamp.rundir import DamagedFileError, level_dir, level_numbers, load_file, read_json
 from swamp.sparsify import set_masks, sparsify
 from swamp.train import train_particles
@@ -147,8 +147,8 @@ def _config_error(directory: Path, error: cfg.ConfigError) -> cfg.ConfigError:
 def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), num_points: int = 11,
                 device: str | torch.device = "cpu", *, split: str = "test", bn_batches: int | None = None) -> dict:
     """Frankle et al.'s instability analysis of ``level``: two copies trained from the weights
-    the level started from (the rewind weights; with rewind.mode lr, past level 0, the previous
-    level's solution) under the level's mask, with the pipeline's trainer and schedule but batch
+    the level started from (the rewind weights; with rewind.mode lr or finetune, past level 0, the
+    previous level's solution) under the level's mask, with the pipeline's trainer and schedule but batch
     orders seeded by ``seeds[0]`` and ``seeds[1]``; returns their interpolation path on ``split``
     ("test" or "train"), barrier and L2 distance (``bn_batches``: see :meth:`Run.barrier`).
     Each copy is one network: for a SWAMP run, one particle with SWA (not the P-particle average)."""
@@ -162,13 +162,15 @@ def instability(run_dir: str | Path, level: int, seeds: Sequence[int] = (1, 2), 
     if begins_from_previous_level(config, level):
         previous = run.state(level - 1)
         begin = {n: previous[n] for n in begin}
-    total = config.train.epochs * run.data.steps_per_epoch(config.train.batch_size)
+    steps_per_epoch = run.data.steps_per_epoch(config.train.batch_size)
+    total = config.train.epochs * steps_per_epoch
     swa = config.method in ("imp_swa", "swamp")
     finals = []
     for seed in seeds:
         state = {n: (t * masks[n] if n in masks else t).unsqueeze(0).clone() for n, t in begin.items()}
         result = train_particles(run.model, state, run.data, dataclasses.replace(config, seed=int(seed)),
-                                 stage=level, begin=config.rewind.iterations, end=total, swa=swa)
+                                 stage=level, begin=config.rewind.iterations, end=total, swa=swa,
+                                 fixed_lr=fine_tuning_rate(config, level, steps_per_epoch))
         finals.append(evaluate.network(run.model, {n: t[0] for n, t in result.state.items()}).state_dict())
         # an SWA copy's BatchNorm statistics are stale, but the barrier recomputes them at every point
     return {"level": level, "density": run.metrics(level)["density"], "seeds": [int(s) for s in seeds],
