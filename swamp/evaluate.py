@@ -27,9 +27,10 @@ def checked_split(split: str) -> str:
 
 
 def network(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` (masks included) holding ``state`` (parameters and buffers by name)."""
+    """A copy of ``model`` (masks included) holding ``state`` (parameters and buffers by name; a
+    tensor several modules share under any of its names, as a state_dict lists it)."""
     net = copy.deepcopy(model)
-    tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    tensors = {**dict(net.named_parameters(remove_duplicate=False)), **dict(net.named_buffers(remove_duplicate=False))}
     with torch.no_grad():
         for name, value in state.items():
             tensors[name].copy_(value)

@@ -172,22 +172,30 @@ MOVABLE_KEYS = {"model.name": ("a factory file that moved", "the same file name 
                 "masks.source": ("a source run that moved", "a folder of the same name")}
 
 
-def result_changes(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+def result_changes(a: Config, b: Config, across_runs: bool = False) -> list[tuple[str, Any, Any]]:
     """:func:`~swamp.config.changed_keys` of ``a`` and ``b`` that change what a run's levels
-    compute: not those of :data:`RESUME_KEYS`, nor a factory file or source run that moved (from
-    ``a``'s place to ``b``'s)."""
+    compute: not those of :data:`RESUME_KEYS`, nor a factory file or source run that moved from
+    ``a``'s place to ``b``'s (``b`` a later config of ``a``'s run). ``across_runs`` (the configs
+    of two runs, as report --merge-seeds compares them): factory files of one file name and
+    function are one model wherever they lie; source runs in two places are two sources."""
+    def same(key: str, then, now) -> bool:
+        return key == "model.name" and _same_factory(then, now) if across_runs else _moved(key, then, now)
     return [(key, then, now) for key, then, now in changed_keys(a, b)
-            if key not in RESUME_KEYS and not _moved(key, then, now)]
+            if key not in RESUME_KEYS and not same(key, then, now)]
+
+
+def _same_factory(then: str, now: str) -> bool:
+    """Whether model.names ``then`` and ``now`` are both a ``file.py:function`` of one file name and function."""
+    old, new = factory_file(then), factory_file(now)
+    return bool(old and new) and (Path(old[0]).name, old[1]) == (Path(new[0]).name, new[1])
 
 
 def _moved(key: str, then, now) -> bool:
     """Whether ``key`` went from ``then`` to ``now`` only because what it names moved: model.name
-    both a ``file.py:function`` of one file name and one function, masks.source both a folder of
-    one name; and nothing left at the old place (two such runs that both exist are two runs)."""
+    a factory of one file name and function, masks.source a folder of one name; and nothing left
+    at the old place (while the old one is there, the new one is another)."""
     if key == "model.name":
-        old, new = factory_file(then), factory_file(now)
-        return (bool(old and new) and (Path(old[0]).name, old[1]) == (Path(new[0]).name, new[1])
-                and not Path(old[0]).exists())
+        return _same_factory(then, now) and not Path(factory_file(then)[0]).exists()
     return (key == "masks.source" and bool(then and now) and Path(then).name == Path(now).name
             and not (Path(then) / "config.yaml").exists())
 
@@ -416,7 +424,7 @@ def _mask_schedule(config: Config, model, rewind_state: dict, data, tied: dict,
         select = _rewind_point_pruning(config, model, rewind_state, data)
         return lambda level, state, masks: _per_weight(select, masks, tied)
     return lambda level, state, masks: _per_weight(
-        lambda first: _prune(config, level, {n: state[n] for n in first}, first), masks, tied)
+        lambda distinct: _prune(config, level, {n: state[n] for n in distinct}, distinct), masks, tied)
 
 
 def _rewind_point_pruning(config: Config, model, rewind_state: dict, data) -> Callable[[dict], dict]:
@@ -424,11 +432,10 @@ def _rewind_point_pruning(config: Config, model, rewind_state: dict, data) -> Ca
     ``masks`` keep pruned by the scores of the dense network at the rewind point. SNIP's and
     GraSP's are computed here, once, on ``prune.score_batches`` training batches drawn at random,
     so each level's mask is their one-shot mask of its density; SynFlow prunes the dense network
-    in its rounds down to each level's count, level 1's here. Here is before level 0 trains: a
-    network the scores do not fit (memory, overflow) fails at once."""
-    net, shared = evaluate.network(model, rewind_state), shared_masks(model)
-    dense = {first: torch.ones_like(mask) for first, (mask, _) in shared.items()}
-    set_masks(net, {name: dense[first] for first, (_, names) in shared.items() for name in names})
+    in its rounds down to each level's count, level 1's here. Here is before level 0 trains (the
+    model's masks all True): a network the scores do not fit (memory, overflow) fails at once."""
+    net = evaluate.network(model, rewind_state)
+    dense = {first: mask.clone() for first, (mask, _) in shared_masks(model).items()}
     fraction = config.prune_fraction
     if config.method == "synflow":
         found = {}   # {weights kept: masks} computed ahead: level 1's
@@ -453,17 +460,17 @@ def _source_masks(config: Config, level: int, like: dict, tied: dict, world: Gro
     says, one per weight (``tied``): rank 0 reads it and tells every rank what is wrong with it
     (ConfigError), the caller broadcasts it. ``like``: this run's masks, whose names and shapes it
     must have."""
-    masks, problem = {n: torch.empty_like(m) for n, m in like.items()}, None
+    masks, problem, shuffle = {n: torch.empty_like(m) for n, m in like.items()}, None, config.masks.shuffle
     if world.index == 0:
         try:
-            masks = _read_source_masks(Path(config.masks.source), level, like, reaching=_levels(config)[-1])
+            masks = _per_weight(lambda distinct: distinct if shuffle == "none" else
+                                shuffled_masks(distinct, shuffle, seed=derive_seed(config.seed, level)),
+                                _read_source_masks(Path(config.masks.source), level, like, _levels(config)[-1]), tied)
         except (OSError, ValueError) as error:
             problem = f"config key 'masks.source': {error}"
     if problem := world.broadcast_object(problem):
         raise ConfigError(problem)
-    shuffle = config.masks.shuffle
-    return _per_weight(lambda first: first if shuffle == "none" else
-                       shuffled_masks(first, shuffle, seed=derive_seed(config.seed, level)), masks, tied)
+    return masks
 
 
 def _read_source_masks(source: Path, level: int, like: dict, reaching: int) -> dict:
@@ -727,24 +734,25 @@ def _execute(config: Config, out: Path, quiet: bool, topology: Topology, new: bo
             return metrics, final_state, masks
 
         levels, begin_state = _levels(config), rewind_state
-        masks_after = _mask_schedule(config, model, rewind_state, data, tied, topology.world)
+        masks_after = _mask_schedule(config, model, rewind_state, data, tied, topology.world) if levels[-1] else None
         del rewind_state   # rewind.mode lr, finetune: not held once level 1 begins from level 0's solution
         for level in tqdm(levels, desc=f"{config.method} levels", disable=quiet, dynamic_ncols=True):
             metrics, final_state, masks = run_level(level, masks, begin_state)
             summary["levels"].append(metrics)
             if writer:
                 write_json(out / "summary.json", summary)
-            if level < levels[-1]:
-                new_masks = masks_after(level, final_state, masks)
-                if writer and not (level_dir(out, level + 1) / "metrics.json").exists():   # once, not on resume
-                    emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks})
-                    if emptied:
-                        log(f"level {level} warning: {collapse_warning(emptied)}")
-                        warnings.warn(collapse_warning(emptied), stacklevel=2)
-                masks = new_masks
-                topology.world.broadcast_(list(masks.values()))
-                if begins_from_previous_level(config, level + 1):
-                    begin_state = {n: final_state[n] for n in begin_state}
-                    topology.world.broadcast_(list(begin_state.values()))   # as the masks: every rank begins alike
+            if level == levels[-1] or topology.world.broadcast_object(
+                    (level_dir(out, level + 1) / "metrics.json").exists() if writer else None):
+                continue   # no next level, or one done already (a resume): run_level reads it back
+            new_masks = masks_after(level, final_state, masks)
+            emptied = emptied_layers({n: (masks[n], new_masks[n]) for n in masks}) if writer else []
+            if emptied:
+                log(f"level {level} warning: {collapse_warning(emptied)}")
+                warnings.warn(collapse_warning(emptied), stacklevel=2)
+            masks = new_masks
+            topology.world.broadcast_(list(masks.values()))
+            if begins_from_previous_level(config, level + 1):
+                begin_state = {n: final_state[n] for n in begin_state}
+                topology.world.broadcast_(list(begin_state.values()))   # as the masks: every rank begins alike
             del final_state  # the next level trains without this one's weights held (but for lr, finetune)
         return summary

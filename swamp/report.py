@@ -82,7 +82,7 @@ def over_seeds(runs: dict[str, dict], directories: Sequence[str | Path]) -> dict
     for label, directory in zip(runs, directories):
         config = run_config(Path(directory))
         group = next((members for first, members in groups    # the results differ in the seed at most
-                      if {key for key, _, _ in result_changes(first, config)} <= {"seed"}), None)
+                      if {key for key, _, _ in result_changes(first, config, across_runs=True)} <= {"seed"}), None)
         if group is None:
             groups.append((config, [(label, config.seed)]))
             continue

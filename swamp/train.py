@@ -62,15 +62,16 @@ def learning_rate(step: int, steps_per_epoch: int, train: TrainConfig) -> float:
     return decayed * min(1.0, step / warmup) if warmup else decayed
 
 
-def swa_learning_rate(step: int, steps_per_epoch: int, config: Config) -> float:
+def swa_learning_rate(step: int, steps_per_epoch: int, config: Config, fixed_lr: float | None = None) -> float:
     """The learning rate at ``step`` of the SWA epochs: ``swa.lr``, approached over the first
-    ``swa.anneal_epochs`` from the scheduled rate at the SWA start by a cosine anneal (torch's
-    ``SWALR`` with ``anneal_strategy="cos"``, stepped per iteration)."""
+    ``swa.anneal_epochs`` from the rate before them (the scheduled rate at the SWA start, or
+    ``fixed_lr``) by a cosine anneal (torch's ``SWALR`` with ``anneal_strategy="cos"``, stepped
+    per iteration)."""
     start = math.floor(config.swa.start * config.train.epochs) * steps_per_epoch
     anneal = config.swa.anneal_epochs * steps_per_epoch
     if step >= start + anneal:
         return config.swa.lr
-    scheduled = learning_rate(start, steps_per_epoch, config.train)
+    scheduled = learning_rate(start, steps_per_epoch, config.train) if fixed_lr is None else fixed_lr
     return config.swa.lr + (scheduled - config.swa.lr) * (1 + math.cos(math.pi * (step - start) / anneal)) / 2
 
 
@@ -394,7 +395,7 @@ def train_particles(model: nn.Module, state: dict[str, torch.Tensor], data, conf
                 step = epoch * steps_per_epoch + i
                 if step >= end:
                     break
-                lr = (swa_learning_rate(step, steps_per_epoch, config) if in_swa else fixed_lr
+                lr = (swa_learning_rate(step, steps_per_epoch, config, fixed_lr) if in_swa else fixed_lr
                       if fixed_lr is not None else learning_rate(step, steps_per_epoch, train))
                 loss_sum += engine.step(x, y, lr)
                 loss_count += 1

@@ -127,8 +127,8 @@ def test_a_moved_source_is_named_anew_on_resume(source, tmp_path):
 
 
 def test_runs_of_two_sources_are_two_experiments_unless_one_moved(tmp_path):
-    """What report --merge-seeds and resume count as a change: the same folder name in two places
-    is another run while the first still holds one."""
+    """What resume counts as a change: the same folder name in two places is another run while
+    the first still holds one. report --merge-seeds, comparing two runs, counts any other place."""
     first, second = tmp_path / "a" / "imp", tmp_path / "b" / "imp"
     for folder in (first, second):
         folder.mkdir(parents=True)
@@ -137,6 +137,20 @@ def test_runs_of_two_sources_are_two_experiments_unless_one_moved(tmp_path):
     assert [key for key, *_ in pipeline.result_changes(a, b)] == ["masks.source"]
     shutil.rmtree(first)
     assert pipeline.result_changes(a, b) == []
+    assert [key for key, *_ in pipeline.result_changes(a, b, across_runs=True)] == ["masks.source"]
+
+
+def test_merging_seeds_keeps_runs_of_two_sources_apart_in_any_order(source, tmp_path):
+    from swamp import report
+    first, second = tmp_path / "a" / "imp", tmp_path / "b" / "imp"
+    for folder in (first, second):
+        shutil.copytree(source, folder)
+    runs = [tmp_path / "reinit_s1", tmp_path / "reinit_s2"]
+    for run, folder, seed in zip(runs, (first, second), (1, 2)):
+        pipeline.run(tiny("imp", seed=seed, masks={"source": str(folder)}), run, quiet=True)
+    shutil.rmtree(first)   # a finished run needs its source no more
+    for order in (runs, runs[::-1]):
+        assert len(report.over_seeds(report.load_runs(order), order)) == 2
 
 
 @pytest.mark.parametrize("values, message", [
@@ -227,3 +241,12 @@ def test_a_weight_two_layers_share_gets_one_mask_pruned_or_shuffled(tmp_path):
             masks = level_files(out, level, "mask.pt")
             assert torch.equal(masks["3.weight"], masks["5.weight"]), (out.name, level)
     assert not same(level_files(imp, 2, "mask.pt"), level_files(shuffled, 2, "mask.pt"))
+    from swamp.analysis import level_hessians, load_run, successive_barriers
+    net = load_run(imp).network(2)   # the analyses build networks holding the weight under both names
+    assert net[3].weight is net[5].weight and torch.equal(net[3].weight, level_files(imp, 2, "model.pt")["5.weight"])
+    assert len(successive_barriers(imp, num_points=2)["levels"]) == 2
+    masks = level_files(imp, 2, "mask.pt")
+    hessians = level_hessians(imp, k=1, batches=1, iters=5, tol=1.0, trace_samples=2, levels=[2])
+    unpruned = sum(p.numel() for p in net.parameters()) - int((~masks["1.weight"]).sum() + (~masks["3.weight"]).sum()
+                                                               + (~masks["7.weight"]).sum())
+    assert hessians["levels"][0]["trace"] / hessians["levels"][0]["trace_per_weight"] == pytest.approx(unpruned)

@@ -213,6 +213,8 @@ def test_a_fixed_rate_replaces_the_schedule_until_the_swa_epochs():
     train_particles(net, stack_state(net, 1), data, swa, stage=1, begin=0, end=12, swa=True, fixed_lr=0.003,
                     log=lines.append)
     assert [float(line.split(" lr ")[1].split()[0]) for line in lines] == [0.003, 0.003, 0.003, 0.02]
+    annealed = dataclasses.replace(swa, swa=dataclasses.replace(swa.swa, anneal_epochs=1))
+    assert swa_learning_rate(10, 3, annealed, fixed_lr=0.003) == pytest.approx(0.02 + (0.003 - 0.02) * 0.75)
 
 
 def test_dry_run_needs_no_data(tmp_path, capsys):

@@ -20,7 +20,7 @@ from swamp.data import input_spec, load_data
 from swamp.models import build_model
 from swamp.pipeline import begins_from_previous_level, completed_levels, fine_tuning_rate
 from swamp.rundir import DamagedFileError, level_dir, level_numbers, load_file, read_json
-from swamp.sparsify import set_masks, sparsify
+from swamp.sparsify import set_masks, shared_masks, sparsify
 from swamp.train import train_particles
 
 __all__ = ["Run", "load_run", "instability", "successive_barriers", "level_hessians", "layer_densities"]
@@ -232,8 +232,10 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
         return result
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
 
+    distinct = shared_masks(run.model)   # a weight several layers share once
+
     def unpruned(masks: dict) -> int:   # the Hessian's size
-        return trainable - sum(int((~m).sum()) for m in masks.values())
+        return trainable - sum(int((~masks[n]).sum()) for n in distinct)
     last = levels[-1]   # masks only shrink from level to level: the last has the fewest weights
     if k > unpruned(run.masks(last)):   # before the first level's work
         raise ValueError(f"k = {k} is above the {unpruned(run.masks(last))} unpruned parameters of level {last}")
