@@ -78,7 +78,8 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     or a list of these; a name, pattern or type that matches no such layer raises ValueError.
     Layers keep their identity, parameters, device, dtype and memory format, so optimizers
     built before still hold the right tensors. Subclasses of Conv2d/Linear are left alone
-    (they may use their weight outside forward); masked layers stay masked. Returns ``model``.
+    (they may use their weight outside forward); masked layers stay masked. A layer whose weight
+    a layer left dense shares stays dense too (one weight, one mask). Returns ``model``.
     """
     modules = dict(model.named_modules())
     candidates = {n: m for n, m in modules.items() if _is_candidate(m)}
@@ -87,6 +88,9 @@ def sparsify(model: nn.Module, include: Selector = None, exclude: Selector = Non
     excluded = (lambda name, module: False) if exclude is None else \
         _predicate("exclude", exclude, modules, candidates)
     selected = {n: m for n, m in candidates.items() if included(n, m) and not excluded(n, m)}
+    kept_dense = {id(m.weight) for n, m in candidates.items() if n not in selected and not isinstance(m, MaskedLayer)
+                  and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    selected = {n: m for n, m in selected.items() if id(getattr(m, "weight", None)) not in kept_dense}
     lazy = {n: m for n, m in selected.items() if _unrun_lazy(m)}
     if lazy:
         raise ValueError(f"lazy layers not yet initialised: {_describe(lazy)}; run the model once (a forward "

@@ -84,6 +84,15 @@ def test_sparsify_include_exclude(include, exclude, expected):
     assert masked_names(model) == expected
 
 
+def test_a_weight_shared_with_a_layer_left_dense_stays_dense():
+    net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    net[4].weight = net[2].weight
+    swamp.sparsify(net, exclude=["4"])
+    assert [isinstance(net[i], MaskedLayer) for i in (0, 2, 4, 6)] == [True, False, False, True]
+    swamp.prune(net, 0.5)
+    assert net[2].weight.all()   # neither layer holding it prunes it
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"include": ["stm"]}, ValueError, r"'stm' matches no module; Conv2d/Linear layers are: stem"),
     ({"exclude": "blocks.*.1"}, ValueError,
