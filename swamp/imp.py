@@ -63,7 +63,7 @@ def next_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
               else swamp_kernels.layerwise_magnitude_prune)
     try:
         keys = (swamp_kernels.random_scores(tensors, seed=seed) if criterion == "random" else
-                None if scores is None else [float32_keys(scores[name]) for name in names])
+                None if scores is None else float32_keys([scores[name] for name in names]))
         new = select(tensors, [masks[name] for name in names], amount, scores=keys, backend=backend)
     except (TypeError, ValueError) as error:
         raise _naming(error, names) from None
@@ -75,14 +75,16 @@ def _float32(tensors: list) -> list:
     return [t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t for t in tensors]
 
 
-def float32_keys(scores: torch.Tensor) -> torch.Tensor:
-    """Keys the prune ops can rank (float32, float16, bfloat16) in the order of ``scores``:
-    float64 scores rounded to float32 where it holds them all, else ``asinh(scores)`` (monotone,
-    logarithmic beyond float32's range, as SynFlow's flows of deep networks are); others as given."""
-    if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float64:
-        return scores
-    beyond = scores.numel() and bool(scores.abs().max() > torch.finfo(torch.float32).max)
-    return (scores.asinh() if beyond else scores).float()
+def float32_keys(scores: Sequence[torch.Tensor]) -> list:
+    """Keys the prune ops can rank (float32, float16, bfloat16) in the order of all ``scores``
+    together: float64 ones rounded to float32 where it holds every score, else ``asinh`` of every
+    score in float32 (monotone, logarithmic beyond float32's range, as SynFlow's flows of deep
+    networks are). What is no tensor is left for the op to name."""
+    beyond = any(isinstance(s, torch.Tensor) and s.dtype == torch.float64 and s.numel()
+                 and bool(s.abs().max() > torch.finfo(torch.float32).max) for s in scores)
+    if not beyond:
+        return _float32(list(scores))
+    return [s.double().asinh().float() if isinstance(s, torch.Tensor) else s for s in scores]
 
 
 def shuffled_masks(masks: Mapping[str, torch.Tensor], scope: str = "layerwise", seed: int = 0) -> dict[str, torch.Tensor]:

@@ -147,7 +147,7 @@ def synflow_masks(model: nn.Module, input_shape, keep: int, rounds: int = SYNFLO
         return {name: first_masks[first] for first, (_, names) in shared.items() for name in names}
     for step in range(1, rounds + 1):
         set_masks(net, by_name(masks))
-        keys = [float32_keys(s) for s in _flow(net, input_shape, weights).values()]
+        keys = float32_keys(list(_flow(net, input_shape, weights).values()))
         kept = sum(int(m.sum()) for m in masks.values())
         target = round(start * (keep / start) ** (step / rounds)) if start else 0
         masks = dict(zip(masks, swamp_kernels.global_magnitude_prune(keys, list(masks.values()), kept - target,

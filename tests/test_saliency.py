@@ -155,6 +155,10 @@ def test_prune_by_scores_keeps_the_highest_scores():
             "2.weight": torch.full((3, 5), 1e200, dtype=torch.float64)}
     masks = swamp.prune(chain([4, 5, 3]), 12, scores=huge)   # beyond float32: ranked as in float64
     assert masks["2.weight"].all() and masks["0.weight"].view(-1).tolist() == [True, False, False, False, True] * 4
+    mixed = {"0.weight": torch.full((5, 4), 1e50, dtype=torch.float64), "2.weight": torch.full((3, 5), 1e10)}
+    with pytest.warns(UserWarning, match="pruning removed every remaining weight of 2.weight"):
+        masks = swamp.prune(chain([4, 5, 3]), 15, scores=mixed)   # one float64 beyond float32: all ranked alike
+    assert masks["0.weight"].all() and not masks["2.weight"].any()
     with pytest.raises(ValueError, match="criterion 'random' takes none"):
         swamp.prune(net, 0.1, criterion="random", scores=scores)
     with pytest.raises(ValueError, match=r"scores lacks the masked weight\(s\) '2.weight'"):
