@@ -228,7 +228,7 @@ def tied(input_shape, num_classes):
 """
 
 
-def test_a_weight_two_layers_share_gets_one_mask_pruned_or_shuffled(tmp_path):
+def test_a_weight_two_layers_share_gets_one_mask_and_the_analyses_read_it(tmp_path):
     (tmp_path / "tied.py").write_text(TIED)
     model = {"name": f"{tmp_path / 'tied.py'}:tied"}
     imp, shuffled = tmp_path / "imp", tmp_path / "shuffled"

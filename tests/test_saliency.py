@@ -131,10 +131,9 @@ def test_half_precision_models_are_scored_in_float32():
     swamp.sparsify(net)
     data = [(x.half(), y) for x, y in batches()]
     for score in (saliency.snip_scores, saliency.grasp_scores):
-        half, single = score(net, data), score(copy.deepcopy(net).float(), batches())
+        half = score(net, data)
         assert all(half[n].dtype == torch.float32 for n in half)
         torch.testing.assert_close(half, score(copy.deepcopy(net).float(), [(x.float(), y) for x, y in data]))
-        assert single.keys() == half.keys()
 
 
 def test_a_shared_weight_is_scored_once_under_its_first_name():
