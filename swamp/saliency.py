@@ -4,8 +4,9 @@ of lottery-ticket studies (Frankle et al. 2021, "Pruning neural networks at init
 are we missing the mark?").
 
 Each reads a sparsified model (:func:`swamp.sparsify`) without changing it (it works on a
-copy) and scores the weights its masks keep, each weight once (a weight several layers share
-under its first name, as in :func:`swamp.sparsify.shared_masks`). Higher scores are kept::
+copy) and scores the weights of its masked layers, each weight once (a weight several layers
+share under its first name, as in :func:`swamp.sparsify.shared_masks`); pruned weights, being
+0, score 0. Higher scores are kept::
 
     scores = swamp.saliency.snip_scores(model, batches)       # batches: [(x, y), ...]
     swamp.prune(model, 0.9, scores=scores)                    # keep the 10% of highest score
