@@ -90,9 +90,12 @@ class Run:
             raise ValueError(f"{self.directory}: level {level} saved {len(states)} particles (SWAMP runs save them), "
                              f"not particle {particle}")
         net = evaluate.network(self.model, states[particle])
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
-            evaluate.recompute_bn_(net, self.data, self.batch_size)
-        return net
+        return evaluate.recompute_bn_(net, self.data, self.batch_size) if self.has_batch_norm else net
+
+    @property
+    def has_batch_norm(self) -> bool:
+        """Whether the model has BatchNorm layers (whose statistics need the data set)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +113,7 @@ class Run:
         _check_barrier_options(split, bn_batches)
         if bn_batches is not None:   # what is drawn: an epoch holds fewer
             bn_batches = min(bn_batches, self.data.steps_per_epoch(self.batch_size))
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        if not self.has_batch_norm:
             bn_loader = None
         elif bn_batches is None:
             bn_loader = Batches(self.data, "train", self.batch_size)
@@ -237,8 +240,9 @@ def level_hessians(run_dir: str | Path, k: int = 1, batches: int = 4, iters: int
     def unpruned(masks: dict) -> int:   # the Hessian's size
         return trainable - sum(int((~masks[n]).sum()) for n in distinct)
     last = levels[-1]   # masks only shrink from level to level: the last has the fewest weights
-    if k > unpruned(run.masks(last)):   # before the first level's work
-        raise ValueError(f"k = {k} is above the {unpruned(run.masks(last))} unpruned parameters of level {last}")
+    fewest = unpruned(run.masks(last))
+    if k > fewest:   # before the first level's work
+        raise ValueError(f"k = {k} is above the {fewest} unpruned parameters of level {last}")
     train = list(SampledBatches(run.data, run.batch_size, batches, batch_seed))
     result["batches"] = len(train)
     for level in levels:
